@@ -1,0 +1,139 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden with `key=value` on the
+command line, unknown keys rejected. The resolved config (a plain dict via `to_dict`)
+travels inside every manifest, checkpoint and report, so any result says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class IngestConfig:
+    """How `brainmri ingest` turns a class-folder tree into a dataset version."""
+
+    name: str = "brain-tumor-mri"  # dataset name: DEST/datasets/<name>/<version>/
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))  # label order
+    seed: int = 0  # split seed
+    val_fraction: float = 0.10  # of the training data, by duplicate group, per class
+    test_fraction: float = 0.10  # only used when SOURCE has no Testing/ folder
+    phash_distance: int = 12  # candidate near-duplicates: 64-bit pHash within this distance
+    near_dup_similarity: float = 0.97  # ...confirmed if 32x32 thumbnails correlate this much
+    min_side: int = 64  # pixels; smaller images are rejected
+    max_pixels: int = 40_000_000  # larger images are rejected as possible decompression bombs
+    shard_mb: int = 32  # target Parquet shard size
+    row_group_rows: int = 64  # rows per row group (Ray Data / pyarrow read granularity)
+    workers: int = 0  # processes for decoding and hashing; 0 = all cores
+
+    def validate(self) -> None:
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ConfigError("classes must be a non-empty list of distinct names")
+        for f in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                raise ConfigError(f"{f} must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("val_fraction + test_fraction must be < 1")
+        if not 0 <= self.phash_distance <= 64:
+            raise ConfigError("phash_distance must be in [0, 64]")
+        if self.shard_mb < 1 or self.row_group_rows < 1 or self.min_side < 1:
+            raise ConfigError("shard_mb, row_group_rows and min_side must be positive")
+
+
+# --------------------------------------------------------------------------------------------
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (typing.Any,)
+        return [_coerce(inner, v, key) for v in value]
+    if origin is dict or tp is typing.Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a dict, refusing keys it does not know."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['a.b=1', 'c=[x, y]'] -> {'a': {'b': 1}, 'c': ['x', 'y']} (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None):
+    """defaults <- YAML file <- overrides; returns a validated `cls`."""
+    data: dict = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+    if overrides:
+        data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    return from_dict(cls, data)

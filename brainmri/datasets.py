@@ -1,0 +1,71 @@
+"""Finding and reading dataset versions written by `brainmri ingest`.
+
+A version is complete when its manifest.json exists (ingest writes it last); readers only
+ever see complete versions. A dataset is named by a version folder URI, or by
+`STORE/datasets/NAME` (meaning its latest complete version), or STORE plus a name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .storage import Location, StorageError, check_name, open_location
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def dataset_root(store: Location, name: str) -> Location:
+    return store / "datasets" / check_name(name, "dataset name")
+
+
+def complete_versions(root: Location) -> list[tuple[float, str, dict]]:
+    out = []
+    for v in root.listdir():
+        m = root / v / MANIFEST
+        if m.exists():
+            man = m.read_json()
+            out.append((man.get("created_unix", 0.0), v, man))
+    return sorted(out)
+
+
+def latest_version(store: Location, name: str) -> Location:
+    root = dataset_root(store, name)
+    versions = complete_versions(root)
+    if not versions:
+        raise StorageError(f"no complete version of dataset {name!r} under {root.uri}")
+    return root / versions[-1][1]
+
+
+def resolve_dataset(uri: str, name: str | None = None) -> tuple[Location, dict]:
+    """URI of a version folder, of a dataset folder (-> latest), or of a store + name."""
+    loc = open_location(uri, check=True)
+    if (loc / MANIFEST).exists():
+        pass
+    elif name:
+        loc = latest_version(loc, name)
+    elif loc.exists() and any((loc / v / MANIFEST).exists() for v in loc.listdir()):
+        loc = loc / complete_versions(loc)[-1][1]
+    else:
+        raise StorageError(f"{loc.uri} is not a complete dataset version (no {MANIFEST}) "
+                           "nor a dataset folder holding one")
+    return loc, load_manifest(loc)
+
+
+def load_manifest(version: Location) -> dict:
+    m = version / MANIFEST
+    if not m.exists():
+        raise StorageError(f"{version.uri} is incomplete: it has no {MANIFEST}")
+    return m.read_json()
+
+
+def manifest_hash(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_files(version: Location, manifest: dict, split: str) -> list[str]:
+    """Paths (for version.fs) of the split's shards, as listed in the manifest."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return [(version / s["path"]).path for s in manifest["shards"] if s["split"] == split]

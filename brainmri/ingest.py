@@ -1,0 +1,431 @@
+"""`brainmri ingest SOURCE DEST`: a Kaggle-layout image folder -> an immutable dataset version.
+
+    DEST/datasets/<name>/<version>/
+        train/part-00000.parquet ...   one row per image, original encoded bytes
+        val/...  test/...
+        inventory.csv                  every file under SOURCE: accepted / duplicate / rejected
+        rejects.csv                    the rejected ones with their reason
+        manifest.json                  written last: a version without it is incomplete
+
+Three passes, none holding all images in memory: (1) walk and inspect every file in
+parallel processes (hashes, size, mode, full decode); (2) group exact and near duplicates and
+split by group, stratified by class; (3) re-read accepted files and stream them into Parquet
+shards, each spooled to a local temp file, checksummed, then copied into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from . import images as im
+from .config import IngestConfig, to_dict
+from .datasets import MANIFEST, SPLITS, dataset_root
+from .dedup import UnionFind, near_duplicate_pairs
+from .storage import Location, check_name, open_location
+
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx", "ehthumbs.db", "icon\r"}
+SPLIT_DIRS = {"training": "Training", "testing": "Testing"}
+
+SCHEMA = pa.schema([
+    ("image", pa.binary()),  # the original encoded file, byte for byte
+    ("label", pa.int16()),
+    ("class_name", pa.string()),
+    ("sha256", pa.string()),
+    ("phash", pa.int64()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("mode", pa.string()),
+    ("format", pa.string()),
+    ("path", pa.string()),  # relative to SOURCE
+    ("source_split", pa.string()),  # Training / Testing / "" (no split folder)
+    ("group", pa.string()),  # duplicate group id: a group never straddles splits
+])
+
+
+@dataclass
+class FileRecord:
+    path: str  # relative to SOURCE, '/'-separated
+    status: str = "pending"  # accepted | duplicate | rejected
+    reason: str = ""
+    detail: str = ""
+    label: int = -1
+    source_split: str = ""
+    info: im.ImageInfo | None = None
+    duplicate_of: str = ""
+    group: str = ""
+    split: str = ""
+
+
+@dataclass
+class IngestResult:
+    version: str
+    location: Location
+    manifest: dict
+    created: bool  # False when an identical version already existed
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+# -- pass 1: walk and inspect ----------------------------------------------------------------
+def _is_hidden(parts: list[str]) -> bool:
+    return any(p.startswith(".") or p.lower() in SYSTEM_FILES for p in parts)
+
+
+def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
+    """Every entry under root, classified by place; image checks come later."""
+    root = os.path.realpath(root)
+    class_of = {c.lower(): i for i, c in enumerate(classes)}
+    records = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        entries = sorted(filenames)
+        # os.walk lists symlinked folders as dirs and does not enter them: account for them.
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                dirnames.remove(d)
+                entries.append(d)
+        for name in sorted(entries):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            rec = FileRecord(path=rel)
+            records.append(rec)
+            parts = rel.split("/")
+            if _is_hidden(parts):
+                rec.status, rec.reason = "rejected", im.HIDDEN
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if os.path.commonpath([root, target]) != root:
+                    rec.status, rec.reason = "rejected", im.SYMLINK_OUTSIDE
+                    rec.detail = "link target is outside SOURCE"
+                    continue
+                if not os.path.isfile(target):
+                    rec.status, rec.reason = "rejected", im.NOT_REGULAR
+                    rec.detail = "link to a folder or to nothing"
+                    continue
+            elif not os.path.isfile(full):
+                rec.status, rec.reason = "rejected", im.NOT_REGULAR
+                continue
+            if parts[0].lower() in SPLIT_DIRS:
+                rec.source_split, parts = SPLIT_DIRS[parts[0].lower()], parts[1:]
+            if len(parts) < 2 or parts[0].lower() not in class_of:
+                rec.status, rec.reason = "rejected", im.UNKNOWN_CLASS
+                rec.detail = f"expected <class>/{parts[-1]} with class in {classes}"
+                continue
+            rec.label = class_of[parts[0].lower()]
+    return records
+
+
+def _inspect_file(args) -> tuple[int, im.ImageInfo | None, str, str]:
+    i, full, limits = args
+    try:
+        with open(full, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except OSError as e:
+        return i, None, im.UNREADABLE, e.strerror or str(e)
+    try:
+        return i, im.inspect_image(data, limits), "", ""
+    except im.RejectedImage as e:
+        return i, None, e.reason, e.detail[:300]
+
+
+def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig) -> None:
+    limits = im.ImageLimits(min_side=cfg.min_side, max_pixels=cfg.max_pixels)
+    todo = [(i, os.path.join(root, r.path), limits)
+            for i, r in enumerate(records) if r.status == "pending"]
+    workers = cfg.workers or os.cpu_count() or 1
+    bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=None)
+    # fork, not spawn: spawn re-runs the caller's unguarded __main__ in every child. The
+    # children only run PIL/numpy code, which is safe to fork.
+    if workers > 1 and len(todo) > 64:
+        with get_context("fork").Pool(workers) as pool:
+            results = pool.imap_unordered(_inspect_file, todo, chunksize=32)
+            for i, info, reason, detail in results:
+                _set(records[i], info, reason, detail)
+                bar.update()
+    else:
+        for t in todo:
+            _set(records[t[0]], *_inspect_file(t)[1:])
+            bar.update()
+    bar.close()
+
+
+def _set(rec: FileRecord, info, reason, detail) -> None:
+    if info is None:
+        rec.status, rec.reason, rec.detail = "rejected", reason, detail
+    else:
+        rec.info = info
+
+
+# -- pass 2: duplicates, groups, split -------------------------------------------------------
+def group_and_split(records: list[FileRecord], cfg: IngestConfig) -> dict:
+    """Mark exact duplicates, form duplicate groups, assign every group to one split."""
+    cands = [r for r in records if r.status == "pending"]
+    # Exact duplicates: keep one file per (bytes, label); prefer a Testing copy so the
+    # official test set stays whole, then the first path.
+    by_sha = defaultdict(list)
+    for r in cands:
+        by_sha[r.info.sha256].append(r)
+    kept: list[FileRecord] = []
+    exact_groups = []
+    for sha, members in by_sha.items():
+        members.sort(key=lambda r: (r.source_split != "Testing", r.path))
+        seen_label: dict[int, FileRecord] = {}
+        for r in members:
+            if r.label in seen_label:
+                r.status, r.duplicate_of = "duplicate", seen_label[r.label].path
+                r.reason = "identical bytes"
+            else:
+                seen_label[r.label] = r
+                r.status = "accepted"
+                kept.append(r)
+        if len(members) > 1:
+            exact_groups.append(sorted(m.path for m in members))
+    kept.sort(key=lambda r: r.path)
+
+    # Near duplicates among kept files (identical bytes with different labels join here too).
+    uf = UnionFind(len(kept))
+    phash = np.array([r.info.phash for r in kept], dtype=np.int64)
+    thumbs = np.frombuffer(b"".join(r.info.thumb for r in kept), dtype=np.uint8).reshape(
+        len(kept), -1) if kept else np.zeros((0, im.THUMB * im.THUMB), np.uint8)
+    near_pairs = near_duplicate_pairs(phash, thumbs, cfg.phash_distance, cfg.near_dup_similarity)
+    for a, b in near_pairs:
+        uf.union(a, b)
+    groups: dict[int, list[FileRecord]] = defaultdict(list)
+    for i, r in enumerate(kept):
+        groups[uf.find(i)].append(r)
+    # Group ids derive from content, not from paths or order.
+    group_list = []
+    for members in groups.values():
+        gid = min(m.info.sha256 for m in members)[:16]
+        for m in members:
+            m.group = gid
+        group_list.append((gid, members))
+    group_list.sort(key=lambda g: g[0])
+
+    conflicts = []
+    for gid, members in group_list:
+        if len({m.label for m in members}) > 1:
+            conflicts.append({"group": gid, "members": [
+                {"path": m.path, "class": cfg.classes[m.label]} for m in members]})
+
+    # Split: official Testing groups -> test; per class, carve test (if no Testing folder)
+    # then val from shuffled groups until each reaches its share of that class.
+    has_testing = any(r.source_split == "Testing" for r in kept)
+    rng = np.random.default_rng(cfg.seed)
+    by_class: dict[int, list] = defaultdict(list)
+    for gid, members in group_list:
+        if any(m.source_split == "Testing" for m in members):
+            split = "test"
+        else:
+            split = ""
+            label = Counter(m.label for m in members).most_common(1)[0][0]
+            by_class[label].append((gid, members))
+        for m in members:
+            m.split = split
+    for label in sorted(by_class):
+        glist = by_class[label]
+        order = rng.permutation(len(glist))
+        total = sum(len(g[1]) for g in glist)
+        want = {"test": 0 if has_testing else round(cfg.test_fraction * total),
+                "val": round(cfg.val_fraction * total)}
+        got = {"test": 0, "val": 0}
+        for k in order:
+            _, members = glist[k]
+            split = next((s for s in ("test", "val") if got[s] < want[s]), "train")
+            if split != "train":
+                got[split] += len(members)
+            for m in members:
+                m.split = split
+    return {"exact_groups": exact_groups, "near_pairs": len(near_pairs),
+            "groups": group_list, "label_conflicts": conflicts}
+
+
+# -- pass 3: write -----------------------------------------------------------------------------
+def _version_id(records: list[FileRecord], cfg: IngestConfig) -> str:
+    h = hashlib.sha256()
+    params = {k: v for k, v in to_dict(cfg).items() if k != "workers"}
+    h.update(json.dumps(params, sort_keys=True).encode())
+    for r in sorted(records, key=lambda r: r.path):
+        if r.status == "accepted":
+            h.update(f"{r.path}\0{r.info.sha256}\0{r.label}\0{r.split}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
+                  cfg: IngestConfig, seed: int, bar) -> list[dict]:
+    """Stream one split into shards of ~cfg.shard_mb, rows shuffled so every shard mixes classes."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    shards, writer, tmp, batch, batch_bytes = [], None, None, [], 0
+    limit = cfg.shard_mb * 1024 * 1024
+
+    def flush_batch():
+        nonlocal batch, batch_bytes
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+            batch, batch_bytes = [], 0
+
+    def close_shard():
+        nonlocal writer, tmp
+        flush_batch()
+        writer.close()
+        tmp.flush()
+        name = f"part-{len(shards):05d}.parquet"
+        tmp.seek(0)
+        sha, size = hashlib.sha256(), 0
+        dest = out / split / name
+        dest_tmp = dest if out.is_s3 else out / split / f".tmp-{name}"
+        if not out.is_s3:
+            (out / split).mkdir()
+        with out.fs.open_output_stream(dest_tmp.path) as f:
+            while chunk := tmp.read(1 << 20):
+                sha.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
+        if dest_tmp is not dest:
+            out.fs.move(dest_tmp.path, dest.path)
+        rows_in = pq.ParquetFile(tmp.name).metadata.num_rows
+        shards.append({"path": f"{split}/{name}", "split": split, "rows": rows_in,
+                       "bytes": size, "sha256": sha.hexdigest()})
+        tmp.close()
+        writer, tmp = None, None
+
+    for k in order:
+        r = rows[k]
+        with open(os.path.join(root, r.path), "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != r.info.sha256:
+            raise RuntimeError(f"{r.path} changed while being ingested; run ingest again")
+        if writer is None:
+            tmp = tempfile.NamedTemporaryFile(suffix=".parquet")
+            writer = pq.ParquetWriter(tmp.name, SCHEMA, compression={
+                c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
+        i = r.info
+        batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
+                          sha256=i.sha256, phash=i.phash, height=i.height, width=i.width,
+                          mode=i.mode, format=i.format, path=r.path,
+                          source_split=r.source_split, group=r.group))
+        batch_bytes += len(data)
+        if len(batch) >= cfg.row_group_rows:
+            flush_batch()
+        if os.path.getsize(tmp.name) + batch_bytes >= limit:
+            close_shard()
+        bar.update()
+    if writer is not None:
+        close_shard()
+    return shards
+
+
+def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestResult:
+    cfg = cfg or IngestConfig()
+    cfg.validate()
+    check_name(cfg.name, "dataset name")
+    t0 = time.time()
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"SOURCE {source!r} is not a folder")
+    store = open_location(dest, check=True)  # fail fast, before any work
+
+    root = os.path.realpath(source)
+    records = walk_source(root, cfg.classes)
+    inspect_all(root, records, cfg)
+    grouping = group_and_split(records, cfg)
+    version = _version_id(records, cfg)
+    out = dataset_root(store, cfg.name) / version
+    if (out / MANIFEST).exists():
+        manifest = (out / MANIFEST).read_json()
+        return IngestResult(version, out, manifest, created=False, seconds=time.time() - t0)
+    if out.exists():  # a crashed earlier attempt: no manifest, so nobody reads it
+        out.delete()
+
+    accepted = [r for r in records if r.status == "accepted"]
+    shards = []
+    bar = tqdm(total=len(accepted), desc="write", unit="img", disable=None)
+    for i, split in enumerate(SPLITS):
+        rows = [r for r in accepted if r.split == split]
+        shards += _write_shards(root, rows, split, out, cfg, cfg.seed + i, bar)
+    bar.close()
+
+    inv_rows = [[r.path, r.status, r.reason, r.detail, r.duplicate_of,
+                 cfg.classes[r.label] if r.label >= 0 else "", r.source_split, r.split, r.group]
+                for r in records]
+    (out / "inventory.csv").write_bytes(_csv_bytes(
+        ["path", "status", "reason", "detail", "duplicate_of", "class", "source_split", "split",
+         "group"], inv_rows))
+    (out / "rejects.csv").write_bytes(_csv_bytes(
+        ["path", "reason", "detail"],
+        [[r.path, r.reason, r.detail] for r in records if r.status == "rejected"]))
+
+    manifest = build_manifest(version, source, records, grouping, shards, cfg)
+    (out / MANIFEST).write_json(manifest)  # last: this makes the version complete
+    return IngestResult(version, out, manifest, created=True, seconds=time.time() - t0)
+
+
+def build_manifest(version, source, records, grouping, shards, cfg) -> dict:
+    import PIL
+    import imagehash
+
+    status = Counter(r.status for r in records)
+    counts = {s: {c: 0 for c in cfg.classes} for s in SPLITS}
+    for r in records:
+        if r.status == "accepted":
+            counts[r.split][cfg.classes[r.label]] += 1
+    group_splits = defaultdict(set)
+    for r in records:
+        if r.status == "accepted":
+            group_splits[r.group].add(r.split)
+    multi = [(gid, m) for gid, m in grouping["groups"] if len(m) > 1]
+    return {
+        "format": "brainmri.dataset/1",
+        "name": cfg.name,
+        "version": version,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_unix": time.time(),
+        "source": os.path.abspath(source),
+        "classes": list(cfg.classes),
+        "files": {"seen": len(records), "accepted": status["accepted"],
+                  "duplicate": status["duplicate"], "rejected": status["rejected"]},
+        "rejected_by_reason": dict(sorted(Counter(
+            r.reason for r in records if r.status == "rejected").items())),
+        "counts": counts,
+        "rows": {s: sum(counts[s].values()) for s in SPLITS},
+        "duplicates": {
+            "exact_groups": len(grouping["exact_groups"]),
+            "exact_files_dropped": status["duplicate"],
+            "near_duplicate_pairs": grouping["near_pairs"],
+            "groups_with_several_images": len(multi),
+            "images_in_such_groups": sum(len(m) for _, m in multi),
+            "largest_group": max((len(m) for _, m in multi), default=1),
+            "groups_straddling_splits": sum(len(s) > 1 for s in group_splits.values()),
+            "exact": grouping["exact_groups"],
+            "near": [sorted(x.path for x in m) for _, m in multi],
+        },
+        "label_conflicts": grouping["label_conflicts"],
+        "shards": shards,
+        "ingest": to_dict(cfg),
+        "versions": {"python": platform.python_version(), "pyarrow": pa.__version__,
+                     "numpy": np.__version__, "pillow": PIL.__version__,
+                     "imagehash": imagehash.__version__},
+    }
