@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, IngestConfig, load_config
+from .config import ConfigError, IngestConfig, TrainConfig, load_config
 from .storage import StorageError
 
 
@@ -39,6 +39,27 @@ def cmd_ingest(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from .train import run_training
+
+    overrides = list(a.overrides)
+    for key in ("data", "dataset", "out", "name", "model", "epochs", "batch_size", "lr",
+                "image_size", "num_workers", "seed", "limit_train", "limit_val"):
+        if getattr(a, key) is not None:
+            overrides.append(f"{key}={getattr(a, key)}")
+    if a.gpu:
+        overrides.append("gpu=true")
+    cfg = load_config(TrainConfig, a.config, overrides)
+    res = run_training(cfg)
+    b = res.best
+    print(f"run {res.run_uri}: {len(res.history)} epochs in {res.seconds / 60:.1f} min; best epoch "
+          f"{b['epoch']}: val accuracy {b['val_accuracy']:.4f}, macro-F1 {b['val_macro_f1']:.4f}, "
+          f"glioma recall {b.get('val_recall_glioma', float('nan')):.4f}")
+    if res.model_uri:
+        print(f"published model {res.model_uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="brainmri", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -54,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="decode/hash processes (default: all cores)")
     _config_args(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", help="train a CNN with Ray Train (DDP) on a dataset version")
+    p.add_argument("--data", help="dataset version URI, dataset folder, or store URI (default ./lake)")
+    p.add_argument("--dataset", help="dataset name when --data is a store (default brain-tumor-mri)")
+    p.add_argument("--out", help="storage URI for runs/ and models/ (default ./lake)")
+    p.add_argument("--name", help="run name; re-running with the same name resumes it")
+    p.add_argument("--model", help="model name from the registry (default brainnet)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 40; early stopping may end sooner)")
+    p.add_argument("--batch-size", type=int, help="batch size per worker (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--image-size", type=int, help="square input side in pixels (default 160)")
+    p.add_argument("--num-workers", type=int, help="data-parallel train workers (default 2)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast, channels-last")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--limit-train", type=int, help="use only N training images (quick runs)")
+    p.add_argument("--limit-val", type=int, help="use only N validation images (quick runs)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
     return ap
 
 

@@ -50,6 +50,58 @@ class IngestConfig:
             raise ConfigError("phash_distance must be in [0, 64]")
         if self.shard_mb < 1 or self.row_group_rows < 1 or self.min_side < 1:
             raise ConfigError("shard_mb, row_group_rows and min_side must be positive")
+        if not 0.0 < self.near_dup_similarity <= 1.0:
+            raise ConfigError("near_dup_similarity must be in (0, 1]")
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels must be positive")
+        if self.workers < 0:
+            raise ConfigError("workers must be >= 0 (0 = all cores)")
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """How `brainmri train` trains one model. Defaults are the CPU recipe."""
+
+    data: str = "./lake"  # dataset version URI, dataset folder URI, or store URI (+ dataset)
+    dataset: str = "brain-tumor-mri"  # dataset name when `data` is a store
+    out: str = "./lake"  # storage URI: runs/<name>/ (checkpoints) and models/<name>/<version>/
+    name: str = ""  # run name; re-running with the same name resumes. Default: <model>-<time>
+    model: str = "brainnet"  # registry name (brainmri.models.list_models())
+    model_args: dict = field(default_factory=dict)  # shape arguments for the model factory
+    pretrained: str = ""  # "" (from scratch), a weights URI, or "torchvision"
+    image_size: int = 160  # square input side after aspect-preserving fit
+    epochs: int = 40
+    batch_size: int = 64  # per worker
+    lr: float = 3e-3  # peak AdamW learning rate (reached after warm-up)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.1
+    class_weighting: bool = True  # inverse-frequency class weights in the loss
+    aug_strength: float = 1.0  # 0 disables random augmentation
+    patience: int = 10  # early stopping: epochs without val macro-F1 gain (0 = off)
+    seed: int = 0
+    num_workers: int = 2  # data-parallel train workers (DDP)
+    gpu: bool = False  # one GPU per worker, mixed precision, channels-last
+    cpus_per_worker: float = 0.0  # 0 = auto: leave at least one CPU to Ray Data
+    threads_per_worker: int = 0  # torch intra-op threads; 0 = auto
+    max_failures: int = 2  # worker failures survived (restart from latest checkpoint)
+    keep_checkpoints: int = 2  # top-k by val macro-F1 (the latest is always kept too)
+    limit_train: int = 0  # use only the first N training rows (quick runs, tests); 0 = all
+    limit_val: int = 0
+    cache: bool = True  # workers keep their preprocessed shard in memory after epoch 1
+    publish: bool = True  # publish the best checkpoint as models/<model>/<version>/
+
+    def validate(self) -> None:
+        from .models import check_model_name
+
+        check_model_name(self.model)
+        if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ConfigError("image_size >= 32, epochs >= 1, batch_size >= 1, num_workers >= 1")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError("lr > 0, weight_decay >= 0, label_smoothing in [0, 1)")
+        if self.aug_strength < 0 or self.warmup_epochs < 0 or self.patience < 0:
+            raise ConfigError("aug_strength, warmup_epochs and patience must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +127,9 @@ def _coerce(tp, value, key: str):
         return [_coerce(inner, v, key) for v in value]
     if origin is dict or tp is typing.Any:
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")

@@ -158,6 +158,10 @@ def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig) -> None
             for i, info, reason, detail in results:
                 _set(records[i], info, reason, detail)
                 bar.update()
+            # Let the workers exit on their own: the context manager's terminate() sends
+            # SIGTERM, which children forked from a Ray driver answer with a stack dump.
+            pool.close()
+            pool.join()
     else:
         for t in todo:
             _set(records[t[0]], *_inspect_file(t)[1:])

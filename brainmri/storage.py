@@ -185,7 +185,9 @@ def _check_s3(bucket: str) -> None:
     import botocore.config
     import botocore.exceptions as bx
 
-    client = boto3.client(
+    # A fresh session, not boto3's module-wide default one: that caches the credentials it
+    # first found, so a check would not see the credentials the environment holds now.
+    client = boto3.session.Session().client(
         "s3", endpoint_url=s3_endpoint(), region_name=s3_region(),
         config=botocore.config.Config(connect_timeout=3, read_timeout=10,
                                       retries={"max_attempts": 1, "mode": "standard"}))

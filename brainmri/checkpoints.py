@@ -1,0 +1,100 @@
+"""Checkpoints and published model versions.
+
+A checkpoint (`checkpoint.pt` in a Ray Train checkpoint folder) is self-sufficient: model
+weights (unwrapped from DDP), optimizer and scheduler state, epoch, early-stopping state,
+history, the resolved config, class names, preprocessing parameters, dataset version and
+manifest hash, library versions. It holds only tensors and plain Python values so it loads
+with `torch.load(weights_only=True)`: no pickle of arbitrary objects, ever.
+
+A published model version is `models/<name>/<version>/model.pt` (weights + the same
+metadata, no optimizer) and `metadata.json`, written last: a folder without metadata.json
+is incomplete and ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import platform
+import time
+
+import torch
+
+from .storage import Location, StorageError, check_name, open_location
+
+CKPT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+META_FILE = "metadata.json"
+
+
+def library_versions() -> dict:
+    import pyarrow
+    import ray
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__}
+
+
+def load_state(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def dump_state(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def publish_model(out: Location, name: str, ckpt: dict, metrics: dict) -> Location:
+    """Write models/<name>/<version>/ from a checkpoint dict; returns the version folder."""
+    check_name(name, "model name")
+    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler")}
+    blob = dump_state(state)
+    digest = hashlib.sha256(blob).hexdigest()
+    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest[:8]
+    dest = out / "models" / name / version
+    (dest / MODEL_FILE).write_bytes(blob)
+    meta = {k: v for k, v in state.items() if k not in ("model", "history")}
+    meta.update(format="brainmri.model/1", name=name, version=version, sha256=digest,
+                metrics=metrics, history=ckpt.get("history", []),
+                created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (dest / META_FILE).write_json(meta)  # last: marks the version complete
+    return dest
+
+
+def latest_model(root: Location) -> Location:
+    """models/<name>/ -> its newest complete version (versions sort by time)."""
+    versions = [v for v in root.listdir() if (root / v / META_FILE).exists()]
+    if not versions:
+        raise StorageError(f"no complete model version under {root.uri}")
+    return root / sorted(versions)[-1]
+
+
+def load_model_state(uri: str) -> dict:
+    """A model version folder, a models/<name> folder (latest), a checkpoint folder, or a
+    .pt file -> the checkpoint dict (weights_only)."""
+    loc = open_location(uri)
+    if loc.is_file():
+        return load_state(loc.read_bytes())
+    if (loc / MODEL_FILE).exists():
+        if not (loc / META_FILE).exists():
+            raise StorageError(f"model version {loc.uri} is incomplete (no {META_FILE})")
+        return load_state((loc / MODEL_FILE).read_bytes())
+    if (loc / CKPT_FILE).exists():
+        return load_state((loc / CKPT_FILE).read_bytes())
+    if loc.exists():
+        return load_state((latest_model(loc) / MODEL_FILE).read_bytes())
+    raise StorageError(f"no model or checkpoint at {uri}")
+
+
+def build_model(state: dict) -> torch.nn.Module:
+    """Rebuild the network of a checkpoint/model dict, weights loaded, in eval mode."""
+    from .models import create_model
+
+    cfg = state["config"]
+    model = create_model(cfg["model"], num_classes=len(state["classes"]), in_chans=1,
+                         image_size=cfg["image_size"], **cfg.get("model_args", {}))
+    model.load_state_dict(state["model"])
+    return model.eval()

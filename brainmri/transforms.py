@@ -1,0 +1,115 @@
+"""Preprocessing, kept in two kinds (as MONAI does):
+
+- deterministic (`preprocess`): decode -> greyscale -> fit into a square (aspect kept,
+  zero padding) -> robust intensity normalisation. Training, evaluation and prediction all
+  use it, so a model sees the same thing everywhere. Percentile normalisation makes the
+  input independent of each export's brightness, contrast window and bit depth.
+- random (`augment`): batched on torch tensors in the train worker: affine (rotation,
+  scale, shift, flip), intensity (gamma, contrast, brightness), blur or noise. Strength 0
+  turns it off; Tune searches the strength. Evaluation never calls it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import decode_grey
+
+# Fixed normalisation after percentile scaling to [0, 1] (dataset statistics would tie the
+# model to this export; after per-image scaling these are close to any export's).
+MEAN, STD = 0.2, 0.25
+
+
+def fit_square(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxW -> uint8 size x size: longest side to `size`, centred, zero padded."""
+    h, w = img.shape
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    resized = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR, reducing_gap=2.0))
+    out = np.zeros((size, size), np.uint8)
+    y, x = (size - nh) // 2, (size - nw) // 2
+    out[y:y + nh, x:x + nw] = resized
+    return out
+
+
+def normalise_intensity(img: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
+    """uint8 -> uint8 with the image's own [p0.5, p99.5] stretched to [0, 255]."""
+    lo, hi = np.percentile(img, (lo_pct, hi_pct))
+    if hi - lo < 1:
+        return img
+    x = (img.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def preprocess(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 (size, size), deterministic."""
+    grey = decode_grey(data, draft_size=size)
+    return normalise_intensity(fit_square(grey, size))
+
+
+def preprocess_batch(batch: dict, size: int) -> dict:
+    """Ray Data map_batches function: {'image': bytes[...], 'label'} -> {'x': uint8[B,S,S], 'label'}."""
+    x = np.stack([preprocess(b, size) for b in batch["image"]]) if len(batch["image"]) else \
+        np.zeros((0, size, size), np.uint8)
+    out = {"x": x, "label": np.asarray(batch["label"], dtype=np.int64)}
+    return out
+
+
+def to_unit(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,H,W] -> float [B,1,H,W] in [0, 1]."""
+    return x_u8.float().div_(255.0).unsqueeze(1)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - MEAN) / STD
+
+
+def to_model_input(x_u8: torch.Tensor) -> torch.Tensor:
+    """The deterministic path: uint8 [B,H,W] -> normalised float [B,1,H,W]."""
+    return normalise(to_unit(x_u8))
+
+
+def augment(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random, batched; x is float [B,1,H,W] in [0,1] (before to_model_input's normalisation)."""
+    if strength <= 0:
+        return x
+    b = x.shape[0]
+    g = generator
+
+    def u(lo, hi):
+        return torch.rand(b, generator=g) * (hi - lo) + lo
+
+    s = strength
+    # geometry: rotation +-15deg*s, scale 1 +- 0.15*s, shift +-8%*s, horizontal flip
+    ang = u(-15, 15) * s * math.pi / 180
+    scale = 1 + u(-0.15, 0.15) * s
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    tx, ty = u(-0.08, 0.08) * s * 2, u(-0.08, 0.08) * s * 2
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
+                         torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # intensity: gamma, contrast, brightness (other scanners / exports)
+    gamma = torch.exp(u(-0.35, 0.35) * s).view(b, 1, 1, 1)
+    x = x.clamp(0, 1).pow(gamma)
+    contrast = (1 + u(-0.25, 0.25) * s).view(b, 1, 1, 1)
+    bright = (u(-0.1, 0.1) * s).view(b, 1, 1, 1)
+    mean = x.mean((2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean + bright
+    # blur (lower resolution exports) or noise, each on a random third of the batch
+    pick = torch.rand(b, generator=g)
+    blur_idx = (pick < 0.33 * min(s, 1)).nonzero().flatten()
+    if len(blur_idx):
+        k = torch.tensor([1, 4, 6, 4, 1], dtype=x.dtype)
+        k = (k[:, None] * k[None, :]) / 256
+        x[blur_idx] = F.conv2d(x[blur_idx], k.view(1, 1, 5, 5), padding=2)
+    noise_idx = ((pick > 0.67) & (pick < 0.67 + 0.33 * min(s, 1))).nonzero().flatten()
+    if len(noise_idx):
+        x[noise_idx] += torch.randn(x[noise_idx].shape, generator=g) * 0.03 * s
+    return x.clamp(0, 1)
