@@ -49,7 +49,7 @@ def resolve_dataset(uri: str, name: str | None = None) -> tuple[Location, dict]:
         loc = loc / complete_versions(loc)[-1][1]
     else:
         raise StorageError(f"{loc.uri} is not a complete dataset version (no {MANIFEST}) "
-                           "nor a dataset folder holding one")
+                           "nor a dataset folder holding one (for a store, give the dataset name)")
     return loc, load_manifest(loc)
 
 

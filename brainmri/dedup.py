@@ -32,12 +32,12 @@ class UnionFind:
 
 
 def near_duplicate_pairs(phash: np.ndarray, thumbs: np.ndarray, max_distance: int,
-                         min_similarity: float, chunk: int = 2048) -> list[tuple[int, int]]:
+                         min_similarity: float, chunk: int = 1024) -> list[tuple[int, int]]:
     """Pairs (i < j) of near-duplicate images.
 
     phash: (n,) int64 perceptual hashes; thumbs: (n, k) uint8 flattened thumbnails.
-    Candidate search is an exact all-pairs popcount, chunked so memory stays O(chunk * n);
-    it takes ~1 s for 6k images and grows quadratically (fine to ~10^5 images)."""
+    Candidate search is an exact all-pairs popcount in tiles; ~1.5 s for 5.5k images, and
+    quadratic in time (fine to ~10^5 images; beyond that, multi-index hashing)."""
     n = len(phash)
     if n < 2:
         return []
@@ -46,15 +46,18 @@ def near_duplicate_pairs(phash: np.ndarray, thumbs: np.ndarray, max_distance: in
     t -= t.mean(axis=1, keepdims=True)
     t /= np.linalg.norm(t, axis=1, keepdims=True) + 1e-6
     pairs = []
-    for start in range(0, n, chunk):
-        block = h[start:start + chunk]
-        d = np.bitwise_count(block[:, None] ^ h[None, :])
-        ii, jj = np.nonzero(d <= max_distance)
-        ii = ii + start
-        keep = ii < jj
-        ii, jj = ii[keep], jj[keep]
-        if len(ii):
-            sim = np.einsum("ij,ij->i", t[ii], t[jj])
-            ok = sim >= min_similarity
-            pairs.extend(zip(ii[ok].tolist(), jj[ok].tolist()))
+    # Tiles of chunk x chunk hashes and bounded batches of candidate pairs: memory stays
+    # O(chunk^2 + n), whatever the number of candidates.
+    for a in range(0, n, chunk):
+        ha = h[a:a + chunk]
+        for b in range(a, n, chunk):
+            d = np.bitwise_count(ha[:, None] ^ h[None, b:b + chunk])
+            ii, jj = np.nonzero(d <= max_distance)
+            ii, jj = ii + a, jj + b
+            keep = ii < jj
+            ii, jj = ii[keep], jj[keep]
+            for s in range(0, len(ii), 16384):
+                pi, pj = ii[s:s + 16384], jj[s:s + 16384]
+                ok = np.einsum("ij,ij->i", t[pi], t[pj]) >= min_similarity
+                pairs.extend(zip(pi[ok].tolist(), pj[ok].tolist()))
     return pairs

@@ -50,6 +50,18 @@ def s3_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+# Settings (never secrets) that Ray workers need to reach the same S3 endpoint as the driver.
+_WORKER_VARS = ("BRAINMRI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION",
+                "AWS_DEFAULT_REGION")
+
+
+def worker_env() -> dict:
+    """Non-secret storage settings to hand to Ray workers (runtime_env env_vars).
+    Credentials are not copied: workers resolve them from their own environment, profile
+    or instance role, as the driver does."""
+    return {k: os.environ[k] for k in _WORKER_VARS if os.environ.get(k)}
+
+
 def _s3_filesystem() -> pafs.S3FileSystem:
     kwargs: dict = dict(region=s3_region(), connect_timeout=5, request_timeout=60,
                         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))

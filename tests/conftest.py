@@ -66,11 +66,12 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """A real local Ray cluster shared by the tests that need one.
 
     4 logical CPUs on a 2-core machine: two 1-CPU train workers plus room for Ray Data,
-    which otherwise starves (deadlock) behind the workers."""
+    which otherwise starves (deadlock) behind the workers. Started after the S3 server so the
+    cluster's processes inherit its credentials, as a real cluster's nodes have theirs."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
