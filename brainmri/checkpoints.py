@@ -72,21 +72,28 @@ def latest_model(root: Location) -> Location:
     return root / sorted(versions)[-1]
 
 
-def load_model_state(uri: str) -> dict:
+def model_file(uri: str) -> Location:
     """A model version folder, a models/<name> folder (latest), a checkpoint folder, or a
-    .pt file -> the checkpoint dict (weights_only)."""
+    .pt file -> the one file holding the weights. Resolving "latest" here, once, lets a
+    caller pin the exact version it loaded (evaluation actors must all load the same one)."""
     loc = open_location(uri)
     if loc.is_file():
-        return load_state(loc.read_bytes())
+        return loc
     if (loc / MODEL_FILE).exists():
         if not (loc / META_FILE).exists():
             raise StorageError(f"model version {loc.uri} is incomplete (no {META_FILE})")
-        return load_state((loc / MODEL_FILE).read_bytes())
+        return loc / MODEL_FILE
     if (loc / CKPT_FILE).exists():
-        return load_state((loc / CKPT_FILE).read_bytes())
+        return loc / CKPT_FILE
     if loc.exists():
-        return load_state((latest_model(loc) / MODEL_FILE).read_bytes())
+        return latest_model(loc) / MODEL_FILE
     raise StorageError(f"no model or checkpoint at {uri}")
+
+
+def load_model_state(uri: str) -> dict:
+    """A model version folder, a models/<name> folder (latest), a checkpoint folder, or a
+    .pt file -> the checkpoint dict (weights_only)."""
+    return load_state(model_file(uri).read_bytes())
 
 
 def build_model(state: dict) -> torch.nn.Module:

@@ -60,6 +60,57 @@ def cmd_train(a) -> int:
     return 0
 
 
+def probability(text: str) -> float:
+    """argparse type for --abstain-below: a float in [0, 1] (else a usage error, exit 2)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{v} is not a probability in [0, 1]")
+    return v
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate
+
+    res = evaluate(a.model, a.data, a.out, split=a.split, abstain_below=a.abstain_below,
+                   batch_size=a.batch_size, gpu=a.gpu, concurrency=a.concurrency,
+                   near_dup_distance=a.near_dup_distance)
+    m, c = res.metrics, res.metrics["counts"]
+    allm = m["metrics"]["all"]
+    print(f"evaluated {c['evaluated']} images, rejected {c['rejected']} "
+          f"{json.dumps(c['rejected_by_reason'])} in {res.seconds:.1f} s")
+    if c["evaluated"]:
+        print(f"accuracy {allm['accuracy']:.4f}, balanced accuracy {allm['balanced_accuracy']:.4f}, "
+              f"macro-F1 {allm['macro_f1']:.4f}, ECE {allm['ece_uncalibrated']:.4f} -> "
+              f"{allm['ece']:.4f} (T = {m['calibration']['temperature']:.3f})")
+    leak = m["leakage"]
+    if leak.get("available"):
+        clean = m["metrics"]["without_training_duplicates"]
+        print(f"training duplicates: {leak['exact_duplicates']} exact, {leak['near_duplicates']} "
+              f"near; without them ({clean['n']} images) accuracy {clean.get('accuracy', float('nan')):.4f}")
+    print(f"report {res.report_uri}/report.html")
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    from .calibration import fit_temperature
+
+    rec = fit_temperature(a.model, batch_size=a.batch_size)
+    print(f"T = {rec['temperature']:.4f} on {rec['n']} validation images: NLL "
+          f"{rec['nll_before']:.4f} -> {rec['nll_after']:.4f}, ECE {rec['ece_before']:.4f} -> "
+          f"{rec['ece_after']:.4f}; wrote {rec['path']}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .predict import run
+
+    return run(a.paths, a.model, fmt=a.format, output=a.output, abstain_below=a.abstain_below,
+               batch_size=a.batch_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="brainmri", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -93,6 +144,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-val", type=int, help="use only N validation images (quick runs)")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    model_help = ("model version URI, models/<name> folder (its latest version), checkpoint "
+                  "folder or .pt file")
+    p = sub.add_parser("evaluate", help="evaluate a model on a dataset split or an image folder; "
+                       "writes a self-contained report")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data", required=True,
+                   help="dataset version (or dataset folder: its latest version), or an image "
+                        "folder in the Kaggle class-folder layout (local path or s3://)")
+    p.add_argument("--out", required=True,
+                   help="storage URI; the report goes to OUT/reports/<model>-<version>/<data-id>/")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split to evaluate when --data is a dataset (default test)")
+    p.add_argument("--abstain-below", type=probability, metavar="P",
+                   help="flag predictions whose calibrated confidence is below P as 'refer to a "
+                        "radiologist' and report accuracy at the coverage this gives")
+    p.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default 64)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per inference actor")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="inference actors, each holding one copy of the model (default 1)")
+    p.add_argument("--near-dup-distance", type=int, default=4,
+                   help="pHash Hamming distance at or below which an image counts as a near "
+                        "duplicate of a training image (default 4)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit temperature scaling on the model's validation "
+                       "split and write calibration.json next to the model")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("predict", help="classify image files, folders or URIs (exit 1 if any failed)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image file, folder (all files under it) or s3:// URI")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "csv"],
+                   help="output format (default jsonl: one JSON object per image)")
+    p.add_argument("--output", metavar="FILE",
+                   help="write to FILE (path or URI, atomically) instead of standard output")
+    p.add_argument("--abstain-below", type=probability, metavar="P",
+                   help="flag predictions with confidence below P as 'refer to a radiologist'")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.set_defaults(func=cmd_predict)
     return ap
 
 

@@ -57,9 +57,14 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, pretrained: str
         state = torch.load(io.BytesIO(open_location(pretrained).read_bytes()),
                            map_location="cpu", weights_only=True)
         state = state.get("model", state)
+        own = model.state_dict()
+        head = _head_prefix(model)
+        # a new classifier head (another class count) is expected; any other mismatch is not
+        bad = [k for k, v in state.items()
+               if k in own and own[k].shape != v.shape and not k.startswith(head)]
+        state = {k: v for k, v in state.items() if k not in own or own[k].shape == v.shape}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        # a new classifier head for another class count is expected; anything else is not
-        bad = [k for k in list(missing) + list(unexpected) if not k.startswith(_head_prefix(model))]
+        bad += [k for k in list(missing) + list(unexpected) if not k.startswith(head)]
         if bad:
             raise ValueError(f"pretrained weights {pretrained} do not fit {name}: {bad[:5]}")
     return model

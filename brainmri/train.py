@@ -31,7 +31,7 @@ from .checkpoints import CKPT_FILE, dump_state, library_versions, load_state, pu
 from .config import ConfigError, TrainConfig, from_dict, to_dict
 from .datasets import manifest_hash, resolve_dataset, split_files
 from .models import count_params, create_model
-from .storage import check_name, open_location
+from .storage import check_name, open_location, worker_env
 from .transforms import MEAN, STD, augment, normalise, preprocess_batch, to_unit
 
 METRIC = "val_macro_f1"
@@ -166,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps = max(1, config["train_rows"] // (cfg.batch_size * world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
 
-    start, best, bad, history = 0, -1.0, 0, []
+    start, best, bad, history, resumes = 0, -1.0, 0, [], []
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume: a replaced worker or a re-run driver
         with ckpt.as_directory() as d:
@@ -175,6 +175,9 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, best, bad, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
+        resumes = state.get("resumes", []) + [start]
+        if rank == 0:
+            print(f"brainmri: resumed from the checkpoint of epoch {start - 1}")
 
     # batches stay on the CPU for augmentation; pinned so the copy to a GPU overlaps compute
     loader_kw = dict(batch_size=cfg.batch_size, dtypes={"x": torch.uint8, "label": torch.int64},
@@ -196,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
             "val_loss": vloss.item() / max(1, vm["n"]), "lr": scheduler.get_last_lr()[0],
             "epoch_seconds": time.time() - t0, "train_images_per_s": tr[2].item() / t_train,
             **{f"val_{key}": v for key, v in vm.items()},
-            "val_confusion": cm.numpy().astype(int).tolist(),
+            "val_confusion": cm.numpy().astype(int).tolist(), "resumes": len(resumes),
         }
         improved = metrics[METRIC] > best
         best, bad = (metrics[METRIC], 0) if improved else (best, bad + 1)
@@ -210,6 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "format": "brainmri.checkpoint/1", "model": raw.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch, "best": best, "bad_epochs": bad, "history": history,
+                    "resumes": resumes,
                     "config": to_dict(cfg), "classes": classes,
                     "preprocess": {"image_size": cfg.image_size, "mean": MEAN, "std": STD,
                                    "fit": "longest side, centred, zero padded",
@@ -263,7 +267,7 @@ def build_datasets(cfg: TrainConfig, version, manifest) -> dict:
         files = split_files(version, manifest, split)
         if not files:
             raise ConfigError(f"dataset {version.uri} has no {split} shards")
-        d = ray.data.read_parquet(files, filesystem=version.fs, columns=["image", "label"])
+        d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
         if limit:
             d = d.limit(limit)
         ds[split] = d.map_batches(preprocess_batch, fn_kwargs={"size": cfg.image_size},
@@ -320,6 +324,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute=METRIC,
                                                checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": worker_env()} if worker_env() else None,
             callbacks=callbacks),
     )
     result = trainer.fit()

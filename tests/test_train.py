@@ -1,0 +1,170 @@
+"""Training on a real local Ray cluster (2 DDP workers) over a small subset of the real scans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from brainmri.checkpoints import CKPT_FILE, build_model, load_model_state
+from brainmri.config import ConfigError, IngestConfig, TrainConfig, load_config
+from brainmri.datasets import resolve_dataset, split_files
+from brainmri.ingest import ingest
+from brainmri.metrics import confusion, from_confusion
+from brainmri.storage import StorageError, open_location
+from brainmri.train import prepare, run_training
+from brainmri.transforms import preprocess, to_model_input
+from conftest import REPO, real_subset
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(image_size=64, batch_size=16, lr=3e-3, warmup_epochs=0.5, patience=0,
+             model_args={"width": 16}, num_workers=2, aug_strength=0.5)
+
+
+@pytest.fixture(scope="module")
+def small_lake(tmp_path_factory):
+    """~200 real scans ingested into a local lake; returns the lake path."""
+    root = tmp_path_factory.mktemp("train")
+    src = real_subset(root / "src", per_class=50)
+    ingest(str(src), str(root / "lake"), IngestConfig(val_fraction=0.25, test_fraction=0.1, workers=1))
+    return root / "lake"
+
+
+def _predict(state, version, manifest, split="val"):
+    """Evaluate a loaded model with plain PyTorch (no Ray): the round-trip check."""
+    import pyarrow.parquet as pq
+
+    model = build_model(state)
+    size = state["config"]["image_size"]
+    t = pq.ParquetFile(version.fs.open_input_file(split_files(version, manifest, split)[0])).read(
+        columns=["image", "label"])
+    x = torch.from_numpy(np.stack([preprocess(b, size) for b in t.column("image").to_pylist()]))
+    with torch.no_grad():
+        pred = model(to_model_input(x)).argmax(1).numpy()
+    return from_confusion(confusion(np.asarray(t.column("label")), pred, 4), state["classes"])
+
+
+def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
+    with pytest.raises(ConfigError, match="unknown model 'resnet9000'"):
+        load_config(TrainConfig, overrides=["model=resnet9000"])
+    with pytest.raises(ConfigError, match="unknown config key.*learning_rate"):
+        load_config(TrainConfig, overrides=["learning_rate=0.1"])
+    with pytest.raises(StorageError, match="no complete version"):
+        prepare(TrainConfig(data=str(tmp_path / "empty"), out=str(tmp_path)))
+    with pytest.raises(ConfigError, match="model_args do not fit"):
+        prepare(TrainConfig(data=str(small_lake), out=str(tmp_path), model_args={"depthh": 3}))
+    # the CLI says it in one line and exits 2
+    r = subprocess.run([sys.executable, "-m", "brainmri.cli", "train", "--data", str(tmp_path / "x"),
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_local):
+    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-local", epochs=6, **SMALL)
+    res = run_training(cfg)
+    h = res.history
+    assert [e["epoch"] for e in h] == list(range(6))
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert res.best["val_accuracy"] > 0.4  # chance is 0.25 with balanced classes
+    assert all(e["train_images"] == h[0]["train_images"] for e in h)  # both workers, every epoch
+    # checkpoints in the run folder: top-k kept, each self-sufficient and weights_only-loadable
+    run = open_location(res.run_uri)
+    ckpts = [d for d in run.listdir() if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists()]
+    assert 1 <= len(ckpts) <= cfg.keep_checkpoints + 1
+    # the published model version round-trips: plain PyTorch reproduces the reported metrics
+    state = load_model_state(res.model_uri)
+    assert state["config"]["model"] == "brainnet" and state["classes"][0] == "glioma"
+    assert state["dataset"]["version"] and "optimizer" not in state
+    version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
+    again = _predict(state, version, manifest)
+    assert again["n"] == res.best["val_n"]
+    assert again["accuracy"] == pytest.approx(res.best["val_accuracy"])
+    assert again["macro_f1"] == pytest.approx(res.best["val_macro_f1"])
+    assert (open_location(res.model_uri) / "metadata.json").read_json()["metrics"]["epoch"] == res.best["epoch"]
+
+
+def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path):
+    """Dataset read from and checkpoints/model written to a loopback S3 server."""
+    lake = f"s3://{s3_bucket}/lake"
+    ingest(str(real_subset(tmp_path / "src", per_class=20)), lake,
+           IngestConfig(val_fraction=0.25, test_fraction=0.1, workers=1))
+    res = run_training(TrainConfig(data=lake, out=lake, name="t-s3", epochs=2, **SMALL))
+    assert res.run_uri.startswith("s3://") and res.model_uri.startswith(f"s3://{s3_bucket}/lake/models/")
+    run = open_location(res.run_uri)
+    assert len(run.read_bytes() if False else run.listdir()) >= 3  # checkpoint(s), history, config
+    assert len((run / "history.json").read_json()) == 2
+    assert load_model_state(res.model_uri)["epoch"] in (0, 1)
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of RayTrainWorker processes of *this* test session's cluster (children of its
+    raylet), never those of another Ray cluster on the machine."""
+    import ray
+
+    raylets = {p.process.pid for p in ray._private.worker._global_node.all_processes["raylet"]}
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            ppid = int(next(line.split()[1] for line in open(f"/proc/{pid}/status")
+                            if line.startswith("PPid:")))
+        except (OSError, StopIteration):
+            continue
+        if cmd.startswith("ray::RayTrainWorker") and ppid in raylets:
+            out.append(int(pid))
+    return out
+
+
+def test_killed_worker_is_replaced_and_resumes(small_lake, ray_local):
+    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-kill", epochs=4,
+                      max_failures=2, cache=False, **SMALL)  # streamed epochs: time to kill
+    run = open_location(small_lake) / "runs" / "t-kill"
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault("res", run_training(cfg)), daemon=True)
+    th.start()
+    deadline = time.time() + 400
+    # wait until the controller has registered a checkpoint (it snapshots its manager then)
+    while time.time() < deadline and not (run / "checkpoint_manager_snapshot.json").exists():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    pids = _train_worker_pids()
+    assert pids, "no train worker found to kill"
+    os.kill(pids[-1], signal.SIGKILL)  # a worker dies mid-run (epoch 2 is under way)
+    th.join(timeout=600)
+    res = box["res"]
+    h = res.history
+    assert [e["epoch"] for e in h] == list(range(4))  # nothing trained twice, nothing lost
+    assert h[-1]["resumes"] >= 1  # restarted from a checkpoint, not from scratch
+
+
+def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
+    """The driver (a `brainmri train` process with its own local Ray) is killed after its
+    first checkpoint; running the same command again continues from that checkpoint."""
+    cmd = [sys.executable, "-m", "brainmri.cli", "train", "--data", str(small_lake), "--out",
+           str(small_lake), "--name", "t-driver", "--epochs", "3", "--image-size", "64",
+           "--batch-size", "16", "--set", "model_args={width: 16}", "--set", "patience=0"]
+    env = dict(os.environ, RAY_ADDRESS="")  # its own cluster, not the tests' one
+    run = open_location(small_lake) / "runs" / "t-driver"
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not (run / "history.json").exists():
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = len((run / "history.json").read_json())
+    assert 1 <= done < 3
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    h = (run / "history.json").read_json()
+    assert [e["epoch"] for e in h] == [0, 1, 2] and h[-1]["resumes"] >= 1
