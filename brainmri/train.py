@@ -332,6 +332,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
     with best_ckpt.as_directory() as d:
         state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
     history = (run / "history.json").read_json()  # the checkpoint's stops at its own epoch
+    state["history"] = history  # the published model carries the whole run's curves
     best = max(history, key=lambda h: h[METRIC])
     model_uri = None
     if cfg.publish:

@@ -1,0 +1,297 @@
+"""`brainmri evaluate`: a model on a dataset split or an image folder -> a report folder.
+
+    OUT/reports/<model-name>-<model-version>/<data-id>/
+        figures/*.png          confusion, ROC, reliability, risk-coverage, mistakes, Grad-CAM, history
+        predictions.parquet    one row per evaluated image
+        rejects.csv            files refused by ingest's rules, with the reason
+        metrics.json           every number in the report
+        report.html            one self-contained page
+        complete.json          written last: a folder without it is a partial report
+
+Inference is a Ray Data pipeline: a stage reads, validates and preprocesses (Ray may fuse it
+into the actors), then an actor pool (`concurrency` actors, one GPU each with --gpu) loads the
+pinned weights once per actor and returns logits. Everything after that runs on the driver
+over per-image arrays, which are small (K floats an image): temperature scaling (fitted on
+the training dataset's val split in-process when the model has no calibration.json), metrics,
+the leakage check, figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import figures, leakage, scoring
+from .calibration import calibration_record, load_calibration, reliability, val_logits
+from .config import ConfigError
+from .inference import REFER, LogitsActor, ModelRef, load_network, open_model, preprocess_many, softmax
+from .sources import Source, open_source, to_ray_dataset
+from .storage import Location, check_name, open_location
+
+COMPLETE = "complete.json"
+OUTPUT_COLUMNS = ("path", "label", "sha256", "phash", "reason", "detail", "logits")
+
+
+@dataclass
+class Outputs:
+    """Per-file results of one pass, sorted by path."""
+
+    path: np.ndarray
+    label: np.ndarray
+    sha256: np.ndarray
+    phash: np.ndarray
+    reason: np.ndarray
+    detail: np.ndarray
+    logits: np.ndarray
+
+    def select(self, mask: np.ndarray) -> "Outputs":
+        return Outputs(*(getattr(self, c)[mask] for c in OUTPUT_COLUMNS))
+
+
+def inference_dataset(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concurrency: int):
+    """The lazy Ray Dataset of per-file results (NaN logits for rejected files)."""
+    import ray.data
+
+    return to_ray_dataset(src, ref.image_size, batch_size).map_batches(
+        LogitsActor, fn_constructor_kwargs={"weights_uri": ref.weights.uri, "sha256": ref.sha256,
+                                            "num_classes": len(ref.classes), "gpu": gpu},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated
+        num_cpus=1, num_gpus=1 if gpu else 0)
+
+
+def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concurrency: int) -> Outputs:
+    """Runs the pipeline and gathers its (small) per-file columns on the driver."""
+    ds = inference_dataset(src, ref, batch_size, gpu, concurrency)
+    cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for c in OUTPUT_COLUMNS:
+            cols[c].append(b[c])
+    arr = {c: np.concatenate(v) for c, v in cols.items()}
+    order = np.argsort(arr["path"].astype(str), kind="stable")  # stable report order
+    return Outputs(*(np.asarray(arr[c])[order] for c in OUTPUT_COLUMNS))
+
+
+# -- calibration and leakage ---------------------------------------------------------------------
+def temperature_for(ref: ModelRef, batch_size: int) -> dict:
+    """calibration.json if present for these weights; else fit on the training dataset's
+    val split now, in this process (the val split is small; the same code as `brainmri
+    calibrate`). Reported, not saved: `brainmri calibrate` is the explicit way to save."""
+    rec = load_calibration(ref)
+    keys = ("n", "nll_before", "nll_after", "ece_before", "ece_after")
+    if rec:
+        return {"temperature": rec["temperature"], "source": f"from {ref.calibration_file.uri}",
+                "fit": {k: rec[k] for k in keys}}
+    try:
+        logits, labels = val_logits(ref, batch_size)
+        rec = calibration_record(ref, logits, labels)
+    except Exception as e:  # no val split reachable: report uncalibrated, and say why
+        return {"temperature": 1.0, "source": f"uncalibrated: {type(e).__name__}: {e}", "fit": None}
+    return {"temperature": rec["temperature"],
+            "source": f"fitted now on the val split of {ref.state['dataset']['uri']} (not saved)",
+            "fit": {k: rec[k] for k in keys}}
+
+
+def leakage_for(ref: ModelRef, src: Source, out: Outputs, near_distance: int) -> dict:
+    ds_uri = (ref.state.get("dataset") or {}).get("uri")
+    if not ds_uri:
+        return {"available": False, "error": "the model does not record its training dataset"}
+    # evaluating the training dataset's own val (or train) split: compare with the others
+    splits = [s for s in ("train", "val") if not (src.dataset_uri == ds_uri and src.split == s)]
+    try:
+        res = leakage.flag(list(out.sha256), out.phash, ds_uri, splits, near_distance)
+    except Exception as e:
+        return {"available": False, "error": f"{type(e).__name__}: {e}"}
+    return {"available": True, **res["summary"], "_exact": res["exact"], "_near": res["near"]}
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def make_figures(ref: ModelRef, src: Source, ok: Outputs, probs, probs_raw, m: dict,
+                 cal: dict, n_mistakes: int, cam_per_class: int) -> dict:
+    """name -> PNG bytes (None where there is nothing to draw)."""
+    y = ok.label
+    figs = {"history": figures.history(ref.history)}
+    if len(y) == 0:
+        return figs
+    allm = m["metrics"]["all"]
+    rc = scoring.risk_coverage(probs.max(1), probs.argmax(1) == y)
+    figs["confusion"] = figures.confusion(allm["confusion_matrix"], ref.classes)
+    figs["roc"] = figures.roc(y, probs, ref.classes, allm["roc_auc_ovr"])
+    figs["reliability"] = figures.reliability(reliability(probs_raw, y), reliability(probs, y),
+                                              cal["temperature"])
+    figs["risk_coverage"] = figures.risk_coverage(rc, m["selective"].get("chosen"))
+    figs.update(image_figures(ref, src, ok, probs, n_mistakes, cam_per_class))
+    return figs
+
+
+def image_figures(ref: ModelRef, src: Source, ok: Outputs, probs, n_mistakes: int,
+                  cam_per_class: int) -> dict:
+    """The most confident mistakes, and Grad-CAM for the first images (by path) of each true
+    class. Only these few images are read again, so the pipeline never ships pixels back."""
+    classes, y = ref.classes, ok.label
+    pred, conf = probs.argmax(1), probs.max(1)
+    wrong = np.flatnonzero(pred != y)
+    mistakes = list(wrong[np.argsort(-conf[wrong], kind="stable")][:n_mistakes])
+    cams = [int(i) for c in range(len(classes)) for i in np.flatnonzero(y == c)[:cam_per_class]]
+    blobs = src.read_bytes([ok.path[i] for i in mistakes + cams])
+    x = {i: preprocess_many([blobs[ok.path[i]]], ref.image_size)[0]
+         for i in mistakes + cams if ok.path[i] in blobs}
+    mistakes, cams = [i for i in mistakes if i in x], [i for i in cams if i in x]
+
+    def caption(i):
+        return f"true {classes[y[i]]}\npred {classes[pred[i]]} ({conf[i]:.2f})"
+
+    out = {"mistakes": figures.gallery([x[i] for i in mistakes], [caption(i) for i in mistakes],
+                                       f"{len(mistakes)} most confident mistakes")}
+    model = load_network(ref.weights.uri, ref.sha256)
+    stack = np.stack([x[i] for i in cams]) if cams else np.zeros((0, ref.image_size, ref.image_size), np.uint8)
+    overlays = figures.gradcam_overlays(model, stack, [int(pred[i]) for i in cams])
+    images, caps = [], []
+    for i, ov in zip(cams, overlays):
+        images += [x[i], ov]
+        caps += [f"{classes[y[i]]}: input", caption(i)]
+    out["gradcam"] = figures.gallery(images, caps, f"Grad-CAM, {cam_per_class} per true class")
+    return out
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def predictions_table(ok: Outputs, probs, classes, abstained, dup) -> bytes:
+    pred = probs.argmax(1)
+    cols = {"path": pa.array(list(ok.path), pa.string()),
+            "true_label": pa.array([classes[i] for i in ok.label], pa.string()),
+            "true_index": pa.array(ok.label, pa.int16())}
+    for j, c in enumerate(classes):
+        cols[f"prob_{c}"] = pa.array(probs[:, j], pa.float64())
+    cols.update(predicted_label=pa.array([classes[i] for i in pred], pa.string()),
+                confidence=pa.array(probs.max(1), pa.float64()),
+                abstained=pa.array(abstained, pa.bool_()),
+                advice=pa.array([REFER if a else "" for a in abstained], pa.string()),
+                training_duplicate=pa.array(dup, pa.string()),
+                sha256=pa.array(list(ok.sha256), pa.string()))
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def rejects_csv(rows: list[tuple[str, str, str]]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason", "detail"])
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def report_folder(out: str, ref: ModelRef, src: Source) -> Location:
+    root = open_location(out, check=True)
+    return root / "reports" / check_name(f"{ref.name}-{ref.version}", "report name") / \
+        check_name(src.data_id, "data id")
+
+
+@dataclass
+class EvalResult:
+    report_uri: str
+    metrics: dict
+    seconds: float
+
+
+def check_args(abstain_below, batch_size, concurrency, near_distance) -> None:
+    if abstain_below is not None and not 0.0 <= abstain_below <= 1.0:
+        raise ConfigError("--abstain-below must be a probability in [0, 1]")
+    if batch_size < 1 or concurrency < 1:
+        raise ConfigError("--batch-size and --concurrency must be >= 1")
+    if not 0 <= near_distance <= 64:
+        raise ConfigError("--near-dup-distance must be in [0, 64]")
+
+
+def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below: float | None = None,
+             batch_size: int = 64, gpu: bool = False, concurrency: int = 1,
+             near_dup_distance: int = leakage.NEAR_DISTANCE, n_mistakes: int = 12,
+             cam_per_class: int = 2) -> EvalResult:
+    """Evaluate MODEL on DATA and write the report under OUT (see the module docstring).
+    Side effects: the report folder, and a local Ray cluster if none is running."""
+    import ray
+
+    t0 = time.time()
+    check_args(abstain_below, batch_size, concurrency, near_dup_distance)
+    ref = open_model(model)  # fail fast: model, data and output before any Ray work
+    src = open_source(data, ref.classes, split)
+    dest = report_folder(out, ref, src)
+    (dest / COMPLETE).delete()  # a rerun that dies midway must not look complete
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False, include_dashboard=False)
+
+    run = {"batch_size": batch_size, "gpu": gpu, "concurrency": concurrency}
+    res = run_inference(src, ref, **run)
+    good = np.asarray([r == "" for r in res.reason], dtype=bool)
+    ok = res.select(good)
+    rejects = sorted(src.walk_rejects + list(zip(res.path[~good], res.reason[~good], res.detail[~good])))
+    cal = temperature_for(ref, batch_size)
+    probs_raw, probs = softmax(ok.logits), softmax(ok.logits, cal["temperature"])
+    leak = leakage_for(ref, src, ok, near_dup_distance)
+    m = summarise(ref, src, ok, rejects, probs, probs_raw, cal, leak, abstain_below)
+    m["settings"] = {"split": split if src.kind == "dataset" else None, **run,
+                     "near_dup_distance": near_dup_distance}
+
+    figs = make_figures(ref, src, ok, probs, probs_raw, m, cal, n_mistakes, cam_per_class)
+    abstained = probs.max(1) < abstain_below if abstain_below is not None else np.zeros(len(probs), bool)
+    dup = np.full(len(ok.label), "", dtype=object)
+    if leak.get("available"):
+        dup[leak["_near"]], dup[leak["_exact"]] = "near", "exact"
+    write_report(dest, m, figs, ref, predictions_table(ok, probs, ref.classes, abstained, dup),
+                 rejects_csv(rejects))
+    return EvalResult(dest.uri, m, time.time() - t0)
+
+
+def summarise(ref: ModelRef, src: Source, ok: Outputs, rejects: list, probs, probs_raw,
+              cal: dict, leak: dict, abstain_below: float | None) -> dict:
+    """Everything metrics.json holds (and the report shows)."""
+    metrics = {"all": scoring.classification(ok.label, probs, ref.classes, probs_raw)}
+    if leak.get("available"):  # the same metrics without images (nearly) seen in training
+        keep = ~(leak["_exact"] | leak["_near"])
+        metrics["without_training_duplicates"] = scoring.classification(
+            ok.label[keep], probs[keep], ref.classes, probs_raw[keep])
+    by_reason = Counter(r for _, r, _ in rejects)
+    return {
+        "format": "brainmri.evaluation/1",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data_id": src.data_id, "data": src.describe,
+        "model": {"name": ref.name, "version": ref.version, "weights": ref.weights.uri,
+                  "sha256": ref.sha256, "classes": ref.classes, "image_size": ref.image_size,
+                  "params": ref.state.get("params"), "training_dataset": ref.state.get("dataset"),
+                  "best_validation": ref.metadata.get("metrics"),
+                  "created_at": ref.metadata.get("created_at")},
+        "counts": {"files": len(ok.label) + len(rejects), "evaluated": int(len(ok.label)),
+                   "rejected": len(rejects), "rejected_by_reason": dict(sorted(by_reason.items()))},
+        "calibration": cal,
+        "leakage": {k: v for k, v in leak.items() if not k.startswith("_")},
+        "metrics": metrics,
+        "selective": scoring.selective(probs.max(1), probs.argmax(1) == ok.label, abstain_below),
+        "abstain_below": abstain_below,
+    }
+
+
+def write_report(dest: Location, m: dict, figs: dict, ref: ModelRef, predictions: bytes,
+                 rejects: bytes) -> None:
+    """All through Location's atomic writes; the order makes a partial report recognisable."""
+    from .report import render
+
+    names = []
+    for name, png in figs.items():
+        if png:
+            (dest / "figures" / f"{name}.png").write_bytes(png)
+            names.append(f"figures/{name}.png")
+    (dest / "predictions.parquet").write_bytes(predictions)
+    (dest / "rejects.csv").write_bytes(rejects)
+    (dest / "metrics.json").write_json(m)
+    config = {"config": ref.state.get("config"), "dataset": ref.state.get("dataset"),
+              "preprocess": ref.state.get("preprocess"), "versions": ref.state.get("versions")}
+    (dest / "report.html").write_bytes(render(m, figs, config).encode())
+    (dest / COMPLETE).write_json({"complete": True, "created_at": m["created_at"], "files": names + [
+        "predictions.parquet", "rejects.csv", "metrics.json", "report.html"]})

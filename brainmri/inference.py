@@ -1,0 +1,192 @@
+"""Loading a trained model for inference and running it: shared by evaluate, predict and
+calibrate, so all three see a model, its preprocessing and its probabilities the same way.
+
+`open_model` pins what a URI means *now* (a models/<name> folder means its latest version at
+this moment) and records the weights' sha256: Ray actors, calibration files and reports all
+refer to that exact file, never to "latest" again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import posixpath
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .checkpoints import META_FILE, MODEL_FILE, build_model, load_state, model_file
+from .storage import Location, StorageError, check_name, open_location
+from .transforms import preprocess, to_model_input
+
+if TYPE_CHECKING:
+    from .images import ImageLimits
+
+CALIBRATION_FILE = "calibration.json"
+REFER = "refer to a radiologist"
+
+
+@dataclass
+class ModelRef:
+    """One concrete set of weights and what is known about them."""
+
+    weights: Location  # the model.pt / checkpoint.pt / .pt file actually read
+    sha256: str  # of that file's bytes
+    state: dict  # the checkpoint dict (weights_only)
+    name: str
+    version: str
+    metadata: dict = field(default_factory=dict)  # metadata.json of a published version
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.state["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.state["config"]["image_size"])
+
+    @property
+    def history(self) -> list[dict]:
+        return self.metadata.get("history") or self.state.get("history") or []
+
+    @property
+    def calibration_file(self) -> Location:
+        """Beside the weights: <version>/calibration.json, <checkpoint>/calibration.json, or
+        <file>.calibration.json for a bare .pt file (whose folder may hold other models)."""
+        name = self.weights.name
+        folder = open_location(posixpath.dirname(self.weights.uri))
+        if name in (MODEL_FILE, "checkpoint.pt"):
+            return folder / CALIBRATION_FILE
+        return folder / f"{name}.{CALIBRATION_FILE}"
+
+
+def open_model(uri: str) -> ModelRef:
+    """Model version, models/<name> (latest), checkpoint folder or .pt file -> ModelRef."""
+    weights = model_file(uri)
+    data = weights.read_bytes()
+    try:
+        state = load_state(data)
+    except Exception as e:  # pickle/zip errors: not a checkpoint written by brainmri
+        raise StorageError(f"{weights.uri} is not a brainmri model or checkpoint "
+                           f"({type(e).__name__})") from None
+    if not isinstance(state, dict) or not {"model", "config", "classes"} <= set(state):
+        raise StorageError(f"{weights.uri} is not a brainmri model or checkpoint")
+    sha = hashlib.sha256(data).hexdigest()
+    meta_loc = open_location(posixpath.dirname(weights.uri)) / META_FILE
+    if weights.name == MODEL_FILE and meta_loc.exists():
+        meta = meta_loc.read_json()
+        name, version = meta["name"], meta["version"]
+    else:  # a training checkpoint: named after its run, versioned by epoch and content
+        meta = {}
+        name = state["config"].get("name") or state["config"].get("model", "model")
+        version = f"epoch{state.get('epoch', 0)}-{sha[:8]}"
+    return ModelRef(weights, sha, state, check_name(name, "model name"),
+                    check_name(version, "model version"), meta)
+
+
+def load_network(weights_uri: str, sha256: str | None, device: str = "cpu") -> torch.nn.Module:
+    """Weights file -> network in eval mode on `device`; refuses a file that changed since
+    open_model pinned it (a re-published or overwritten checkpoint)."""
+    data = open_location(weights_uri).read_bytes()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise StorageError(f"{weights_uri} changed while in use (sha256 differs)")
+    return build_model(load_state(data)).to(device)
+
+
+@torch.no_grad()
+def forward_logits(model: torch.nn.Module, x_u8: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Preprocessed uint8 [B,S,S] -> float32 logits [B,K] (fp32 everywhere: calibration and
+    log loss are sensitive to the last digits that bf16 would round away)."""
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(x_u8))).to(device)
+    return model(x).float().cpu().numpy()
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def preprocess_many(blobs: list[bytes], size: int) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, size, size), np.uint8)
+    return np.stack([preprocess(b, size) for b in blobs])
+
+
+# -- Ray Data stages ---------------------------------------------------------------------------
+# They live here, not in evaluate.py, because a Ray worker imports the module of whatever it
+# runs: this one needs torch and PIL only, not matplotlib, scikit-learn or the report code.
+def _empty(n: int, size: int) -> dict:
+    return {"x": np.zeros((n, size, size), np.uint8), "reason": np.full(n, "", dtype=object),
+            "detail": np.full(n, "", dtype=object)}
+
+
+def prepare_dataset_batch(batch: dict, size: int) -> dict:
+    """Rows already validated by ingest: decode and preprocess only."""
+    n = len(batch["path"])
+    out = _empty(n, size)
+    for i, data in enumerate(batch["image"]):
+        out["x"][i] = preprocess(data, size)
+    out.update(path=np.asarray(batch["path"], dtype=object),
+               label=np.asarray(batch["label"], dtype=np.int64),
+               sha256=np.asarray(batch["sha256"], dtype=object),
+               phash=np.asarray(batch["phash"], dtype=np.int64))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _root(uri: str) -> Location:
+    return open_location(uri)  # one filesystem object per worker process
+
+
+def read_limited(loc: Location, limits: ImageLimits) -> bytes:
+    """At most max_bytes + 1 bytes: enough for inspect_image to refuse an oversized file
+    without holding all of it."""
+    with loc.fs.open_input_stream(loc.path) as f:
+        return f.read(limits.max_bytes + 1)
+
+
+def load_folder_batch(batch: dict, root_uri: str, size: int, limits: ImageLimits) -> dict:
+    """Read, validate (ingest's rules) and preprocess files of an image folder."""
+    from . import images as im  # here: dataset rows arrive hashed, only folders need it
+
+    n = len(batch["path"])
+    out = _empty(n, size)
+    out.update(path=np.asarray(batch["path"], dtype=object),
+               label=np.asarray(batch["label"], dtype=np.int64),
+               sha256=np.full(n, "", dtype=object), phash=np.zeros(n, np.int64))
+    root = _root(root_uri)
+    for i, rel in enumerate(out["path"]):
+        try:
+            data = read_limited(root / rel, limits)
+            info = im.inspect_image(data, limits)
+            out["x"][i] = preprocess(data, size)
+            out["sha256"][i], out["phash"][i] = info.sha256, info.phash
+        except im.RejectedImage as e:
+            out["reason"][i], out["detail"][i] = e.reason, e.detail[:300]
+        except OSError as e:
+            out["reason"][i], out["detail"][i] = im.UNREADABLE, (e.strerror or str(e))[:300]
+    return out
+
+
+class LogitsActor:
+    """Holds one copy of the network for its lifetime; map_batches calls it per batch. Rows
+    with a rejection reason carry a blank image and get NaN logits: never shown to the model."""
+
+    def __init__(self, weights_uri: str, sha256: str, num_classes: int, gpu: bool,
+                 drop: tuple = ("x", "image")):
+        self.device = "cuda" if gpu else "cpu"
+        self.model = load_network(weights_uri, sha256, self.device)
+        self.k, self.drop = num_classes, set(drop)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.asarray([r == "" for r in batch["reason"]], dtype=bool)
+        logits = np.full((len(ok), self.k), np.nan, np.float32)
+        if ok.any():
+            logits[ok] = forward_logits(self.model, batch["x"][ok], self.device)
+        out = {c: v for c, v in batch.items() if c not in self.drop}
+        out["logits"] = logits
+        return out

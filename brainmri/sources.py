@@ -1,0 +1,154 @@
+"""What `brainmri evaluate` can read: a dataset version's split, or a plain image folder.
+
+Either way the result is a Ray Dataset of rows {path, label, sha256, phash, reason, detail,
+x} where x is the deterministic preprocessed uint8 image (transforms.preprocess) and a
+non-empty `reason` marks a file rejected by the same rules as ingest (images.inspect_image
+after ingest.walk_source's placement rules). Rejected rows travel on, so the driver counts
+them; the model skips them.
+
+A local folder is read by the Ray workers themselves: on a multi-node cluster it must be a
+shared filesystem path (or use s3://). Only the listing happens on the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+
+from . import images as im
+from .config import IngestConfig
+from .datasets import MANIFEST, SPLITS, manifest_hash, split_files
+from .inference import load_folder_batch, prepare_dataset_batch
+from .ingest import SPLIT_DIRS, _is_hidden, walk_source
+from .storage import Location, StorageError, open_location
+
+DATASET_COLUMNS = ["image", "label", "path", "sha256", "phash"]
+
+
+def default_limits() -> im.ImageLimits:
+    """Ingest's defaults: evaluation and prediction refuse exactly what ingest refuses."""
+    c = IngestConfig()
+    return im.ImageLimits(min_side=c.min_side, max_pixels=c.max_pixels)
+
+
+@dataclass
+class Source:
+    kind: str  # "dataset" | "folder"
+    location: Location
+    data_id: str  # report folder name
+    describe: dict  # what the report says about the data
+    files: list[tuple[str, int]] = field(default_factory=list)  # folder: (relative path, label)
+    walk_rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, detail)
+    shard_paths: list[str] = field(default_factory=list)  # dataset: Parquet files of the split
+    split: str = ""
+    dataset_uri: str = ""
+
+    def read_bytes(self, paths: list[str]) -> dict[str, bytes]:
+        """Original bytes of a few images (for galleries), by their report path."""
+        if self.kind == "folder":
+            return {p: (self.location / p).read_bytes() for p in paths}
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        want, out = pa.array(sorted(set(paths)), pa.string()), {}
+        for shard in self.shard_paths:  # one shard at a time: memory stays one shard's worth
+            t = pq.ParquetFile(self.location.fs.open_input_file(shard)).read(columns=["path", "image"])
+            t = t.filter(pc.is_in(t.column("path"), value_set=want))
+            out.update(zip(t.column("path").to_pylist(), t.column("image").to_pylist()))
+        return out
+
+
+# -- opening ------------------------------------------------------------------------------------
+def open_source(uri: str, classes: list[str], split: str = "test") -> Source:
+    """A dataset version (or a dataset folder -> latest version), else a class-folder tree."""
+    loc = open_location(uri, check=True)
+    if (loc / MANIFEST).exists() or _holds_versions(loc):
+        return _dataset_source(loc, classes, split)
+    if not loc.exists():
+        raise StorageError(f"no dataset version or image folder at {loc.uri}")
+    return _folder_source(loc, classes)
+
+
+def _holds_versions(loc: Location) -> bool:
+    return loc.exists() and not loc.is_file() and any(
+        (loc / v / MANIFEST).exists() for v in loc.listdir())
+
+
+def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
+    from .datasets import resolve_dataset
+
+    version, manifest = resolve_dataset(loc.uri)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if list(manifest["classes"]) != list(classes):
+        raise StorageError(f"dataset classes {manifest['classes']} differ from the model's {classes}")
+    shards = split_files(version, manifest, split)
+    if not shards:
+        raise StorageError(f"dataset {version.uri} has no {split} rows")
+    describe = {"kind": "dataset version", "uri": version.uri, "name": manifest["name"],
+                "version": manifest["version"], "split": split,
+                "manifest_hash": manifest_hash(manifest), "rows": manifest["rows"][split],
+                "counts": manifest["counts"][split], "created_at": manifest.get("created_at")}
+    data_id = f"{manifest['name']}-{manifest['version']}-{split}"
+    return Source("dataset", version, data_id, describe, shard_paths=shards, split=split,
+                  dataset_uri=version.uri)
+
+
+def _folder_source(loc: Location, classes: list[str]) -> Source:
+    if loc.is_s3:
+        files, rejects = _classify_keys([l.path[len(loc.path) + 1:] for l in loc.files()], classes)
+    else:
+        files, rejects = [], []
+        for r in walk_source(loc.path, classes):
+            if r.status == "rejected":
+                rejects.append((r.path, r.reason, r.detail))
+            else:
+                files.append((r.path, r.label))
+    if not files:  # e.g. a lake root given by mistake: say so rather than report on nothing
+        raise StorageError(f"no files in class folders ({', '.join(classes)}) under {loc.uri}; "
+                           "for a dataset give its version folder or STORE/datasets/<name>")
+    listing = "\n".join(sorted([p for p, _ in files] + [p for p, _, _ in rejects]))
+    digest = hashlib.sha256(f"{loc.uri}\n{listing}".encode()).hexdigest()[:12]
+    describe = {"kind": "image folder", "uri": loc.uri, "files": len(files) + len(rejects),
+                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    return Source("folder", loc, f"folder-{digest}", describe, files=files, walk_rejects=rejects)
+
+
+def _classify_keys(keys: list[str], classes: list[str]):
+    """ingest.walk_source's placement rules for object keys (S3 has no symlinks or special
+    files): hidden/system files and files outside a known class folder are rejected."""
+    class_of = {c.lower(): i for i, c in enumerate(classes)}
+    files, rejects = [], []
+    for rel in sorted(keys):
+        parts = rel.split("/")
+        if _is_hidden(parts):
+            rejects.append((rel, im.HIDDEN, ""))
+            continue
+        if parts[0].lower() in SPLIT_DIRS:
+            parts = parts[1:]
+        if len(parts) < 2 or parts[0].lower() not in class_of:
+            rejects.append((rel, im.UNKNOWN_CLASS, f"expected <class>/{parts[-1]} with class in {classes}"))
+            continue
+        files.append((rel, class_of[parts[0].lower()]))
+    return files, rejects
+
+
+def to_ray_dataset(src: Source, size: int, batch_size: int):
+    """The source as a Ray Dataset of preprocessed rows (lazy: nothing runs yet)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if src.kind == "dataset":
+        ds = ray.data.read_parquet(src.shard_paths, filesystem=src.location.fs).select_columns(
+            DATASET_COLUMNS)  # pushed down into the read: other columns are never loaded
+        return ds.map_batches(prepare_dataset_batch, fn_kwargs={"size": size},
+                              batch_size=batch_size, batch_format="numpy")
+    items = [{"path": p, "label": label} for p, label in src.files]
+    blocks = max(1, min(len(items) // batch_size + 1, 2 * (os.cpu_count() or 1), 200))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    return ds.map_batches(load_folder_batch, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"root_uri": src.location.uri, "size": size,
+                                     "limits": default_limits()})

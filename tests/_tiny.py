@@ -1,0 +1,90 @@
+"""Test helpers for evaluation and prediction: a small real lake, a tiny model trained in
+this process with plain PyTorch (seconds, no Ray), and a Kaggle-layout folder with bad files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from brainmri.checkpoints import library_versions, publish_model
+from brainmri.config import IngestConfig, TrainConfig, to_dict
+from brainmri.datasets import manifest_hash, resolve_dataset, split_files
+from brainmri.ingest import ingest
+from brainmri.models import count_params, create_model
+from brainmri.storage import open_location
+from brainmri.transforms import MEAN, STD, preprocess, to_model_input
+from conftest import CLASSES, SHARED_DATA, real_subset
+
+SIZE = 64
+MODEL_ARGS = {"width": 8}
+
+
+def small_lake(root: Path, per_class: int = 20) -> tuple[Path, str]:
+    """~per_class real scans per class ingested (val 25 %, test 25 %); (lake, version URI)."""
+    src = real_subset(root / "src", per_class=per_class)
+    res = ingest(str(src), str(root / "lake"),
+                 IngestConfig(val_fraction=0.25, test_fraction=0.25, workers=1))
+    return root / "lake", res.location.uri
+
+
+def train_inprocess(lake: Path, version_uri: str, steps: int = 30, seed: int = 0) -> str:
+    """A brainnet (width 8, 64 px) fitted for a few full-batch steps on the train split, then
+    published like run_training does; returns the model version URI."""
+    version, manifest = resolve_dataset(version_uri)
+    t = pq.read_table(split_files(version, manifest, "train")[0], columns=["image", "label"])
+    x = torch.from_numpy(np.stack([preprocess(b, SIZE) for b in t.column("image").to_pylist()]))
+    y = torch.as_tensor(np.asarray(t.column("label"), dtype=np.int64))
+    torch.manual_seed(seed)
+    cfg = TrainConfig(data=version_uri, out=str(lake), name="tiny", image_size=SIZE,
+                      model_args=dict(MODEL_ARGS), epochs=1, num_workers=1)
+    model = create_model("brainnet", len(CLASSES), 1, image_size=SIZE, **MODEL_ARGS)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for step in range(steps):
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(to_model_input(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 9:
+            history.append({"epoch": len(history), "train_loss": loss.item(), "val_loss": loss.item(),
+                            "val_accuracy": 0.5, "val_macro_f1": 0.5})
+    ckpt = {"format": "brainmri.checkpoint/1", "model": model.eval().state_dict(), "epoch": 0,
+            "best": 0.5, "bad_epochs": 0, "history": history, "config": to_dict(cfg),
+            "classes": list(CLASSES),
+            "preprocess": {"image_size": SIZE, "mean": MEAN, "std": STD},
+            "dataset": {"uri": version.uri, "name": manifest["name"], "version": manifest["version"],
+                        "manifest_hash": manifest_hash(manifest)},
+            "versions": library_versions(), "params": count_params(model)}
+    return publish_model(open_location(str(lake)), "brainnet", ckpt, history[-1]).uri
+
+
+BAD_FILES = {  # name -> bytes; all three must be rejected, none may stop the run
+    "empty.jpg": b"",
+    "notes.jpg": b"patient notes, not a scan\n" * 20,
+}
+
+
+def kaggle_folder(dest: Path, per_class: int = 3, offset: int = 200) -> tuple[Path, int, dict]:
+    """Real scans not in small_lake (offset) in <class>/ folders, plus bad files; returns
+    (folder, number of good images, {reason: count} expected)."""
+    src = SHARED_DATA / "Training"
+    good = 0
+    for c in CLASSES:
+        (dest / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / c).iterdir())[offset:offset + per_class]:
+            shutil.copy2(f, dest / c / f.name)
+            good += 1
+    first = sorted((src / CLASSES[0]).iterdir())[offset].read_bytes()
+    for name, data in BAD_FILES.items():
+        (dest / CLASSES[1] / name).write_bytes(data)
+    (dest / CLASSES[2] / "truncated.jpg").write_bytes(first[: len(first) // 2])
+    (dest / CLASSES[3] / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (dest / "readme.txt").write_text("not in a class folder\n")
+    expected = {"empty_file": 1, "not_an_image": 1, "corrupt_or_truncated": 1,
+                "hidden_or_system_file": 1, "outside_known_class_folder": 1}
+    return dest, good, expected

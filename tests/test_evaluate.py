@@ -1,0 +1,242 @@
+"""Evaluation: metrics against hand-computed values, then whole reports from a model trained
+here with Ray Train on real scans, on a dataset split and on Kaggle-layout folders (local and
+S3) that hold bad files."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from brainmri import leakage, scoring
+from brainmri.calibration import ece, fit_temperature, fit_temperature_from_logits, reliability
+from brainmri.config import ConfigError, TrainConfig
+from brainmri.evaluate import COMPLETE, evaluate
+from brainmri.inference import softmax
+from brainmri.predict import Predictor
+from brainmri.sources import _classify_keys, open_source
+from brainmri.storage import StorageError, open_location
+from brainmri.train import run_training
+from _tiny import kaggle_folder, small_lake
+
+CLASSES3 = ["a", "b", "c"]
+CLASSES4 = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two torch threads on a shared 2-core machine spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- metrics, by hand ------------------------------------------------------------------------
+def test_classification_metrics_hand_checked():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.full((6, 3), 0.1)
+    probs[np.arange(6), pred] = 0.8
+    m = scoring.classification(y, probs, CLASSES3)
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # recalls 2/3, 1/2, 1; precisions 1, 1/2, 1/2
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 / 1.5]
+    assert [m["per_class"][c]["f1"] for c in CLASSES3] == pytest.approx(f1)
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    assert m["weighted_f1"] == pytest.approx((3 * f1[0] + 2 * f1[1] + 1 * f1[2]) / 6)
+    assert m["per_class"]["b"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert m["log_loss"] == pytest.approx(-(4 * math.log(0.8) + 2 * math.log(0.1)) / 6)
+    # class c: positives score 0.8 (1 image); negatives 0.8 (1 image, the b->c error) and 0.1
+    assert m["roc_auc_ovr"]["per_class"]["c"] == pytest.approx((4 * 1 + 1 * 0.5) / 5)
+
+
+def test_ece_brier_and_log_loss_on_a_tiny_hand_computed_case():
+    # (top-class confidence, correct?) per image; 15 bins of width 1/15, none on an edge:
+    # 0.90 and 0.92 share bin (0.867, 0.933]; 0.85, 0.70 and 0.55 each have their own.
+    probs = np.array([[0.90, 0.10], [0.15, 0.85], [0.30, 0.70], [0.55, 0.45], [0.92, 0.08]])
+    y = np.array([0, 0, 1, 1, 0])
+    # bins: {0.90, 0.92} acc 1 conf 0.91 -> 2/5*0.09; 0.85 wrong; 0.70 right; 0.55 wrong
+    expected_ece = (2 * 0.09 + 0.85 + 0.30 + 0.55) / 5
+    assert ece(probs, y) == pytest.approx(expected_ece)
+    r = reliability(probs, y)
+    assert sum(r["count"]) == 5 and r["count"][13] == 2 and r["confidence"][13] == pytest.approx(0.91)
+    # multi-class Brier: sum over classes of squared error, averaged over images
+    per_image = [0.1**2 * 2, 0.85**2 * 2, 0.3**2 * 2, 0.55**2 * 2, 0.08**2 * 2]
+    assert scoring.brier(y, probs) == pytest.approx(np.mean(per_image))
+    m = scoring.classification(y, probs, ["x", "y"])
+    assert m["brier"] == pytest.approx(np.mean(per_image))
+    assert m["ece"] == pytest.approx(expected_ece)
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.15, 0.7, 0.45, 0.92])))
+    # a perfectly calibrated, perfectly confident model
+    assert ece(np.eye(2)[[0, 1, 1]], np.array([0, 1, 1])) == 0.0
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 4))
+    true_t = 2.0
+    p = softmax(logits, true_t)
+    labels = (p.cumsum(1) < rng.random((len(p), 1))).sum(1)  # one draw from each row's p
+    t = fit_temperature_from_logits(logits, labels)
+    assert t == pytest.approx(true_t, rel=0.1)
+    assert ece(softmax(logits, t), labels) < ece(softmax(logits), labels)
+    assert (softmax(logits, t).argmax(1) == logits.argmax(1)).all()  # accuracy unchanged
+
+
+def test_risk_coverage_and_abstention_by_hand():
+    conf = np.array([0.9, 0.8, 0.6, 0.4])
+    correct = np.array([True, False, True, False])
+    rc = scoring.risk_coverage(conf, correct)
+    assert rc["coverage"] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rc["risk"] == pytest.approx([0, 0.5, 1 / 3, 0.5])
+    assert rc["aurc"] == pytest.approx((0 + 0.5 + 1 / 3 + 0.5) / 4)
+    a = scoring.at_threshold(conf, correct, 0.7)
+    assert (a["covered"], a["referred"], a["coverage"], a["accuracy_covered"]) == (2, 2, 0.5, 0.5)
+    assert scoring.at_threshold(conf, correct, 0.95)["accuracy_covered"] is None
+
+
+def test_auc_undefined_for_an_absent_class_and_hamming_distances():
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    auc = scoring.roc_auc_ovr(np.array([0, 1, 0]), probs, CLASSES3)
+    assert auc["per_class"]["c"] is None and auc["per_class"]["a"] == 1.0
+    assert auc["macro"] == pytest.approx(1.0)
+    ref = np.array([0b0, 0b1111, -1], dtype=np.int64).view(np.uint64)
+    q = np.array([0b1, 0b1111, 0b11110000, -2], dtype=np.int64)
+    assert leakage.nearest_distance(q, ref).tolist() == [1, 0, 4, 1]
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="abstain"):
+        evaluate("unused", "unused", str(tmp_path), abstain_below=1.5)
+    with pytest.raises(ConfigError, match="concurrency"):
+        evaluate("unused", "unused", str(tmp_path), concurrency=0)
+    with pytest.raises(StorageError, match="no dataset version or image folder"):
+        open_source(str(tmp_path / "missing"), list(CLASSES4))
+    (tmp_path / "lake" / "datasets").mkdir(parents=True)
+    with pytest.raises(StorageError, match="no files in class folders"):
+        open_source(str(tmp_path / "lake"), list(CLASSES4))
+
+
+def test_object_keys_follow_ingest_placement_rules():
+    keys = ["glioma/a.jpg", "Training/Notumor/b.png", ".hidden/c.jpg", "pituitary/Thumbs.db",
+            "other/d.jpg", "e.jpg"]
+    files, rejects = _classify_keys(keys, list(CLASSES4))
+    assert files == [("Training/Notumor/b.png", 2), ("glioma/a.jpg", 0)]
+    assert {r[0]: r[1] for r in rejects} == {
+        ".hidden/c.jpg": "hidden_or_system_file", "pituitary/Thumbs.db": "hidden_or_system_file",
+        "other/d.jpg": "outside_known_class_folder", "e.jpg": "outside_known_class_folder"}
+
+
+# -- whole reports ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, s3_server, ray_local):
+    """A tiny brainnet trained with Ray Train on ~80 real scans. s3_server is requested
+    before ray_local so that Ray's workers inherit the S3 endpoint variables."""
+    root = tmp_path_factory.mktemp("evaluate")
+    lake, version = small_lake(root, per_class=20)
+    cfg = TrainConfig(data=version, out=str(lake), name="t-eval", num_workers=1, epochs=2,
+                      image_size=64, batch_size=16, model_args={"width": 8}, patience=0,
+                      warmup_epochs=0.5, threads_per_worker=1)
+    res = run_training(cfg)
+    assert res.model_uri
+    return {"root": root, "lake": lake, "version": version, "model": res.model_uri}
+
+
+def read_report(uri: str) -> tuple[dict, str, "pq.Table"]:
+    loc = open_location(uri)
+    assert (loc / COMPLETE).exists()
+    html = (loc / "report.html").read_bytes().decode()
+    table = pq.read_table(io.BytesIO((loc / "predictions.parquet").read_bytes()))
+    return (loc / "metrics.json").read_json(), html, table
+
+
+def check_html(html: str) -> None:
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html.lower() and "<link" not in html.lower()
+    assert html.count("data:image/png;base64,") >= 7  # 6 evaluation figures + training history
+
+
+def test_report_on_the_dataset_test_split(trained, tmp_path):
+    out = tmp_path / "out"
+    res = evaluate(trained["model"], trained["version"], str(out), abstain_below=0.5)
+    m, html, table = read_report(res.report_uri)
+    manifest = open_location(trained["version"]) / "manifest.json"
+    n_test = manifest.read_json()["rows"]["test"]
+    model_dir = trained["model"].rstrip("/").split("/")[-1]
+    assert res.report_uri.endswith(f"/reports/brainnet-{model_dir}/brain-tumor-mri-"
+                                   f"{m['data']['version']}-test")
+    assert m["counts"]["evaluated"] == n_test == table.num_rows and m["counts"]["rejected"] == 0
+    allm = m["metrics"]["all"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "per_class",
+                "confusion_matrix", "roc_auc_ovr", "log_loss", "brier", "ece", "ece_uncalibrated"):
+        assert key in allm
+    assert np.sum(allm["confusion_matrix"]) == n_test
+    # predictions.parquet agrees with metrics.json
+    t = table.to_pydict()
+    assert np.mean(np.array(t["predicted_label"]) == np.array(t["true_label"])) == pytest.approx(allm["accuracy"])
+    probs = np.stack([t[f"prob_{c}"] for c in m["model"]["classes"]], 1)
+    assert np.allclose(probs.sum(1), 1) and np.allclose(probs.max(1), t["confidence"])
+    assert t["abstained"] == [c < 0.5 for c in t["confidence"]]
+    assert {a for a in t["advice"]} <= {"", "refer to a radiologist"}
+    assert m["selective"]["chosen"]["referred"] == sum(t["abstained"])
+    # calibration fitted on the val split (no calibration.json yet), ECE before and after
+    assert m["calibration"]["source"].startswith("fitted now on the val split")
+    assert m["calibration"]["temperature"] > 0 and m["calibration"]["fit"]["n"] > 0
+    # leakage: compared with train and val, metrics twice
+    leak = m["leakage"]
+    assert leak["available"] and leak["compared_with_splits"] == ["train", "val"]
+    assert leak["exact_duplicates"] == 0  # ingest never lets identical bytes straddle splits
+    clean = m["metrics"]["without_training_duplicates"]
+    assert clean["n"] == n_test - leak["removed"]
+    check_html(html)
+    for section in ("Leakage check", "Calibration", "Abstention", "Grad-CAM", "Training history",
+                    "Most confident mistakes", m["data"]["version"]):
+        assert section in html
+    assert not (open_location(trained["model"]) / "calibration.json").exists()  # evaluate saved none
+
+
+def test_calibrate_then_report_on_a_local_folder_with_bad_files(trained, tmp_path):
+    rec = fit_temperature(trained["model"])
+    cal_file = open_location(trained["model"]) / "calibration.json"
+    assert cal_file.exists() and cal_file.read_json()["temperature"] == rec["temperature"]
+    folder, good, expected = kaggle_folder(tmp_path / "folder")
+    res = evaluate(trained["model"], str(folder), str(tmp_path / "out"))
+    m, html, table = read_report(res.report_uri)
+    assert res.report_uri.split("/")[-1].startswith("folder-")
+    assert m["counts"]["evaluated"] == good == table.num_rows
+    assert m["counts"]["rejected_by_reason"] == expected
+    assert m["calibration"]["source"] == f"from {cal_file.uri}"
+    assert m["calibration"]["temperature"] == pytest.approx(rec["temperature"])
+    rejects = (open_location(res.report_uri) / "rejects.csv").read_bytes().decode()
+    assert "meningioma/empty.jpg,empty_file" in rejects and "readme.txt,outside_known_class" in rejects
+    check_html(html)
+    # the Ray pipeline and in-process prediction agree image by image
+    pred = Predictor(trained["model"])
+    rows = list(pred.predict_paths([str(folder / p) for p in table.column("path").to_pylist()]))
+    ray_probs = np.stack([table.column(f"prob_{c}").to_numpy() for c in pred.ref.classes], 1)
+    local_probs = np.array([[r.probabilities[c] for c in pred.ref.classes] for r in rows])
+    assert np.allclose(ray_probs, local_probs, atol=1e-5)
+
+
+def test_report_on_an_s3_folder_written_to_s3(trained, s3_bucket, tmp_path):
+    folder, good, expected = kaggle_folder(tmp_path / "folder", per_class=2, offset=300)
+    src = open_location(f"s3://{s3_bucket}/incoming")
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            (src / str(f.relative_to(folder))).write_bytes(f.read_bytes())
+    res = evaluate(trained["model"], src.uri, f"s3://{s3_bucket}/lake", abstain_below=0.9)
+    assert res.report_uri.startswith(f"s3://{s3_bucket}/lake/reports/")
+    m, html, table = read_report(res.report_uri)
+    assert m["counts"]["evaluated"] == good == table.num_rows
+    assert m["counts"]["rejected_by_reason"] == expected
+    assert m["data"]["uri"] == src.uri
+    assert m["selective"]["chosen"]["threshold"] == 0.9
+    assert sum(table.column("abstained").to_pylist()) == m["selective"]["chosen"]["referred"]
+    check_html(html)

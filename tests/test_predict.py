@@ -1,0 +1,159 @@
+"""`brainmri predict` and `brainmri calibrate` with a tiny model fitted here on real scans
+(plain PyTorch, seconds): one row per input in order, error rows that do not stop the
+others, exit statuses, calibration tied to the weights, local files, folders and S3 URIs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from brainmri.calibration import load_calibration
+from brainmri.checkpoints import build_model, load_model_state
+from brainmri.cli import main
+from brainmri.inference import REFER, open_model, softmax
+from brainmri.predict import Predictor
+from brainmri.storage import open_location
+from brainmri.transforms import preprocess, to_model_input
+from conftest import CLASSES, REPO
+from _tiny import SIZE, kaggle_folder, small_lake, train_inprocess
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two torch threads on a shared 2-core machine spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    lake, version = small_lake(root, per_class=8)
+    folder, good, _ = kaggle_folder(root / "folder", per_class=2)
+    return {"uri": train_inprocess(lake, version), "folder": folder, "good": good, "root": root}
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def direct_probs(model_uri: str, path, temperature: float = 1.0) -> np.ndarray:
+    """The reference: the network applied by hand to one file."""
+    net = build_model(load_model_state(model_uri))
+    x = torch.from_numpy(preprocess(open(path, "rb").read(), SIZE))[None]
+    with torch.no_grad():
+        return softmax(net(to_model_input(x)).numpy(), temperature)[0]
+
+
+def test_files_folders_and_failures_in_input_order(model, capsys):
+    folder = model["folder"]
+    good = sorted((folder / CLASSES[0]).glob("*.jpg"))
+    paths = [str(good[0]), str(folder / "nope.jpg"), str(folder / CLASSES[1]), str(good[1])]
+    assert main(["predict", *paths, "--model", model["uri"]]) == 1  # some failed
+    rows = jsonl(capsys.readouterr().out)
+    menin = sorted(p.name for p in (folder / CLASSES[1]).iterdir())
+    assert [r["path"].split("/")[-1] for r in rows] == [good[0].name, "nope.jpg", *menin, good[1].name]
+    by_name = {r["path"].split("/")[-1]: r for r in rows}
+    assert by_name["nope.jpg"] == {"path": paths[1], "ok": False, "error": "not_found",
+                                   "detail": "no such file, folder or object"}
+    assert by_name["empty.jpg"]["error"] == "empty_file" and not by_name["empty.jpg"]["ok"]
+    assert by_name["notes.jpg"]["error"] == "not_an_image"
+    for r in rows:
+        if r["ok"]:
+            p = r["probabilities"]
+            assert sum(p.values()) == pytest.approx(1.0) and list(p) == list(CLASSES)
+            assert r["class"] == max(p, key=p.get) and r["confidence"] == pytest.approx(max(p.values()))
+            assert r["abstained"] is False and r["advice"] == ""
+    ref = direct_probs(model["uri"], good[0])
+    assert [by_name[good[0].name]["probabilities"][c] for c in CLASSES] == pytest.approx(ref, abs=1e-6)
+    # only good files: exit 0
+    assert main(["predict", str(good[0]), str(good[1]), "--model", model["uri"]]) == 0
+
+
+def test_csv_output_file_and_abstention(model, tmp_path):
+    out = tmp_path / "preds.csv"
+    folder = model["folder"]
+    rc = main(["predict", str(folder), "--model", model["uri"], "--format", "csv",
+               "--output", str(out), "--abstain-below", "1.0"])
+    assert rc == 1  # the folder holds bad files
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert list(rows[0]) == ["path", "ok", "class", "confidence", *[f"prob_{c}" for c in CLASSES],
+                             "abstained", "advice", "error", "detail"]
+    ok = [r for r in rows if r["ok"] == "True"]
+    assert len(ok) == model["good"]
+    # every prediction is below 1.0: all flagged for a radiologist, none hidden
+    assert all(r["abstained"] == "True" and r["advice"] == REFER for r in ok)
+    bad = {r["path"].split("/")[-1]: r["error"] for r in rows if r["ok"] == "False"}
+    # hidden files inside a folder are skipped, like ingest; readme.txt is no image
+    assert bad == {"empty.jpg": "empty_file", "notes.jpg": "not_an_image",
+                   "truncated.jpg": "corrupt_or_truncated", "readme.txt": "not_an_image"}
+    rows0 = Predictor(model["uri"], abstain_below=0.0).predict(
+        [("x.jpg", (folder / CLASSES[0]).glob("*.jpg").__next__().read_bytes())])
+    assert rows0[0].ok and not rows0[0].abstained
+
+
+def test_calibrate_writes_calibration_json_and_predict_uses_it(model, capsys):
+    assert main(["calibrate", "--model", model["uri"]]) == 0
+    assert "T = " in capsys.readouterr().out
+    ref = open_model(model["uri"])
+    cal = load_calibration(ref)
+    assert cal and cal["model_sha256"] == ref.sha256 and cal["fitted_on"]["split"] == "val"
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    img = sorted((model["folder"] / CLASSES[2]).glob("*.jpg"))[0]
+    rows = list(Predictor(model["uri"]).predict_paths([str(img)]))
+    expected = direct_probs(model["uri"], img, cal["temperature"])
+    assert [rows[0].probabilities[c] for c in CLASSES] == pytest.approx(expected, abs=1e-6)
+    # a calibration written for other weights is ignored, not applied
+    stale = dict(cal, model_sha256="0" * 64, temperature=50.0)
+    ref.calibration_file.write_json(stale)
+    assert load_calibration(ref) is None and Predictor(model["uri"]).temperature == 1.0
+    ref.calibration_file.write_json(cal)
+
+
+def test_usage_and_configuration_errors_exit_2(model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "x.jpg", "--model", model["uri"], "--abstain-below", "1.5"])
+    assert e.value.code == 2
+    assert main(["predict", "x.jpg", "--model", str(tmp_path / "no-model")]) == 2
+    assert "error: no model or checkpoint" in capsys.readouterr().err
+    not_a_model = tmp_path / "junk.pt"
+    not_a_model.write_bytes(b"not a checkpoint")
+    assert main(["predict", "x.jpg", "--model", str(not_a_model)]) == 2
+    assert "is not a brainmri model" in capsys.readouterr().err
+
+
+def test_s3_objects_and_prefixes(model, s3_bucket, capsys):
+    img = sorted((model["folder"] / CLASSES[3]).glob("*.jpg"))[0]
+    base = open_location(f"s3://{s3_bucket}/scans")
+    (base / "a" / img.name).write_bytes(img.read_bytes())
+    (base / "a" / "broken.jpg").write_bytes(img.read_bytes()[:500])
+    rc = main(["predict", f"{base.uri}/a/{img.name}", f"{base.uri}/a", f"{base.uri}/missing.jpg",
+               "--model", model["uri"]])
+    rows = jsonl(capsys.readouterr().out)
+    assert rc == 1
+    # the prefix lists "Tr-..." before "broken.jpg" (byte order, as S3 does)
+    assert [(r["path"].split("/")[-1], r["ok"]) for r in rows] == [
+        (img.name, True), (img.name, True), ("broken.jpg", False), ("missing.jpg", False)]
+    assert rows[2]["error"] == "corrupt_or_truncated" and rows[3]["error"] == "not_found"
+    assert rows[0]["probabilities"] == pytest.approx(rows[1]["probabilities"])
+
+
+def test_the_installed_command_exits_1_when_a_file_fails(model):
+    img = sorted((model["folder"] / CLASSES[0]).glob("*.jpg"))[0]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "brainmri.cli", "predict", str(img),
+                        str(model["folder"] / CLASSES[1] / "empty.jpg"), "--model", model["uri"]],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert r.returncode == 1, r.stderr
+    rows = jsonl(r.stdout)
+    assert [x["ok"] for x in rows] == [True, False] and "Traceback" not in r.stderr
