@@ -41,12 +41,13 @@ def latest_version(store: Location, name: str) -> Location:
 def resolve_dataset(uri: str, name: str | None = None) -> tuple[Location, dict]:
     """URI of a version folder, of a dataset folder (-> latest), or of a store + name."""
     loc = open_location(uri, check=True)
+    versions = [] if (loc / MANIFEST).exists() else complete_versions(loc)
     if (loc / MANIFEST).exists():
         pass
-    elif name:
+    elif versions:  # a dataset folder: its latest complete version
+        loc = loc / versions[-1][1]
+    elif name:  # a store: datasets/<name>/<latest>
         loc = latest_version(loc, name)
-    elif loc.exists() and any((loc / v / MANIFEST).exists() for v in loc.listdir()):
-        loc = loc / complete_versions(loc)[-1][1]
     else:
         raise StorageError(f"{loc.uri} is not a complete dataset version (no {MANIFEST}) "
                            "nor a dataset folder holding one (for a store, give the dataset name)")
