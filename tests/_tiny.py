@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 import torch
 
@@ -88,3 +89,12 @@ def kaggle_folder(dest: Path, per_class: int = 3, offset: int = 200) -> tuple[Pa
     expected = {"empty_file": 1, "not_an_image": 1, "corrupt_or_truncated": 1,
                 "hidden_or_system_file": 1, "outside_known_class_folder": 1}
     return dest, good, expected
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two torch threads on a shared 2-core machine spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,19 +21,10 @@ from brainmri.predict import Predictor
 from brainmri.sources import _classify_keys, open_source
 from brainmri.storage import StorageError, open_location
 from brainmri.train import run_training
-from _tiny import kaggle_folder, small_lake
+from _tiny import kaggle_folder, one_thread, small_lake  # noqa: F401 (autouse fixture)
 
 CLASSES3 = ["a", "b", "c"]
 CLASSES4 = ("glioma", "meningioma", "notumor", "pituitary")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on a shared 2-core machine spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- metrics, by hand ------------------------------------------------------------------------

@@ -23,16 +23,7 @@ from brainmri.predict import Predictor
 from brainmri.storage import open_location
 from brainmri.transforms import preprocess, to_model_input
 from conftest import CLASSES, REPO
-from _tiny import SIZE, kaggle_folder, small_lake, train_inprocess
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on a shared 2-core machine spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _tiny import SIZE, kaggle_folder, one_thread, small_lake, train_inprocess  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
