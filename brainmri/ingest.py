@@ -86,10 +86,25 @@ def _is_hidden(parts: list[str]) -> bool:
     return any(p.startswith(".") or p.lower() in SYSTEM_FILES for p in parts)
 
 
+def place(rel: str, classes: list[str]) -> tuple[str, int, str, str]:
+    """Where a SOURCE-relative path belongs, by the Kaggle layout alone:
+    (source_split, label, reject_reason, detail); label is -1 when rejected.
+    Shared by ingest (local walk) and evaluation of S3 folders (object keys)."""
+    parts = rel.split("/")
+    if _is_hidden(parts):
+        return "", -1, im.HIDDEN, ""
+    split = ""
+    if parts[0].lower() in SPLIT_DIRS:
+        split, parts = SPLIT_DIRS[parts[0].lower()], parts[1:]
+    class_of = {c.lower(): i for i, c in enumerate(classes)}
+    if len(parts) < 2 or parts[0].lower() not in class_of:
+        return split, -1, im.UNKNOWN_CLASS, f"expected <class>/{parts[-1]} with class in {classes}"
+    return split, class_of[parts[0].lower()], "", ""
+
+
 def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
     """Every entry under root, classified by place; image checks come later."""
     root = os.path.realpath(root)
-    class_of = {c.lower(): i for i, c in enumerate(classes)}
     records = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
@@ -104,9 +119,9 @@ def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             rec = FileRecord(path=rel)
             records.append(rec)
-            parts = rel.split("/")
-            if _is_hidden(parts):
-                rec.status, rec.reason = "rejected", im.HIDDEN
+            split, label, reason, detail = place(rel, classes)
+            if reason == im.HIDDEN:  # before touching the file: never follow a hidden link
+                rec.status, rec.reason = "rejected", reason
                 continue
             if os.path.islink(full):
                 target = os.path.realpath(full)
@@ -121,13 +136,10 @@ def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
             elif not os.path.isfile(full):
                 rec.status, rec.reason = "rejected", im.NOT_REGULAR
                 continue
-            if parts[0].lower() in SPLIT_DIRS:
-                rec.source_split, parts = SPLIT_DIRS[parts[0].lower()], parts[1:]
-            if len(parts) < 2 or parts[0].lower() not in class_of:
-                rec.status, rec.reason = "rejected", im.UNKNOWN_CLASS
-                rec.detail = f"expected <class>/{parts[-1]} with class in {classes}"
-                continue
-            rec.label = class_of[parts[0].lower()]
+            rec.source_split = split
+            if reason:
+                rec.status, rec.reason, rec.detail = "rejected", reason, detail
+            rec.label = label
     return records
 
 

@@ -21,7 +21,7 @@ from . import images as im
 from .config import IngestConfig
 from .datasets import MANIFEST, SPLITS, manifest_hash, split_files
 from .inference import load_folder_batch, prepare_dataset_batch
-from .ingest import SPLIT_DIRS, _is_hidden, walk_source
+from .ingest import place, walk_source
 from .storage import Location, StorageError, open_location
 
 DATASET_COLUMNS = ["image", "label", "path", "sha256", "phash"]
@@ -118,21 +118,15 @@ def _folder_source(loc: Location, classes: list[str]) -> Source:
 
 
 def _classify_keys(keys: list[str], classes: list[str]):
-    """ingest.walk_source's placement rules for object keys (S3 has no symlinks or special
-    files): hidden/system files and files outside a known class folder are rejected."""
-    class_of = {c.lower(): i for i, c in enumerate(classes)}
+    """ingest's placement rules (`ingest.place`) for object keys: S3 has no symlinks or
+    special files, so place() is the whole check."""
     files, rejects = [], []
     for rel in sorted(keys):
-        parts = rel.split("/")
-        if _is_hidden(parts):
-            rejects.append((rel, im.HIDDEN, ""))
-            continue
-        if parts[0].lower() in SPLIT_DIRS:
-            parts = parts[1:]
-        if len(parts) < 2 or parts[0].lower() not in class_of:
-            rejects.append((rel, im.UNKNOWN_CLASS, f"expected <class>/{parts[-1]} with class in {classes}"))
-            continue
-        files.append((rel, class_of[parts[0].lower()]))
+        _, label, reason, detail = place(rel, classes)
+        if reason:
+            rejects.append((rel, reason, detail))
+        else:
+            files.append((rel, label))
     return files, rejects
 
 

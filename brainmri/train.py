@@ -226,7 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 run = open_location(config["run_uri"])
                 (run / "history.json").write_json(history)
-            ray.train.report({key: v for key, v in metrics.items()}, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint)
         if stop:
             break
 
