@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, IngestConfig, TrainConfig, load_config
+from .config import ConfigError, IngestConfig, TrainConfig, TuneConfig, load_config
 from .storage import StorageError
 
 
@@ -16,13 +16,20 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config key (repeatable), e.g. --set seed=1")
 
 
+def _overrides(a, keys: tuple[str, ...]) -> list[str]:
+    """--set items plus every given flag among `keys`, as key=value overrides."""
+    return list(a.overrides) + [f"{k}={getattr(a, k)}" for k in keys if getattr(a, k) is not None]
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset version URI, dataset folder, or store URI (default ./lake)")
+    p.add_argument("--dataset", help="dataset name when --data is a store (default brain-tumor-mri)")
+
+
 def cmd_ingest(a) -> int:
     from .ingest import ingest
 
-    overrides = list(a.overrides)
-    for key in ("name", "seed", "val_fraction", "test_fraction", "workers"):
-        if getattr(a, key) is not None:
-            overrides.append(f"{key}={getattr(a, key)}")
+    overrides = _overrides(a, ("name", "seed", "val_fraction", "test_fraction", "workers"))
     cfg = load_config(IngestConfig, a.config, overrides)
     res = ingest(a.source, a.dest, cfg)
     m = res.manifest
@@ -42,11 +49,8 @@ def cmd_ingest(a) -> int:
 def cmd_train(a) -> int:
     from .train import run_training
 
-    overrides = list(a.overrides)
-    for key in ("data", "dataset", "out", "name", "model", "epochs", "batch_size", "lr",
-                "image_size", "num_workers", "seed", "limit_train", "limit_val"):
-        if getattr(a, key) is not None:
-            overrides.append(f"{key}={getattr(a, key)}")
+    overrides = _overrides(a, ("data", "dataset", "out", "name", "model", "epochs", "batch_size",
+                               "lr", "image_size", "num_workers", "seed", "limit_train", "limit_val"))
     if a.gpu:
         overrides.append("gpu=true")
     cfg = load_config(TrainConfig, a.config, overrides)
@@ -57,6 +61,50 @@ def cmd_train(a) -> int:
           f"glioma recall {b.get('val_recall_glioma', float('nan')):.4f}")
     if res.model_uri:
         print(f"published model {res.model_uri}")
+    return 0
+
+
+def cmd_tune(a) -> int:
+    from .tune import run_search
+
+    overrides = _overrides(a, ("data", "dataset", "out", "space", "name", "num_samples",
+                               "max_concurrent", "epochs", "workers_per_trial", "seed",
+                               "grace_period", "limit_train", "limit_val"))
+    if a.gpu:
+        overrides.append("gpu=true")
+    if a.no_evaluate:
+        overrides.append("evaluate=false")
+    res = run_search(load_config(TuneConfig, a.config, overrides))
+    print(f"search {res.experiment_uri}: {len(res.leaderboard)} trials in {res.seconds / 60:.1f} min")
+    for r in res.leaderboard[:5]:
+        f1 = r["best_val_macro_f1"]
+        print(f"  {r['rank']}. {r['trial']:<28} {r['status']:<26} val macro-F1 "
+              f"{'n/a' if f1 is None else f'{f1:.4f}'} ({r['epochs_run']} epochs, {r['wall_s']:.0f} s)")
+    if res.model_uri:
+        print(f"published model {res.model_uri}")
+    if res.report_uri:
+        print(f"test report {res.report_uri}/report.html")
+    print(f"leaderboard {res.experiment_uri}/leaderboard.html")
+    return 0
+
+
+def cmd_retrain(a) -> int:
+    from .retrain import RetrainConfig, retrain
+
+    overrides = _overrides(a, ("store", "dataset", "incoming", "recipe", "champion",
+                               "tolerance_macro_f1", "tolerance_glioma_recall", "lock_ttl_min",
+                               "wait_lock_s")) + [f"train.{kv}" for kv in a.train]
+    d = retrain(load_config(RetrainConfig, a.config, overrides))
+    print(f"retrain: {d.action}: {d.reason}")
+    if d.record:
+        r = d.record
+        ch = r["challenger"]["test"]
+        print(f"challenger {r['challenger']['model']}: test macro-F1 {ch['macro_f1']:.4f}, "
+              f"glioma recall {ch['glioma_recall']:.4f} on {ch['n']} frozen test images")
+        if r["champion"]:
+            cp = r["champion"]["test"]
+            print(f"champion   {r['champion']['model']}: test macro-F1 {cp['macro_f1']:.4f}, "
+                  f"glioma recall {cp['glioma_recall']:.4f}")
     return 0
 
 
@@ -128,8 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("train", help="train a CNN with Ray Train (DDP) on a dataset version")
-    p.add_argument("--data", help="dataset version URI, dataset folder, or store URI (default ./lake)")
-    p.add_argument("--dataset", help="dataset name when --data is a store (default brain-tumor-mri)")
+    _data_args(p)
     p.add_argument("--out", help="storage URI for runs/ and models/ (default ./lake)")
     p.add_argument("--name", help="run name; re-running with the same name resumes it")
     p.add_argument("--model", help="model name from the registry (default brainnet)")
@@ -144,6 +191,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-val", type=int, help="use only N validation images (quick runs)")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search architectures and hyperparameters with Ray Tune (ASHA); "
+                       "publish and evaluate the winner")
+    _data_args(p)
+    p.add_argument("--out", help="storage URI; results go to OUT/tune/<name>/ (default ./lake)")
+    p.add_argument("--space", help="search-space YAML (default configs/tune-cpu.yaml)")
+    p.add_argument("--name", help="experiment name; re-running with the same name resumes the search")
+    p.add_argument("--num-samples", type=int, help="trials to sample from the space (default 8)")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trials at once (default 0 = as many as fit, leaving CPU for Ray Data)")
+    p.add_argument("--epochs", type=int, help="max epochs per trial, ASHA's max_t (default: the space's)")
+    p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default 2)")
+    p.add_argument("--workers-per-trial", type=int, help="DDP workers in each trial (default 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per train worker")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--no-evaluate", action="store_true",
+                   help="publish the winner but skip its test-split evaluation report")
+    p.add_argument("--limit-train", type=int, help="use only N training images per trial (quick looks)")
+    p.add_argument("--limit-val", type=int, help="use only N validation images per trial")
+    _config_args(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("retrain", help="scheduled retraining: new data -> challenger -> promoted "
+                       "only if not worse than the champion on the frozen test set")
+    p.add_argument("--store", help="storage URI with datasets/, models/ and retrain/ (default ./lake)")
+    p.add_argument("--dataset", help="dataset name (default brain-tumor-mri)")
+    p.add_argument("--incoming", help="raw scans in class folders (local or s3://); without it, "
+                   "a newer dataset version in the store counts as new data")
+    p.add_argument("--recipe", help="TrainConfig YAML for challengers (default: the champion's recipe)")
+    p.add_argument("--champion", help="bootstrap from this published model when there is no champion yet")
+    p.add_argument("--tolerance-macro-f1", type=float, help="allowed macro-F1 drop (default 0.01)")
+    p.add_argument("--tolerance-glioma-recall", type=float, help="allowed glioma-recall drop (default 0.02)")
+    p.add_argument("--lock-ttl-min", type=float, help="lease length; a dead holder's lease expires (default 360)")
+    p.add_argument("--wait-lock-s", type=float,
+                   help="wait this long for a running retrain, then exit 0 doing nothing (default 0)")
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one training key of the recipe (repeatable), e.g. --train epochs=20")
+    _config_args(p)
+    p.set_defaults(func=cmd_retrain)
 
     model_help = ("model version URI, models/<name> folder (its latest version), checkpoint "
                   "folder or .pt file")

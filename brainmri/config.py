@@ -37,6 +37,9 @@ class IngestConfig:
     shard_mb: int = 32  # target Parquet shard size
     row_group_rows: int = 64  # rows per row group (Ray Data / pyarrow read granularity)
     workers: int = 0  # processes for decoding and hashing; 0 = all cores
+    # a dataset version whose test split stays test here (with its near duplicates), so models
+    # trained on this version can be compared on that frozen test set without leakage
+    frozen_test: str = ""
 
     def validate(self) -> None:
         if not self.classes or len(set(self.classes)) != len(self.classes):
@@ -80,6 +83,7 @@ class TrainConfig:
     class_weighting: bool = True  # inverse-frequency class weights in the loss
     aug_strength: float = 1.0  # 0 disables random augmentation
     patience: int = 10  # early stopping: epochs without val macro-F1 gain (0 = off)
+    time_budget_min: float = 0.0  # stop after the epoch that crosses this many minutes (0 = off)
     seed: int = 0
     num_workers: int = 2  # data-parallel train workers (DDP)
     gpu: bool = False  # one GPU per worker, mixed precision, channels-last
@@ -100,8 +104,36 @@ class TrainConfig:
             raise ConfigError("image_size >= 32, epochs >= 1, batch_size >= 1, num_workers >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
             raise ConfigError("lr > 0, weight_decay >= 0, label_smoothing in [0, 1)")
-        if self.aug_strength < 0 or self.warmup_epochs < 0 or self.patience < 0:
-            raise ConfigError("aug_strength, warmup_epochs and patience must be >= 0")
+        if min(self.aug_strength, self.warmup_epochs, self.patience, self.time_budget_min) < 0:
+            raise ConfigError("aug_strength, warmup_epochs, patience and time_budget_min must be >= 0")
+
+
+@dataclass
+class TuneConfig:
+    """How `brainmri tune` searches. What is searched lives in the space file (`space`)."""
+
+    data: str = "./lake"  # as TrainConfig.data
+    dataset: str = "brain-tumor-mri"
+    out: str = "./lake"  # results under tune/<name>/, the winner under models/ and reports/
+    space: str = "configs/tune-cpu.yaml"  # search-space YAML (local path or storage URI)
+    name: str = ""  # experiment name; re-running with the same name resumes. Default: tune-<time>
+    num_samples: int = 8  # trials, sampled up front (seeded) so a resumed search runs the same ones
+    max_concurrent: int = 0  # 0 = as many as fit beside Ray Data's share of the CPUs/GPUs
+    epochs: int = 0  # max epochs per trial (ASHA's max_t); 0 = the space's base or TrainConfig's
+    grace_period: int = 2  # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = 2  # ASHA keeps the top 1/reduction_factor at each rung
+    workers_per_trial: int = 1  # DDP workers in each trial's TorchTrainer
+    gpu: bool = False  # one GPU per train worker
+    seed: int = 0  # sampling seed (each trial's training seed is in its params)
+    evaluate: bool = True  # evaluate the published winner on the dataset's test split
+    limit_train: int = 0  # per trial, as TrainConfig (tests, quick looks)
+    limit_val: int = 0
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 0 or self.workers_per_trial < 1:
+            raise ConfigError("num_samples >= 1, max_concurrent >= 0, workers_per_trial >= 1")
+        if self.epochs < 0 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError("epochs >= 0, grace_period >= 1, reduction_factor >= 2")
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,8 +189,10 @@ def _set(rec: FileRecord, info, reason, detail) -> None:
 
 
 # -- pass 2: duplicates, groups, split -------------------------------------------------------
-def group_and_split(records: list[FileRecord], cfg: IngestConfig) -> dict:
-    """Mark exact duplicates, form duplicate groups, assign every group to one split."""
+def group_and_split(records: list[FileRecord], cfg: IngestConfig,
+                    frozen: frozenset[str] = frozenset()) -> dict:
+    """Mark exact duplicates, form duplicate groups, assign every group to one split.
+    Groups touching `frozen` (sha256 of a frozen test split) go to test."""
     cands = [r for r in records if r.status == "pending"]
     # Exact duplicates: keep one file per (bytes, label); prefer a Testing copy so the
     # official test set stays whole, then the first path.
@@ -245,9 +247,13 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig) -> dict:
     has_testing = any(r.source_split == "Testing" for r in kept)
     rng = np.random.default_rng(cfg.seed)
     by_class: dict[int, list] = defaultdict(list)
+    frozen_count: Counter = Counter()
     for gid, members in group_list:
         if any(m.source_split == "Testing" for m in members):
             split = "test"
+        elif any(m.info.sha256 in frozen for m in members):
+            split = "test"  # counts toward its class's test share below
+            frozen_count[Counter(m.label for m in members).most_common(1)[0][0]] += len(members)
         else:
             split = ""
             label = Counter(m.label for m in members).most_common(1)[0][0]
@@ -257,10 +263,10 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig) -> dict:
     for label in sorted(by_class):
         glist = by_class[label]
         order = rng.permutation(len(glist))
-        total = sum(len(g[1]) for g in glist)
+        total = sum(len(g[1]) for g in glist) + frozen_count[label]
         want = {"test": 0 if has_testing else round(cfg.test_fraction * total),
                 "val": round(cfg.val_fraction * total)}
-        got = {"test": 0, "val": 0}
+        got = {"test": frozen_count[label], "val": 0}
         for k in order:
             _, members = glist[k]
             split = next((s for s in ("test", "val") if got[s] < want[s]), "train")
@@ -275,7 +281,8 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig) -> dict:
 # -- pass 3: write -----------------------------------------------------------------------------
 def _version_id(records: list[FileRecord], cfg: IngestConfig) -> str:
     h = hashlib.sha256()
-    params = {k: v for k, v in to_dict(cfg).items() if k != "workers"}
+    params = {k: v for k, v in to_dict(cfg).items()
+              if k != "workers" and not (k == "frozen_test" and not v)}  # ids of older versions stay
     h.update(json.dumps(params, sort_keys=True).encode())
     for r in sorted(records, key=lambda r: r.path):
         if r.status == "accepted":
@@ -355,6 +362,20 @@ def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
     return buf.getvalue().encode()
 
 
+def frozen_test_hashes(uri: str) -> frozenset[str]:
+    """sha256 of every image in the test split of the dataset version at `uri`."""
+    import pyarrow.parquet as pq
+
+    from .datasets import resolve_dataset, split_files
+
+    version, manifest = resolve_dataset(uri)
+    out: set[str] = set()
+    for f in split_files(version, manifest, "test"):
+        with version.fs.open_input_file(f) as fh:
+            out.update(pq.read_table(fh, columns=["sha256"]).column("sha256").to_pylist())
+    return frozenset(out)
+
+
 def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestResult:
     cfg = cfg or IngestConfig()
     cfg.validate()
@@ -365,9 +386,10 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
     store = open_location(dest, check=True)  # fail fast, before any work
 
     root = os.path.realpath(source)
+    frozen = frozen_test_hashes(cfg.frozen_test) if cfg.frozen_test else frozenset()
     records = walk_source(root, cfg.classes)
     inspect_all(root, records, cfg)
-    grouping = group_and_split(records, cfg)
+    grouping = group_and_split(records, cfg, frozen)
     version = _version_id(records, cfg)
     out = dataset_root(store, cfg.name) / version
     if (out / MANIFEST).exists():

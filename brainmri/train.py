@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
                              use_amp=cfg.gpu)
         vm = M.from_confusion(cm.numpy(), classes)
         metrics = {
-            "epoch": epoch, "train_loss": tr[0].item() / max(1, tr[2].item()),
+            "epoch": epoch, "epochs_done": epoch + 1, "train_loss": tr[0].item() / max(1, tr[2].item()),
             "train_accuracy": tr[1].item() / max(1, tr[2].item()), "train_images": int(tr[2].item()),
             "val_loss": vloss.item() / max(1, vm["n"]), "lr": scheduler.get_last_lr()[0],
             "epoch_seconds": time.time() - t0, "train_images_per_s": tr[2].item() / t_train,
@@ -205,7 +205,11 @@ def train_loop_per_worker(config: dict) -> None:
         best, bad = (metrics[METRIC], 0) if improved else (best, bad + 1)
         metrics["best_val_macro_f1"] = best
         history.append({key: v for key, v in metrics.items() if key != "val_confusion"})
-        stop = cfg.patience > 0 and bad >= cfg.patience
+        # the time budget counts training seconds across resumes; ranks' clocks differ, so they
+        # agree on stopping through an all-reduce (one rank leaving early would hang the rest)
+        spent = sum(h["epoch_seconds"] for h in history) / 60
+        over = _allreduce(torch.tensor([float(cfg.time_budget_min > 0 and spent >= cfg.time_budget_min)]))
+        stop = (cfg.patience > 0 and bad >= cfg.patience) or over.item() > 0
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:  # side effects on rank 0 only
@@ -226,7 +230,11 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 run = open_location(config["run_uri"])
                 (run / "history.json").write_json(history)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            # the worker group's placement group travels with the report: a Tune driver that
+            # stops this trial early removes it (Ray only reaps it where the State API works)
+            pg = ray.util.get_current_placement_group()
+            ray.train.report({**metrics, "placement_group": pg.id.hex() if pg else ""},
+                             checkpoint=checkpoint)
         if stop:
             break
 
@@ -256,6 +264,18 @@ def _resources(cfg: TrainConfig) -> dict:
         raise ConfigError(f"{cfg.num_workers} workers do not fit in {total:g} CPUs with one left "
                           "for data loading: use fewer workers or set cpus_per_worker")
     return {"CPU": per}
+
+
+def init_ray() -> None:
+    """Start (or join, under `ray job submit`) Ray; actors started from this driver (Tune
+    trials, Train controllers) get the non-secret S3 settings the driver resolved."""
+    import ray
+
+    if not ray.is_initialized():
+        # under `ray job submit` (RAY_ADDRESS set) the job's own runtime_env already applies
+        env = {} if os.environ.get("RAY_ADDRESS") else worker_env()
+        ray.init(log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": env} if env else None)
 
 
 def build_datasets(cfg: TrainConfig, version, manifest) -> dict:
@@ -299,8 +319,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
     name, version, manifest, out = prepare(cfg)
     cfg.name = name
     classes = manifest["classes"]
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
+    init_ray()
 
     runs = storage or (out / "runs")
     run = runs / name

@@ -74,7 +74,8 @@ def ray_local(s3_server):
     cluster's processes inherit its credentials, as a real cluster's nodes have theirs."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # address="local": always a new cluster, never one a `ray start` left on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

@@ -1,0 +1,489 @@
+"""Architecture and hyperparameter search with Ray Tune over the same training code.
+
+    space YAML --sample (seeded)--> N trial configs --Tuner(grid over them, ASHA)-->
+      each trial: run_training(TrainConfig) = its own TorchTrainer + TuneReportCallback
+    --> tune/<experiment>/leaderboard.{csv,md,html}, search.png, summary.json
+    --> the best trial's best checkpoint published to models/, evaluated on the test split
+
+A space file has two sections; `base` fixes TrainConfig keys for every trial, `space` samples:
+
+    base: {epochs: 6, image_size: 128}
+    space:
+      model:                       # conditional: each family brings its own parameters
+        brainnet: {model_args.width: [24, 32, 48], model_args.kernel: [3, 5]}
+        resnet18: {}
+      lr: {loguniform: [0.001, 0.01]}
+      batch_size: [32, 64]         # a list is a choice
+      aug_strength: {uniform: [0.5, 1.5]}
+
+Trials are sampled up front from `seed` and handed to Tune as a grid, so the leaderboard
+names exactly what ran and a resumed search (`Tuner.restore`) runs the same trials. Each
+trial's Train run lives in tune/<experiment>/runs/<trial>/ and, like `brainmri train`,
+resumes from its latest checkpoint when the search is restarted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, fields
+
+import yaml
+
+from .config import ConfigError, TrainConfig, TuneConfig, from_dict, to_dict
+from .storage import Location, check_name, open_location
+
+METRIC = "val_macro_f1"
+# keys a search may not touch: where data and results live, and how a trial is scheduled
+FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "gpu", "cpus_per_worker",
+         "limit_train", "limit_val"}
+DOMAINS = ("choice", "uniform", "loguniform", "randint")
+
+
+# -- the search space ----------------------------------------------------------------------
+def load_space(uri: str) -> tuple[dict, dict]:
+    """Read and validate a space file -> (base, space)."""
+    try:
+        text = open_location(uri).read_bytes().decode()
+    except (FileNotFoundError, OSError):
+        raise ConfigError(f"search space file {uri} not found") from None
+    doc = yaml.safe_load(text) or {}
+    if not isinstance(doc, dict) or set(doc) - {"base", "space"}:
+        raise ConfigError(f"{uri}: a space file holds only 'base' and 'space' mappings")
+    base, space = doc.get("base") or {}, doc.get("space") or {}
+    if not isinstance(base, dict) or not isinstance(space, dict) or not space:
+        raise ConfigError(f"{uri}: 'space' must be a non-empty mapping ('base' a mapping)")
+    known = {f.name for f in fields(TrainConfig)}
+    for key in base:
+        _check_key(key, known, "base")
+    for key, dom in space.items():
+        if key == "model":
+            _check_models(dom)
+        else:
+            _check_key(key, known, "space")
+            _check_domain(dom, f"space.{key}")
+    from_dict(TrainConfig, _nest({k: v for k, v in base.items() if k not in FIXED}))
+    return base, space
+
+
+def _check_key(key: str, known: set, where: str) -> None:
+    top = key.split(".", 1)[0]
+    if top not in known or (key != top and top != "model_args"):
+        raise ConfigError(f"unknown key {where}.{key}; known: {', '.join(sorted(known))} "
+                          "(and model_args.<argument>)")
+    if where != "base" and top in FIXED:
+        raise ConfigError(f"{where}.{key} cannot be searched (set it on the command line)")
+
+
+def _check_models(dom) -> None:
+    from .models import check_model_name
+
+    if isinstance(dom, str):
+        dom = {dom: {}}
+    if isinstance(dom, list):
+        dom = {name: {} for name in dom}
+    if not isinstance(dom, dict) or not dom:
+        raise ConfigError("space.model: an empty choice (give a model name, a list of names, or "
+                          "a mapping family -> its parameters)")
+    known = {f.name for f in fields(TrainConfig)}
+    for name, sub in dom.items():
+        check_model_name(name)
+        if not isinstance(sub, dict):
+            raise ConfigError(f"space.model.{name}: expected a mapping of parameters")
+        for key, d in (sub or {}).items():
+            _check_key(key, known, f"space.model.{name}")
+            if key == "model":
+                raise ConfigError(f"space.model.{name}.model: nested model choice")
+            _check_domain(d, f"space.model.{name}.{key}")
+
+
+def _check_domain(dom, where: str) -> None:
+    if isinstance(dom, list):
+        if not dom:
+            raise ConfigError(f"{where}: an empty choice")
+        return
+    if not isinstance(dom, dict):
+        return  # a constant
+    if len(dom) != 1 or next(iter(dom)) not in DOMAINS:
+        raise ConfigError(f"{where}: expected a list (choice), a constant, or one of "
+                          f"{', '.join(DOMAINS)}: got {dom!r}")
+    (kind, arg), = dom.items()
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"{where}: an empty choice")
+        return
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)
+            and arg[0] < arg[1]):
+        raise ConfigError(f"{where}: {kind} needs [low, high] with low < high")
+    if kind == "loguniform" and arg[0] <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0")
+
+
+def _draw(dom, rng: random.Random):
+    if isinstance(dom, list):
+        return rng.choice(dom)
+    if not isinstance(dom, dict):
+        return dom
+    (kind, arg), = dom.items()
+    if kind == "choice":
+        return rng.choice(arg)
+    lo, hi = arg
+    if kind == "uniform":
+        return round(rng.uniform(lo, hi), 6)
+    if kind == "loguniform":
+        return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.4g}")
+    return rng.randrange(int(lo), int(hi))  # randint: [low, high)
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        if key.startswith("model_args."):
+            out.setdefault("model_args", {})[key.split(".", 1)[1]] = v
+        else:
+            out[key] = v
+    return out
+
+
+def sample_trials(space: dict, n: int, seed: int) -> list[dict]:
+    """n flat parameter dicts; a family's own parameters override shared ones of the same key."""
+    rng = random.Random(seed)
+    models = space.get("model")
+    if isinstance(models, str):
+        models = {models: {}}
+    elif isinstance(models, list):
+        models = {m: {} for m in models}
+    out = []
+    for _ in range(n):
+        p: dict = {}
+        family = rng.choice(sorted(models)) if models is not None else None
+        for key in sorted(k for k in space if k != "model"):
+            p[key] = _draw(space[key], rng)
+        if family:  # a family's own parameters win over the shared ones
+            p["model"] = family
+            for key in sorted(models[family] or {}):
+                p[key] = _draw(models[family][key], rng)
+        out.append({"model": p.pop("model"), **p} if family else p)
+    return out
+
+
+def trial_config(base: dict, params: dict, settings: TuneConfig, run_name: str) -> TrainConfig:
+    """The TrainConfig a trial trains with: defaults <- space base <- command line <- params."""
+    d = {k: v for k, v in base.items() if k not in FIXED}
+    d.update(params)
+    d = _nest(d)
+    d.update(data=settings.data, dataset=settings.dataset, out=settings.out, name=run_name,
+             publish=False, num_workers=settings.workers_per_trial, gpu=settings.gpu,
+             limit_train=settings.limit_train, limit_val=settings.limit_val)
+    if settings.epochs:
+        d["epochs"] = settings.epochs
+    return from_dict(TrainConfig, d)
+
+
+# -- one trial (runs inside a Tune trial actor) ------------------------------------------------
+def train_trial(config: dict, trials: dict, runs_uri: str) -> None:
+    """Tune function trainable: one `run_training` whose every epoch report reaches Tune
+    through TuneReportCallback (so ASHA can stop it), checkpoints in the experiment's runs/.
+    Tune's config holds only the trial id; its TrainConfig comes from `trials`."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import run_training
+
+    cfg = from_dict(TrainConfig, trials[config["trial"]])
+    run_training(cfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri))
+
+
+# -- the search (driver) -----------------------------------------------------------------------
+def _reaper():
+    """A Tune callback that removes the Train worker group's placement group of a trial Tune
+    has ended. When ASHA stops a trial, Tune kills its actor, which kills the trial's Train
+    controller before it can release its workers' placement group; Ray's own cleaner needs the
+    State API (dashboard, one Ray instance per host), so without this a laptop search leaks a
+    CPU per stopped trial and the next trial's data pipeline waits for it forever."""
+    import ray
+    from ray import tune
+    from ray.util.placement_group import PlacementGroup
+
+    class ReapPlacementGroups(tune.Callback):
+        def __init__(self):
+            self.pgs: dict[str, str] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("placement_group"):
+                self.pgs[trial.trial_id] = result["placement_group"]
+
+        def _reap(self, trial):
+            pg = self.pgs.pop(trial.trial_id, "")
+            if pg and ray.util.placement_group_table().get(pg, {}).get("state") not in (None, "REMOVED"):
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._reap(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._reap(trial)
+
+    return ReapPlacementGroups()
+
+
+@dataclass
+class TuneResult:
+    experiment_uri: str
+    leaderboard: list[dict]
+    best: dict | None
+    model_uri: str | None
+    report_uri: str | None
+    seconds: float
+
+
+def concurrency(settings: TuneConfig) -> tuple[int, float]:
+    """(trials at once, CPUs per train worker) so trials never starve each other or Ray Data:
+    every running trial leaves one CPU for its data pipeline."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus, w = res.get("CPU", 1.0), res.get("GPU", 0.0), settings.workers_per_trial
+    if settings.gpu:
+        if gpus < w:
+            raise ConfigError(f"--gpu with {w} workers per trial needs {w} GPUs; the cluster has {gpus:g}")
+        fit = int(min(gpus // w, max(1, (cpus - 1) // (2 * w))))
+        conc = min(settings.max_concurrent or fit, fit)
+        return max(1, conc), 2.0
+    fit = max(1, int(cpus // (w + 1)))  # w workers at 1 CPU + 1 CPU of data loading per trial
+    conc = min(settings.max_concurrent or fit, max(1, int(cpus - 1)))
+    per = math.floor(min(1.0, (cpus - conc) / (conc * w)) * 4) / 4
+    if per <= 0:
+        raise ConfigError(f"{conc} trials of {w} workers do not fit in {cpus:g} CPUs with one "
+                          "CPU per trial left for data loading: lower --max-concurrent")
+    return conc, per
+
+
+def run_search(settings: TuneConfig) -> TuneResult:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .datasets import resolve_dataset
+    from .train import init_ray, prepare
+
+    t0 = time.time()
+    settings.validate()
+    name = check_name(settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}", "experiment name")
+    settings.name = name
+    out = open_location(settings.out, check=True)
+    exp = out / "tune" / name
+    restoring = (exp / "trials.json").exists() and tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs)
+    if restoring:  # the search as it was started: its trials and schedule, not today's files
+        saved = (exp / "trials.json").read_json()
+        trials, conc, per_worker = saved["trials"], saved["max_concurrent"], saved["cpus_per_worker"]
+        settings = from_dict(TuneConfig, {**saved["settings"], "evaluate": settings.evaluate})
+        version, _ = resolve_dataset(trials[0]["train"]["data"], settings.dataset)
+        init_ray()
+    else:
+        base, space = load_space(settings.space)
+        params = sample_trials(space, settings.num_samples, settings.seed)
+        version, _ = resolve_dataset(settings.data, settings.dataset)
+        trials = []
+        for i, p in enumerate(params):  # every trial fails here, before Ray, if its config is bad
+            tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
+            cfg = trial_config(base, p, settings, f"{name}-{tid}")
+            prepare(cfg)
+            trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
+        init_ray()
+        conc, per_worker = concurrency(settings)
+        for t in trials:
+            t["train"]["cpus_per_worker"] = per_worker
+        (exp / "trials.json").write_json({"settings": to_dict(settings), "base": base, "space": space,
+                                          "trials": trials, "max_concurrent": conc,
+                                          "cpus_per_worker": per_worker})
+    epochs = trials[0]["train"]["epochs"]
+    # max_t one past the last epoch: ASHA never stops a trial at its end, run_training finishes
+    scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs + 1,
+                              grace_period=min(settings.grace_period, epochs),
+                              reduction_factor=settings.reduction_factor)
+    trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in trials},
+                                     runs_uri=(exp / "runs").uri)
+    # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    run_config = tune.RunConfig(name=name, storage_path=(out / "tune").path,
+                                storage_filesystem=out.fs, verbose=1, callbacks=[_reaper()])
+    if restoring:
+        print(f"brainmri: resuming search {exp.uri}")
+        tuner = tune.Tuner.restore(exp.path, trainable, storage_filesystem=exp.fs,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={"trial": tune.grid_search([t["id"] for t in trials])},
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                        max_concurrent_trials=conc,
+                                        trial_name_creator=lambda t: t.config["trial"],
+                                        trial_dirname_creator=lambda t: t.config["trial"]),
+            run_config=run_config)
+    grid = tuner.fit()
+    errors = {r.config["trial"]: str(r.error).splitlines()[0][:300]
+              for r in grid if r.error and r.config}
+    rows = leaderboard(exp, trials, epochs, errors)
+    write_leaderboard(exp, rows, settings)
+
+    best, model_uri, report_uri = (rows[0] if rows and rows[0]["best_val_macro_f1"] is not None
+                                   else None), None, None
+    if best:
+        model_uri = publish_best(out, exp, best)
+        best["model_uri"] = model_uri
+        if settings.evaluate:
+            from .evaluate import evaluate
+
+            report_uri = evaluate(model_uri, version.uri, out.uri, split="test").report_uri
+            best["report_uri"] = report_uri
+        write_leaderboard(exp, rows, settings)  # now with the winner's links
+    (exp / "summary.json").write_json({"best": best, "model": model_uri, "report": report_uri,
+                                       "trials": len(rows), "seconds": time.time() - t0,
+                                       "max_concurrent": conc, "cpus_per_worker": per_worker})
+    return TuneResult(exp.uri, rows, best, model_uri, report_uri, time.time() - t0)
+
+
+# -- results -----------------------------------------------------------------------------------
+def flops(cfg: dict, num_classes: int = 4) -> int:
+    """Forward FLOPs of one image at the trial's input size (torch's FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import create_model
+
+    model = create_model(cfg["model"], num_classes, 1, image_size=cfg["image_size"],
+                         **cfg.get("model_args", {})).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 1, cfg["image_size"], cfg["image_size"]))
+    return int(counter.get_total_flops())
+
+
+def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict) -> list[dict]:
+    """One row per trial from what its Train run left in storage, best first."""
+    from .models import count_params, create_model
+
+    rows = []
+    for t in trials:
+        cfg, run = t["train"], exp / "runs" / t["train"]["name"]
+        hist = (run / "history.json").read_json() if (run / "history.json").exists() else []
+        done = (run / "summary.json").exists()
+        best = max(hist, key=lambda h: h[METRIC]) if hist else {}
+        if t["id"] in errors:
+            status = "error"
+        elif done:
+            status = "completed" if len(hist) >= epochs else "early stop (patience/time)"
+        elif hist:
+            status = "completed" if len(hist) >= epochs else "stopped by ASHA"
+        else:
+            status = "not run"
+        model = create_model(cfg["model"], 4, 1, image_size=cfg["image_size"], **cfg["model_args"])
+        rows.append({
+            "trial": t["id"], "model": cfg["model"], "status": status,
+            "best_val_macro_f1": best.get(METRIC), "val_accuracy": best.get("val_accuracy"),
+            "val_recall_glioma": best.get("val_recall_glioma"), "best_epoch": best.get("epoch"),
+            "epochs_run": len(hist), "wall_s": round(sum(h["epoch_seconds"] for h in hist), 1),
+            "params": count_params(model), "gflops": round(flops(cfg) / 1e9, 3),
+            "config": json.dumps(t["params"], sort_keys=True), "run_uri": run.uri,
+            "error": errors.get(t["id"], ""), "history": hist,
+        })
+    rows.sort(key=lambda r: -1 if r["best_val_macro_f1"] is None else r["best_val_macro_f1"],
+              reverse=True)
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1
+    return rows
+
+
+COLUMNS = ["rank", "trial", "model", "status", "best_val_macro_f1", "val_accuracy",
+           "val_recall_glioma", "best_epoch", "epochs_run", "wall_s", "params", "gflops", "config",
+           "run_uri", "error"]
+
+
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def write_leaderboard(exp: Location, rows: list[dict], settings: TuneConfig) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in COLUMNS])
+    (exp / "leaderboard.csv").write_bytes(buf.getvalue().encode())
+
+    short = COLUMNS[:12]
+    md = [f"# Search {settings.name}", "",
+          f"{len(rows)} trials, metric {METRIC} (validation), ASHA grace {settings.grace_period} "
+          f"epochs, reduction factor {settings.reduction_factor}. Space: `{settings.space}`.", "",
+          "| " + " | ".join(short + ["config"]) + " |", "|" + "---|" * (len(short) + 1)]
+    md += ["| " + " | ".join(_cell(r.get(c)) for c in short) + f" | `{r['config']}` |" for r in rows]
+    if rows and rows[0].get("model_uri"):
+        md += ["", f"Winner published as `{rows[0]['model_uri']}`"
+               + (f"; test report `{rows[0]['report_uri']}/report.html`" if rows[0].get("report_uri") else "")]
+    (exp / "leaderboard.md").write_bytes(("\n".join(md) + "\n").encode())
+
+    png = search_plot(rows)
+    (exp / "search.png").write_bytes(png)
+    from .report import CSS, e, img, table
+
+    links = ""
+    if rows and rows[0].get("model_uri"):
+        links = f"<p>Winner: <code>{e(rows[0]['model_uri'])}</code>"
+        if rows[0].get("report_uri"):
+            links += f" — <a href='{e(rows[0]['report_uri'])}/report.html'>test report</a>"
+        links += "</p>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(settings.name)}</title>"
+            f"<style>{CSS}</style></head><body><h1>Search {e(settings.name)}</h1>"
+            f"<p class='note'>{len(rows)} trials; metric {METRIC} on validation; best first.</p>"
+            f"{links}{table(short + ['config'], [[r.get(c) for c in short] + [r['config']] for r in rows])}"
+            f"{img(png, 'search progress')}</body></html>")
+    (exp / "leaderboard.html").write_bytes(page.encode())
+
+
+def search_plot(rows: list[dict]) -> bytes:
+    from matplotlib.figure import Figure
+
+    from .figures import to_png
+
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    families = sorted({r["model"] for r in rows})
+    colours = {f: f"C{i}" for i, f in enumerate(families)}
+    for r in sorted(rows, key=lambda r: r["trial"]):
+        hist = r["history"]
+        if not hist:
+            continue
+        t = [sum(h["epoch_seconds"] for h in hist[:i + 1]) / 60 for i in range(len(hist))]
+        ax2.plot(t, [h[METRIC] for h in hist], color=colours[r["model"]], alpha=0.8,
+                 marker="x" if r["status"] == "stopped by ASHA" else ".")
+        ax1.scatter(int(r["trial"][1:4]), r["best_val_macro_f1"], color=colours[r["model"]],
+                    marker="x" if r["status"] == "stopped by ASHA" else "o", s=40)
+    for f in families:
+        ax1.scatter([], [], color=colours[f], label=f)
+    ax1.legend(fontsize=8, title="o finished, x stopped early", title_fontsize=8)
+    ax1.set(xlabel="trial", ylabel=f"best {METRIC}", title="best validation macro-F1 per trial")
+    ax2.set(xlabel="trial training time (min)", ylabel=METRIC, title="learning curves")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return to_png(fig)
+
+
+def publish_best(out: Location, exp: Location, best: dict) -> str:
+    """Publish the winning trial's best checkpoint (by val macro-F1) as a model version."""
+    from .checkpoints import CKPT_FILE, load_state, publish_model
+
+    run = open_location(best["run_uri"])
+    chosen = None
+    for d in sorted(run.listdir()):
+        if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists():
+            state = load_state((run / d / CKPT_FILE).read_bytes())
+            if chosen is None or state["history"][-1][METRIC] > chosen["history"][-1][METRIC]:
+                chosen = state
+    if chosen is None:
+        raise ConfigError(f"trial {best['trial']} left no checkpoint in {run.uri}")
+    chosen["history"] = best["history"]
+    chosen["tune"] = {"experiment": exp.uri, "trial": best["trial"]}
+    metrics = max(best["history"], key=lambda h: h[METRIC])
+    return publish_model(out, chosen["config"]["model"], chosen, metrics).uri

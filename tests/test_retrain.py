@@ -1,0 +1,114 @@
+"""Scheduled retraining on local Ray with a few real scans: no-op, challenger, rejection of a
+worse challenger, frozen test set, lease, and a crash before promotion."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from brainmri.checkpoints import load_model_state
+from brainmri.cli import main
+from brainmri.config import ConfigError
+from brainmri.ingest import frozen_test_hashes
+from brainmri.lock import Lease
+from brainmri.retrain import RetrainConfig, audit_log, decide, retrain, state_root
+from brainmri.storage import open_location
+from conftest import real_subset
+
+# a recipe small enough for CI: brainnet width 8 at 64 px, one worker
+TINY = {"epochs": 4, "image_size": 64, "batch_size": 16, "warmup_epochs": 0.5, "patience": 0,
+        "model_args": {"width": 8}, "num_workers": 1, "aug_strength": 0.5}
+
+
+def test_decision_rule():
+    cfg = RetrainConfig(tolerance_macro_f1=0.01, tolerance_glioma_recall=0.02)
+    champ = {"macro_f1": 0.90, "glioma_recall": 0.90}
+    assert decide(None, champ, cfg) == (True, "no champion yet")
+    assert decide(champ, {"macro_f1": 0.895, "glioma_recall": 0.885}, cfg)[0]  # within tolerance
+    ok, why = decide(champ, {"macro_f1": 0.95, "glioma_recall": 0.85}, cfg)
+    assert not ok and "glioma recall -0.0500" in why  # better overall, worse on glioma: no
+    ok, why = decide(champ, {"macro_f1": 0.80, "glioma_recall": 0.95}, cfg)
+    assert not ok and "macro-F1 -0.1000" in why
+
+
+def test_bad_settings_fail_before_any_work(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown config key.*train.epocs"):
+        RetrainConfig(train={"epocs": 3}).validate()
+    assert main(["retrain", "--store", str(tmp_path), "--incoming", str(tmp_path / "nope")]) == 2
+    assert "incoming prefix" in capsys.readouterr().err
+    assert not (tmp_path / "retrain").exists()
+
+
+@pytest.mark.slow
+def test_retrain_lifecycle(tmp_path, ray_local):
+    incoming = real_subset(tmp_path / "incoming", per_class=40)
+    store = tmp_path / "store"
+    root = state_root(open_location(str(store)), "brain-tumor-mri")
+    cfg = dict(store=str(store), incoming=str(incoming), train=TINY)
+
+    # 1. first run: nothing to beat; the challenger becomes the champion
+    d1 = retrain(RetrainConfig(**cfg))
+    assert d1.action == "promoted" and d1.reason == "no champion yet"
+    champ1 = (root / "champion.json").read_json()
+    assert champ1["model"] == d1.record["challenger"]["model"]
+    assert champ1["frozen_test"] == champ1["dataset"]  # the first version's test split is frozen
+    load_model_state(champ1["model"])
+    runs_before = sorted((store / "runs").iterdir())
+
+    # 2. nothing new: exit quietly, write nothing
+    d2 = retrain(RetrainConfig(**cfg))
+    assert d2.action == "noop" and "unchanged" in d2.reason
+    assert len(audit_log(str(store), "brain-tumor-mri")) == 1
+    assert sorted((store / "runs").iterdir()) == runs_before
+
+    # 3. new scans and a deliberately bad recipe: trained and evaluated, but not promoted
+    real_subset(tmp_path / "more", per_class=8, offset=300)
+    shutil.copytree(tmp_path / "more" / "Training", incoming / "Training", dirs_exist_ok=True)
+    d3 = retrain(RetrainConfig(**{**cfg, "train": {**TINY, "lr": 1e-7, "epochs": 1}}))
+    assert d3.action == "rejected" and "challenger worse" in d3.reason, d3.reason
+    rec = d3.record
+    assert rec["frozen_test"]["uri"] == champ1["frozen_test"]
+    assert rec["champion"]["test"]["n"] == rec["challenger"]["test"]["n"] == rec["frozen_test"]["rows"]
+    assert rec["challenger"]["test"]["macro_f1"] < rec["champion"]["test"]["macro_f1"]
+    assert (root / "champion.json").read_json() == champ1
+    assert [a["decision"] for a in audit_log(str(store), "brain-tumor-mri")] == ["promoted", "rejected"]
+    # the new dataset version kept every frozen test image in its test split
+    assert rec["dataset"] != champ1["dataset"]
+    assert frozen_test_hashes(champ1["frozen_test"]) <= frozen_test_hashes(rec["dataset"])
+
+    # 4. a crash between training and promotion leaves the champion in place and the lease free
+    real_subset(tmp_path / "more2", per_class=4, offset=400)
+    shutil.copytree(tmp_path / "more2" / "Training", incoming / "Training", dirs_exist_ok=True)
+
+    def crash(stage):
+        if stage == "evaluated":
+            raise RuntimeError("simulated crash before promotion")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        retrain(RetrainConfig(**cfg), hooks=crash)
+    assert (root / "champion.json").read_json() == champ1
+    assert not (root / "lock.json").exists()
+    assert len(audit_log(str(store), "brain-tumor-mri")) == 2
+    runs_after_crash = sorted(p.name for p in (store / "runs").iterdir())
+    # ...and the next scheduled run does the work again, picking up the crashed run's training
+    # (same data + recipe -> same run name -> resumed from its checkpoints, not trained anew)
+    d5 = retrain(RetrainConfig(**cfg))
+    assert d5.action in ("promoted", "rejected") and d5.record["dataset"] != rec["dataset"]
+    assert len(audit_log(str(store), "brain-tumor-mri")) == 3
+    assert sorted(p.name for p in (store / "runs").iterdir()) == runs_after_crash
+    assert d5.record["challenger"]["run"].rsplit("/", 1)[-1] in runs_after_crash
+    champ = (root / "champion.json").read_json()
+    assert champ["model"] == (d5.record["challenger"]["model"] if d5.action == "promoted" else champ1["model"])
+
+
+def test_a_running_retrain_keeps_the_next_one_out(tmp_path):
+    store = tmp_path / "store"
+    incoming = real_subset(tmp_path / "incoming", per_class=2)
+    root = state_root(open_location(str(store)), "brain-tumor-mri")
+    holder = Lease(root / "lock.json", ttl_s=600, purpose="another retrain").acquire()
+    d = retrain(RetrainConfig(store=str(store), incoming=str(incoming)))
+    assert d.action == "locked" and "another retrain" in d.reason
+    assert not (store / "datasets").exists()  # it left without ingesting anything
+    assert root.exists() and (root / "lock.json").read_json()["holder"] == holder.id
+    holder.release()

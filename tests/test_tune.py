@@ -1,0 +1,144 @@
+"""Architecture search: space files, sampling, and a tiny real search on local Ray (ASHA)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+import yaml
+
+from brainmri.checkpoints import build_model, load_model_state
+from brainmri.cli import main
+from brainmri.config import ConfigError, TuneConfig
+from brainmri.storage import open_location
+from brainmri.tune import load_space, run_search, sample_trials, trial_config
+from _tiny import small_lake
+
+SPACE = {
+    # after the first epoch a trial's preprocessed shard is cached, so epochs are cheap: enough
+    # steps (6 epochs x ~10 batches) that a learning trial separates from a stuck one
+    "base": {"epochs": 6, "image_size": 64, "batch_size": 8, "warmup_epochs": 0.5, "patience": 0,
+             "aug_strength": 0.3},
+    "space": {
+        "model": {
+            "brainnet": {"model_args.width": [8, 12], "model_args.kernel": [3, 5]},
+            # a family whose trials cannot learn at this learning rate: ASHA must stop them
+            "seed_cnn": {"lr": [1e-7]},
+        },
+        "lr": [3e-3],
+        "label_smoothing": {"uniform": [0.0, 0.1]},
+    },
+}
+
+
+def write_space(path, doc) -> str:
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"space": {"learning_rate": [0.1]}}, "unknown key space.learning_rate"),
+    ({"space": {"model": {"brainnet": {"widht": [8]}}}}, "unknown key space.model.brainnet.widht"),
+    ({"space": {"lr": []}}, "space.lr: an empty choice"),
+    ({"space": {"lr": {"choice": []}}}, "space.lr: an empty choice"),
+    ({"space": {"model": {}}}, "space.model: an empty choice"),
+    ({"space": {"model": ["brainnet", "resnet9000"]}}, "unknown model 'resnet9000'"),
+    ({"space": {"lr": {"uniform": [0.1, 0.01]}}}, "low < high"),
+    ({"space": {"lr": {"normal": [0, 1]}}}, "one of choice, uniform"),
+    ({"space": {"out": ["s3://elsewhere"]}}, "cannot be searched"),
+    ({"base": {"epocs": 3}, "space": {"lr": [0.1]}}, "unknown key base.epocs"),
+    ({"space": {}}, "non-empty mapping"),
+    ({"spaces": {"lr": [0.1]}}, "only 'base' and 'space'"),
+])
+def test_bad_space_fails_clearly(tmp_path, doc, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space(write_space(tmp_path / "space.yaml", doc))
+
+
+def test_bad_space_on_the_command_line_exits_2_before_ray(tmp_path, capsys):
+    space = write_space(tmp_path / "s.yaml", {"space": {"lr": []}})
+    assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path), "--space", space]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["brainmri tune: error: space.lr: an empty choice"]
+    assert main(["tune", "--space", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_sampling_is_seeded_and_conditional(tmp_path):
+    base, space = load_space(write_space(tmp_path / "s.yaml", SPACE))
+    a, b = sample_trials(space, 12, seed=3), sample_trials(space, 12, seed=3)
+    assert a == b and a != sample_trials(space, 12, seed=4)
+    families = {p["model"] for p in a}
+    assert families == {"brainnet", "seed_cnn"}
+    for p in a:
+        if p["model"] == "brainnet":  # family-only parameters exist only for their family
+            assert p["model_args.width"] in (8, 12) and p["lr"] == 3e-3
+        else:
+            assert not any(k.startswith("model_args.") for k in p)
+            assert p["lr"] == 1e-7  # the family's own value wins over the shared one
+        assert 0.0 <= p["label_smoothing"] <= 0.1
+    cfg = trial_config(base, a[0], TuneConfig(data="d", out="o", workers_per_trial=1), "run-1")
+    assert cfg.epochs == SPACE["base"]["epochs"] and cfg.publish is False and cfg.name == "run-1" and cfg.out == "o"
+
+
+def _rows(exp) -> list[dict]:
+    return list(csv.DictReader(io.StringIO((exp / "leaderboard.csv").read_bytes().decode())))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local):
+    lake, version = small_lake(tmp_path, per_class=40)
+    space = write_space(tmp_path / "space.yaml", SPACE)
+    # seed 1 samples brainnet, seed_cnn (stuck at lr 1e-7), brainnet, brainnet; one at a time,
+    # so ASHA's rung at epoch 3 has the first trial to compare the stuck one with
+    settings = TuneConfig(data=str(lake), out=str(tmp_path / "out"), space=space, name="tiny",
+                          num_samples=4, seed=1, grace_period=3, max_concurrent=1)
+    res = run_search(settings)
+
+    exp = open_location(res.experiment_uri)
+    rows = _rows(exp)
+    assert len(rows) == 4 and {r["model"] for r in rows} == {"brainnet", "seed_cnn"}
+    status = [r["status"] for r in rows]
+    assert "stopped by ASHA" in status, status  # weak trials end before 6 epochs
+    assert next(r for r in rows if r["model"] == "seed_cnn")["status"] == "stopped by ASHA"
+    assert all(s in ("completed", "stopped by ASHA") for s in status), status
+    for r in rows:
+        assert int(r["params"]) > 0 and float(r["gflops"]) > 0 and float(r["wall_s"]) > 0
+    f1 = [float(r["best_val_macro_f1"]) for r in rows]
+    assert f1 == sorted(f1, reverse=True) and rows[0]["model"] == "brainnet"
+    for name in ("leaderboard.md", "leaderboard.html", "search.png", "summary.json", "trials.json"):
+        assert (exp / name).exists(), name
+    assert (exp / "search.png").read_bytes()[:4] == b"\x89PNG"
+    assert rows[0]["trial"] in (exp / "leaderboard.md").read_bytes().decode()
+
+    # the winner is a published, loadable model whose metadata names the search, with a report
+    state = load_model_state(res.model_uri)
+    assert state["tune"]["trial"] == rows[0]["trial"]
+    assert max(h["val_macro_f1"] for h in state["history"]) == pytest.approx(f1[0], abs=1e-4)
+    build_model(state)
+    assert open_location(res.report_uri + "/report.html").exists()
+    assert res.report_uri in (exp / "leaderboard.html").read_bytes().decode()
+
+    # the same command again finds the finished experiment and restores it instead of redoing it
+    again = run_search(TuneConfig(**{**settings.__dict__, "evaluate": False}))
+    assert [r["trial"] for r in again.leaderboard] == [r["trial"] for r in rows]
+    assert [r["epochs_run"] for r in again.leaderboard] == [int(r["epochs_run"]) for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_search_against_s3(tmp_path, ray_local, s3_bucket):
+    lake, version = small_lake(tmp_path, per_class=10)
+    doc = {"base": {**SPACE["base"], "epochs": 1}, "space": {"model": ["brainnet"],
+                                                              "model_args.width": [8]}}
+    # model_args.<arg> may also be searched at the top level when every family accepts it
+    res = run_search(TuneConfig(data=str(lake), out=f"s3://{s3_bucket}/lake",
+                                space=write_space(tmp_path / "s.yaml", doc), name="s3search",
+                                num_samples=2, evaluate=False))
+    assert res.experiment_uri == f"s3://{s3_bucket}/lake/tune/s3search"
+    exp = open_location(res.experiment_uri)
+    assert len(_rows(exp)) == 2 and (exp / "leaderboard.html").exists()
+    assert res.model_uri.startswith(f"s3://{s3_bucket}/lake/models/brainnet/")
+    build_model(load_model_state(res.model_uri))
