@@ -42,6 +42,7 @@ METRIC = "val_macro_f1"
 FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "gpu", "cpus_per_worker",
          "limit_train", "limit_val"}
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
+TRIAL_CPU = 0.01  # a trial's own driver only waits on its TorchTrainer (Tune refuses 0)
 
 
 # -- the search space ----------------------------------------------------------------------
@@ -157,10 +158,17 @@ def sample_trials(space: dict, n: int, seed: int) -> list[dict]:
         models = {models: {}}
     elif isinstance(models, list):
         models = {m: {} for m in models}
+    # families are stratified (each gets n/F trials, in shuffled order) so a short search
+    # still explores every family; everything else is drawn independently per trial
+    families = None
+    if models is not None:
+        names = sorted(models)
+        families = [names[i % len(names)] for i in range(n)]
+        rng.shuffle(families)
     out = []
-    for _ in range(n):
+    for i in range(n):
         p: dict = {}
-        family = rng.choice(sorted(models)) if models is not None else None
+        family = families[i] if families else None
         for key in sorted(k for k in space if k != "model"):
             p[key] = _draw(space[key], rng)
         if family:  # a family's own parameters win over the shared ones
@@ -240,13 +248,10 @@ class TuneResult:
     seconds: float
 
 
-def concurrency(settings: TuneConfig) -> tuple[int, float]:
+def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0) -> tuple[int, float]:
     """(trials at once, CPUs per train worker) so trials never starve each other or Ray Data:
     every running trial leaves one CPU for its data pipeline."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus, w = res.get("CPU", 1.0), res.get("GPU", 0.0), settings.workers_per_trial
+    w = settings.workers_per_trial
     if settings.gpu:
         if gpus < w:
             raise ConfigError(f"--gpu with {w} workers per trial needs {w} GPUs; the cluster has {gpus:g}")
@@ -255,7 +260,9 @@ def concurrency(settings: TuneConfig) -> tuple[int, float]:
         return max(1, conc), 2.0
     fit = max(1, int(cpus // (w + 1)))  # w workers at 1 CPU + 1 CPU of data loading per trial
     conc = min(settings.max_concurrent or fit, max(1, int(cpus - 1)))
-    per = math.floor(min(1.0, (cpus - conc) / (conc * w)) * 4) / 4
+    # what is left after each trial's driver and one whole CPU for its data pipeline (a read
+    # task needs a whole CPU: with 0.99 free it would wait forever)
+    per = math.floor(min(1.0, (cpus - conc * (1 + TRIAL_CPU)) / (conc * w)) * 4) / 4
     if per <= 0:
         raise ConfigError(f"{conc} trials of {w} workers do not fit in {cpus:g} CPUs with one "
                           "CPU per trial left for data loading: lower --max-concurrent")
@@ -286,6 +293,9 @@ def run_search(settings: TuneConfig) -> TuneResult:
         base, space = load_space(settings.space)
         params = sample_trials(space, settings.num_samples, settings.seed)
         version, _ = resolve_dataset(settings.data, settings.dataset)
+        # absolute URIs, the exact version: trials run in their own working folders, and a
+        # version ingested mid-search must not change what later trials train on
+        settings.data, settings.out = version.uri, out.uri
         trials = []
         for i, p in enumerate(params):  # every trial fails here, before Ray, if its config is bad
             tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
@@ -293,7 +303,10 @@ def run_search(settings: TuneConfig) -> TuneResult:
             prepare(cfg)
             trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
         init_ray()
-        conc, per_worker = concurrency(settings)
+        import ray
+
+        res = ray.cluster_resources()
+        conc, per_worker = concurrency(settings, res.get("CPU", 1.0), res.get("GPU", 0.0))
         for t in trials:
             t["train"]["cpus_per_worker"] = per_worker
         (exp / "trials.json").write_json({"settings": to_dict(settings), "base": base, "space": space,
@@ -307,7 +320,7 @@ def run_search(settings: TuneConfig) -> TuneResult:
     trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in trials},
                                      runs_uri=(exp / "runs").uri)
     # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     run_config = tune.RunConfig(name=name, storage_path=(out / "tune").path,
                                 storage_filesystem=out.fs, verbose=1, callbacks=[_reaper()])
     if restoring:

@@ -42,13 +42,16 @@ def ray_head(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
-    port, dash = free_port(), free_port()
+    port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths must fit
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--temp-dir", temp,
          "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--include-dashboard", "true", "--num-cpus", "3", "--disable-usage-stats"],
+         "--include-dashboard", "true", "--num-cpus", "4", "--disable-usage-stats",
+         # Ray's fixed defaults (52365, 10001) collide with any other Ray on this machine, and
+         # an agent that cannot bind leaves the head unable to take jobs
+         "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client)],
         env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -77,18 +80,23 @@ def submit(url: str, env: dict, *argv: str, timeout: int = 900) -> str:
     """`ray job submit` exactly as the README documents it; returns the job's output."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
            "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--", "python", *argv]
-    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    for _ in range(20):  # the dashboard answers before its job agent has registered
+        p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in p.stderr + p.stdout:
+            break
+        time.sleep(3)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "succeeded" in p.stdout + p.stderr
     return p.stdout + p.stderr
 
 
+@pytest.mark.timeout(1800)
 def test_submitted_jobs_train_and_report_into_storage(tmp_path, ray_head):
     url, env = ray_head
-    lake, version = small_lake(tmp_path, per_class=10)
+    lake, version = small_lake(tmp_path, per_class=16)
     out = tmp_path / "store"
     log = submit(url, env, "jobs/train.py", "--data", version, "--out", str(out), "--name", "job-run",
-                 "--epochs", "2", "--image-size", "64", "--batch-size", "16", "--num-workers", "2",
+                 "--epochs", "2", "--image-size", "64", "--batch-size", "8", "--num-workers", "1",
                  "--set", "model_args={width: 8}")
     assert "published model" in log
     run = out / "runs" / "job-run"

@@ -12,7 +12,7 @@ from brainmri.checkpoints import build_model, load_model_state
 from brainmri.cli import main
 from brainmri.config import ConfigError, TuneConfig
 from brainmri.storage import open_location
-from brainmri.tune import load_space, run_search, sample_trials, trial_config
+from brainmri.tune import concurrency, load_space, run_search, sample_trials, trial_config
 from _tiny import small_lake
 
 SPACE = {
@@ -82,19 +82,34 @@ def test_sampling_is_seeded_and_conditional(tmp_path):
     assert cfg.epochs == SPACE["base"]["epochs"] and cfg.publish is False and cfg.name == "run-1" and cfg.out == "o"
 
 
+def test_concurrency_leaves_a_cpu_per_trial_for_data():
+    # 2-core laptop: one trial; its worker gets what is left after the trial's driver and a
+    # whole CPU for Ray Data's read tasks (0.99 free would deadlock them)
+    assert concurrency(TuneConfig(), cpus=2) == (1, 0.75)
+    assert concurrency(TuneConfig(workers_per_trial=2), cpus=2) == (1, 0.25)
+    assert concurrency(TuneConfig(), cpus=16) == (8, 0.75)
+    assert concurrency(TuneConfig(max_concurrent=2), cpus=16) == (2, 1.0)
+    # GPU cluster: bounded by GPUs and by 2 CPUs per GPU worker
+    assert concurrency(TuneConfig(gpu=True), cpus=16, gpus=4) == (4, 2.0)
+    assert concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=64, gpus=8) == (4, 2.0)
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=16, gpus=1)
+
+
 def _rows(exp) -> list[dict]:
     return list(csv.DictReader(io.StringIO((exp / "leaderboard.csv").read_bytes().decode())))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local):
-    lake, version = small_lake(tmp_path, per_class=40)
-    space = write_space(tmp_path / "space.yaml", SPACE)
-    # seed 1 samples brainnet, seed_cnn (stuck at lr 1e-7), brainnet, brainnet; one at a time,
-    # so ASHA's rung at epoch 3 has the first trial to compare the stuck one with
-    settings = TuneConfig(data=str(lake), out=str(tmp_path / "out"), space=space, name="tiny",
-                          num_samples=4, seed=1, grace_period=3, max_concurrent=1)
+def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, monkeypatch):
+    small_lake(tmp_path, per_class=40)
+    write_space(tmp_path / "space.yaml", SPACE)
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed on a command line: trials run elsewhere
+    # seed 0 samples brainnet, brainnet, seed_cnn, seed_cnn (stuck at lr 1e-7); one at a time,
+    # so ASHA's rung at epoch 3 has the brainnet trials to compare the stuck ones with
+    settings = TuneConfig(data="lake", out="out", space="space.yaml", name="tiny",
+                          num_samples=4, seed=0, grace_period=3, max_concurrent=1)
     res = run_search(settings)
 
     exp = open_location(res.experiment_uri)
