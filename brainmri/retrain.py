@@ -201,11 +201,10 @@ def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
         # 2. challenger with the champion's recipe (or the given one)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         # named by data + recipe: a rerun after a crash resumes this run from its checkpoint
-        probe = challenger_config(cfg, champion, version_uri, store, "probe")
-        recipe_id = hashlib.sha256(json.dumps({k: v for k, v in to_dict(probe).items() if k != "name"},
-                                              sort_keys=True, default=str).encode()).hexdigest()[:8]
-        tcfg = challenger_config(cfg, champion, version_uri, store,
-                                 f"retrain-{version_uri.rstrip('/').rsplit('/', 1)[-1]}-{recipe_id}")
+        tcfg = challenger_config(cfg, champion, version_uri, store, "")
+        recipe_id = hashlib.sha256(json.dumps(to_dict(tcfg), sort_keys=True,
+                                              default=str).encode()).hexdigest()[:8]
+        tcfg.name = f"retrain-{version_uri.rstrip('/').rsplit('/', 1)[-1]}-{recipe_id}"
         trained = run_training(tcfg)
         lease.renew()
         hook("trained")

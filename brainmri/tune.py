@@ -80,13 +80,19 @@ def _check_key(key: str, known: set, where: str) -> None:
         raise ConfigError(f"{where}.{key} cannot be searched (set it on the command line)")
 
 
+def _families(dom) -> dict:
+    """The `model` entry as {family: its own parameters} (a name or a list of names allowed)."""
+    if isinstance(dom, str):
+        return {dom: {}}
+    if isinstance(dom, list):
+        return {name: {} for name in dom}
+    return dom
+
+
 def _check_models(dom) -> None:
     from .models import check_model_name
 
-    if isinstance(dom, str):
-        dom = {dom: {}}
-    if isinstance(dom, list):
-        dom = {name: {} for name in dom}
+    dom = _families(dom)
     if not isinstance(dom, dict) or not dom:
         raise ConfigError("space.model: an empty choice (give a model name, a list of names, or "
                           "a mapping family -> its parameters)")
@@ -153,11 +159,7 @@ def _nest(flat: dict) -> dict:
 def sample_trials(space: dict, n: int, seed: int) -> list[dict]:
     """n flat parameter dicts; a family's own parameters override shared ones of the same key."""
     rng = random.Random(seed)
-    models = space.get("model")
-    if isinstance(models, str):
-        models = {models: {}}
-    elif isinstance(models, list):
-        models = {m: {} for m in models}
+    models = _families(space["model"]) if "model" in space else None
     # families are stratified (each gets n/F trials, in shuffled order) so a short search
     # still explores every family; everything else is drawn independently per trial
     families = None
@@ -359,18 +361,15 @@ def run_search(settings: TuneConfig) -> TuneResult:
 
 
 # -- results -----------------------------------------------------------------------------------
-def flops(cfg: dict, num_classes: int = 4) -> int:
+def flops(model, image_size: int) -> int:
     """Forward FLOPs of one image at the trial's input size (torch's FlopCounterMode)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import create_model
-
-    model = create_model(cfg["model"], num_classes, 1, image_size=cfg["image_size"],
-                         **cfg.get("model_args", {})).eval()
+    model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.zeros(1, 1, cfg["image_size"], cfg["image_size"]))
+        model(torch.zeros(1, 1, image_size, image_size))
     return int(counter.get_total_flops())
 
 
@@ -398,7 +397,7 @@ def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict) ->
             "best_val_macro_f1": best.get(METRIC), "val_accuracy": best.get("val_accuracy"),
             "val_recall_glioma": best.get("val_recall_glioma"), "best_epoch": best.get("epoch"),
             "epochs_run": len(hist), "wall_s": round(sum(h["epoch_seconds"] for h in hist), 1),
-            "params": count_params(model), "gflops": round(flops(cfg) / 1e9, 3),
+            "params": count_params(model), "gflops": round(flops(model, cfg["image_size"]) / 1e9, 3),
             "config": json.dumps(t["params"], sort_keys=True), "run_uri": run.uri,
             "error": errors.get(t["id"], ""), "history": hist,
         })
