@@ -12,7 +12,6 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -64,7 +63,15 @@ class RejectedImage(ValueError):
         self.detail = detail
 
 
-def _to_int64(h: imagehash.ImageHash) -> int:
+def _phash(grey: Image.Image) -> int:
+    # imported here: decoding for training and inference (transforms.preprocess) needs no
+    # hashing library, so a bare GPU machine with only PyTorch and Pillow can run it
+    import imagehash
+
+    return _to_int64(imagehash.phash(grey))
+
+
+def _to_int64(h) -> int:
     u = int(str(h), 16)
     return u - (1 << 64) if u >= (1 << 63) else u
 
@@ -101,7 +108,7 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
         raise RejectedImage(CORRUPT, str(e)) from None
     return ImageInfo(
         sha256=sha,
-        phash=_to_int64(imagehash.phash(grey)),
+        phash=_phash(grey),
         thumb=grey.resize((THUMB, THUMB), Image.BILINEAR).tobytes(),
         height=h,
         width=w,

@@ -5,12 +5,12 @@
     validate config, dataset, storage, model    model -> DDP (prepare_model), AdamW, warm-up+cosine
     Ray Data: read_parquet -> preprocess        for each epoch:
       (decode, fit, normalise; streaming)         train_one_epoch on its own shard, augmenting
-    TorchTrainer(N workers, RunConfig(storage))   evaluate: every worker a stride of val batches,
-    publish best checkpoint as a model version      confusion matrix all-reduced -> same metrics
-                                                  rank 0: checkpoint + history; all: report()
+    TorchTrainer(N workers, RunConfig(storage))   evaluate (plain module, no DDP) on its own
+      train: equal shards; val: every row once    part of val (maybe none); one all-reduce
+    publish best checkpoint as a model version    rank 0: checkpoint + history; all: report()
 
-The driver never materialises the dataset; workers read their shard with
-`get_dataset_shard`. Re-running with the same run name resumes from the latest checkpoint,
+The loops themselves live in `engine` (no Ray there). The driver never materialises the
+dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name resumes from the latest checkpoint,
 and a failed worker is replaced and resumes the same way (FailureConfig).
 """
 
@@ -31,106 +31,36 @@ from .checkpoints import CKPT_FILE, dump_state, library_versions, load_state, pu
 from .config import ConfigError, TrainConfig, from_dict, to_dict
 from .datasets import manifest_hash, resolve_dataset, split_files
 from .models import count_params, create_model
+from .engine import ShardBatches, Stopwatch, agree_any, evaluate, lr_lambda, train_one_epoch
 from .storage import check_name, open_location, worker_env
-from .transforms import MEAN, STD, augment, normalise, preprocess_batch, to_unit
+from .transforms import MEAN, STD, preprocess_batch
 
 METRIC = "val_macro_f1"
 
 
 # -- worker side ------------------------------------------------------------------------------
-def _allreduce(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t
+def _threads() -> int:
+    """torch threads = the CPUs Ray assigned this worker (not the host's cores: a pod or a
+    shared node has fewer to give, and oversubscribed threads spin against each other)."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
 
 
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    total = max(warm + 1, cfg.epochs * steps_per_epoch)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
-    return f
-
-
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, cfg, device, gen, scaler=None):
-    model.train()
-    loss_sum = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
-    for batch in loader:
-        x = to_unit(batch["x"])
-        x = normalise(augment(x, cfg.aug_strength, gen)).to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
-        if cfg.gpu:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.gpu):
-            out = model(x)
-            loss = criterion(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        n = y.shape[0]
-        loss_sum += torch.tensor([loss.item() * n, (out.argmax(1) == y).sum().item(), n],
-                                 dtype=torch.float64)
-    return _allreduce(loss_sum)
-
-
-@torch.no_grad()
-def evaluate(model, loader, num_classes, device, rank=0, world=1, use_amp=False):
-    """Each rank takes every world-th batch; returns all-reduced (confusion, loss sum)."""
-    model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
-    ce = nn.CrossEntropyLoss(reduction="sum")
-    for i, batch in enumerate(loader):
-        if i % world != rank:
-            continue
-        x = normalise(to_unit(batch["x"])).to(device)
-        y = batch["label"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(x).float()
-        loss_sum += ce(out, y).item()
-        pred = out.argmax(1).cpu()
-        cm += torch.from_numpy(M.confusion(y.cpu().numpy(), pred.numpy(), num_classes)).double()
-    return _allreduce(cm), _allreduce(loss_sum)
-
-
-class ShardBatches:
-    """A worker's batches for one epoch.
-
-    The first epoch streams the Ray Data shard. With `cache`, the deterministic preprocessed
-    uint8 arrays are kept (image_size^2 bytes an image: 113 MB for all 4.4k training images
-    at 160 px) and later epochs reshuffle them in memory instead of decoding JPEGs again;
-    random augmentation still happens per batch, after the cache. For datasets too large for
-    worker memory, turn `cache` off and every epoch streams."""
-
-    def __init__(self, it, loader_kw: dict, cache: bool, shuffle: bool, drop_last: bool, seed: int):
-        self.it, self.kw, self.cache, self.shuffle, self.drop_last = it, loader_kw, cache, shuffle, drop_last
-        self.seed, self.x, self.y = seed, None, None
-
-    def epoch(self, epoch: int):
-        bs = self.kw["batch_size"]
-        if self.x is None:
-            xs, ys = [], []
-            extra = dict(local_shuffle_buffer_size=4 * bs, local_shuffle_seed=self.seed + epoch) \
-                if self.shuffle else {}
-            for b in self.it.iter_torch_batches(**self.kw, drop_last=self.drop_last, **extra):
-                if self.cache:
-                    xs.append(b["x"])
-                    ys.append(b["label"])
-                yield b
-            if self.cache and xs:
-                self.x, self.y = torch.cat(xs), torch.cat(ys)
-            return
-        n = len(self.y)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        stop = n - (n % bs) if self.drop_last else n
-        for i in range(0, stop, bs):
-            idx = order[i:i + bs]
-            yield {"x": self.x[idx], "label": self.y[idx]}
+def _checkpoint_state(raw, optimizer, scheduler, epoch, best, bad, history, resumes, cfg,
+                      config) -> dict:
+    """The checkpoint format (read by checkpoints.load_state / publish_model)."""
+    return {
+        "format": "brainmri.checkpoint/1", "model": raw.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "best": best, "bad_epochs": bad, "history": history, "resumes": resumes,
+        "config": to_dict(cfg), "classes": config["classes"],
+        "preprocess": {"image_size": cfg.image_size, "mean": MEAN, "std": STD,
+                       "fit": "longest side, centred, zero padded",
+                       "intensity": "percentile 0.5-99.5 to 0-255"},
+        "dataset": config["dataset"], "versions": config["versions"], "params": count_params(raw),
+    }
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -140,20 +70,19 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(TrainConfig, config["cfg"])
     classes: list[str] = config["classes"]
     k = len(classes)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 2) // max(1, ctx.get_local_world_size()))
-    torch.set_num_threads(threads)
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker or _threads())
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # augmentation differs by rank
-
     device = ray.train.torch.get_device()
+    # augmentation runs where the batch is, and differs by rank
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+
     model = create_model(cfg.model, k, 1, image_size=cfg.image_size, **cfg.model_args,
                          pretrained=cfg.pretrained or None)
     if cfg.gpu:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    raw = model.module if hasattr(model, "module") else model
+    raw = model.module if hasattr(model, "module") else model  # evaluation runs this one
 
     counts = np.asarray(config["train_counts"], dtype=np.float64)
     weight = (counts.sum() / (k * np.maximum(counts, 1))) if cfg.class_weighting else np.ones(k)
@@ -163,8 +92,9 @@ def train_loop_per_worker(config: dict) -> None:
     no_decay = [p for n, p in raw.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps = max(1, config["train_rows"] // (cfg.batch_size * world))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.warmup_epochs, cfg.epochs, steps))
 
     start, best, bad, history, resumes = 0, -1.0, 0, [], []
     ckpt = ray.train.get_checkpoint()
@@ -179,25 +109,29 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"brainmri: resumed from the checkpoint of epoch {start - 1}")
 
-    # batches stay on the CPU for augmentation; pinned so the copy to a GPU overlaps compute
+    # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
+    # normalisation happen on the device (engine.train_one_epoch)
     loader_kw = dict(batch_size=cfg.batch_size, dtypes={"x": torch.uint8, "label": torch.int64},
                      device="cpu", pin_memory=cfg.gpu, prefetch_batches=4 if cfg.gpu else 1)
     train_src = ShardBatches(ray.train.get_dataset_shard("train"), loader_kw, cfg.cache, True, True,
-                             cfg.seed * 7919 + rank)
-    val_src = ShardBatches(ray.train.get_dataset_shard("val"), loader_kw, cfg.cache, False, False, 0)
+                             cfg.seed * 7919 + rank, pin=cfg.gpu)
+    # each rank evaluates its own part of the validation rows (possibly none)
+    val_src = ShardBatches(ray.train.get_dataset_shard("val"), loader_kw, cfg.cache, False, False,
+                           0, pin=cfg.gpu)
+    clock = Stopwatch(device)
     for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler, cfg,
-                             device, gen)
-        t_train = time.time() - t0
-        cm, vloss = evaluate(model, val_src.epoch(epoch), k, device, rank, world,
-                             use_amp=cfg.gpu)
+        t0 = clock.now()
+        tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler,
+                             device, cfg.aug_strength, gen, amp=cfg.gpu, channels_last=cfg.gpu).cpu()
+        t_train = clock.now() - t0
+        cm, vloss = evaluate(raw, val_src.epoch(epoch), k, device, amp=cfg.gpu, channels_last=cfg.gpu)
         vm = M.from_confusion(cm.numpy(), classes)
+        n = max(1.0, tr[2].item())
         metrics = {
-            "epoch": epoch, "epochs_done": epoch + 1, "train_loss": tr[0].item() / max(1, tr[2].item()),
-            "train_accuracy": tr[1].item() / max(1, tr[2].item()), "train_images": int(tr[2].item()),
+            "epoch": epoch, "epochs_done": epoch + 1, "train_loss": tr[0].item() / n,
+            "train_accuracy": tr[1].item() / n, "train_images": int(tr[2].item()),
             "val_loss": vloss.item() / max(1, vm["n"]), "lr": scheduler.get_last_lr()[0],
-            "epoch_seconds": time.time() - t0, "train_images_per_s": tr[2].item() / t_train,
+            "epoch_seconds": clock.now() - t0, "train_images_per_s": tr[2].item() / t_train,
             **{f"val_{key}": v for key, v in vm.items()},
             "val_confusion": cm.numpy().astype(int).tolist(), "resumes": len(resumes),
         }
@@ -205,26 +139,16 @@ def train_loop_per_worker(config: dict) -> None:
         best, bad = (metrics[METRIC], 0) if improved else (best, bad + 1)
         metrics["best_val_macro_f1"] = best
         history.append({key: v for key, v in metrics.items() if key != "val_confusion"})
-        # the time budget counts training seconds across resumes; ranks' clocks differ, so they
-        # agree on stopping through an all-reduce (one rank leaving early would hang the rest)
+        # the time budget counts training seconds across resumes; ranks' clocks differ, so
+        # they agree on stopping (one rank leaving early would hang the rest)
         spent = sum(h["epoch_seconds"] for h in history) / 60
-        over = _allreduce(torch.tensor([float(cfg.time_budget_min > 0 and spent >= cfg.time_budget_min)]))
-        stop = (cfg.patience > 0 and bad >= cfg.patience) or over.item() > 0
+        over = agree_any(cfg.time_budget_min > 0 and spent >= cfg.time_budget_min, device)
+        stop = (cfg.patience > 0 and bad >= cfg.patience) or over
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:  # side effects on rank 0 only
-                state = {
-                    "format": "brainmri.checkpoint/1", "model": raw.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch, "best": best, "bad_epochs": bad, "history": history,
-                    "resumes": resumes,
-                    "config": to_dict(cfg), "classes": classes,
-                    "preprocess": {"image_size": cfg.image_size, "mean": MEAN, "std": STD,
-                                   "fit": "longest side, centred, zero padded",
-                                   "intensity": "percentile 0.5-99.5 to 0-255"},
-                    "dataset": config["dataset"], "versions": config["versions"],
-                    "params": count_params(raw),
-                }
+                state = _checkpoint_state(raw, optimizer, scheduler, epoch, best, bad, history,
+                                          resumes, cfg, config)
                 with open(os.path.join(tmp, CKPT_FILE), "wb") as f:
                     f.write(dump_state(state))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -278,6 +202,29 @@ def init_ray() -> None:
                  runtime_env={"env_vars": env} if env else None)
 
 
+def _data_config():
+    """Train: equal shards (every rank runs the same number of DDP steps). Validation: each
+    row goes to exactly one rank, none dropped (`equal=False`), so the summed confusion
+    matrix is a single-process evaluation of all of it; a rank may get no rows."""
+    import ray.train
+
+    class ShardedValidation(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            others = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                ds = datasets["val"].copy(datasets["val"])
+                ds.context.execution_options = self._resolve_execution_options("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False,
+                                                             locality_hints=hints)):
+                    out[i]["val"] = split
+            return out
+
+    # both count as split for Train (created once by rank 0, coordinators cleaned up)
+    return ShardedValidation(datasets_to_split=["train", "val"])
+
+
 def build_datasets(cfg: TrainConfig, version, manifest) -> dict:
     import ray.data
 
@@ -306,6 +253,12 @@ def prepare(cfg: TrainConfig):
                      **cfg.model_args)
     except TypeError as e:
         raise ConfigError(f"model_args do not fit {cfg.model}: {e}") from None
+    # train shards are equal and drop their last partial batch: every worker needs >= 1 batch
+    rows = min(sum(manifest["counts"]["train"].values()), cfg.limit_train or 10**12)
+    if rows // cfg.num_workers < cfg.batch_size:
+        raise ConfigError(f"{rows} training rows over {cfg.num_workers} workers leave each fewer "
+                          f"than one batch of {cfg.batch_size}: use fewer workers or a smaller "
+                          "batch_size")
     return name, version, manifest, out
 
 
@@ -336,7 +289,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpu,
                                      resources_per_worker=_resources(cfg)),
         datasets=build_datasets(cfg, version, manifest),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(),
         run_config=RunConfig(
             name=name, storage_path=runs.path, storage_filesystem=runs.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),

@@ -75,20 +75,23 @@ def to_model_input(x_u8: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random, batched; x is float [B,1,H,W] in [0,1] (before to_model_input's normalisation)."""
+    """Random, batched; x is float [B,1,H,W] in [0,1] (before to_model_input's normalisation).
+
+    Runs on x's device: on a GPU worker the batch arrives there as uint8 and is augmented
+    there, so `generator` (if given) must live on the same device."""
     if strength <= 0:
         return x
-    b = x.shape[0]
+    b, dev = x.shape[0], x.device
     g = generator
 
     def u(lo, hi):
-        return torch.rand(b, generator=g) * (hi - lo) + lo
+        return torch.rand(b, generator=g, device=dev) * (hi - lo) + lo
 
     s = strength
     # geometry: rotation +-15deg*s, scale 1 +- 0.15*s, shift +-8%*s, horizontal flip
     ang = u(-15, 15) * s * math.pi / 180
     scale = 1 + u(-0.15, 0.15) * s
-    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    flip = torch.where(torch.rand(b, generator=g, device=dev) < 0.5, -1.0, 1.0)
     tx, ty = u(-0.08, 0.08) * s * 2, u(-0.08, 0.08) * s * 2
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
@@ -103,13 +106,13 @@ def augment(x: torch.Tensor, strength: float, generator: torch.Generator | None 
     mean = x.mean((2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + bright
     # blur (lower resolution exports) or noise, each on a random third of the batch
-    pick = torch.rand(b, generator=g)
+    pick = torch.rand(b, generator=g, device=dev)
     blur_idx = (pick < 0.33 * min(s, 1)).nonzero().flatten()
     if len(blur_idx):
-        k = torch.tensor([1, 4, 6, 4, 1], dtype=x.dtype)
+        k = torch.tensor([1, 4, 6, 4, 1], dtype=x.dtype, device=dev)
         k = (k[:, None] * k[None, :]) / 256
         x[blur_idx] = F.conv2d(x[blur_idx], k.view(1, 1, 5, 5), padding=2)
     noise_idx = ((pick > 0.67) & (pick < 0.67 + 0.33 * min(s, 1))).nonzero().flatten()
     if len(noise_idx):
-        x[noise_idx] += torch.randn(x[noise_idx].shape, generator=g) * 0.03 * s
+        x[noise_idx] += torch.randn(x[noise_idx].shape, generator=g, device=dev) * 0.03 * s
     return x.clamp(0, 1)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -168,3 +169,57 @@ def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     h = (run / "history.json").read_json()
     assert [e["epoch"] for e in h] == [0, 1, 2] and h[-1]["resumes"] >= 1
+
+
+# -- worker counts and tiny validation sets -----------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_val_lake(tmp_path_factory):
+    """60 real scans (15 a class): 8 validation rows, ~44 training rows."""
+    root = tmp_path_factory.mktemp("tinyval")
+    src = real_subset(root / "src", per_class=15, offset=300)
+    ingest(str(src), str(root / "lake"), IngestConfig(val_fraction=0.15, test_fraction=0.1, workers=1))
+    return root / "lake"
+
+
+def _evaluate_in_process(state, version, manifest) -> dict:
+    """The published weights on every validation row, one process, no Ray, no collective."""
+    from brainmri.engine import ShardBatches, evaluate
+
+    model = build_model(state)
+    size = state["config"]["image_size"]
+    xs, ys = [], []
+    for f in split_files(version, manifest, "val"):
+        t = pq.read_table(version.fs.open_input_file(f), columns=["image", "label"])
+        xs += [preprocess(b, size) for b in t.column("image").to_pylist()]
+        ys += t.column("label").to_pylist()
+    src = ShardBatches.from_tensors(torch.from_numpy(np.stack(xs)), torch.tensor(ys), 1000, False, False, 0)
+    cm, loss = evaluate(model, src.epoch(0), 4, torch.device("cpu"))
+    return {**{f"val_{k}": v for k, v in from_confusion(cm.numpy(), state["classes"]).items()},
+            "val_loss": loss.item() / len(ys)}
+
+
+@pytest.mark.parametrize("workers,batch", [(2, 16), (3, 8), (3, 3)],
+                         ids=["2w-val-under-one-batch", "3w-val-exactly-one-batch", "3w-uneven-remainders"])
+def test_more_workers_than_validation_batches(tiny_val_lake, ray_local, workers, batch):
+    """Ranks with no validation rows (or a partial batch) neither hang nor skew the metrics:
+    every epoch's metrics equal a single-process evaluation of the same weights on the same
+    rows. Two epochs: the second one comes from the workers' caches, empty ones included."""
+    version, manifest = resolve_dataset(str(tiny_val_lake), "brain-tumor-mri")
+    n_val = manifest["rows"]["val"]
+    assert n_val == 8 and manifest["rows"]["train"] // workers >= batch
+    cfg = TrainConfig(data=str(tiny_val_lake), out=str(tiny_val_lake), name=f"t-val-{workers}-{batch}",
+                      epochs=2, **dict(SMALL, num_workers=workers, batch_size=batch))
+    res = run_training(cfg)
+    assert [e["epoch"] for e in res.history] == [0, 1]
+    assert all(e["val_n"] == n_val for e in res.history)  # every row once, none twice
+    state = load_model_state(res.model_uri)
+    reported = res.history[state["epoch"]]
+    again = _evaluate_in_process(state, version, manifest)
+    for key in ("val_n", "val_accuracy", "val_macro_f1", "val_recall_glioma", "val_balanced_accuracy"):
+        assert again[key] == pytest.approx(reported[key]), key
+    assert again["val_loss"] == pytest.approx(reported["val_loss"], rel=1e-4)
+
+
+def test_too_many_workers_for_the_training_rows_fail_before_ray(tiny_val_lake, tmp_path):
+    with pytest.raises(ConfigError, match="leave each fewer than one batch of 16"):
+        prepare(TrainConfig(data=str(tiny_val_lake), out=str(tmp_path), num_workers=4, batch_size=16))

@@ -1,0 +1,228 @@
+"""The data-parallel training step on one GPU, without Ray: throughput, where the step's
+time goes, peak memory, and that validation through the collectives matches a plain one.
+
+It drives the project's own pieces (`brainmri.engine.train_one_epoch` / `evaluate` /
+`all_reduce_sum`, `ShardBatches`, `transforms.preprocess`, the model registry) under a real
+one-rank process group: NCCL on CUDA (so any CPU tensor that reached a collective would
+fail here as it would on a cluster), gloo with `--device cpu` (what CI runs, a few steps).
+It needs only PyTorch, torchvision, NumPy, Pillow and PyYAML, so it runs on a bare GPU
+machine. Input: real scans in class folders (Kaggle layout), preprocessed here.
+
+    python benchmarks/gpu.py                                  # all four models on cuda
+    python benchmarks/gpu.py --device cpu --models brainnet --steps 3 --size brainnet=64
+
+Per model it prints training images/s (bf16 autocast + channels-last on CUDA), the share of a
+step's time that the host-to-device copy and the augmentation alone take (each timed in
+isolation over the same batches, so it is an upper bound where the copy overlaps compute),
+peak GPU memory, and whether validation metrics equal a plain single-forward evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from brainmri import engine  # noqa: E402
+from brainmri.config import CLASSES  # noqa: E402
+from brainmri.engine import ShardBatches, Stopwatch, evaluate, to_device, train_one_epoch  # noqa: E402
+from brainmri.metrics import from_confusion  # noqa: E402
+from brainmri.models import count_params, create_model  # noqa: E402
+from brainmri.transforms import augment, normalise, preprocess, to_unit  # noqa: E402
+
+SIZES = {"brainnet": 160, "resnet50": 224, "efficientnet_b0": 224, "convnext_tiny": 224}
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri"
+
+
+def find_training(root: Path) -> Path:
+    for p in (root / "Training", root):
+        if all((p / c).is_dir() for c in CLASSES):
+            return p
+    raise SystemExit(f"error: no class folders ({', '.join(CLASSES)}) under {root}")
+
+
+def load_sample(root: Path, per_class: int) -> tuple[list[bytes], np.ndarray]:
+    """The first `per_class` files of each class (sorted names: the same sample everywhere)."""
+    data, labels = [], []
+    for i, c in enumerate(CLASSES):
+        files = sorted(p for p in (root / c).iterdir() if p.is_file() and not p.name.startswith("."))
+        for f in files[:per_class]:
+            data.append(f.read_bytes())
+            labels.append(i)
+    return data, np.asarray(labels, dtype=np.int64)
+
+
+def init_group(device: torch.device) -> str:
+    """A real one-rank process group, as Ray Train creates per worker (NCCL on CUDA)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return backend
+
+
+def timed(clock: Stopwatch, fn) -> float:
+    t0 = clock.now()
+    fn()
+    return clock.now() - t0
+
+
+def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, device) -> dict:
+    cuda = device.type == "cuda"
+    n_val = max(len(CLASSES), len(ys) // 5)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(ys), generator=g)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    torch.manual_seed(0)
+    raw = create_model(name, len(CLASSES), 1, image_size=size)
+    params = count_params(raw)
+    raw = raw.to(device)
+    if cuda:
+        raw = raw.to(memory_format=torch.channels_last)
+    model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if cuda else None)
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.lr_lambda(0.1, 1, args.warmup + args.steps))
+    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+    gen = torch.Generator(device=device).manual_seed(0)
+    src = ShardBatches.from_tensors(xs[train_idx], ys[train_idx], args.batch_size, True, True, 0, pin=cuda)
+
+    def batches(k: int):
+        """k batches, wrapping round the sample's epochs (it is small on purpose)."""
+        return itertools.islice(itertools.chain.from_iterable(src.epoch(e) for e in itertools.count()), k)
+
+    def step(k):
+        return train_one_epoch(model, batches(k), crit, opt, sched, device, args.aug_strength, gen,
+                               amp=cuda, channels_last=cuda)
+
+    clock = Stopwatch(device)
+    step(args.warmup)  # cuDNN autotuning, allocator growth, lazy inits
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t_step = timed(clock, lambda: step(args.steps))
+    tr = step(0).cpu()  # nothing: a zero-step epoch still meets the collective
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+
+    def copy_only():
+        for b in batches(args.steps):
+            to_device(b, device)
+
+    def copy_and_augment():
+        for b in batches(args.steps):
+            x, _ = to_device(b, device)
+            normalise(augment(to_unit(x), args.aug_strength, gen))
+
+    t_copy = timed(clock, copy_only)
+    t_aug = timed(clock, copy_and_augment) - t_copy
+    last = step(1).cpu()  # one more step to report a finite training loss
+
+    # validation: through the engine (its own batches, the collective) vs one plain forward
+    def val_batches():
+        return ShardBatches.from_tensors(xs[val_idx], ys[val_idx], args.batch_size, False, False, 0,
+                                         pin=cuda).epoch(0)
+
+    cm, vloss = evaluate(raw, val_batches(), len(CLASSES), device, amp=False, channels_last=cuda)
+    cm_amp, _ = evaluate(raw, val_batches(), len(CLASSES), device, amp=cuda, channels_last=cuda)
+    with torch.no_grad():
+        raw.eval()
+        x = normalise(to_unit(xs[val_idx].to(device)))
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = raw(x).float()
+        plain_pred = logits.argmax(1).cpu()
+        plain_loss = nn.functional.cross_entropy(logits, ys[val_idx].to(device), reduction="sum").item()
+    plain_cm = torch.bincount(ys[val_idx] * len(CLASSES) + plain_pred, minlength=len(CLASSES) ** 2)
+    plain_cm = plain_cm.view(len(CLASSES), len(CLASSES)).double()
+    engine_m = from_confusion(cm.numpy(), list(CLASSES))
+    plain_m = from_confusion(plain_cm.numpy(), list(CLASSES))
+    steps_imgs = args.steps * args.batch_size
+    del model, raw, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "model": name, "image_size": size, "params": params, "batch_size": args.batch_size,
+        "backend": dist.get_backend(), "device": str(device), "bf16_channels_last": cuda,
+        "steps": args.steps, "images_per_s": steps_imgs / t_step, "step_ms": 1e3 * t_step / args.steps,
+        "copy_share": min(1.0, t_copy / t_step), "augment_share": max(0.0, min(1.0, t_aug / t_step)),
+        "peak_gpu_gib": peak, "train_loss": float(last[0] / max(1.0, last[2])),
+        "zero_step_epoch_rows": int(tr[2]),
+        "val_rows": int(len(val_idx)), "val_accuracy": engine_m["accuracy"],
+        "val_accuracy_plain": plain_m["accuracy"], "val_accuracy_bf16": from_confusion(
+            cm_amp.numpy(), list(CLASSES))["accuracy"],
+        "val_match": bool(torch.equal(cm, plain_cm)),
+        "val_loss_diff": abs(vloss.item() - plain_loss) / max(1e-12, abs(plain_loss)),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class folders of real scans")
+    ap.add_argument("--per-class", type=int, default=100, help="scans per class in the sample")
+    ap.add_argument("--models", default=",".join(SIZES), help="comma-separated registry names")
+    ap.add_argument("--size", action="append", default=[], metavar="MODEL=PX",
+                    help="input size per model (default: brainnet=160, others 224)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=50, help="timed training steps per model")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--aug-strength", type=float, default=1.0)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    sizes = dict(SIZES, **{k: int(v) for k, v in (s.split("=", 1) for s in args.size)})
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: no CUDA device here; use --device cpu")
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+    backend = init_group(device)
+
+    t0 = time.time()
+    data, labels = load_sample(find_training(args.data), args.per_class)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    by_size = {}
+    for s in sorted({sizes.get(m, 224) for m in models}):
+        by_size[s] = torch.from_numpy(np.stack([preprocess(b, s) for b in data]))
+    ys = torch.from_numpy(labels)
+    print(f"sample: {len(data)} real scans ({sum(map(len, data)) / 1e6:.1f} MB encoded), "
+          f"preprocessed at {sorted(by_size)} px in {time.time() - t0:.1f} s; backend {backend} on {device}"
+          + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})" if device.type == "cuda" else ""))
+
+    rows = []
+    for m in models:
+        rows.append(bench_model(m, sizes.get(m, 224), by_size[sizes.get(m, 224)], ys, args, device))
+        r = rows[-1]
+        print(f"  {m}: {r['images_per_s']:.0f} img/s", flush=True)
+    dist.destroy_process_group()
+
+    hdr = f"{'model':<16}{'px':>5}{'params':>8}{'img/s':>9}{'ms/step':>9}{'copy':>7}{'augment':>9}" \
+          f"{'peak GiB':>10}{'val acc':>9}{'= plain':>9}"
+    print(f"\nbatch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up; "
+          f"{'bf16 autocast + channels-last' if device.type == 'cuda' else 'fp32'}; {backend}")
+    print(hdr)
+    for r in rows:
+        print(f"{r['model']:<16}{r['image_size']:>5}{r['params'] / 1e6:>7.1f}M{r['images_per_s']:>9.0f}"
+              f"{r['step_ms']:>9.1f}{r['copy_share']:>7.1%}{r['augment_share']:>9.1%}"
+              f"{r['peak_gpu_gib']:>10.2f}{r['val_accuracy']:>9.3f}{str(r['val_match']):>9}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "backend": backend,
+                                         "torch": torch.__version__, "models": rows}, indent=1))
+    return 0 if all(r["val_match"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The training and evaluation loops a data-parallel worker runs, free of Ray.
+
+`brainmri.train` drives them inside Ray Train workers; `benchmarks/gpu.py` drives the same
+functions on a bare GPU machine with only PyTorch. Three rules keep data parallelism safe at
+any worker count and on any backend:
+
+- **One place for collectives** (`all_reduce_sum`). Every tensor that crosses ranks goes
+  through it, and it refuses a tensor that is not on the process group's device: NCCL
+  rejects CPU tensors, and a mismatch found there is a crash at the end of an epoch on the
+  first GPU run, after a retry or two.
+- **No collective inside an evaluation forward.** `evaluate` runs the unwrapped module (a
+  DDP forward broadcasts buffers, a collective, and a rank with no validation rows would
+  never join it). Ranks evaluate their own rows, zero rows included, and meet exactly once
+  per epoch to sum the confusion matrix.
+- **The device does the work, and syncs once per epoch.** Batches travel to the device as
+  uint8 (4x fewer bytes than float), are augmented there, and running sums stay on the
+  device; nothing calls `.item()` inside the step loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.distributed as dist
+
+from .transforms import augment, normalise, to_unit
+
+
+# -- collectives ------------------------------------------------------------------------------
+def group_device() -> torch.device | None:
+    """The device the default process group's collectives need, or None without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backend = str(dist.get_backend()).lower()
+    # "nccl" or "cuda:nccl": CUDA tensors only ("cpu:gloo,cuda:nccl" would take both, and
+    # is not what Ray creates, so it is held to the CUDA rule too)
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` across ranks in place (a no-op in a single process). The only collective
+    brainmri's own code calls."""
+    want = group_device()
+    if want is None:
+        return t
+    if t.device.type != want.type or (want.type == "cuda" and t.device.index != want.index):
+        raise RuntimeError(f"collective on a tensor on {t.device}, but the process group "
+                           f"({dist.get_backend()}) needs {want}")
+    dist.all_reduce(t)
+    return t
+
+
+def agree_any(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank (one rank leaving a loop alone would
+    leave the others waiting in their next collective)."""
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+# -- schedule ---------------------------------------------------------------------------------
+def lr_lambda(warmup_epochs: float, epochs: int, steps_per_epoch: int):
+    """Linear warm-up, then cosine decay to zero at the last step."""
+    warm = max(1, int(warmup_epochs * steps_per_epoch))
+    total = max(warm + 1, epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
+    return f
+
+
+# -- batches ----------------------------------------------------------------------------------
+class ShardBatches:
+    """A worker's batches, epoch after epoch, as {'x': uint8 [B,H,W], 'label': int64 [B]}.
+
+    The first epoch streams the Ray Data shard. With `cache`, the deterministic preprocessed
+    uint8 arrays are kept (image_size^2 bytes an image: 113 MB for all 4.4k training images
+    at 160 px) and later epochs reshuffle them in memory instead of decoding JPEGs again;
+    random augmentation still happens per batch, after the cache. For datasets too large for
+    worker memory, turn `cache` off and every epoch streams. A shard may be empty (a rank
+    that got no validation rows): it yields nothing, and is cached as empty, so it never
+    asks the (collective) streaming split for an epoch the other ranks do not."""
+
+    def __init__(self, it, loader_kw: dict, cache: bool, shuffle: bool, drop_last: bool,
+                 seed: int, pin: bool = False):
+        self.it, self.kw, self.cache, self.shuffle, self.drop_last = it, loader_kw, cache, shuffle, drop_last
+        self.seed, self.pin, self.x, self.y = seed, pin, None, None
+
+    @classmethod
+    def from_tensors(cls, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
+                     drop_last: bool, seed: int, pin: bool = False) -> "ShardBatches":
+        """Already-preprocessed rows held in memory (benchmarks, tests)."""
+        s = cls(None, {"batch_size": batch_size}, True, shuffle, drop_last, seed, pin)
+        s.x, s.y = x, y
+        return s
+
+    def epoch(self, epoch: int):
+        bs = self.kw["batch_size"]
+        if self.x is None:
+            xs, ys = [], []
+            extra = dict(local_shuffle_buffer_size=4 * bs, local_shuffle_seed=self.seed + epoch) \
+                if self.shuffle else {}
+            for b in self.it.iter_torch_batches(**self.kw, drop_last=self.drop_last, **extra):
+                if self.cache:
+                    xs.append(b["x"])
+                    ys.append(b["label"])
+                yield b
+            if self.cache:
+                self.x = torch.cat(xs) if xs else torch.zeros((0, 1, 1), dtype=torch.uint8)
+                self.y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.int64)
+            return
+        n = len(self.y)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        stop = n - (n % bs) if self.drop_last else n
+        for i in range(0, stop, bs):
+            idx = order[i:i + bs]
+            x, y = self.x[idx], self.y[idx]
+            # a gathered batch is fresh memory: pin it so the copy to the GPU is asynchronous
+            yield {"x": x.pin_memory(), "label": y.pin_memory()} if self.pin else {"x": x, "label": y}
+
+
+# -- one epoch --------------------------------------------------------------------------------
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and int64 labels to the device (asynchronous from pinned memory)."""
+    return (batch["x"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+
+
+def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: torch.device,
+                    aug_strength: float, generator: torch.Generator, amp: bool = False,
+                    channels_last: bool = False) -> torch.Tensor:
+    """One pass over `batches`; returns the all-reduced float64 tensor
+    [loss x n, correct, n] on `device`. `generator` lives on `device` (augmentation runs
+    there)."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+    for batch in batches:
+        x, y = to_device(batch, device)
+        x = normalise(augment(to_unit(x), aug_strength, generator))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        loss = criterion(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = y.shape[0]
+        sums += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+    return all_reduce_sum(sums)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, num_classes: int, device: torch.device,
+             amp: bool = False, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confusion matrix (rows = true class) and loss sum over this rank's `batches`, summed
+    across ranks: the same numbers a single process gets on all the rows. `model` must be
+    the plain module, never the DDP wrapper (see the module docstring)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("evaluate() takes the unwrapped module (model.module), not DDP")
+    model.eval()
+    k = num_classes
+    stats = torch.zeros(k * k + 1, dtype=torch.float64, device=device)  # confusion, loss sum
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    for batch in batches:
+        x, y = to_device(batch, device)
+        x = normalise(to_unit(x))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x).float()
+        stats[-1] += ce(out, y).double()
+        stats[:-1] += torch.bincount(y * k + out.argmax(1), minlength=k * k).double()
+    all_reduce_sum(stats)
+    return stats[:-1].view(k, k).cpu(), stats[-1:].cpu()
+
+
+class Stopwatch:
+    """Wall seconds of a region; on CUDA it synchronises first, so queued kernels count."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()

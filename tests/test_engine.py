@@ -1,0 +1,171 @@
+"""The worker loops without Ray: collectives only on the group's device, evaluation that a
+rank with no rows cannot hang, empty shards, and the GPU benchmark's CPU mode."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from brainmri import engine
+from brainmri.engine import ShardBatches, all_reduce_sum, evaluate, train_one_epoch
+from brainmri.models import create_model
+from brainmri.transforms import augment
+from conftest import REPO, SHARED_DATA
+
+K, SIZE = 4, 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, SIZE, SIZE), dtype=torch.uint8, generator=g),
+            torch.randint(0, K, (n,), generator=g))
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("brainnet", K, 1, image_size=SIZE, width=8)
+
+
+@pytest.fixture
+def gloo_group():
+    """A real one-rank gloo process group in this process."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_collective_refuses_a_tensor_off_the_groups_device(gloo_group):
+    assert engine.group_device() == torch.device("cpu")
+    t = torch.ones(3, dtype=torch.float64)
+    assert all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(RuntimeError, match="collective on a tensor on meta.*gloo.*needs cpu"):
+        all_reduce_sum(torch.ones(3, device="meta"))
+
+
+def test_no_group_means_no_collective():
+    assert engine.group_device() is None
+    t = torch.ones(2)
+    assert all_reduce_sum(t) is t
+
+
+def test_every_collective_in_the_loops_goes_through_the_device_check(gloo_group, monkeypatch):
+    """train_one_epoch and evaluate call collectives only via all_reduce_sum, with tensors on
+    the loop's device: a spy on the raw collective sees only tensors on that device."""
+    seen = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (seen.append(t.device), real(t, *a, **k))[1])
+    x, y = _data(24)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    batches = ShardBatches.from_tensors(x, y, 8, True, True, 0)
+    dev = torch.device("cpu")
+    tr = train_one_epoch(model, batches.epoch(0), torch.nn.CrossEntropyLoss(), opt, sched, dev,
+                         1.0, torch.Generator().manual_seed(0))
+    assert tr[2].item() == 24 and tr.device == dev
+    evaluate(model, ShardBatches.from_tensors(x, y, 8, False, False, 0).epoch(0), K, dev)
+    assert engine.agree_any(False, dev) is False
+    assert seen == [dev, dev, dev]  # one per loop, one for the stop vote: never per step
+
+
+def test_evaluate_refuses_the_ddp_wrapper(gloo_group):
+    ddp = torch.nn.parallel.DistributedDataParallel(_model())
+    with pytest.raises(TypeError, match="unwrapped module"):
+        evaluate(ddp, [], K, torch.device("cpu"))
+
+
+def _rank(rank: int, world: int, port: int, rows: list[int], out):
+    """A real gloo rank: wraps the model in DDP (as Ray's prepare_model does), evaluates its
+    own rows through the plain module and puts the summed stats in `out`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y = _data(11)
+    ddp = torch.nn.parallel.DistributedDataParallel(_model())
+    mine = torch.as_tensor(rows, dtype=torch.int64)
+    src = ShardBatches.from_tensors(x[mine], y[mine], 4, False, False, 0)
+    for epoch in range(2):  # the second epoch comes from the (possibly empty) cache
+        cm, loss = evaluate(ddp.module, src.epoch(epoch), K, torch.device("cpu"))
+    out.put((rank, cm.tolist(), loss.item()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("split", [
+    [list(range(11)), []],               # one rank has no rows at all
+    [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9, 10]],  # uneven remainders of a batch of 4
+    [[0, 1, 2, 3], [], [4, 5, 6, 7, 8, 9, 10]],
+], ids=["2-ranks-one-empty", "3-ranks-uneven", "3-ranks-one-empty"])
+def test_ranks_with_uneven_or_no_rows_agree_with_a_single_process(split):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, len(split), port, split[r], q)) for r in range(len(split))]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    x, y = _data(11)
+    cm1, loss1 = evaluate(_model(), ShardBatches.from_tensors(x, y, 11, False, False, 0).epoch(0),
+                          K, torch.device("cpu"))
+    for _, cm, loss in results:
+        assert cm == cm1.tolist() and sum(map(sum, cm)) == 11
+        assert loss == pytest.approx(loss1.item(), rel=1e-6)
+
+
+def test_empty_shard_is_cached_as_empty_and_never_streams_again():
+    class OnceOnly:
+        calls = 0
+
+        def iter_torch_batches(self, **kw):
+            OnceOnly.calls += 1
+            return iter(())
+
+    src = ShardBatches(OnceOnly(), {"batch_size": 4}, cache=True, shuffle=False, drop_last=False, seed=0)
+    assert list(src.epoch(0)) == [] and list(src.epoch(1)) == [] and list(src.epoch(2)) == []
+    assert OnceOnly.calls == 1  # a streaming split is a collective: asking again alone would hang
+
+
+def test_augment_runs_on_the_batch_device_with_its_generator():
+    x = torch.rand(6, 1, SIZE, SIZE)
+    a = augment(x.clone(), 1.0, torch.Generator().manual_seed(3))
+    b = augment(x.clone(), 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.device == x.device and not torch.equal(a, x)
+    if torch.cuda.is_available():  # on a GPU machine: the same function, generator on the GPU
+        xc = x.cuda()
+        assert augment(xc, 1.0, torch.Generator(device="cuda").manual_seed(3)).is_cuda
+
+
+def test_gpu_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/gpu.py --device cpu: a few steps of the real loops under a gloo group, so
+    the GPU check cannot rot where no GPU is."""
+    if not (SHARED_DATA / "Training").is_dir():
+        pytest.skip("shared data not found")
+    r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--models", "brainnet",
+                        "--per-class", "6", "--steps", "3", "--warmup", "1", "--batch-size", "8",
+                        "--size", "brainnet=64", "--json", str(tmp_path / "gpu.json")],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    (row,) = res["models"]
+    assert row["model"] == "brainnet" and row["backend"] == "gloo" and row["images_per_s"] > 0
+    assert row["val_match"] is True and 0 <= row["copy_share"] <= 1 and 0 <= row["augment_share"] <= 1
+    assert np.isfinite(row["train_loss"])
