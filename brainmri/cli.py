@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="max epochs per trial, ASHA's max_t (default: the space's)")
     p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default 2)")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers in each trial (default 1)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per train worker")
+    p.add_argument("--gpu", action="store_true",
+                   help="one GPU per train worker; the winner is evaluated on a GPU too")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
     p.add_argument("--no-evaluate", action="store_true",
                    help="publish the winner but skip its test-split evaluation report")
@@ -247,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag predictions whose calibrated confidence is below P as 'refer to a "
                         "radiologist' and report accuracy at the coverage this gives")
     p.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default 64)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per inference actor")
+    p.add_argument("--gpu", action="store_true",
+                   help="one GPU per inference actor (channels-last, bf16 autocast)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="inference actors, each holding one copy of the model (default 1)")
     p.add_argument("--near-dup-distance", type=int, default=4,

@@ -9,7 +9,8 @@
         complete.json          written last: a folder without it is a partial report
 
 Inference is a Ray Data pipeline: a stage reads, validates and preprocesses (Ray may fuse it
-into the actors), then an actor pool (`concurrency` actors, one GPU each with --gpu) loads the
+into the actors; with --gpu it stays in CPU tasks feeding them), then an actor pool
+(`concurrency` actors, one GPU each with --gpu: channels-last, fp32) loads the
 pinned weights once per actor and returns logits. Everything after that runs on the driver
 over per-image arrays, which are small (K floats an image): temperature scaling (fitted on
 the training dataset's val split in-process when the model has no calibration.json), metrics,
@@ -31,7 +32,8 @@ import pyarrow.parquet as pq
 from . import figures, leakage, scoring
 from .calibration import calibration_record, load_calibration, reliability, val_logits
 from .config import ConfigError
-from .inference import REFER, LogitsActor, ModelRef, load_network, open_model, preprocess_many, softmax
+from .inference import (REFER, LogitsActor, ModelRef, actor_resources, load_network, open_model,
+                        preprocess_many, softmax)
 from .sources import Source, open_source, to_ray_dataset
 from .storage import Location, check_name, open_location
 
@@ -64,7 +66,7 @@ def inference_dataset(src: Source, ref: ModelRef, batch_size: int, gpu: bool, co
                                             "num_classes": len(ref.classes), "gpu": gpu},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated
-        num_cpus=1, num_gpus=1 if gpu else 0)
+        **actor_resources(gpu))
 
 
 def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concurrency: int) -> Outputs:

@@ -212,11 +212,13 @@ def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
         # 3. both models on the same frozen test set
         frozen = champion["frozen_test"] if champion else version_uri
         _, frozen_manifest = resolve_dataset(frozen)
-        ch_eval = evaluate(trained.model_uri, frozen, store.uri, split="test", batch_size=cfg.batch_size)
+        # on the recipe's hardware (a GPU recipe: GPU actors), the same for both models
+        run = {"split": "test", "batch_size": cfg.batch_size, "gpu": tcfg.gpu}
+        ch_eval = evaluate(trained.model_uri, frozen, store.uri, **run)
         challenger_m = headline(ch_eval.metrics)
         champion_m = None
         if champion:
-            cp_eval = evaluate(champion["model"], frozen, store.uri, split="test", batch_size=cfg.batch_size)
+            cp_eval = evaluate(champion["model"], frozen, store.uri, **run)
             champion_m = headline(cp_eval.metrics)
         promote, why = decide(champion_m, challenger_m, cfg)
         lease.renew()

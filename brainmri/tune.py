@@ -31,6 +31,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import yaml
 
@@ -250,16 +251,48 @@ class TuneResult:
     seconds: float
 
 
-def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0) -> tuple[int, float]:
-    """(trials at once, CPUs per train worker) so trials never starve each other or Ray Data:
-    every running trial leaves one CPU for its data pipeline."""
+class Plan(NamedTuple):
+    """How a search is scheduled: trials at once (Tune's max_concurrent_trials), CPUs per
+    train worker, and a one-line note for the user when the plan counts on GPUs the cluster
+    does not have yet ("" otherwise)."""
+
+    trials: int
+    cpus_per_worker: float
+    note: str = ""
+
+
+def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0,
+                max_gpus: float | None = None) -> Plan:
+    """The search's Plan from the cluster's resources now (`cpus`, `gpus`) and, with --gpu,
+    the most GPUs its autoscaler may bring (`max_gpus`; None where unknown), so that trials
+    never starve each other or Ray Data: every running trial leaves one CPU for its data
+    pipeline. A pure function: run_search reads the cluster, tests pass numbers.
+
+    GPU trials on an autoscaling cluster (GPU nodes at min_workers 0, or fewer now than it
+    may add) are sized from --max-concurrent, else from the autoscaler's maximum, else 1;
+    Tune then waits for the autoscaler to bring the GPUs. Only a cluster whose known maximum
+    cannot hold one trial is refused."""
     w = settings.workers_per_trial
     if settings.gpu:
-        if gpus < w:
-            raise ConfigError(f"--gpu with {w} workers per trial needs {w} GPUs; the cluster has {gpus:g}")
-        fit = int(min(gpus // w, max(1, (cpus - 1) // (2 * w))))
-        conc = min(settings.max_concurrent or fit, fit)
-        return max(1, conc), 2.0
+        ceiling = max(gpus, max_gpus or 0.0)
+        if max_gpus is not None and ceiling < w:
+            raise ConfigError(f"--gpu with {w} workers per trial needs {w} GPUs; the cluster "
+                              f"has {gpus:g} and its autoscaler can bring at most {max_gpus:g}")
+        if gpus >= w and (max_gpus is None or max_gpus <= gpus):  # a fixed cluster: what fits now
+            fit = int(min(gpus // w, max(1, (cpus - 1) // (2 * w))))
+            conc = min(settings.max_concurrent or fit, fit)
+            return Plan(max(1, conc), 2.0)
+        # GPUs to come: new nodes bring their own CPUs, so only GPUs bound the plan
+        if settings.max_concurrent:
+            conc, why = settings.max_concurrent, "--max-concurrent"
+        elif max_gpus is not None:
+            conc = max(1, int(min(ceiling // w, settings.num_samples)))
+            why = f"the autoscaler's maximum of {ceiling:g} GPUs"
+        else:
+            conc, why = 1, "the cluster's maximum is unknown: set --max-concurrent for more"
+        return Plan(conc, 2.0, f"brainmri tune: the cluster has {gpus:g} GPUs now; planning {conc} "
+                               f"trial(s) of {w} GPU worker(s) at once ({why}); they wait for the "
+                               "autoscaler to bring the GPUs")
     fit = max(1, int(cpus // (w + 1)))  # w workers at 1 CPU + 1 CPU of data loading per trial
     conc = min(settings.max_concurrent or fit, max(1, int(cpus - 1)))
     # what is left after each trial's driver and one whole CPU for its data pipeline (a read
@@ -268,7 +301,20 @@ def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0) -> tuple[i
     if per <= 0:
         raise ConfigError(f"{conc} trials of {w} workers do not fit in {cpus:g} CPUs with one "
                           "CPU per trial left for data loading: lower --max-concurrent")
-    return conc, per
+    return Plan(conc, per)
+
+
+def cluster_max_gpus() -> float | None:
+    """The most GPUs the cluster's autoscaler may bring, from the cluster config it keeps in
+    the GCS (what Ray Train's worker group and Ray Data read for the same question); None on
+    a cluster without one (local Ray, a fixed cluster) or when it cannot be read."""
+    try:
+        from ray._private.state import state
+
+        res = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: never let it break a search
+        return None
+    return float(res.get("GPU", 0)) if res else None
 
 
 def run_search(settings: TuneConfig) -> TuneResult:
@@ -308,7 +354,11 @@ def run_search(settings: TuneConfig) -> TuneResult:
         import ray
 
         res = ray.cluster_resources()
-        conc, per_worker = concurrency(settings, res.get("CPU", 1.0), res.get("GPU", 0.0))
+        plan = concurrency(settings, res.get("CPU", 1.0), res.get("GPU", 0.0),
+                           cluster_max_gpus() if settings.gpu else None)
+        conc, per_worker = plan.trials, plan.cpus_per_worker
+        if plan.note:
+            print(plan.note, flush=True)
         for t in trials:
             t["train"]["cpus_per_worker"] = per_worker
         (exp / "trials.json").write_json({"settings": to_dict(settings), "base": base, "space": space,
@@ -351,7 +401,8 @@ def run_search(settings: TuneConfig) -> TuneResult:
         if settings.evaluate:
             from .evaluate import evaluate
 
-            report_uri = evaluate(model_uri, version.uri, out.uri, split="test").report_uri
+            report_uri = evaluate(model_uri, version.uri, out.uri, split="test",
+                                  gpu=settings.gpu).report_uri
             best["report_uri"] = report_uri
         write_leaderboard(exp, rows, settings)  # now with the winner's links
     (exp / "summary.json").write_json({"best": best, "model": model_uri, "report": report_uri,

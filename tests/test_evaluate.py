@@ -4,6 +4,7 @@ S3) that hold bad files."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 
@@ -14,13 +15,17 @@ import torch
 
 from brainmri import leakage, scoring
 from brainmri.calibration import ece, fit_temperature, fit_temperature_from_logits, reliability
+from brainmri.checkpoints import dump_state
+from brainmri.cli import build_parser
 from brainmri.config import ConfigError, TrainConfig
 from brainmri.evaluate import COMPLETE, evaluate
-from brainmri.inference import softmax
+from brainmri.inference import LogitsActor, actor_resources, inference_device, softmax
+from brainmri.models import create_model
 from brainmri.predict import Predictor
 from brainmri.sources import _classify_keys, open_source
 from brainmri.storage import StorageError, open_location
 from brainmri.train import run_training
+from brainmri.transforms import to_model_input
 from _tiny import kaggle_folder, one_thread, small_lake  # noqa: F401 (autouse fixture)
 
 CLASSES3 = ["a", "b", "c"]
@@ -113,6 +118,61 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     (tmp_path / "lake" / "datasets").mkdir(parents=True)
     with pytest.raises(StorageError, match="no files in class folders"):
         open_source(str(tmp_path / "lake"), list(CLASSES4))
+
+
+# -- where inference runs -------------------------------------------------------------------
+def test_inference_pool_asks_ray_for_a_gpu_per_actor_only_with_gpu():
+    assert actor_resources(False) == {"num_cpus": 1, "num_gpus": 0}  # as before: CPU actors
+    assert actor_resources(True) == {"num_cpus": 1, "num_gpus": 1}
+    assert build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o",
+                                      "--gpu"]).gpu is True
+    assert build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o"]).gpu is False
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    """A random brainnet (32 px) saved as a checkpoint file: (path, sha256, network, images)."""
+    torch.manual_seed(0)
+    model = create_model("brainnet", 4, 1, image_size=32, width=8).eval()
+    state = {"model": model.state_dict(), "classes": list(CLASSES4),
+             "config": {"model": "brainnet", "image_size": 32, "model_args": {"width": 8}}}
+    blob = dump_state(state)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(blob)
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    return str(path), hashlib.sha256(blob).hexdigest(), model, x
+
+
+def test_cpu_inference_is_plain_fp32_as_before(tiny_weights):
+    path, sha, model, x = tiny_weights
+    assert inference_device(False) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA device"):
+            inference_device(True)
+    actor = LogitsActor(path, sha, num_classes=4, gpu=False)
+    assert actor.device.type == "cpu" and next(actor.model.parameters()).device.type == "cpu"
+    reason = np.array(["", "", "corrupt_or_truncated", "", "", ""], dtype=object)
+    out = actor({"x": x, "reason": reason, "path": np.arange(6)})
+    with torch.no_grad():  # what forward_logits computed before the GPU path existed
+        expected = model(to_model_input(torch.from_numpy(x))).float().numpy()
+    ok = reason == ""
+    assert np.array_equal(out["logits"][ok], expected[ok])  # bit for bit
+    assert np.isnan(out["logits"][~ok]).all() and "x" not in out and list(out["path"]) == list(range(6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_inference_agrees_with_cpu(tiny_weights):
+    path, sha, model, x = tiny_weights
+    gpu = LogitsActor(path, sha, num_classes=4, gpu=True)
+    p = next(gpu.model.parameters())
+    assert p.device.type == "cuda"
+    assert any(q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last)
+               for q in gpu.model.parameters())
+    batch = {"x": x, "reason": np.full(len(x), "", dtype=object)}
+    on_gpu = gpu(batch)["logits"]
+    on_cpu = LogitsActor(path, sha, num_classes=4, gpu=False)(batch)["logits"]
+    assert on_gpu.dtype == np.float32
+    assert np.allclose(on_gpu, on_cpu, rtol=1e-2, atol=1e-2 * np.abs(on_cpu).max())  # fp32 (TF32 convs)
 
 
 def test_object_keys_follow_ingest_placement_rules():

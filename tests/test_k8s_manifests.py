@@ -110,6 +110,36 @@ def test_train_entrypoint_arguments():
     assert "--gpu" in argv and argv[argv.index("--num-workers") + 1] == "2"
 
 
+def test_train_run_has_a_stable_name():
+    """KubeRay retries a failed RayJob (backoffLimit) on a fresh cluster with the same
+    entrypoint: only a fixed --name makes the retry resume the run's checkpoints in S3
+    instead of starting a new, timestamp-named run."""
+    from brainmri.storage import check_name
+
+    (doc,) = [d for d in _docs(ROOT / "jobs/k8s/rayjob-train.yaml") if d["kind"] == "RayJob"]
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert "--name" in argv, "rayjob-train.yaml: give the run a stable --name so a retry resumes it"
+    name = argv[argv.index("--name") + 1]
+    check_name(name, "run name")  # a valid path segment, and a literal (no $VAR / $(date))
+    assert not re.search(r"[$`{}]", name)
+    assert doc["spec"].get("backoffLimit", 0) >= 1  # retries happen, hence the name
+
+
+def test_kubectl_image_is_pinned_and_has_a_shell():
+    """The fallback CronJob's submitter: an image that exists upstream, pinned to an exact
+    release (or digest), with the /bin/sh its script needs."""
+    (cron,) = [d for d in _docs(ROOT / "jobs/k8s/cronjob-fallback.yaml") if d["kind"] == "CronJob"]
+    (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    image = c["image"]
+    assert not image.startswith(("bitnami/", "docker.io/bitnami/")), "bitnami/kubectl tags are gone"
+    # registry.k8s.io/kubectl is distroless (no shell): only for a command without /bin/sh
+    if c.get("command", [""])[0] in ("/bin/sh", "sh", "/bin/bash", "bash"):
+        assert not image.startswith("registry.k8s.io/kubectl"), image
+    m = re.fullmatch(r"(?:docker\.io/)?(alpine/k8s|registry\.k8s\.io/kubectl):v?(\d+)\.(\d+)\.(\d+)"
+                     r"(@sha256:[0-9a-f]{64})?", image)
+    assert m, f"pin the kubectl image to an exact version (or digest), not {image!r}"
+
+
 def test_cronjob_fallback():
     docs = _docs(ROOT / "jobs/k8s/cronjob-fallback.yaml")
     (cron,) = [d for d in docs if d["kind"] == "CronJob"]

@@ -12,7 +12,7 @@ from brainmri.checkpoints import build_model, load_model_state
 from brainmri.cli import main
 from brainmri.config import ConfigError, TuneConfig
 from brainmri.storage import open_location
-from brainmri.tune import concurrency, load_space, run_search, sample_trials, trial_config
+from brainmri.tune import cluster_max_gpus, concurrency, load_space, run_search, sample_trials, trial_config
 from _tiny import small_lake
 
 SPACE = {
@@ -85,15 +85,40 @@ def test_sampling_is_seeded_and_conditional(tmp_path):
 def test_concurrency_leaves_a_cpu_per_trial_for_data():
     # 2-core laptop: one trial; its worker gets what is left after the trial's driver and a
     # whole CPU for Ray Data's read tasks (0.99 free would deadlock them)
-    assert concurrency(TuneConfig(), cpus=2) == (1, 0.75)
-    assert concurrency(TuneConfig(workers_per_trial=2), cpus=2) == (1, 0.25)
-    assert concurrency(TuneConfig(), cpus=16) == (8, 0.75)
-    assert concurrency(TuneConfig(max_concurrent=2), cpus=16) == (2, 1.0)
+    assert concurrency(TuneConfig(), cpus=2) == (1, 0.75, "")
+    assert concurrency(TuneConfig(workers_per_trial=2), cpus=2) == (1, 0.25, "")
+    assert concurrency(TuneConfig(), cpus=16) == (8, 0.75, "")
+    assert concurrency(TuneConfig(max_concurrent=2), cpus=16) == (2, 1.0, "")
     # GPU cluster: bounded by GPUs and by 2 CPUs per GPU worker
-    assert concurrency(TuneConfig(gpu=True), cpus=16, gpus=4) == (4, 2.0)
-    assert concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=64, gpus=8) == (4, 2.0)
-    with pytest.raises(ConfigError, match="needs 2 GPUs"):
-        concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=16, gpus=1)
+    assert concurrency(TuneConfig(gpu=True), cpus=16, gpus=4) == (4, 2.0, "")
+    assert concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=64, gpus=8) == (4, 2.0, "")
+    assert concurrency(TuneConfig(gpu=True, max_concurrent=8), cpus=16, gpus=4, max_gpus=4) == (4, 2.0, "")
+    # a cluster whose autoscaler can never bring one trial's GPUs is refused before Ray Tune waits
+    with pytest.raises(ConfigError, match="needs 2 GPUs; the cluster has 1 and its autoscaler can bring at most 1"):
+        concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=16, gpus=1, max_gpus=1)
+
+
+def test_gpu_search_on_an_autoscaling_cluster_waits_for_its_gpus():
+    # GPU workers at min_workers 0: no GPU yet. --max-concurrent is trusted
+    plan = concurrency(TuneConfig(gpu=True, max_concurrent=2), cpus=2, gpus=0)
+    assert plan[:2] == (2, 2.0) and "has 0 GPUs now" in plan.note and "--max-concurrent" in plan.note
+    # no --max-concurrent and no readable maximum: one trial at a time, and it says so
+    plan = concurrency(TuneConfig(gpu=True), cpus=2, gpus=0)
+    assert plan.trials == 1 and "set --max-concurrent" in plan.note and "\n" not in plan.note
+    plan = concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=16, gpus=1)
+    assert plan.trials == 1 and plan.note
+    # the autoscaler's maximum (its cluster config), in whole trials, at most one per sample
+    plan = concurrency(TuneConfig(gpu=True, workers_per_trial=2, num_samples=8), cpus=4, gpus=0, max_gpus=6)
+    assert plan.trials == 3 and "maximum of 6 GPUs" in plan.note
+    assert concurrency(TuneConfig(gpu=True, num_samples=8), cpus=4, gpus=1, max_gpus=2**63 - 1).trials == 8
+    with pytest.raises(ConfigError, match="at most 0"):
+        concurrency(TuneConfig(gpu=True), cpus=4, gpus=0, max_gpus=0)
+
+
+@pytest.mark.slow
+def test_local_ray_has_no_autoscaler_maximum(ray_local):
+    assert ray_local.cluster_resources().get("GPU", 0) == 0
+    assert cluster_max_gpus() is None  # so a --gpu search here plans one trial and says why
 
 
 def _rows(exp) -> list[dict]:
