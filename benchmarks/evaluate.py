@@ -57,13 +57,13 @@ def tiny_model(work: Path) -> str:
     import pyarrow.parquet as pq
     import torch
 
-    from brainmri.checkpoints import library_versions, publish_model
     from brainmri.config import IngestConfig, TrainConfig, to_dict
-    from brainmri.datasets import manifest_hash, split_files
-    from brainmri.ingest import ingest
-    from brainmri.models import create_model
-    from brainmri.storage import open_location
-    from brainmri.transforms import MEAN, STD, preprocess, to_model_input
+    from brainmri.core.storage import open_location
+    from brainmri.data.datasets import manifest_hash, split_files
+    from brainmri.data.ingest import ingest
+    from brainmri.data.transforms import MEAN, STD, preprocess, to_model_input
+    from brainmri.models.checkpoints import library_versions, publish_model
+    from brainmri.models.zoo import create_model
 
     src = work / "src" / "Training"
     subset_folder(src, 48, offset=1000)
@@ -90,8 +90,8 @@ def tiny_model(work: Path) -> str:
 
 
 def default_model(work: Path) -> str:
-    from brainmri.checkpoints import latest_model
-    from brainmri.storage import StorageError, open_location
+    from brainmri.core.storage import StorageError, open_location
+    from brainmri.models.checkpoints import latest_model
 
     try:
         return latest_model(open_location(str(REPO / "lake" / "models" / "brainnet"))).uri
@@ -102,8 +102,8 @@ def default_model(work: Path) -> str:
 
 def plain_loop(files: list[Path], model_uri: str, batch_size: int) -> float:
     """Seconds for the plain in-process loop over the files (same checks, same math)."""
-    from brainmri import images as im
-    from brainmri.inference import forward_logits, load_network, open_model, preprocess_many
+    from brainmri.data import images as im
+    from brainmri.evaluation.inference import forward_logits, load_network, open_model, preprocess_many
 
     ref = open_model(model_uri)
     net = load_network(ref.weights.uri, ref.sha256)
@@ -118,9 +118,9 @@ def plain_loop(files: list[Path], model_uri: str, batch_size: int) -> float:
 
 def latencies(files: list[Path], model_uri: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-image seconds: Predictor.predict on one image vs a plain batch-of-one forward."""
-    from brainmri import images as im
-    from brainmri.inference import forward_logits, preprocess_many
-    from brainmri.predict import Predictor
+    from brainmri.data import images as im
+    from brainmri.evaluation.inference import forward_logits, preprocess_many
+    from brainmri.evaluation.predict import Predictor
 
     pred = Predictor(model_uri)
     blobs = [f.read_bytes() for f in files]
@@ -152,9 +152,9 @@ def main() -> int:
     import ray
     import torch
 
-    from brainmri.evaluate import evaluate, inference_dataset, temperature_for
-    from brainmri.inference import open_model
-    from brainmri.sources import open_source
+    from brainmri.evaluation.evaluate import evaluate, inference_dataset, temperature_for
+    from brainmri.evaluation.inference import open_model
+    from brainmri.evaluation.sources import open_source
 
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="brainmri-bench-eval-"))

@@ -1,7 +1,7 @@
 """The data-parallel training step on one GPU, without Ray: throughput, where the step's
 time goes, peak memory, and that validation through the collectives matches a plain one.
 
-It drives the project's own pieces (`brainmri.engine.train_one_epoch` / `evaluate` /
+It drives the project's own pieces (`brainmri.training.engine.train_one_epoch` / `evaluate` /
 `all_reduce_sum`, `ShardBatches`, `transforms.preprocess`, the model registry) under a real
 one-rank process group: NCCL on CUDA (so any CPU tensor that reached a collective would
 fail here as it would on a cluster), gloo with `--device cpu` (what CI runs, a few steps).
@@ -34,12 +34,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from brainmri import engine  # noqa: E402
 from brainmri.config import CLASSES  # noqa: E402
-from brainmri.engine import ShardBatches, Stopwatch, evaluate, to_device, train_one_epoch  # noqa: E402
-from brainmri.metrics import from_confusion  # noqa: E402
-from brainmri.models import count_params, create_model  # noqa: E402
-from brainmri.transforms import augment, normalise, preprocess, to_unit  # noqa: E402
+from brainmri.core.metrics import from_confusion  # noqa: E402
+from brainmri.data.transforms import augment, normalise, preprocess, to_unit  # noqa: E402
+from brainmri.models.zoo import count_params, create_model  # noqa: E402
+from brainmri.training import engine  # noqa: E402
+from brainmri.training.engine import ShardBatches, Stopwatch, evaluate, to_device, train_one_epoch  # noqa: E402
 
 SIZES = {"brainnet": 160, "resnet50": 224, "efficientnet_b0": 224, "convnext_tiny": 224}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri"
@@ -150,7 +150,6 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
     engine_m = from_confusion(cm.numpy(), list(CLASSES))
     plain_m = from_confusion(plain_cm.numpy(), list(CLASSES))
     steps_imgs = args.steps * args.batch_size
-    del model, raw, opt
     if cuda:
         torch.cuda.empty_cache()
     return {

@@ -100,7 +100,7 @@ def phase_peer(source: Path) -> dict:
 
 def phase_ingest(source: Path, dest: str, workers: int) -> dict:
     from brainmri.config import IngestConfig
-    from brainmri.ingest import ingest
+    from brainmri.data.ingest import ingest
 
     with PeakRSS() as rss:
         t0 = time.perf_counter()

@@ -23,15 +23,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from brainmri.config import TrainConfig  # noqa: E402
-from brainmri.datasets import resolve_dataset  # noqa: E402
-from brainmri.models import count_params, create_model, list_models  # noqa: E402
-from brainmri.transforms import preprocess, to_model_input  # noqa: E402
+from brainmri.data.datasets import resolve_dataset  # noqa: E402
+from brainmri.data.transforms import preprocess, to_model_input  # noqa: E402
+from brainmri.models.zoo import count_params, create_model, list_models  # noqa: E402
 
 
 def bench_ray_data(lake: str, size: int, limit: int, batch: int) -> float:
-    import ray
 
-    from brainmri.train import build_datasets
+    from brainmri.training.train import build_datasets
 
     version, manifest = resolve_dataset(lake)
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
@@ -80,7 +79,7 @@ def bench_plain_loop(model_name, size, batch, steps, threads) -> float:
 
 def bench_torchtrainer(lake, model_name, size, batch, limit, epochs, threads) -> float:
     """1 worker, cached data: epochs after the first run from memory like the plain loop."""
-    from brainmri.train import run_training
+    from brainmri.training.train import run_training
 
     out = tempfile.mkdtemp(prefix="bench-train-")
     cfg = TrainConfig(data=lake, out=out, name="bench", model=model_name, image_size=size,

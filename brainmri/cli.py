@@ -7,7 +7,7 @@ import json
 import sys
 
 from .config import ConfigError, IngestConfig, TrainConfig, TuneConfig, load_config
-from .storage import StorageError
+from .core.storage import StorageError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_ingest(a) -> int:
-    from .ingest import ingest
+    from .data.ingest import ingest
 
     overrides = _overrides(a, ("name", "seed", "val_fraction", "test_fraction", "workers"))
     cfg = load_config(IngestConfig, a.config, overrides)
@@ -47,7 +47,7 @@ def cmd_ingest(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .train import run_training
+    from .training.train import run_training
 
     overrides = _overrides(a, ("data", "dataset", "out", "name", "model", "epochs", "batch_size",
                                "lr", "image_size", "num_workers", "seed", "limit_train", "limit_val"))
@@ -65,7 +65,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_tune(a) -> int:
-    from .tune import run_search
+    from .ops.tune import run_search
 
     overrides = _overrides(a, ("data", "dataset", "out", "space", "name", "num_samples",
                                "max_concurrent", "epochs", "workers_per_trial", "seed",
@@ -89,7 +89,7 @@ def cmd_tune(a) -> int:
 
 
 def cmd_retrain(a) -> int:
-    from .retrain import RetrainConfig, retrain
+    from .ops.retrain import RetrainConfig, retrain
 
     overrides = _overrides(a, ("store", "dataset", "incoming", "recipe", "champion",
                                "tolerance_macro_f1", "tolerance_glioma_recall", "lock_ttl_min",
@@ -120,7 +120,7 @@ def probability(text: str) -> float:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import evaluate
+    from .evaluation.evaluate import evaluate
 
     res = evaluate(a.model, a.data, a.out, split=a.split, abstain_below=a.abstain_below,
                    batch_size=a.batch_size, gpu=a.gpu, concurrency=a.concurrency,
@@ -143,7 +143,7 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    from .calibration import fit_temperature
+    from .evaluation.calibration import fit_temperature
 
     rec = fit_temperature(a.model, batch_size=a.batch_size)
     print(f"T = {rec['temperature']:.4f} on {rec['n']} validation images: NLL "
@@ -153,7 +153,7 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .predict import run
+    from .evaluation.predict import run
 
     return run(a.paths, a.model, fmt=a.format, output=a.output, abstain_below=a.abstain_below,
                batch_size=a.batch_size)

@@ -97,9 +97,8 @@ class TrainConfig:
     publish: bool = True  # publish the best checkpoint as models/<model>/<version>/
 
     def validate(self) -> None:
-        from .models import check_model_name
-
-        check_model_name(self.model)
+        # the model name is checked where models are known (training.prepare, tune's space),
+        # so that this module stays free of torch and of the rest of the package
         if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ConfigError("image_size >= 32, epochs >= 1, batch_size >= 1, num_workers >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:

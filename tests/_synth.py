@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from brainmri import images as im
+from brainmri.data import images as im
 
 
 def synth_array(seed: int, size: int = 112) -> np.ndarray:

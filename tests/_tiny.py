@@ -7,17 +7,18 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-from brainmri.checkpoints import library_versions, publish_model
 from brainmri.config import IngestConfig, TrainConfig, to_dict
-from brainmri.datasets import manifest_hash, resolve_dataset, split_files
-from brainmri.ingest import ingest
-from brainmri.models import count_params, create_model
-from brainmri.storage import open_location
-from brainmri.transforms import MEAN, STD, preprocess, to_model_input
+from brainmri.core.storage import open_location
+from brainmri.data.datasets import manifest_hash, resolve_dataset, split_files
+from brainmri.data.ingest import ingest
+from brainmri.data.transforms import MEAN, STD, preprocess, to_model_input
+from brainmri.models.checkpoints import library_versions, publish_model
+from brainmri.models.zoo import count_params, create_model
+
 from conftest import CLASSES, SHARED_DATA, real_subset
 
 SIZE = 64

@@ -30,7 +30,7 @@ def real_subset(dest: Path, per_class: int, offset: int = 0) -> Path:
 def s3_server():
     """A real S3-protocol server on 127.0.0.1 (moto's server mode); yields its endpoint URL.
 
-    The standard AWS variables point every client (boto3, pyarrow via brainmri.storage,
+    The standard AWS variables point every client (boto3, pyarrow via brainmri.core.storage,
     Ray workers, which inherit the environment) at it."""
     from moto.server import ThreadedMotoServer
 

@@ -7,9 +7,8 @@ import tomllib
 
 import jsonschema
 import pytest
-import yaml
-
 import ray.autoscaler
+import yaml
 from ray.runtime_env import RuntimeEnv
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

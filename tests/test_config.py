@@ -6,8 +6,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from brainmri.config import (CLASSES, ConfigError, IngestConfig, from_dict, load_config,
-                             parse_overrides, to_dict)
+from brainmri.config import (
+    CLASSES,
+    ConfigError,
+    IngestConfig,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 def test_defaults_validate_and_round_trip():

@@ -13,19 +13,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from brainmri import leakage, scoring
-from brainmri.calibration import ece, fit_temperature, fit_temperature_from_logits, reliability
-from brainmri.checkpoints import dump_state
 from brainmri.cli import build_parser
 from brainmri.config import ConfigError, TrainConfig
-from brainmri.evaluate import COMPLETE, evaluate
-from brainmri.inference import LogitsActor, actor_resources, inference_device, softmax
-from brainmri.models import create_model
-from brainmri.predict import Predictor
-from brainmri.sources import _classify_keys, open_source
-from brainmri.storage import StorageError, open_location
-from brainmri.train import run_training
-from brainmri.transforms import to_model_input
+from brainmri.core.storage import StorageError, open_location
+from brainmri.data.transforms import to_model_input
+from brainmri.evaluation import leakage, scoring
+from brainmri.evaluation.calibration import ece, fit_temperature, fit_temperature_from_logits, reliability
+from brainmri.evaluation.evaluate import COMPLETE, evaluate
+from brainmri.evaluation.inference import LogitsActor, actor_resources, inference_device, softmax
+from brainmri.evaluation.predict import Predictor
+from brainmri.evaluation.sources import _classify_keys, open_source
+from brainmri.models.checkpoints import dump_state
+from brainmri.models.zoo import create_model
+from brainmri.training.train import run_training
+
 from _tiny import kaggle_folder, one_thread, small_lake  # noqa: F401 (autouse fixture)
 
 CLASSES3 = ["a", "b", "c"]

@@ -1,4 +1,4 @@
-"""brainmri.images on files the tests make: every rejection reason, every accepted kind."""
+"""brainmri.data.images on files the tests make: every rejection reason, every accepted kind."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri import images as im
-from brainmri.ingest import _inspect_file
+from brainmri.data import images as im
+from brainmri.data.ingest import _inspect_file
 
 from _synth import bad_files, encode, near_copy, synth_array, synth_jpeg
 

@@ -22,13 +22,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from brainmri import images as im
 from brainmri.config import CLASSES, IngestConfig
-from brainmri.datasets import (MANIFEST, SPLITS, complete_versions, dataset_root,
-                               latest_version, load_manifest, resolve_dataset, split_files)
-from brainmri.dedup import near_duplicate_pairs
-from brainmri.ingest import SCHEMA, ingest
-from brainmri.storage import StorageError, open_location
+from brainmri.core.storage import StorageError, open_location
+from brainmri.data import images as im
+from brainmri.data.datasets import (
+    MANIFEST,
+    SPLITS,
+    complete_versions,
+    dataset_root,
+    latest_version,
+    load_manifest,
+    resolve_dataset,
+    split_files,
+)
+from brainmri.data.dedup import near_duplicate_pairs
+from brainmri.data.ingest import SCHEMA, ingest
 
 from _synth import bad_files, encode, near_copy, synth_array, synth_jpeg
 from conftest import real_subset

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from brainmri.checkpoints import load_model_state
-from conftest import REPO
+from brainmri.models.checkpoints import load_model_state
+
 from _tiny import small_lake
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -114,7 +114,7 @@ def test_train_run_has_a_stable_name():
     """KubeRay retries a failed RayJob (backoffLimit) on a fresh cluster with the same
     entrypoint: only a fixed --name makes the retry resume the run's checkpoints in S3
     instead of starting a new, timestamp-named run."""
-    from brainmri.storage import check_name
+    from brainmri.core.storage import check_name
 
     (doc,) = [d for d in _docs(ROOT / "jobs/k8s/rayjob-train.yaml") if d["kind"] == "RayJob"]
     argv = shlex.split(doc["spec"]["entrypoint"])

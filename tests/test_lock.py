@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from brainmri.lock import Lease, LockHeld
-from brainmri.storage import open_location
+from brainmri.core.lock import Lease, LockHeld
+from brainmri.core.storage import open_location
 
 
 @pytest.fixture(params=["local", "s3"])

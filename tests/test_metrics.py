@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_score, recall_score
 
-from brainmri.metrics import confusion, from_confusion
+from brainmri.core.metrics import confusion, from_confusion
 
 CLASSES = ["a", "b", "c", "d"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from brainmri.config import ConfigError
-from brainmri.models import count_params, create_model, list_models
+from brainmri.models.zoo import count_params, create_model, list_models
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from brainmri.calibration import load_calibration
-from brainmri.checkpoints import build_model, load_model_state
 from brainmri.cli import main
-from brainmri.inference import REFER, open_model, softmax
-from brainmri.predict import Predictor
-from brainmri.storage import open_location
-from brainmri.transforms import preprocess, to_model_input
-from conftest import CLASSES, REPO
+from brainmri.core.storage import open_location
+from brainmri.data.transforms import preprocess, to_model_input
+from brainmri.evaluation.calibration import load_calibration
+from brainmri.evaluation.inference import REFER, open_model, softmax
+from brainmri.evaluation.predict import Predictor
+from brainmri.models.checkpoints import build_model, load_model_state
+
 from _tiny import SIZE, kaggle_folder, one_thread, small_lake, train_inprocess  # noqa: F401 (autouse fixture)
+from conftest import CLASSES, REPO
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 
-from brainmri.checkpoints import load_model_state
 from brainmri.cli import main
 from brainmri.config import ConfigError
-from brainmri.ingest import frozen_test_hashes
-from brainmri.lock import Lease
-from brainmri.retrain import RetrainConfig, audit_log, decide, retrain, state_root
-from brainmri.storage import open_location
+from brainmri.core.lock import Lease
+from brainmri.core.storage import open_location
+from brainmri.data.ingest import frozen_test_hashes
+from brainmri.models.checkpoints import load_model_state
+from brainmri.ops.retrain import RetrainConfig, audit_log, decide, retrain, state_root
+
 from conftest import real_subset
 
 # a recipe small enough for CI: brainnet width 8 at 64 px, one worker

@@ -1,4 +1,4 @@
-"""brainmri.storage: local paths, file:// URIs and S3 (a real S3-protocol server on loopback)."""
+"""brainmri.core.storage: local paths, file:// URIs and S3 (a real S3-protocol server on loopback)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import boto3
 import pyarrow.fs as pafs
 import pytest
 
-from brainmri.storage import StorageError, check_name, open_location
+from brainmri.core.storage import StorageError, check_name, open_location
 
 
 # -- local -------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_s3_nonexistent_bucket(s3_server):
 
 
 def test_s3_endpoint_variables(s3_server, monkeypatch):
-    from brainmri.storage import s3_endpoint
+    from brainmri.core.storage import s3_endpoint
 
     monkeypatch.delenv("BRAINMRI_S3_ENDPOINT")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")

@@ -14,14 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from brainmri.checkpoints import CKPT_FILE, build_model, load_model_state
 from brainmri.config import ConfigError, IngestConfig, TrainConfig, load_config
-from brainmri.datasets import resolve_dataset, split_files
-from brainmri.ingest import ingest
-from brainmri.metrics import confusion, from_confusion
-from brainmri.storage import StorageError, open_location
-from brainmri.train import prepare, run_training
-from brainmri.transforms import preprocess, to_model_input
+from brainmri.core.metrics import confusion, from_confusion
+from brainmri.core.storage import StorageError, open_location
+from brainmri.data.datasets import resolve_dataset, split_files
+from brainmri.data.ingest import ingest
+from brainmri.data.transforms import preprocess, to_model_input
+from brainmri.models.checkpoints import CKPT_FILE, build_model, load_model_state
+from brainmri.training.train import prepare, run_training
+
 from conftest import REPO, real_subset
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ def _predict(state, version, manifest, split="val"):
 
 def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'resnet9000'"):
-        load_config(TrainConfig, overrides=["model=resnet9000"])
+        prepare(load_config(TrainConfig, overrides=["model=resnet9000", f"data={small_lake}"]))
     with pytest.raises(ConfigError, match="unknown config key.*learning_rate"):
         load_config(TrainConfig, overrides=["learning_rate=0.1"])
     with pytest.raises(StorageError, match="no complete version"):
@@ -183,7 +184,7 @@ def tiny_val_lake(tmp_path_factory):
 
 def _evaluate_in_process(state, version, manifest) -> dict:
     """The published weights on every validation row, one process, no Ray, no collective."""
-    from brainmri.engine import ShardBatches, evaluate
+    from brainmri.training.engine import ShardBatches, evaluate
 
     model = build_model(state)
     size = state["config"]["image_size"]

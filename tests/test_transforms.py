@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from brainmri.transforms import augment, fit_square, preprocess, to_model_input, to_unit
+from brainmri.data.transforms import augment, fit_square, preprocess, to_model_input, to_unit
 
 
 def _jpeg(arr: np.ndarray, quality=90) -> bytes:

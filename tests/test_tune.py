@@ -8,11 +8,19 @@ import io
 import pytest
 import yaml
 
-from brainmri.checkpoints import build_model, load_model_state
 from brainmri.cli import main
 from brainmri.config import ConfigError, TuneConfig
-from brainmri.storage import open_location
-from brainmri.tune import cluster_max_gpus, concurrency, load_space, run_search, sample_trials, trial_config
+from brainmri.core.storage import open_location
+from brainmri.models.checkpoints import build_model, load_model_state
+from brainmri.ops.tune import (
+    cluster_max_gpus,
+    concurrency,
+    load_space,
+    run_search,
+    sample_trials,
+    trial_config,
+)
+
 from _tiny import small_lake
 
 SPACE = {

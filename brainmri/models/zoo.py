@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
+from ..config import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -52,7 +52,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, pretrained: str
     model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                             pretrained=pretrained, **kwargs)
     if pretrained and pretrained != "torchvision":
-        from .storage import open_location
+        from ..core.storage import open_location
 
         state = torch.load(io.BytesIO(open_location(pretrained).read_bytes()),
                            map_location="cpu", weights_only=True)

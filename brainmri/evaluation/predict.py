@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import images as im
+from ..config import ConfigError
+from ..core.storage import StorageError, open_location
+from ..data import images as im
+from ..data.ingest import _is_hidden
 from .calibration import load_calibration
-from .config import ConfigError
-from .inference import (REFER, forward_logits, load_network, open_model, preprocess_many,
-                        read_limited, softmax)
-from .ingest import _is_hidden
+from .inference import REFER, forward_logits, load_network, open_model, preprocess_many, read_limited, softmax
 from .sources import default_limits
-from .storage import StorageError, open_location
 
 NOT_FOUND = "not_found"
 INVALID_URI = "invalid_uri"

@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ..config import IngestConfig, to_dict
+from ..core.storage import Location, check_name, open_location
 from . import images as im
-from .config import IngestConfig, to_dict
 from .datasets import MANIFEST, SPLITS, dataset_root
 from .dedup import UnionFind, near_duplicate_pairs
-from .storage import Location, check_name, open_location
 
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx", "ehthumbs.db", "icon\r"}
 SPLIT_DIRS = {"training": "Training", "testing": "Testing"}
@@ -422,8 +422,8 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
 
 
 def build_manifest(version, source, records, grouping, shards, cfg) -> dict:
-    import PIL
     import imagehash
+    import PIL
 
     status = Counter(r.status for r in records)
     counts = {s: {c: 0 for c in cfg.classes} for s in SPLITS}

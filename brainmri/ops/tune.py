@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 import yaml
 
-from .config import ConfigError, TrainConfig, TuneConfig, from_dict, to_dict
-from .storage import Location, check_name, open_location
+from ..config import ConfigError, TrainConfig, TuneConfig, from_dict, to_dict
+from ..core.storage import Location, check_name, open_location
 
 METRIC = "val_macro_f1"
 # keys a search may not touch: where data and results live, and how a trial is scheduled
@@ -91,7 +91,7 @@ def _families(dom) -> dict:
 
 
 def _check_models(dom) -> None:
-    from .models import check_model_name
+    from ..models.zoo import check_model_name
 
     dom = _families(dom)
     if not isinstance(dom, dict) or not dom:
@@ -202,7 +202,7 @@ def train_trial(config: dict, trials: dict, runs_uri: str) -> None:
     Tune's config holds only the trial id; its TrainConfig comes from `trials`."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import run_training
+    from ..training.train import run_training
 
     cfg = from_dict(TrainConfig, trials[config["trial"]])
     run_training(cfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri))
@@ -321,8 +321,9 @@ def run_search(settings: TuneConfig) -> TuneResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .datasets import resolve_dataset
-    from .train import init_ray, prepare
+    from ..core.cluster import init_ray
+    from ..data.datasets import resolve_dataset
+    from ..training.train import prepare
 
     t0 = time.time()
     settings.validate()
@@ -399,7 +400,7 @@ def run_search(settings: TuneConfig) -> TuneResult:
         model_uri = publish_best(out, exp, best)
         best["model_uri"] = model_uri
         if settings.evaluate:
-            from .evaluate import evaluate
+            from ..evaluation.evaluate import evaluate
 
             report_uri = evaluate(model_uri, version.uri, out.uri, split="test",
                                   gpu=settings.gpu).report_uri
@@ -426,7 +427,7 @@ def flops(model, image_size: int) -> int:
 
 def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict) -> list[dict]:
     """One row per trial from what its Train run left in storage, best first."""
-    from .models import count_params, create_model
+    from ..models.zoo import count_params, create_model
 
     rows = []
     for t in trials:
@@ -489,7 +490,7 @@ def write_leaderboard(exp: Location, rows: list[dict], settings: TuneConfig) -> 
 
     png = search_plot(rows)
     (exp / "search.png").write_bytes(png)
-    from .report import CSS, e, img, table
+    from ..evaluation.report import CSS, e, img, table
 
     links = ""
     if rows and rows[0].get("model_uri"):
@@ -508,7 +509,7 @@ def write_leaderboard(exp: Location, rows: list[dict], settings: TuneConfig) -> 
 def search_plot(rows: list[dict]) -> bytes:
     from matplotlib.figure import Figure
 
-    from .figures import to_png
+    from ..evaluation.figures import to_png
 
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
@@ -535,7 +536,7 @@ def search_plot(rows: list[dict]) -> bytes:
 
 def publish_best(out: Location, exp: Location, best: dict) -> str:
     """Publish the winning trial's best checkpoint (by val macro-F1) as a model version."""
-    from .checkpoints import CKPT_FILE, load_state, publish_model
+    from ..models.checkpoints import CKPT_FILE, load_state, publish_model
 
     run = open_location(best["run_uri"])
     chosen = None

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .storage import Location, StorageError, check_name, open_location
+from ..core.storage import Location, StorageError, check_name, open_location
 
 CKPT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -98,7 +98,7 @@ def load_model_state(uri: str) -> dict:
 
 def build_model(state: dict) -> torch.nn.Module:
     """Rebuild the network of a checkpoint/model dict, weights loaded, in eval mode."""
-    from .models import create_model
+    from .zoo import create_model
 
     cfg = state["config"]
     model = create_model(cfg["model"], num_classes=len(state["classes"]), in_chans=1,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-from .calibration import ECE_BINS, ece
+from ..core.metrics import ECE_BINS, ece
 
 # Coverage/accuracy pairs always shown in the report, whatever --abstain-below is.
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

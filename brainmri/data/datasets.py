@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .storage import Location, StorageError, check_name, open_location
+from ..core.storage import Location, StorageError, check_name, open_location
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")

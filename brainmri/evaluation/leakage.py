@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from .datasets import load_manifest, split_files
-from .storage import open_location
+from ..core.storage import open_location
+from ..data.datasets import load_manifest, split_files
 
 NEAR_DISTANCE = 4
 

@@ -23,10 +23,10 @@ import math
 import time
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 
-from .transforms import augment, normalise, to_unit
+from ..data.transforms import augment, normalise, to_unit
 
 
 # -- collectives ------------------------------------------------------------------------------

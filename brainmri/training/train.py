@@ -26,14 +26,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import metrics as M
-from .checkpoints import CKPT_FILE, dump_state, library_versions, load_state, publish_model
-from .config import ConfigError, TrainConfig, from_dict, to_dict
-from .datasets import manifest_hash, resolve_dataset, split_files
-from .models import count_params, create_model
+from ..config import ConfigError, TrainConfig, from_dict, to_dict
+from ..core import metrics as M
+from ..core.cluster import init_ray
+from ..core.storage import check_name, open_location, worker_env
+from ..data.datasets import manifest_hash, resolve_dataset, split_files
+from ..data.transforms import MEAN, STD, preprocess_batch
+from ..models.checkpoints import CKPT_FILE, dump_state, library_versions, load_state, publish_model
+from ..models.zoo import check_model_name, count_params, create_model
 from .engine import ShardBatches, Stopwatch, agree_any, evaluate, lr_lambda, train_one_epoch
-from .storage import check_name, open_location, worker_env
-from .transforms import MEAN, STD, preprocess_batch
 
 METRIC = "val_macro_f1"
 
@@ -190,18 +191,6 @@ def _resources(cfg: TrainConfig) -> dict:
     return {"CPU": per}
 
 
-def init_ray() -> None:
-    """Start (or join, under `ray job submit`) Ray; actors started from this driver (Tune
-    trials, Train controllers) get the non-secret S3 settings the driver resolved."""
-    import ray
-
-    if not ray.is_initialized():
-        # under `ray job submit` (RAY_ADDRESS set) the job's own runtime_env already applies
-        env = {} if os.environ.get("RAY_ADDRESS") else worker_env()
-        ray.init(log_to_driver=True, configure_logging=False,
-                 runtime_env={"env_vars": env} if env else None)
-
-
 def _data_config():
     """Train: equal shards (every rank runs the same number of DDP steps). Validation: each
     row goes to exactly one rank, none dropped (`equal=False`), so the summed confusion
@@ -245,6 +234,7 @@ def build_datasets(cfg: TrainConfig, version, manifest) -> dict:
 def prepare(cfg: TrainConfig):
     """Everything that can fail fast, before Ray starts a worker."""
     cfg.validate()
+    check_model_name(cfg.model)
     name = check_name(cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)
     out = open_location(cfg.out, check=True)
@@ -263,8 +253,6 @@ def prepare(cfg: TrainConfig):
 
 
 def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
-    import ray
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .transforms import to_model_input  # noqa: E402
+from ..data.transforms import to_model_input  # noqa: E402
 
 
 def to_png(fig: Figure, dpi: int = 90) -> bytes:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .checkpoints import META_FILE, MODEL_FILE, build_model, load_state, model_file
-from .storage import Location, StorageError, check_name, open_location
-from .transforms import preprocess, to_model_input
+from ..core.storage import Location, StorageError, check_name, open_location
+from ..data.transforms import preprocess, to_model_input
+from ..models.checkpoints import META_FILE, MODEL_FILE, build_model, load_state, model_file
 
 if TYPE_CHECKING:
-    from .images import ImageLimits
+    from ..data.images import ImageLimits
 
 CALIBRATION_FILE = "calibration.json"
 REFER = "refer to a radiologist"
@@ -176,7 +176,7 @@ def read_limited(loc: Location, limits: ImageLimits) -> bytes:
 
 def load_folder_batch(batch: dict, root_uri: str, size: int, limits: ImageLimits) -> dict:
     """Read, validate (ingest's rules) and preprocess files of an image folder."""
-    from . import images as im  # here: dataset rows arrive hashed, only folders need it
+    from ..data import images as im  # here: dataset rows arrive hashed, only folders need it
 
     n = len(batch["path"])
     out = _empty(n, size)

@@ -16,13 +16,12 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
-
-from . import images as im
-from .config import IngestConfig
-from .datasets import MANIFEST, SPLITS, manifest_hash, split_files
+from ..config import IngestConfig
+from ..core.storage import Location, StorageError, open_location
+from ..data import images as im
+from ..data.datasets import MANIFEST, SPLITS, manifest_hash, split_files
+from ..data.ingest import place, walk_source
 from .inference import load_folder_batch, prepare_dataset_batch
-from .ingest import place, walk_source
-from .storage import Location, StorageError, open_location
 
 DATASET_COLUMNS = ["image", "label", "path", "sha256", "phash"]
 
@@ -78,7 +77,7 @@ def _holds_versions(loc: Location) -> bool:
 
 
 def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
-    from .datasets import resolve_dataset
+    from ..data.datasets import resolve_dataset
 
     version, manifest = resolve_dataset(loc.uri)
     if split not in SPLITS:

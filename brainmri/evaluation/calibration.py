@@ -15,12 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .config import ConfigError
-from .datasets import load_manifest, split_files
+from ..config import ConfigError
+from ..core.metrics import ECE_BINS, ece, nll, reliability  # noqa: F401 (re-exported)
+from ..core.storage import open_location
+from ..data.datasets import load_manifest, split_files
 from .inference import ModelRef, forward_logits, load_network, open_model, preprocess_many, softmax
-from .storage import open_location
-
-ECE_BINS = 15
 
 
 def fit_temperature_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -42,34 +41,6 @@ def fit_temperature_from_logits(logits: np.ndarray, labels: np.ndarray) -> float
 
     opt.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    p = np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1.0)
-    return float(-np.log(p).mean()) if len(labels) else float("nan")
-
-
-def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict:
-    """Top-label reliability: per equal-width confidence bin (right-closed, (a, b]), the
-    count, mean confidence and accuracy. ECE = sum_b n_b/n * |acc_b - conf_b|."""
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # bin b holds conf in (edges[b], edges[b+1]]; conf == 0 is impossible for a softmax
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
-    count = np.bincount(idx, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(idx, conf, minlength=bins) / count
-        acc = np.bincount(idx, correct, minlength=bins) / count
-    n = max(len(labels), 1)
-    gap = np.where(count > 0, np.abs(acc - mean_conf), 0.0)
-    return {"edges": edges.tolist(), "count": count.tolist(),
-            "confidence": np.nan_to_num(mean_conf).tolist(), "accuracy": np.nan_to_num(acc).tolist(),
-            "ece": float((count / n * gap).sum())}
-
-
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    return reliability(probs, labels, bins)["ece"]
 
 
 def summarise_fit(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:

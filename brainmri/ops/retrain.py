@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from .config import ConfigError, IngestConfig, TrainConfig, from_dict, load_config, to_dict
-from .lock import Lease
-from .storage import Location, check_name, open_location
+from ..config import ConfigError, IngestConfig, TrainConfig, from_dict, load_config, to_dict
+from ..core.lock import Lease
+from ..core.storage import Location, check_name, open_location
 
 GLIOMA = "glioma"
 
@@ -130,7 +130,7 @@ def challenger_config(cfg: RetrainConfig, champion: dict | None, data_uri: str, 
 def bootstrap_champion(model_uri: str) -> dict:
     """A champion record for an existing published model: its recipe, and its training
     dataset version's test split as the frozen test set."""
-    from .checkpoints import load_model_state, model_file
+    from ..models.checkpoints import load_model_state, model_file
 
     state = load_model_state(model_uri)
     folder = model_file(model_uri)
@@ -144,10 +144,10 @@ def bootstrap_champion(model_uri: str) -> dict:
 def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
     """One scheduled run (see the module docstring). `hooks(stage)` is called between stages
     (tests use it to crash the job at a chosen point)."""
-    from .datasets import latest_version, resolve_dataset
-    from .evaluate import evaluate
-    from .ingest import ingest
-    from .train import run_training
+    from ..data.datasets import latest_version, resolve_dataset
+    from ..data.ingest import ingest
+    from ..evaluation.evaluate import evaluate
+    from ..training.train import run_training
 
     cfg.validate()
     hook = hooks or (lambda stage: None)
@@ -163,7 +163,7 @@ def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
     try:
         lease.acquire(wait_s=cfg.wait_lock_s)
     except Exception as e:  # LockHeld: a run is in progress; this one leaves without touching anything
-        from .lock import LockHeld
+        from ..core.lock import LockHeld
 
         if isinstance(e, LockHeld):
             return Decision("locked", str(e))

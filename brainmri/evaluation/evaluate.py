@@ -29,13 +29,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import ConfigError
+from ..core.cluster import init_ray
+from ..core.storage import Location, check_name, open_location
 from . import figures, leakage, scoring
 from .calibration import calibration_record, load_calibration, reliability, val_logits
-from .config import ConfigError
-from .inference import (REFER, LogitsActor, ModelRef, actor_resources, load_network, open_model,
-                        preprocess_many, softmax)
+from .inference import (
+    REFER,
+    LogitsActor,
+    ModelRef,
+    actor_resources,
+    load_network,
+    open_model,
+    preprocess_many,
+    softmax,
+)
 from .sources import Source, open_source, to_ray_dataset
-from .storage import Location, check_name, open_location
 
 COMPLETE = "complete.json"
 OUTPUT_COLUMNS = ("path", "label", "sha256", "phash", "reason", "detail", "logits")
@@ -218,16 +227,13 @@ def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below
              cam_per_class: int = 2) -> EvalResult:
     """Evaluate MODEL on DATA and write the report under OUT (see the module docstring).
     Side effects: the report folder, and a local Ray cluster if none is running."""
-    import ray
-
     t0 = time.time()
     check_args(abstain_below, batch_size, concurrency, near_dup_distance)
     ref = open_model(model)  # fail fast: model, data and output before any Ray work
     src = open_source(data, ref.classes, split)
     dest = report_folder(out, ref, src)
     (dest / COMPLETE).delete()  # a rerun that dies midway must not look complete
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False, include_dashboard=False)
+    init_ray()
 
     run = {"batch_size": batch_size, "gpu": gpu, "concurrency": concurrency}
     res = run_inference(src, ref, **run)
