@@ -1,29 +1,20 @@
-"""Shared fixtures: the real shared data, a loopback S3 server (moto server mode), local Ray."""
+"""Shared fixtures: a loopback S3 server (moto server mode), a local Ray cluster, one torch
+thread. Helpers the tests import live in `support/`."""
 
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "brain-tumor-mri"
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 
-
-def real_subset(dest: Path, per_class: int, offset: int = 0) -> Path:
-    """Copy `per_class` real scans of each class into dest/Training/<class>/ (Kaggle layout)."""
-    src = SHARED_DATA / "Training"
-    if not src.is_dir():
-        pytest.skip(f"shared data not found at {src}")
-    for c in CLASSES:
-        files = sorted((src / c).iterdir())[offset:offset + per_class]
-        (dest / "Training" / c).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copy2(f, dest / "Training" / c / f.name)
-    return dest
+def pytest_collection_modifyitems(items):
+    """A test on the shared Ray cluster is marked `ray` and `slow` (Ray's start alone takes
+    seconds; these tests train or run pipelines), so the markers cannot drift from the code."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +70,15 @@ def ray_local(s3_server):
              configure_logging=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two torch threads on a shared 2-core machine spin against each other (10x slower):
+    modules that run many small in-process forwards use it (`pytest.mark.usefixtures`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

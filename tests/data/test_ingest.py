@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support.data import real_subset
+from support.synth import bad_files, encode, near_copy, synth_array, synth_jpeg
 
 from brainmri.config import CLASSES, IngestConfig
 from brainmri.core.storage import StorageError, open_location
@@ -38,10 +40,7 @@ from brainmri.data.datasets import (
 from brainmri.data.dedup import near_duplicate_pairs
 from brainmri.data.ingest import SCHEMA, ingest
 
-from _synth import bad_files, encode, near_copy, synth_array, synth_jpeg
-from conftest import real_subset
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- a synthetic source tree -----------------------------------------------------------------

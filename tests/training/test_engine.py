@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support.data import REPO, SHARED_DATA
 
 from brainmri.data.transforms import augment
 from brainmri.models.zoo import create_model
 from brainmri.training import engine
 from brainmri.training.engine import ShardBatches, all_reduce_sum, evaluate, train_one_epoch
-
-from conftest import REPO, SHARED_DATA
 
 K, SIZE = 4, 32
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from support.data import REPO, real_subset
 
 from brainmri.config import ConfigError, IngestConfig, TrainConfig, load_config
 from brainmri.core.metrics import confusion, from_confusion
@@ -22,10 +23,6 @@ from brainmri.data.ingest import ingest
 from brainmri.data.transforms import preprocess, to_model_input
 from brainmri.models.checkpoints import CKPT_FILE, build_model, load_model_state
 from brainmri.training.train import prepare, run_training
-
-from conftest import REPO, real_subset
-
-pytestmark = pytest.mark.slow
 
 SMALL = dict(image_size=64, batch_size=16, lr=3e-3, warmup_epochs=0.5, patience=0,
              model_args={"width": 16}, num_workers=2, aug_strength=0.5)
@@ -149,6 +146,8 @@ def test_killed_worker_is_replaced_and_resumes(small_lake, ray_local):
     assert h[-1]["resumes"] >= 1  # restarted from a checkpoint, not from scratch
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
     """The driver (a `brainmri train` process with its own local Ray) is killed after its
     first checkpoint; running the same command again continues from that checkpoint."""

@@ -15,7 +15,7 @@ import tomllib
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.gpu"
 CPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.cpu"
 MANIFESTS = sorted((ROOT / "jobs" / "k8s").glob("*.yaml"))

@@ -11,7 +11,7 @@ import ray.autoscaler
 import yaml
 from ray.runtime_env import RuntimeEnv
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCHEMA = pathlib.Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 
 

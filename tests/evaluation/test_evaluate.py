@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from support.tiny import kaggle_folder, small_lake
 
 from brainmri.cli import build_parser
 from brainmri.config import ConfigError, TrainConfig
@@ -27,7 +28,7 @@ from brainmri.models.checkpoints import dump_state
 from brainmri.models.zoo import create_model
 from brainmri.training.train import run_training
 
-from _tiny import kaggle_folder, one_thread, small_lake  # noqa: F401 (autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES3 = ["a", "b", "c"]
 CLASSES4 = ("glioma", "meningioma", "notumor", "pituitary")

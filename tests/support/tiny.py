@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from brainmri.config import IngestConfig, TrainConfig, to_dict
@@ -18,8 +17,7 @@ from brainmri.data.ingest import ingest
 from brainmri.data.transforms import MEAN, STD, preprocess, to_model_input
 from brainmri.models.checkpoints import library_versions, publish_model
 from brainmri.models.zoo import count_params, create_model
-
-from conftest import CLASSES, SHARED_DATA, real_subset
+from support.data import CLASSES, SHARED_DATA, real_subset
 
 SIZE = 64
 MODEL_ARGS = {"width": 8}
@@ -90,12 +88,3 @@ def kaggle_folder(dest: Path, per_class: int = 3, offset: int = 200) -> tuple[Pa
     expected = {"empty_file": 1, "not_an_image": 1, "corrupt_or_truncated": 1,
                 "hidden_or_system_file": 1, "outside_known_class_folder": 1}
     return dest, good, expected
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on a shared 2-core machine spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

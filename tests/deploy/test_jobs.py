@@ -16,13 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.data import REPO
+from support.tiny import small_lake
 
 from brainmri.models.checkpoints import load_model_state
 
-from _tiny import small_lake
-from conftest import REPO
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 

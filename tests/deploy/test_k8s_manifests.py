@@ -8,7 +8,7 @@ import tomllib
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "jobs" / "k8s").glob("*.yaml"))
 SPECLESS_KINDS = {"ServiceAccount", "ConfigMap", "Role", "RoleBinding", "Secret"}
 SECRETISH = re.compile(r"(?i)aws_secret|secret_access|access_key_id|password|passwd|session_token|api_key")

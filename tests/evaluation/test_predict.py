@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from support.data import CLASSES, REPO
+from support.tiny import SIZE, kaggle_folder, small_lake, train_inprocess
 
 from brainmri.cli import main
 from brainmri.core.storage import open_location
@@ -23,8 +25,7 @@ from brainmri.evaluation.inference import REFER, open_model, softmax
 from brainmri.evaluation.predict import Predictor
 from brainmri.models.checkpoints import build_model, load_model_state
 
-from _tiny import SIZE, kaggle_folder, one_thread, small_lake, train_inprocess  # noqa: F401 (autouse fixture)
-from conftest import CLASSES, REPO
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

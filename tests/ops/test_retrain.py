@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from support.data import real_subset
 
 from brainmri.cli import main
 from brainmri.config import ConfigError
@@ -14,8 +15,6 @@ from brainmri.core.storage import open_location
 from brainmri.data.ingest import frozen_test_hashes
 from brainmri.models.checkpoints import load_model_state
 from brainmri.ops.retrain import RetrainConfig, audit_log, decide, retrain, state_root
-
-from conftest import real_subset
 
 # a recipe small enough for CI: brainnet width 8 at 64 px, one worker
 TINY = {"epochs": 4, "image_size": 64, "batch_size": 16, "warmup_epochs": 0.5, "patience": 0,
