@@ -61,16 +61,16 @@ def tiny_model(work: Path) -> str:
     from brainmri.core.storage import open_location
     from brainmri.data.datasets import manifest_hash, split_files
     from brainmri.data.ingest import ingest
-    from brainmri.data.transforms import MEAN, STD, preprocess, to_model_input
-    from brainmri.models.checkpoints import library_versions, publish_model
-    from brainmri.models.zoo import create_model
+    from brainmri.data.transforms import preprocess_many, to_model_input
+    from brainmri.models.checkpoints import make_checkpoint, publish_model
+    from brainmri.models.zoo import count_params, create_model
 
     src = work / "src" / "Training"
     subset_folder(src, 48, offset=1000)
     res = ingest(str(src.parent), str(work / "lake"),
                  IngestConfig(val_fraction=0.25, test_fraction=0.25, workers=1))
     t = pq.read_table(split_files(res.location, res.manifest, "train")[0], columns=["image", "label"])
-    x = to_model_input(torch.from_numpy(np.stack([preprocess(b, 64) for b in t.column("image").to_pylist()])))
+    x = to_model_input(torch.from_numpy(preprocess_many(t.column("image").to_pylist(), 64)))
     y = torch.as_tensor(np.asarray(t.column("label"), dtype=np.int64))
     model = create_model("brainnet", 4, 1, image_size=64, width=8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -81,11 +81,12 @@ def tiny_model(work: Path) -> str:
         opt.step()
     cfg = TrainConfig(data=res.location.uri, out=str(work / "lake"), name="bench-tiny", image_size=64,
                       model_args={"width": 8})
-    ckpt = {"model": model.eval().state_dict(), "epoch": 0, "history": [], "config": to_dict(cfg),
-            "classes": list(CLASSES), "preprocess": {"image_size": 64, "mean": MEAN, "std": STD},
-            "dataset": {"uri": res.location.uri, "name": res.manifest["name"],
-                        "version": res.manifest["version"], "manifest_hash": manifest_hash(res.manifest)},
-            "versions": library_versions()}
+    ckpt = make_checkpoint(
+        model.eval().state_dict(), epoch=0, best=0.0, bad_epochs=0, history=[], resumes=[],
+        config=to_dict(cfg), classes=list(CLASSES),
+        dataset={"uri": res.location.uri, "name": res.manifest["name"],
+                 "version": res.manifest["version"], "manifest_hash": manifest_hash(res.manifest)},
+        params=count_params(model))
     return publish_model(open_location(str(work / "lake")), "brainnet", ckpt, {}).uri
 
 
@@ -103,7 +104,8 @@ def default_model(work: Path) -> str:
 def plain_loop(files: list[Path], model_uri: str, batch_size: int) -> float:
     """Seconds for the plain in-process loop over the files (same checks, same math)."""
     from brainmri.data import images as im
-    from brainmri.evaluation.inference import forward_logits, load_network, open_model, preprocess_many
+    from brainmri.data.transforms import preprocess_many
+    from brainmri.evaluation.inference import forward_logits, load_network, open_model
 
     ref = open_model(model_uri)
     net = load_network(ref.weights.uri, ref.sha256)
@@ -119,7 +121,8 @@ def plain_loop(files: list[Path], model_uri: str, batch_size: int) -> float:
 def latencies(files: list[Path], model_uri: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-image seconds: Predictor.predict on one image vs a plain batch-of-one forward."""
     from brainmri.data import images as im
-    from brainmri.evaluation.inference import forward_logits, preprocess_many
+    from brainmri.data.transforms import preprocess_many
+    from brainmri.evaluation.inference import forward_logits
     from brainmri.evaluation.predict import Predictor
 
     pred = Predictor(model_uri)

@@ -2,7 +2,7 @@
 time goes, peak memory, and that validation through the collectives matches a plain one.
 
 It drives the project's own pieces (`brainmri.training.engine.train_one_epoch` / `evaluate` /
-`all_reduce_sum`, `ShardBatches`, `transforms.preprocess`, the model registry) under a real
+`all_reduce_sum`, `ShardBatches`, `transforms.preprocess_many`, the model registry) under a real
 one-rank process group: NCCL on CUDA (so any CPU tensor that reached a collective would
 fail here as it would on a cluster), gloo with `--device cpu` (what CI runs, a few steps).
 It needs only PyTorch, torchvision, NumPy, Pillow and PyYAML, so it runs on a bare GPU
@@ -36,7 +36,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from brainmri.config import CLASSES  # noqa: E402
 from brainmri.core.metrics import from_confusion  # noqa: E402
-from brainmri.data.transforms import augment, normalise, preprocess, to_unit  # noqa: E402
+from brainmri.data.transforms import augment, normalise, preprocess_many, to_unit  # noqa: E402
 from brainmri.models.zoo import count_params, create_model  # noqa: E402
 from brainmri.training import engine  # noqa: E402
 from brainmri.training.engine import ShardBatches, Stopwatch, evaluate, to_device, train_one_epoch  # noqa: E402
@@ -93,7 +93,7 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
     params = count_params(raw)
     raw = raw.to(device)
     if cuda:
-        raw = raw.to(memory_format=torch.channels_last)
+        raw = engine.to_channels_last(raw)
     model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if cuda else None)
     opt = torch.optim.AdamW(raw.parameters(), lr=1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.lr_lambda(0.1, 1, args.warmup + args.steps))
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     by_size = {}
     for s in sorted({sizes.get(m, 224) for m in models}):
-        by_size[s] = torch.from_numpy(np.stack([preprocess(b, s) for b in data]))
+        by_size[s] = torch.from_numpy(preprocess_many(data, s))
     ys = torch.from_numpy(labels)
     print(f"sample: {len(data)} real scans ({sum(map(len, data)) / 1e6:.1f} MB encoded), "
           f"preprocessed at {sorted(by_size)} px in {time.time() - t0:.1f} s; backend {backend} on {device}"

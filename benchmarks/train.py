@@ -6,7 +6,7 @@
    same model, data (in memory, preprocessed), batch size and threads; Ray overhead in %.
 3. Per registered model: parameter count and estimated epoch time (train steps timed).
 
-    python benchmarks/train.py --lake ./lake            # after `brainmri ingest ... ./lake`
+    python benchmarks/train.py --lake ./lake/datasets/brain-tumor-mri   # after `brainmri ingest ... ./lake`
 """
 
 from __future__ import annotations

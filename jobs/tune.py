@@ -1,6 +1,6 @@
 """Entrypoint for `ray job submit --working-dir . -- python jobs/tune.py ARGS`.
 
-Thin on purpose: the same arguments as `brainmri tune` (see `brainmri train --help`).
+Thin on purpose: the same arguments as `brainmri tune` (see `brainmri tune --help`).
 Inside a submitted job, RAY_ADDRESS is set, so training connects to the cluster."""
 
 import os

@@ -1,8 +1,26 @@
-"""Classification metrics from a confusion matrix.
+"""Classification metrics, and the one schema every producer emits and every consumer reads.
 
-Training aggregates a confusion matrix across data-parallel workers (one all-reduce of a
-KxK tensor), so epoch metrics are computed from it rather than from per-sample lists.
-`tests/test_metrics.py` checks these against scikit-learn on the same predictions.
+The schema (a flat, JSON-ready dict; `summary` and `key` are the only places that spell its
+keys):
+
+    n                      images scored
+    accuracy               correct / n
+    balanced_accuracy      mean recall over the classes present in the labels
+    macro_f1               mean F1 over all classes (an absent class counts as 0)
+    weighted_f1            F1 averaged with each class's support as weight
+    precision_<class>      per class, for every class in label order (0 where undefined)
+    recall_<class>
+    f1_<class>
+    support_<class>        true images of that class (an int)
+
+Training computes it from an all-reduced confusion matrix (`from_confusion`; one all-reduce
+of a KxK tensor) and reports every key with a `val_` prefix (`val_macro_f1`,
+`val_recall_glioma`, ...); evaluation computes it with scikit-learn
+(`evaluation.scoring.classification`) and adds the probability-based metrics beside it in
+metrics.json. Read a per-class value with `class_metric` (or `key`), a per-class table with
+`per_class`. `SELECTION_METRIC` is the training-history key that picks the best epoch,
+checkpoint and trial. `tests/core/test_metrics.py` checks both producers against each other
+and against scikit-learn on the same predictions.
 """
 
 from __future__ import annotations
@@ -15,7 +33,55 @@ def confusion(y_true, y_pred, k: int) -> np.ndarray:
     return np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
 
 
+# the training-history key that selects the best epoch, checkpoint and search trial
+SELECTION_METRIC = "val_macro_f1"
+PER_CLASS = ("precision", "recall", "f1", "support")
+
+
+def key(stat: str, cls: str) -> str:
+    """The schema's key of one per-class statistic: key("recall", "glioma") -> "recall_glioma"."""
+    return f"{stat}_{cls}"
+
+
+def class_metric(m: dict, stat: str, cls: str, prefix: str = ""):
+    """One per-class value of a metrics dict (`prefix` "val_" for a training-history entry);
+    None where it is missing (a class the dataset does not have). Also reads the nested
+    `per_class: {class: {stat: value}}` of metrics.json written before this schema."""
+    k = prefix + key(stat, cls)
+    if k not in m and not prefix and "per_class" in m:  # a metrics.json from an older version
+        return (m["per_class"].get(cls) or {}).get(stat)
+    return m.get(k)
+
+
+def per_class(m: dict, classes: list[str]) -> dict:
+    """{class: {precision, recall, f1, support}} from a metrics dict, for tables."""
+    return {c: {stat: class_metric(m, stat, c) for stat in PER_CLASS} for c in classes}
+
+
+def summary(classes: list[str], precision, recall, f1, support, correct: int) -> dict:
+    """The schema (module docstring) from per-class arrays in label order and the number of
+    correct predictions. Both producers call this, so both emit the same keys."""
+    precision, recall, f1 = (np.asarray(a, dtype=np.float64) for a in (precision, recall, f1))
+    support = np.asarray(support, dtype=np.int64)
+    n = int(support.sum())
+    present = support > 0
+    out = {
+        "n": n,
+        "accuracy": float(correct / n) if n else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1.mean()),
+        "weighted_f1": float((f1 * support).sum() / n) if n else 0.0,
+    }
+    for i, c in enumerate(classes):
+        out[key("precision", c)] = float(precision[i])
+        out[key("recall", c)] = float(recall[i])
+        out[key("f1", c)] = float(f1[i])
+        out[key("support", c)] = int(support[i])
+    return out
+
+
 def from_confusion(cm: np.ndarray, classes: list[str]) -> dict:
+    """The schema from a confusion matrix (rows = true class, columns = predicted class)."""
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
     support = cm.sum(1)
@@ -24,19 +90,7 @@ def from_confusion(cm: np.ndarray, classes: list[str]) -> dict:
         recall = np.where(support > 0, tp / support, 0.0)
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    n = cm.sum()
-    present = support > 0
-    out = {
-        "accuracy": float(tp.sum() / n) if n else 0.0,
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f1.mean()),
-        "n": int(n),
-    }
-    for i, c in enumerate(classes):
-        out[f"recall_{c}"] = float(recall[i])
-        out[f"precision_{c}"] = float(precision[i])
-        out[f"f1_{c}"] = float(f1[i])
-    return out
+    return summary(classes, precision, recall, f1, support.astype(np.int64), int(tp.sum()))
 
 
 # -- from probabilities (evaluation has every prediction in memory) ---------------------------

@@ -22,20 +22,21 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from ..config import name_problem
+
 
 class StorageError(RuntimeError):
     """A storage URI that cannot be used; the message is one sentence for the user."""
 
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 
 
 def check_name(name: str, what: str = "name") -> str:
     """Names that become path segments (dataset, model, run): no slashes, no '..'."""
-    if not _NAME_RE.match(name or "") or ".." in name:
-        raise StorageError(
-            f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    problem = name_problem(name, what)  # the rule lives in config (RetrainConfig checks it too)
+    if problem:
+        raise StorageError(problem)
     return name
 
 

@@ -1,7 +1,7 @@
 """Checking and decoding image files: one set of rules for ingest, evaluate and predict.
 
 `inspect_image` decides whether a file is a usable scan (and why not); `decode_grey`
-turns the stored original bytes into a float greyscale array. Both work on bytes, so
+turns the stored original bytes into a uint8 greyscale array. Both work on bytes, so
 the same code serves local files, S3 objects and Parquet cells.
 """
 

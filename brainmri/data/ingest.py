@@ -37,9 +37,7 @@ from ..core.storage import Location, check_name, open_location
 from . import images as im
 from .datasets import MANIFEST, SPLITS, dataset_root
 from .dedup import UnionFind, near_duplicate_pairs
-
-SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx", "ehthumbs.db", "icon\r"}
-SPLIT_DIRS = {"training": "Training", "testing": "Testing"}
+from .walk import FileRecord, walk_source
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),  # the original encoded file, byte for byte
@@ -58,20 +56,6 @@ SCHEMA = pa.schema([
 
 
 @dataclass
-class FileRecord:
-    path: str  # relative to SOURCE, '/'-separated
-    status: str = "pending"  # accepted | duplicate | rejected
-    reason: str = ""
-    detail: str = ""
-    label: int = -1
-    source_split: str = ""
-    info: im.ImageInfo | None = None
-    duplicate_of: str = ""
-    group: str = ""
-    split: str = ""
-
-
-@dataclass
 class IngestResult:
     version: str
     location: Location
@@ -82,67 +66,6 @@ class IngestResult:
 
 
 # -- pass 1: walk and inspect ----------------------------------------------------------------
-def _is_hidden(parts: list[str]) -> bool:
-    return any(p.startswith(".") or p.lower() in SYSTEM_FILES for p in parts)
-
-
-def place(rel: str, classes: list[str]) -> tuple[str, int, str, str]:
-    """Where a SOURCE-relative path belongs, by the Kaggle layout alone:
-    (source_split, label, reject_reason, detail); label is -1 when rejected.
-    Shared by ingest (local walk) and evaluation of S3 folders (object keys)."""
-    parts = rel.split("/")
-    if _is_hidden(parts):
-        return "", -1, im.HIDDEN, ""
-    split = ""
-    if parts[0].lower() in SPLIT_DIRS:
-        split, parts = SPLIT_DIRS[parts[0].lower()], parts[1:]
-    class_of = {c.lower(): i for i, c in enumerate(classes)}
-    if len(parts) < 2 or parts[0].lower() not in class_of:
-        return split, -1, im.UNKNOWN_CLASS, f"expected <class>/{parts[-1]} with class in {classes}"
-    return split, class_of[parts[0].lower()], "", ""
-
-
-def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
-    """Every entry under root, classified by place; image checks come later."""
-    root = os.path.realpath(root)
-    records = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        entries = sorted(filenames)
-        # os.walk lists symlinked folders as dirs and does not enter them: account for them.
-        for d in list(dirnames):
-            if os.path.islink(os.path.join(dirpath, d)):
-                dirnames.remove(d)
-                entries.append(d)
-        for name in sorted(entries):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            rec = FileRecord(path=rel)
-            records.append(rec)
-            split, label, reason, detail = place(rel, classes)
-            if reason == im.HIDDEN:  # before touching the file: never follow a hidden link
-                rec.status, rec.reason = "rejected", reason
-                continue
-            if os.path.islink(full):
-                target = os.path.realpath(full)
-                if os.path.commonpath([root, target]) != root:
-                    rec.status, rec.reason = "rejected", im.SYMLINK_OUTSIDE
-                    rec.detail = "link target is outside SOURCE"
-                    continue
-                if not os.path.isfile(target):
-                    rec.status, rec.reason = "rejected", im.NOT_REGULAR
-                    rec.detail = "link to a folder or to nothing"
-                    continue
-            elif not os.path.isfile(full):
-                rec.status, rec.reason = "rejected", im.NOT_REGULAR
-                continue
-            rec.source_split = split
-            if reason:
-                rec.status, rec.reason, rec.detail = "rejected", reason, detail
-            rec.label = label
-    return records
-
-
 def _inspect_file(args) -> tuple[int, im.ImageInfo | None, str, str]:
     i, full, limits = args
     try:
@@ -193,9 +116,17 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig,
                     frozen: frozenset[str] = frozenset()) -> dict:
     """Mark exact duplicates, form duplicate groups, assign every group to one split.
     Groups touching `frozen` (sha256 of a frozen test split) go to test."""
-    cands = [r for r in records if r.status == "pending"]
-    # Exact duplicates: keep one file per (bytes, label); prefer a Testing copy so the
-    # official test set stays whole, then the first path.
+    kept, exact_groups = _mark_exact_duplicates([r for r in records if r.status == "pending"])
+    group_list, near_pairs = _duplicate_groups(kept, cfg)
+    _assign_splits(group_list, kept, cfg, frozen)
+    return {"exact_groups": exact_groups, "near_pairs": len(near_pairs),
+            "groups": group_list, "label_conflicts": _label_conflicts(group_list, cfg.classes)}
+
+
+def _mark_exact_duplicates(cands: list[FileRecord]) -> tuple[list[FileRecord], list[list[str]]]:
+    """Exact duplicates: keep one file per (bytes, label); prefer a Testing copy so the
+    official test set stays whole, then the first path. Returns (kept sorted by path, the
+    paths of every set of identical files)."""
     by_sha = defaultdict(list)
     for r in cands:
         by_sha[r.info.sha256].append(r)
@@ -215,8 +146,12 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig,
         if len(members) > 1:
             exact_groups.append(sorted(m.path for m in members))
     kept.sort(key=lambda r: r.path)
+    return kept, exact_groups
 
-    # Near duplicates among kept files (identical bytes with different labels join here too).
+
+def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
+    """Near duplicates among kept files (identical bytes with different labels join here
+    too) -> ([(group id, members)] sorted by id, near-duplicate pairs). Sets each m.group."""
     uf = UnionFind(len(kept))
     phash = np.array([r.info.phash for r in kept], dtype=np.int64)
     thumbs = np.frombuffer(b"".join(r.info.thumb for r in kept), dtype=np.uint8).reshape(
@@ -235,31 +170,30 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig,
             m.group = gid
         group_list.append((gid, members))
     group_list.sort(key=lambda g: g[0])
+    return group_list, near_pairs
 
+
+def _label_conflicts(group_list, classes: list[str]) -> list[dict]:
+    """Groups whose members carry different labels (reported, not resolved)."""
     conflicts = []
     for gid, members in group_list:
         if len({m.label for m in members}) > 1:
             conflicts.append({"group": gid, "members": [
-                {"path": m.path, "class": cfg.classes[m.label]} for m in members]})
+                {"path": m.path, "class": classes[m.label]} for m in members]})
+    return conflicts
 
-    # Split: official Testing groups -> test; per class, carve test (if no Testing folder)
-    # then val from shuffled groups until each reaches its share of that class.
+
+def _majority_label(members: list[FileRecord]) -> int:
+    return Counter(m.label for m in members).most_common(1)[0][0]
+
+
+def _assign_splits(group_list, kept: list[FileRecord], cfg: IngestConfig, frozen: frozenset[str]) -> None:
+    """Official Testing groups -> test, frozen-test groups -> test; the rest per class:
+    carve test (if no Testing folder) then val from shuffled groups until each reaches its
+    share of that class. Sets each m.split."""
     has_testing = any(r.source_split == "Testing" for r in kept)
+    by_class, frozen_count = _fixed_test_groups(group_list, frozen)
     rng = np.random.default_rng(cfg.seed)
-    by_class: dict[int, list] = defaultdict(list)
-    frozen_count: Counter = Counter()
-    for gid, members in group_list:
-        if any(m.source_split == "Testing" for m in members):
-            split = "test"
-        elif any(m.info.sha256 in frozen for m in members):
-            split = "test"  # counts toward its class's test share below
-            frozen_count[Counter(m.label for m in members).most_common(1)[0][0]] += len(members)
-        else:
-            split = ""
-            label = Counter(m.label for m in members).most_common(1)[0][0]
-            by_class[label].append((gid, members))
-        for m in members:
-            m.split = split
     for label in sorted(by_class):
         glist = by_class[label]
         order = rng.permutation(len(glist))
@@ -274,8 +208,26 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig,
                 got[split] += len(members)
             for m in members:
                 m.split = split
-    return {"exact_groups": exact_groups, "near_pairs": len(near_pairs),
-            "groups": group_list, "label_conflicts": conflicts}
+
+
+def _fixed_test_groups(group_list, frozen: frozenset[str]) -> tuple[dict[int, list], Counter]:
+    """Send groups with a Testing member or a frozen-test member to test; returns the other
+    groups by majority label (split still "") and, per label, the files frozen into test
+    (they count toward that class's test share)."""
+    by_class: dict[int, list] = defaultdict(list)
+    frozen_count: Counter = Counter()
+    for gid, members in group_list:
+        if any(m.source_split == "Testing" for m in members):
+            split = "test"
+        elif any(m.info.sha256 in frozen for m in members):
+            split = "test"
+            frozen_count[_majority_label(members)] += len(members)
+        else:
+            split = ""
+            by_class[_majority_label(members)].append((gid, members))
+        for m in members:
+            m.split = split
+    return by_class, frozen_count
 
 
 # -- pass 3: write -----------------------------------------------------------------------------

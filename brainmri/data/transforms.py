@@ -7,6 +7,16 @@
 - random (`augment`): batched on torch tensors in the train worker: affine (rotation,
   scale, shift, flip), intensity (gamma, contrast, brightness), blur or noise. Strength 0
   turns it off; Tune searches the strength. Evaluation never calls it.
+
+The train/eval input contract (one entry point per step, as torchvision's classification
+presets name theirs):
+
+- every split (train, val, test, evaluation, prediction): `preprocess_many` (or
+  `preprocess` for one image) -- decode -> grey -> fit square -> percentile normalise, uint8
+  [N, S, S]. The only loop over encoded images; `preprocess_batch` wraps it for Ray Data.
+- training only: `augment`, on float [0, 1] batches (`to_unit`) in the train worker.
+- everywhere: `to_model_input` (or `normalise` after `augment`) -- the fixed MEAN/STD
+  normalisation to float [N, 1, S, S] right before the network.
 """
 
 from __future__ import annotations
@@ -52,12 +62,17 @@ def preprocess(data: bytes, size: int) -> np.ndarray:
     return normalise_intensity(fit_square(grey, size))
 
 
+def preprocess_many(blobs, size: int) -> np.ndarray:
+    """Encoded images (any sequence of bytes) -> uint8 [N, size, size]; N may be 0."""
+    if not len(blobs):
+        return np.zeros((0, size, size), np.uint8)
+    return np.stack([preprocess(b, size) for b in blobs])
+
+
 def preprocess_batch(batch: dict, size: int) -> dict:
     """Ray Data map_batches function: {'image': bytes[...], 'label'} -> {'x': uint8[B,S,S], 'label'}."""
-    x = np.stack([preprocess(b, size) for b in batch["image"]]) if len(batch["image"]) else \
-        np.zeros((0, size, size), np.uint8)
-    out = {"x": x, "label": np.asarray(batch["label"], dtype=np.int64)}
-    return out
+    return {"x": preprocess_many(batch["image"], size),
+            "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
 def to_unit(x_u8: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ from ..config import ConfigError
 from ..core.metrics import ECE_BINS, ece, nll, reliability  # noqa: F401 (re-exported)
 from ..core.storage import open_location
 from ..data.datasets import load_manifest, split_files
-from .inference import ModelRef, forward_logits, load_network, open_model, preprocess_many, softmax
+from ..data.transforms import preprocess_many
+from .inference import ModelRef, forward_logits, load_network, open_model, softmax
 
 
 def fit_temperature_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import ConfigError
+from ..config import EvaluateConfig
 from ..core.cluster import init_ray
 from ..core.storage import Location, check_name, open_location
 from . import figures, leakage, scoring
@@ -212,23 +212,17 @@ class EvalResult:
     seconds: float
 
 
-def check_args(abstain_below, batch_size, concurrency, near_distance) -> None:
-    if abstain_below is not None and not 0.0 <= abstain_below <= 1.0:
-        raise ConfigError("--abstain-below must be a probability in [0, 1]")
-    if batch_size < 1 or concurrency < 1:
-        raise ConfigError("--batch-size and --concurrency must be >= 1")
-    if not 0 <= near_distance <= 64:
-        raise ConfigError("--near-dup-distance must be in [0, 64]")
-
-
 def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below: float | None = None,
              batch_size: int = 64, gpu: bool = False, concurrency: int = 1,
-             near_dup_distance: int = leakage.NEAR_DISTANCE, n_mistakes: int = 12,
+             near_dup_distance: int = EvaluateConfig.near_dup_distance, n_mistakes: int = 12,
              cam_per_class: int = 2) -> EvalResult:
     """Evaluate MODEL on DATA and write the report under OUT (see the module docstring).
     Side effects: the report folder, and a local Ray cluster if none is running."""
     t0 = time.time()
-    check_args(abstain_below, batch_size, concurrency, near_dup_distance)
+    # the rules live with the options (config.EvaluateConfig), whoever calls this
+    EvaluateConfig(model=model, data=data, out=out, split=split, abstain_below=abstain_below,
+                   batch_size=batch_size, gpu=gpu, concurrency=concurrency,
+                   near_dup_distance=near_dup_distance).validate()
     ref = open_model(model)  # fail fast: model, data and output before any Ray work
     src = open_source(data, ref.classes, split)
     dest = report_folder(out, ref, src)

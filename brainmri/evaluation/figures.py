@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from ..core.metrics import SELECTION_METRIC  # noqa: E402
 from ..data.transforms import to_model_input  # noqa: E402
 
 
@@ -129,6 +130,33 @@ def history(hist: list[dict]) -> bytes | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.legend(fontsize=8)
+    return to_png(fig)
+
+
+def search_plot(rows: list[dict], metric: str = SELECTION_METRIC) -> bytes:
+    """A search's progress from its leaderboard rows: each trial's best `metric` (left) and
+    its learning curve over training time (right), coloured by model family; x marks a trial
+    ASHA stopped."""
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    families = sorted({r["model"] for r in rows})
+    colours = {f: f"C{i}" for i, f in enumerate(families)}
+    for r in sorted(rows, key=lambda r: r["trial"]):
+        hist = r["history"]
+        if not hist:
+            continue
+        t = [sum(h["epoch_seconds"] for h in hist[:i + 1]) / 60 for i in range(len(hist))]
+        ax2.plot(t, [h[metric] for h in hist], color=colours[r["model"]], alpha=0.8,
+                 marker="x" if r["status"] == "stopped by ASHA" else ".")
+        ax1.scatter(int(r["trial"][1:4]), r["best_val_macro_f1"], color=colours[r["model"]],
+                    marker="x" if r["status"] == "stopped by ASHA" else "o", s=40)
+    for f in families:
+        ax1.scatter([], [], color=colours[f], label=f)
+    ax1.legend(fontsize=8, title="o finished, x stopped early", title_fontsize=8)
+    ax1.set(xlabel="trial", ylabel=f"best {metric}", title="best validation macro-F1 per trial")
+    ax2.set(xlabel="trial training time (min)", ylabel=metric, title="learning curves")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
     return to_png(fig)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..core.storage import Location, StorageError, check_name, open_location
-from ..data.transforms import preprocess, to_model_input
+from ..data.transforms import preprocess, preprocess_many, to_model_input  # preprocess_many re-exported
 from ..models.checkpoints import META_FILE, MODEL_FILE, build_model, load_state, model_file
 
 if TYPE_CHECKING:
@@ -135,12 +135,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def preprocess_many(blobs: list[bytes], size: int) -> np.ndarray:
-    if not blobs:
-        return np.zeros((0, size, size), np.uint8)
-    return np.stack([preprocess(b, size) for b in blobs])
-
-
 # -- Ray Data stages ---------------------------------------------------------------------------
 # They live here, not in evaluate.py, because a Ray worker imports the module of whatever it
 # runs: this one needs torch and PIL only, not matplotlib, scikit-learn or the report code.
@@ -153,8 +147,7 @@ def prepare_dataset_batch(batch: dict, size: int) -> dict:
     """Rows already validated by ingest: decode and preprocess only."""
     n = len(batch["path"])
     out = _empty(n, size)
-    for i, data in enumerate(batch["image"]):
-        out["x"][i] = preprocess(data, size)
+    out["x"] = preprocess_many(batch["image"], size)
     out.update(path=np.asarray(batch["path"], dtype=object),
                label=np.asarray(batch["label"], dtype=np.int64),
                sha256=np.asarray(batch["sha256"], dtype=object),

@@ -20,10 +20,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..config import EvaluateConfig
 from ..core.storage import open_location
 from ..data.datasets import load_manifest, split_files
 
-NEAR_DISTANCE = 4
+NEAR_DISTANCE = EvaluateConfig.near_dup_distance  # the default lives with evaluate's options
 
 
 def training_hashes(dataset_uri: str, splits: list[str]) -> tuple[set[str], np.ndarray]:

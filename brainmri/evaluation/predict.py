@@ -19,9 +19,10 @@ import numpy as np
 from ..config import ConfigError
 from ..core.storage import StorageError, open_location
 from ..data import images as im
-from ..data.ingest import _is_hidden
+from ..data.transforms import preprocess_many
+from ..data.walk import is_hidden
 from .calibration import load_calibration
-from .inference import REFER, forward_logits, load_network, open_model, preprocess_many, read_limited, softmax
+from .inference import REFER, forward_logits, load_network, open_model, read_limited, softmax
 from .sources import default_limits
 
 NOT_FOUND = "not_found"
@@ -56,7 +57,7 @@ def expand(paths: list[str]) -> list[tuple[str, object]]:
         elif loc.exists():
             for f in loc.files():
                 rel = f.path[len(loc.path):].lstrip("/")
-                if not _is_hidden(rel.split("/")):
+                if not is_hidden(rel.split("/")):
                     out.append((f.uri, f))
         else:
             out.append((p, Row(p, error=NOT_FOUND, detail="no such file, folder or object")))

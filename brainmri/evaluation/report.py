@@ -1,11 +1,16 @@
 """report.html: one self-contained page (inline CSS, figures as base64 data URIs, no
-scripts, no external references), readable offline and safe to attach to a ticket."""
+scripts, no external references), readable offline and safe to attach to a ticket; and a
+search's leaderboard as CSV, Markdown and such a page (`render_leaderboard`)."""
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
+
+from ..core import metrics as M
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;
@@ -53,10 +58,10 @@ def kpis(m: dict) -> str:
     return "".join(f"<span class='kpi'>{e(label)}<b>{fmt(v, 3)}</b></span>" for label, v in items)
 
 
-def per_class(m: dict) -> str:
+def per_class(m: dict, classes: list[str]) -> str:
     auc = (m.get("roc_auc_ovr") or {}).get("per_class", {})
     rows = [[c, v["precision"], v["recall"], v["f1"], v["support"], auc.get(c)]
-            for c, v in m.get("per_class", {}).items()]
+            for c, v in M.per_class(m, classes).items()] if m.get("n") else []
     return table(["class", "precision", "recall", "F1", "support", "ROC-AUC (OvR)"], rows)
 
 
@@ -103,7 +108,7 @@ def render(m: dict, figs: dict[str, bytes | None], model_config: dict) -> str:
     if rej:
         parts.append(table(["rejection reason", "files"], [[k, v] for k, v in rej.items()]))
 
-    parts.append("<h2>Per class</h2>" + per_class(allm))
+    parts.append("<h2>Per class</h2>" + per_class(allm, mod["classes"]))
     parts.append(img(figs.get("confusion"), "confusion matrix"))
     parts.append(img(figs.get("roc"), "ROC curves"))
 
@@ -161,3 +166,51 @@ def render(m: dict, figs: dict[str, bytes | None], model_config: dict) -> str:
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{e(mod['name'])} {e(mod['version'])}: evaluation</title><style>{CSS}</style>"
             f"</head><body>{body}</body></html>\n")
+
+
+# -- a search's leaderboard --------------------------------------------------------------------
+LEADERBOARD_COLUMNS = ["rank", "trial", "model", "status", "best_val_macro_f1", "val_accuracy",
+                       "val_recall_glioma", "best_epoch", "epochs_run", "wall_s", "params", "gflops",
+                       "config", "run_uri", "error"]
+SHORT_COLUMNS = LEADERBOARD_COLUMNS[:12]  # Markdown and HTML; each row's config follows
+
+
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def render_leaderboard(rows: list[dict], name: str, metric: str, search_note: str,
+                       plot: bytes | None) -> dict[str, bytes]:
+    """A search's leaderboard (rows best first, keyed by LEADERBOARD_COLUMNS; the winner's
+    `model_uri`/`report_uri` linked when set) -> {file name: bytes} for leaderboard.csv, .md
+    and .html. `search_note` describes the search in the Markdown page; `plot` goes in the
+    HTML page."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(LEADERBOARD_COLUMNS)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in LEADERBOARD_COLUMNS])
+
+    short = SHORT_COLUMNS
+    winner = rows[0] if rows and rows[0].get("model_uri") else None
+    md = [f"# Search {name}", "", f"{len(rows)} trials, metric {metric} (validation), {search_note}", "",
+          "| " + " | ".join(short + ["config"]) + " |", "|" + "---|" * (len(short) + 1)]
+    md += ["| " + " | ".join(_cell(r.get(c)) for c in short) + f" | `{r['config']}` |" for r in rows]
+    if winner:
+        md += ["", f"Winner published as `{winner['model_uri']}`"
+               + (f"; test report `{winner['report_uri']}/report.html`" if winner.get("report_uri") else "")]
+
+    links = ""
+    if winner:
+        links = f"<p>Winner: <code>{e(winner['model_uri'])}</code>"
+        if winner.get("report_uri"):
+            links += f" — <a href='{e(winner['report_uri'])}/report.html'>test report</a>"
+        links += "</p>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(name)}</title>"
+            f"<style>{CSS}</style></head><body><h1>Search {e(name)}</h1>"
+            f"<p class='note'>{len(rows)} trials; metric {metric} on validation; best first.</p>"
+            f"{links}{table(short + ['config'], [[r.get(c) for c in short] + [r['config']] for r in rows])}"
+            f"{img(plot, 'search progress')}</body></html>")
+    return {"leaderboard.csv": buf.getvalue().encode(),
+            "leaderboard.md": ("\n".join(md) + "\n").encode(),
+            "leaderboard.html": page.encode()}

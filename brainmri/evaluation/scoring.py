@@ -1,8 +1,9 @@
 """Evaluation metrics from labels and class probabilities (scikit-learn where it has them).
 
-Training's `metrics.py` works from an all-reduced confusion matrix; evaluation has every
+Training's `core/metrics.py` works from an all-reduced confusion matrix; evaluation has every
 prediction in memory, so it also scores the probabilities: ROC-AUC, log loss, Brier score
 and calibration error, plus selective prediction (accuracy when the model may abstain).
+The classification metrics use the one schema of `core/metrics.py` (`summary`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-from ..core.metrics import ECE_BINS, ece
+from ..core.metrics import ECE_BINS, ece, summary
 
 # Coverage/accuracy pairs always shown in the report, whatever --abstain-below is.
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -29,15 +30,7 @@ def classification(labels: np.ndarray, probs: np.ndarray, classes: list[str],
     prec, rec, f1, support = skm.precision_recall_fscore_support(
         y, pred, labels=ks, zero_division=0)
     out = {
-        "n": int(n),
-        "accuracy": float(skm.accuracy_score(y, pred)),
-        # sklearn's balanced accuracy averages recall over the classes present in y_true
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-        "macro_f1": float(skm.f1_score(y, pred, labels=ks, average="macro", zero_division=0)),
-        "weighted_f1": float(skm.f1_score(y, pred, labels=ks, average="weighted", zero_division=0)),
-        "per_class": {c: {"precision": float(prec[i]), "recall": float(rec[i]),
-                          "f1": float(f1[i]), "support": int(support[i])}
-                      for i, c in enumerate(classes)},
+        **summary(classes, prec, rec, f1, support, int((pred == y).sum())),
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=ks).tolist(),
         "roc_auc_ovr": roc_auc_ovr(y, probs, classes),
         "log_loss": float(skm.log_loss(y, probs, labels=ks)),

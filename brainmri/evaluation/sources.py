@@ -3,7 +3,7 @@
 Either way the result is a Ray Dataset of rows {path, label, sha256, phash, reason, detail,
 x} where x is the deterministic preprocessed uint8 image (transforms.preprocess) and a
 non-empty `reason` marks a file rejected by the same rules as ingest (images.inspect_image
-after ingest.walk_source's placement rules). Rejected rows travel on, so the driver counts
+after walk.walk_source's placement rules). Rejected rows travel on, so the driver counts
 them; the model skips them.
 
 A local folder is read by the Ray workers themselves: on a multi-node cluster it must be a
@@ -20,7 +20,7 @@ from ..config import IngestConfig
 from ..core.storage import Location, StorageError, open_location
 from ..data import images as im
 from ..data.datasets import MANIFEST, SPLITS, manifest_hash, split_files
-from ..data.ingest import place, walk_source
+from ..data.walk import place, walk_source
 from .inference import load_folder_batch, prepare_dataset_batch
 
 DATASET_COLUMNS = ["image", "label", "path", "sha256", "phash"]
@@ -117,7 +117,7 @@ def _folder_source(loc: Location, classes: list[str]) -> Source:
 
 
 def _classify_keys(keys: list[str], classes: list[str]):
-    """ingest's placement rules (`ingest.place`) for object keys: S3 has no symlinks or
+    """ingest's placement rules (`walk.place`) for object keys: S3 has no symlinks or
     special files, so place() is the whole check."""
     files, rejects = [], []
     for rel in sorted(keys):

@@ -4,7 +4,9 @@ A checkpoint (`checkpoint.pt` in a Ray Train checkpoint folder) is self-sufficie
 weights (unwrapped from DDP), optimizer and scheduler state, epoch, early-stopping state,
 history, the resolved config, class names, preprocessing parameters, dataset version and
 manifest hash, library versions. It holds only tensors and plain Python values so it loads
-with `torch.load(weights_only=True)`: no pickle of arbitrary objects, ever.
+with `torch.load(weights_only=True)`: no pickle of arbitrary objects, ever. Its keys are
+written in one place, `make_checkpoint`, and read by `load_state`, `build_model` and the
+evaluation code.
 
 A published model version is `models/<name>/<version>/model.pt` (weights + the same
 metadata, no optimizer) and `metadata.json`, written last: a folder without metadata.json
@@ -21,10 +23,12 @@ import time
 import torch
 
 from ..core.storage import Location, StorageError, check_name, open_location
+from ..data.transforms import MEAN, STD
 
 CKPT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 META_FILE = "metadata.json"
+CHECKPOINT_FORMAT = "brainmri.checkpoint/1"
 
 
 def library_versions() -> dict:
@@ -35,6 +39,38 @@ def library_versions() -> dict:
     return {"python": platform.python_version(), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "ray": ray.__version__,
             "pyarrow": pyarrow.__version__}
+
+
+def preprocess_record(image_size: int) -> dict:
+    """What a checkpoint says about its input (data.transforms' deterministic preprocess)."""
+    return {"image_size": image_size, "mean": MEAN, "std": STD,
+            "fit": "longest side, centred, zero padded",
+            "intensity": "percentile 0.5-99.5 to 0-255"}
+
+
+def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: int,
+                    history: list, resumes: list, config: dict, classes: list[str], dataset: dict,
+                    params: int, optimizer: dict | None = None, scheduler: dict | None = None,
+                    versions: dict | None = None) -> dict:
+    """The checkpoint dict (format brainmri.checkpoint/1), tensors and plain values only.
+
+    model_state, optimizer, scheduler: state_dicts (optimizer/scheduler omitted when None:
+    a model fitted outside run_training cannot be resumed, only published). config: the
+    resolved TrainConfig as a dict (its image_size goes into `preprocess`). dataset: {uri,
+    name, version, manifest_hash}. versions: library versions, by default this process's
+    (run_training passes the driver's, recorded once per run)."""
+    state = {"format": CHECKPOINT_FORMAT, "model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer
+    if scheduler is not None:
+        state["scheduler"] = scheduler
+    state.update({
+        "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "history": history,
+        "resumes": resumes, "config": config, "classes": classes,
+        "preprocess": preprocess_record(config["image_size"]), "dataset": dataset,
+        "versions": library_versions() if versions is None else versions, "params": params,
+    })
+    return state
 
 
 def load_state(data: bytes) -> dict:

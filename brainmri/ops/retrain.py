@@ -22,40 +22,18 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
-from ..config import ConfigError, IngestConfig, TrainConfig, from_dict, load_config, to_dict
+from ..config import IngestConfig, RetrainConfig, TrainConfig, from_dict, load_config, to_dict
+from ..core import metrics as M
 from ..core.lock import Lease
-from ..core.storage import Location, check_name, open_location
+from ..core.storage import Location, open_location
 
 GLIOMA = "glioma"
-
-
-@dataclass
-class RetrainConfig:
-    """How the scheduled retraining job decides and what it trains."""
-
-    store: str = "./lake"  # storage URI holding datasets/, models/, runs/, retrain/
-    dataset: str = "brain-tumor-mri"
-    incoming: str = ""  # raw scans in class folders (local or s3://); "" = watch dataset versions
-    recipe: str = ""  # TrainConfig YAML for challengers; "" = the champion's own recipe
-    train: dict = field(default_factory=dict)  # TrainConfig overrides on top of the recipe
-    tolerance_macro_f1: float = 0.01  # a challenger may be this much worse and still win
-    tolerance_glioma_recall: float = 0.02
-    lock_ttl_min: float = 360.0  # the lease outlives any healthy run; a dead holder's expires
-    wait_lock_s: float = 0.0  # wait this long for a running retrain, then exit cleanly
-    champion: str = ""  # bootstrap: a published model to start from when there is no champion yet
-    batch_size: int = 64  # evaluation batch size
-
-    def validate(self) -> None:
-        check_name(self.dataset, "dataset name")
-        if min(self.tolerance_macro_f1, self.tolerance_glioma_recall, self.wait_lock_s) < 0:
-            raise ConfigError("tolerances and wait_lock_s must be >= 0")
-        if self.lock_ttl_min <= 0:
-            raise ConfigError("lock_ttl_min must be > 0")
-        from_dict(TrainConfig, dict(self.train), prefix="train.")  # unknown keys fail now
+RECALL_GLIOMA = M.key("recall", GLIOMA)  # the decision's second number (core.metrics' schema)
 
 
 @dataclass
@@ -93,17 +71,18 @@ def local_copy(incoming: Location, tmp: str) -> str:
 
 # -- the decision ------------------------------------------------------------------------------
 def headline(metrics: dict) -> dict:
+    """What a decision compares, from an evaluation's metrics.json, in core.metrics' schema:
+    n, accuracy, macro_f1 and recall_<class> for every class of the model."""
     m = metrics["metrics"]["all"]
-    return {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-            "glioma_recall": m["per_class"][GLIOMA]["recall"],
-            "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()}}
+    recall = {M.key("recall", c): M.class_metric(m, "recall", c) for c in metrics["model"]["classes"]}
+    return {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], **recall}
 
 
 def decide(champion: dict | None, challenger: dict, cfg: RetrainConfig) -> tuple[bool, str]:
     if champion is None:
         return True, "no champion yet"
     df1 = challenger["macro_f1"] - champion["macro_f1"]
-    dgl = challenger["glioma_recall"] - champion["glioma_recall"]
+    dgl = challenger[RECALL_GLIOMA] - champion[RECALL_GLIOMA]
     worse = []
     if df1 < -cfg.tolerance_macro_f1:
         worse.append(f"macro-F1 {df1:+.4f} (tolerance {cfg.tolerance_macro_f1})")
@@ -141,118 +120,193 @@ def bootstrap_champion(model_uri: str) -> dict:
 
 
 # -- the job -----------------------------------------------------------------------------------
+class NewData(NamedTuple):
+    """A dataset version no decision has been taken on yet, and what seen.json records about
+    it once one is on record."""
+
+    version_uri: str
+    seen_now: dict
+
+
+@dataclass
+class Evaluated:
+    """Champion (when there is one) and challenger on the same frozen test set."""
+
+    frozen: str  # the dataset version whose test split both are scored on
+    frozen_manifest: dict
+    challenger_report: str
+    challenger: dict  # headline(...)
+    champion_report: str | None
+    champion: dict | None
+
+
 def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
     """One scheduled run (see the module docstring). `hooks(stage)` is called between stages
     (tests use it to crash the job at a chosen point)."""
-    from ..data.datasets import latest_version, resolve_dataset
-    from ..data.ingest import ingest
-    from ..evaluation.evaluate import evaluate
-    from ..training.train import run_training
-
     cfg.validate()
     hook = hooks or (lambda stage: None)
+    store, root, incoming = open_inputs(cfg)
+    lease = Lease(root / "lock.json", cfg.lock_ttl_min * 60, purpose="brainmri retrain")
+    locked = acquire(lease, cfg)
+    if locked:
+        return locked
+    try:
+        champion = load_champion(root, cfg)
+        new = find_new_data(cfg, store, root, incoming, champion)  # 1. what is new
+        if isinstance(new, Decision):
+            return new
+        lease.renew()
+        hook("ingested")
+
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        tcfg, trained = train_challenger(cfg, champion, new.version_uri, store)  # 2. challenger
+        lease.renew()
+        hook("trained")
+
+        ev = evaluate_both(cfg, champion, new.version_uri, store, trained.model_uri, tcfg.gpu)  # 3.
+        promote, why = decide(ev.champion, ev.challenger, cfg)
+        lease.renew()
+        hook("evaluated")
+
+        # 4. audit first, then the pointer: a crash in between leaves the old champion in place
+        record = audit_record(cfg, stamp, promote, why, new.version_uri, incoming, champion,
+                              trained, ev)
+        write_audit(root, record, new.seen_now)
+        hook("audited")
+        if promote:
+            lease.renew()  # never switch the pointer on a lease we may have lost
+            promote_challenger(root, record, tcfg, champion)
+        return Decision(record["decision"], why, record)
+    finally:
+        lease.release()
+
+
+def open_inputs(cfg: RetrainConfig) -> tuple[Location, Location, Location | None]:
+    """(store, retrain/<dataset>/, the incoming prefix or None); a missing prefix or a bad
+    recipe fails now, before the lease and before any ingest."""
     store = open_location(cfg.store, check=True)
-    root = state_root(store, cfg.dataset)
     incoming = open_location(cfg.incoming) if cfg.incoming else None
     if incoming is not None and not incoming.exists():
         raise FileNotFoundError(f"incoming prefix {incoming.uri} does not exist")
     if cfg.recipe:
         load_config(TrainConfig, cfg.recipe)  # a bad recipe fails now, not after ingesting
+    return store, state_root(store, cfg.dataset), incoming
 
-    lease = Lease(root / "lock.json", cfg.lock_ttl_min * 60, purpose="brainmri retrain")
+
+def acquire(lease: Lease, cfg: RetrainConfig) -> Decision | None:
+    """Take the lease; a "locked" Decision when another run holds it (this one then leaves
+    without touching anything), None once it is ours."""
+    from ..core.lock import LockHeld
+
     try:
         lease.acquire(wait_s=cfg.wait_lock_s)
-    except Exception as e:  # LockHeld: a run is in progress; this one leaves without touching anything
-        from ..core.lock import LockHeld
+    except LockHeld as e:
+        return Decision("locked", str(e))
+    return None
 
-        if isinstance(e, LockHeld):
-            return Decision("locked", str(e))
-        raise
-    try:
-        champion = (root / "champion.json").read_json() if (root / "champion.json").exists() else None
-        if champion is None and cfg.champion:
-            champion = bootstrap_champion(cfg.champion)
-        seen = (root / "seen.json").read_json() if (root / "seen.json").exists() else {}
 
-        # 1. what is new
-        if incoming is not None:
-            fp, n_files = fingerprint(incoming)
-            if fp == seen.get("incoming_fingerprint"):
-                return Decision("noop", f"nothing new under {incoming.uri} ({n_files} files, unchanged)")
-            with tempfile.TemporaryDirectory(prefix="brainmri-incoming-") as tmp:
-                ing = IngestConfig(name=cfg.dataset,
-                                   frozen_test=champion["frozen_test"] if champion else "")
-                res = ingest(local_copy(incoming, tmp), store.uri, ing)
-            version_uri = res.location.uri
-        else:
-            fp, n_files = None, 0
-            version_uri = latest_version(store, cfg.dataset).uri
-        # seen.json is written only once a decision is on record: after a crash the next run
-        # finds the same version (ingest is idempotent) and trains the challenger again
-        seen_now = {"incoming": incoming.uri if incoming else None, "incoming_fingerprint": fp,
-                    "files": n_files, "dataset_version": version_uri}
-        if version_uri in ((champion or {}).get("dataset"), seen.get("dataset_version")):
-            if fp:
-                (root / "seen.json").write_json({**seen_now, "at": time.time()})
-            return Decision("noop", f"no data newer than {version_uri} (already decided)")
-        lease.renew()
-        hook("ingested")
+def load_champion(root: Location, cfg: RetrainConfig) -> dict | None:
+    """champion.json, or a record bootstrapped from --champion, or None."""
+    champion = (root / "champion.json").read_json() if (root / "champion.json").exists() else None
+    if champion is None and cfg.champion:
+        champion = bootstrap_champion(cfg.champion)
+    return champion
 
-        # 2. challenger with the champion's recipe (or the given one)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-        # named by data + recipe: a rerun after a crash resumes this run from its checkpoint
-        tcfg = challenger_config(cfg, champion, version_uri, store, "")
-        recipe_id = hashlib.sha256(json.dumps(to_dict(tcfg), sort_keys=True,
-                                              default=str).encode()).hexdigest()[:8]
-        tcfg.name = f"retrain-{version_uri.rstrip('/').rsplit('/', 1)[-1]}-{recipe_id}"
-        trained = run_training(tcfg)
-        lease.renew()
-        hook("trained")
 
-        # 3. both models on the same frozen test set
-        frozen = champion["frozen_test"] if champion else version_uri
-        _, frozen_manifest = resolve_dataset(frozen)
-        # on the recipe's hardware (a GPU recipe: GPU actors), the same for both models
-        run = {"split": "test", "batch_size": cfg.batch_size, "gpu": tcfg.gpu}
-        ch_eval = evaluate(trained.model_uri, frozen, store.uri, **run)
-        challenger_m = headline(ch_eval.metrics)
-        champion_m = None
-        if champion:
-            cp_eval = evaluate(champion["model"], frozen, store.uri, **run)
-            champion_m = headline(cp_eval.metrics)
-        promote, why = decide(champion_m, challenger_m, cfg)
-        lease.renew()
-        hook("evaluated")
+def find_new_data(cfg: RetrainConfig, store: Location, root: Location, incoming: Location | None,
+                  champion: dict | None) -> NewData | Decision:
+    """The dataset version to train a challenger on (new scans ingested first, the frozen test
+    set pinned to test), or a "noop" Decision when nothing is new."""
+    from ..data.datasets import latest_version
+    from ..data.ingest import ingest
 
-        # 4. audit first, then the pointer: a crash in between leaves the old champion in place
-        record = {
-            "id": stamp, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "decision": "promoted" if promote else "rejected", "reason": why,
-            "frozen_test": {"uri": frozen, "version": frozen_manifest["version"],
-                            "rows": frozen_manifest["rows"]["test"]},
-            "dataset": version_uri, "incoming": incoming.uri if incoming else None,
-            "challenger": {"model": trained.model_uri, "run": trained.run_uri,
-                           "report": ch_eval.report_uri, "test": challenger_m,
-                           "validation": trained.best},
-            "champion": ({"model": champion["model"], "report": cp_eval.report_uri,
-                          "test": champion_m} if champion else None),
-            "tolerances": {"macro_f1": cfg.tolerance_macro_f1,
-                           "glioma_recall": cfg.tolerance_glioma_recall},
-            "config": to_dict(cfg),
-        }
-        (root / "audit" / f"{stamp}.json").write_json(record)
-        (root / "seen.json").write_json({**seen_now, "at": time.time(), "decision": stamp})
-        hook("audited")
-        if promote:
-            lease.renew()  # never switch the pointer on a lease we may have lost
-            (root / "champion.json").write_json({
-                "model": trained.model_uri, "dataset": version_uri, "frozen_test": frozen,
-                "recipe": to_dict(tcfg), "test": challenger_m, "promoted_at": record["at"],
-                "audit": (root / "audit" / f"{stamp}.json").uri,
-                "previous": champion["model"] if champion else None})
-        return Decision(record["decision"], why, record)
-    finally:
-        lease.release()
+    seen = (root / "seen.json").read_json() if (root / "seen.json").exists() else {}
+    if incoming is not None:
+        fp, n_files = fingerprint(incoming)
+        if fp == seen.get("incoming_fingerprint"):
+            return Decision("noop", f"nothing new under {incoming.uri} ({n_files} files, unchanged)")
+        with tempfile.TemporaryDirectory(prefix="brainmri-incoming-") as tmp:
+            ing = IngestConfig(name=cfg.dataset, frozen_test=champion["frozen_test"] if champion else "")
+            res = ingest(local_copy(incoming, tmp), store.uri, ing)
+        version_uri = res.location.uri
+    else:
+        fp, n_files = None, 0
+        version_uri = latest_version(store, cfg.dataset).uri
+    # seen.json is written only once a decision is on record: after a crash the next run
+    # finds the same version (ingest is idempotent) and trains the challenger again
+    seen_now = {"incoming": incoming.uri if incoming else None, "incoming_fingerprint": fp,
+                "files": n_files, "dataset_version": version_uri}
+    if version_uri in ((champion or {}).get("dataset"), seen.get("dataset_version")):
+        if fp:
+            (root / "seen.json").write_json({**seen_now, "at": time.time()})
+        return Decision("noop", f"no data newer than {version_uri} (already decided)")
+    return NewData(version_uri, seen_now)
+
+
+def train_challenger(cfg: RetrainConfig, champion: dict | None, version_uri: str, store: Location):
+    """The challenger, trained with the champion's recipe (or the given one) on the new
+    version -> (its TrainConfig, run_training's result)."""
+    from ..training.train import run_training
+
+    # named by data + recipe: a rerun after a crash resumes this run from its checkpoint
+    tcfg = challenger_config(cfg, champion, version_uri, store, "")
+    recipe_id = hashlib.sha256(json.dumps(to_dict(tcfg), sort_keys=True,
+                                          default=str).encode()).hexdigest()[:8]
+    tcfg.name = f"retrain-{version_uri.rstrip('/').rsplit('/', 1)[-1]}-{recipe_id}"
+    return tcfg, run_training(tcfg)
+
+
+def evaluate_both(cfg: RetrainConfig, champion: dict | None, version_uri: str, store: Location,
+                  challenger_model: str, gpu: bool) -> Evaluated:
+    """Both models on the same frozen test set (the champion's, else the new version's test
+    split), on the recipe's hardware (a GPU recipe: GPU actors), the same for both."""
+    from ..data.datasets import resolve_dataset
+    from ..evaluation.evaluate import evaluate
+
+    frozen = champion["frozen_test"] if champion else version_uri
+    _, frozen_manifest = resolve_dataset(frozen)
+    run = {"split": "test", "batch_size": cfg.batch_size, "gpu": gpu}
+    ch_eval = evaluate(challenger_model, frozen, store.uri, **run)
+    cp_eval = evaluate(champion["model"], frozen, store.uri, **run) if champion else None
+    return Evaluated(frozen, frozen_manifest, ch_eval.report_uri, headline(ch_eval.metrics),
+                     cp_eval.report_uri if cp_eval else None,
+                     headline(cp_eval.metrics) if cp_eval else None)
+
+
+def audit_record(cfg: RetrainConfig, stamp: str, promote: bool, why: str, version_uri: str,
+                 incoming: Location | None, champion: dict | None, trained, ev: Evaluated) -> dict:
+    """The audit record of one decision: both metric sets, the frozen test set, the settings."""
+    return {
+        "id": stamp, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "decision": "promoted" if promote else "rejected", "reason": why,
+        "frozen_test": {"uri": ev.frozen, "version": ev.frozen_manifest["version"],
+                        "rows": ev.frozen_manifest["rows"]["test"]},
+        "dataset": version_uri, "incoming": incoming.uri if incoming else None,
+        "challenger": {"model": trained.model_uri, "run": trained.run_uri,
+                       "report": ev.challenger_report, "test": ev.challenger,
+                       "validation": trained.best},
+        "champion": ({"model": champion["model"], "report": ev.champion_report,
+                      "test": ev.champion} if champion else None),
+        "tolerances": {"macro_f1": cfg.tolerance_macro_f1,
+                       "glioma_recall": cfg.tolerance_glioma_recall},
+        "config": to_dict(cfg),
+    }
+
+
+def write_audit(root: Location, record: dict, seen_now: dict) -> None:
+    """audit/<id>.json, then seen.json naming that decision."""
+    (root / "audit" / f"{record['id']}.json").write_json(record)
+    (root / "seen.json").write_json({**seen_now, "at": time.time(), "decision": record["id"]})
+
+
+def promote_challenger(root: Location, record: dict, tcfg: TrainConfig, champion: dict | None) -> None:
+    """Replace champion.json (one atomic write) with the audited challenger."""
+    (root / "champion.json").write_json({
+        "model": record["challenger"]["model"], "dataset": record["dataset"],
+        "frozen_test": record["frozen_test"]["uri"], "recipe": to_dict(tcfg),
+        "test": record["challenger"]["test"], "promoted_at": record["at"],
+        "audit": (root / "audit" / f"{record['id']}.json").uri,
+        "previous": champion["model"] if champion else None})
 
 
 def audit_log(store: str, dataset: str) -> list[dict]:

@@ -24,8 +24,6 @@ resumes from its latest checkpoint when the search is restarted.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import random
@@ -36,9 +34,10 @@ from typing import NamedTuple
 import yaml
 
 from ..config import ConfigError, TrainConfig, TuneConfig, from_dict, to_dict
+from ..core import metrics as M
+from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import Location, check_name, open_location
 
-METRIC = "val_macro_f1"
 # keys a search may not touch: where data and results live, and how a trial is scheduled
 FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "gpu", "cpus_per_worker",
          "limit_train", "limit_val"}
@@ -317,99 +316,173 @@ def cluster_max_gpus() -> float | None:
     return float(res.get("GPU", 0)) if res else None
 
 
+@dataclass
+class Search:
+    """A search as planned, or as trials.json saved it when it is restored."""
+
+    settings: TuneConfig
+    out: Location  # the store: models/ and reports/ of the winner
+    exp: Location  # tune/<experiment>/
+    trials: list[dict]  # {"id", "params", "train": TrainConfig as a dict}
+    max_concurrent: int
+    cpus_per_worker: float
+    version: Location  # the dataset version every trial trains on
+    classes: list[str]  # its manifest's classes, in label order
+    restoring: bool
+
+    @property
+    def epochs(self) -> int:
+        return self.trials[0]["train"]["epochs"]
+
+
 def run_search(settings: TuneConfig) -> TuneResult:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from ..core.cluster import init_ray
-    from ..data.datasets import resolve_dataset
-    from ..training.train import prepare
-
     t0 = time.time()
+    search = open_search(settings)
+    errors = run_trials(search)
+    rows = leaderboard(search.exp, search.trials, search.epochs, errors, search.classes)
+    write_leaderboard(search.exp, rows, search.settings)
+    best, model_uri, report_uri = publish_winner(search, rows)
+    (search.exp / "summary.json").write_json({
+        "best": best, "model": model_uri, "report": report_uri, "trials": len(rows),
+        "seconds": time.time() - t0, "max_concurrent": search.max_concurrent,
+        "cpus_per_worker": search.cpus_per_worker})
+    return TuneResult(search.exp.uri, rows, best, model_uri, report_uri, time.time() - t0)
+
+
+def open_search(settings: TuneConfig) -> Search:
+    """The experiment named by `settings`: restored from its trials.json when Tune can resume
+    it, else planned now (trials sampled and checked, scheduled on the cluster). Starts Ray."""
+    from ray import tune
+
     settings.validate()
     name = check_name(settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}", "experiment name")
     settings.name = name
     out = open_location(settings.out, check=True)
     exp = out / "tune" / name
-    restoring = (exp / "trials.json").exists() and tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs)
-    if restoring:  # the search as it was started: its trials and schedule, not today's files
-        saved = (exp / "trials.json").read_json()
-        trials, conc, per_worker = saved["trials"], saved["max_concurrent"], saved["cpus_per_worker"]
-        settings = from_dict(TuneConfig, {**saved["settings"], "evaluate": settings.evaluate})
-        version, _ = resolve_dataset(trials[0]["train"]["data"], settings.dataset)
-        init_ray()
-    else:
-        base, space = load_space(settings.space)
-        params = sample_trials(space, settings.num_samples, settings.seed)
-        version, _ = resolve_dataset(settings.data, settings.dataset)
-        # absolute URIs, the exact version: trials run in their own working folders, and a
-        # version ingested mid-search must not change what later trials train on
-        settings.data, settings.out = version.uri, out.uri
-        trials = []
-        for i, p in enumerate(params):  # every trial fails here, before Ray, if its config is bad
-            tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
-            cfg = trial_config(base, p, settings, f"{name}-{tid}")
-            prepare(cfg)
-            trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
-        init_ray()
-        import ray
+    if (exp / "trials.json").exists() and tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
+        return restore_search(settings, out, exp)
+    return plan_search(settings, out, exp)
 
-        res = ray.cluster_resources()
-        plan = concurrency(settings, res.get("CPU", 1.0), res.get("GPU", 0.0),
-                           cluster_max_gpus() if settings.gpu else None)
-        conc, per_worker = plan.trials, plan.cpus_per_worker
-        if plan.note:
-            print(plan.note, flush=True)
-        for t in trials:
-            t["train"]["cpus_per_worker"] = per_worker
-        (exp / "trials.json").write_json({"settings": to_dict(settings), "base": base, "space": space,
-                                          "trials": trials, "max_concurrent": conc,
-                                          "cpus_per_worker": per_worker})
-    epochs = trials[0]["train"]["epochs"]
+
+def restore_search(settings: TuneConfig, out: Location, exp: Location) -> Search:
+    """The search as it was started: its trials and schedule, not today's files."""
+    from ..core.cluster import init_ray
+    from ..data.datasets import resolve_dataset
+
+    saved = (exp / "trials.json").read_json()
+    trials = saved["trials"]
+    settings = from_dict(TuneConfig, {**saved["settings"], "evaluate": settings.evaluate})
+    version, manifest = resolve_dataset(trials[0]["train"]["data"], settings.dataset)
+    init_ray()
+    return Search(settings, out, exp, trials, saved["max_concurrent"], saved["cpus_per_worker"],
+                  version, list(manifest["classes"]), restoring=True)
+
+
+def plan_search(settings: TuneConfig, out: Location, exp: Location) -> Search:
+    """Sample the trials, check every trial's config before Ray starts, size the schedule to
+    the cluster, and save it all in trials.json."""
+    from ..core.cluster import init_ray
+    from ..data.datasets import resolve_dataset
+
+    base, space = load_space(settings.space)
+    params = sample_trials(space, settings.num_samples, settings.seed)
+    version, manifest = resolve_dataset(settings.data, settings.dataset)
+    # absolute URIs, the exact version: trials run in their own working folders, and a
+    # version ingested mid-search must not change what later trials train on
+    settings.data, settings.out = version.uri, out.uri
+    trials = build_trials(base, params, settings)
+    init_ray()
+    plan = schedule(settings)
+    for t in trials:
+        t["train"]["cpus_per_worker"] = plan.cpus_per_worker
+    (exp / "trials.json").write_json({"settings": to_dict(settings), "base": base, "space": space,
+                                      "trials": trials, "max_concurrent": plan.trials,
+                                      "cpus_per_worker": plan.cpus_per_worker})
+    return Search(settings, out, exp, trials, plan.trials, plan.cpus_per_worker, version,
+                  list(manifest["classes"]), restoring=False)
+
+
+def build_trials(base: dict, params: list[dict], settings: TuneConfig) -> list[dict]:
+    """One record per sampled parameter set; every trial fails here, before Ray, if its
+    config is bad."""
+    from ..training.train import prepare
+
+    trials = []
+    for i, p in enumerate(params):
+        tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
+        cfg = trial_config(base, p, settings, f"{settings.name}-{tid}")
+        prepare(cfg)
+        trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
+    return trials
+
+
+def schedule(settings: TuneConfig) -> Plan:
+    """The Plan for the cluster Ray is connected to (its note printed when there is one)."""
+    import ray
+
+    res = ray.cluster_resources()
+    plan = concurrency(settings, res.get("CPU", 1.0), res.get("GPU", 0.0),
+                       cluster_max_gpus() if settings.gpu else None)
+    if plan.note:
+        print(plan.note, flush=True)
+    return plan
+
+
+def make_tuner(search: Search):
+    """Tune's Tuner over the search's trials (a grid of trial ids, ASHA on METRIC), or the
+    saved one when the search is restored."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    settings, exp, epochs = search.settings, search.exp, search.epochs
+    trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in search.trials},
+                                     runs_uri=(exp / "runs").uri)
+    # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
+    if search.restoring:
+        print(f"brainmri: resuming search {exp.uri}")
+        return tune.Tuner.restore(exp.path, trainable, storage_filesystem=exp.fs,
+                                  resume_unfinished=True, resume_errored=True)
     # max_t one past the last epoch: ASHA never stops a trial at its end, run_training finishes
     scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs + 1,
                               grace_period=min(settings.grace_period, epochs),
                               reduction_factor=settings.reduction_factor)
-    trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in trials},
-                                     runs_uri=(exp / "runs").uri)
-    # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
-    run_config = tune.RunConfig(name=name, storage_path=(out / "tune").path,
-                                storage_filesystem=out.fs, verbose=1, callbacks=[_reaper()])
-    if restoring:
-        print(f"brainmri: resuming search {exp.uri}")
-        tuner = tune.Tuner.restore(exp.path, trainable, storage_filesystem=exp.fs,
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space={"trial": tune.grid_search([t["id"] for t in trials])},
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                        max_concurrent_trials=conc,
-                                        trial_name_creator=lambda t: t.config["trial"],
-                                        trial_dirname_creator=lambda t: t.config["trial"]),
-            run_config=run_config)
-    grid = tuner.fit()
-    errors = {r.config["trial"]: str(r.error).splitlines()[0][:300]
-              for r in grid if r.error and r.config}
-    rows = leaderboard(exp, trials, epochs, errors)
-    write_leaderboard(exp, rows, settings)
+    run_config = tune.RunConfig(name=settings.name, storage_path=(search.out / "tune").path,
+                                storage_filesystem=search.out.fs, verbose=1, callbacks=[_reaper()])
+    return tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search([t["id"] for t in search.trials])},
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=search.max_concurrent,
+                                    trial_name_creator=lambda t: t.config["trial"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]),
+        run_config=run_config)
 
-    best, model_uri, report_uri = (rows[0] if rows and rows[0]["best_val_macro_f1"] is not None
-                                   else None), None, None
-    if best:
-        model_uri = publish_best(out, exp, best)
-        best["model_uri"] = model_uri
-        if settings.evaluate:
-            from ..evaluation.evaluate import evaluate
 
-            report_uri = evaluate(model_uri, version.uri, out.uri, split="test",
-                                  gpu=settings.gpu).report_uri
-            best["report_uri"] = report_uri
-        write_leaderboard(exp, rows, settings)  # now with the winner's links
-    (exp / "summary.json").write_json({"best": best, "model": model_uri, "report": report_uri,
-                                       "trials": len(rows), "seconds": time.time() - t0,
-                                       "max_concurrent": conc, "cpus_per_worker": per_worker})
-    return TuneResult(exp.uri, rows, best, model_uri, report_uri, time.time() - t0)
+def run_trials(search: Search) -> dict[str, str]:
+    """Run (or resume) every trial; {trial id: first line of its error} for those that failed."""
+    grid = make_tuner(search).fit()
+    return {r.config["trial"]: str(r.error).splitlines()[0][:300]
+            for r in grid if r.error and r.config}
+
+
+def publish_winner(search: Search, rows: list[dict]) -> tuple[dict | None, str | None, str | None]:
+    """Publish the best trial (when one has a score), evaluate it on the test split unless
+    told not to, and rewrite the leaderboard with the winner's links -> (best row, model URI,
+    report URI)."""
+    best = rows[0] if rows and rows[0]["best_val_macro_f1"] is not None else None
+    if not best:
+        return None, None, None
+    settings, report_uri = search.settings, None
+    model_uri = publish_best(search.out, search.exp, best)
+    best["model_uri"] = model_uri
+    if settings.evaluate:
+        from ..evaluation.evaluate import evaluate
+
+        report_uri = evaluate(model_uri, search.version.uri, search.out.uri, split="test",
+                              gpu=settings.gpu).report_uri
+        best["report_uri"] = report_uri
+    write_leaderboard(search.exp, rows, settings)  # now with the winner's links
+    return best, model_uri, report_uri
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -425,8 +498,10 @@ def flops(model, image_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict) -> list[dict]:
-    """One row per trial from what its Train run left in storage, best first."""
+def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict,
+                classes: list[str]) -> list[dict]:
+    """One row per trial from what its Train run left in storage, best first (columns:
+    evaluation.report.LEADERBOARD_COLUMNS); `classes`: the dataset's, for the model's size."""
     from ..models.zoo import count_params, create_model
 
     rows = []
@@ -443,11 +518,12 @@ def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict) ->
             status = "completed" if len(hist) >= epochs else "stopped by ASHA"
         else:
             status = "not run"
-        model = create_model(cfg["model"], 4, 1, image_size=cfg["image_size"], **cfg["model_args"])
+        model = create_model(cfg["model"], len(classes), 1, image_size=cfg["image_size"], **cfg["model_args"])
         rows.append({
             "trial": t["id"], "model": cfg["model"], "status": status,
             "best_val_macro_f1": best.get(METRIC), "val_accuracy": best.get("val_accuracy"),
-            "val_recall_glioma": best.get("val_recall_glioma"), "best_epoch": best.get("epoch"),
+            "val_recall_glioma": M.class_metric(best, "recall", "glioma", prefix="val_"),
+            "best_epoch": best.get("epoch"),
             "epochs_run": len(hist), "wall_s": round(sum(h["epoch_seconds"] for h in hist), 1),
             "params": count_params(model), "gflops": round(flops(model, cfg["image_size"]) / 1e9, 3),
             "config": json.dumps(t["params"], sort_keys=True), "run_uri": run.uri,
@@ -460,78 +536,17 @@ def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict) ->
     return rows
 
 
-COLUMNS = ["rank", "trial", "model", "status", "best_val_macro_f1", "val_accuracy",
-           "val_recall_glioma", "best_epoch", "epochs_run", "wall_s", "params", "gflops", "config",
-           "run_uri", "error"]
-
-
-def _cell(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-
-
 def write_leaderboard(exp: Location, rows: list[dict], settings: TuneConfig) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow([_cell(r.get(c)) for c in COLUMNS])
-    (exp / "leaderboard.csv").write_bytes(buf.getvalue().encode())
+    """leaderboard.{csv,md,html} and search.png, rendered by the evaluation's report modules."""
+    from ..evaluation.figures import search_plot
+    from ..evaluation.report import render_leaderboard
 
-    short = COLUMNS[:12]
-    md = [f"# Search {settings.name}", "",
-          f"{len(rows)} trials, metric {METRIC} (validation), ASHA grace {settings.grace_period} "
-          f"epochs, reduction factor {settings.reduction_factor}. Space: `{settings.space}`.", "",
-          "| " + " | ".join(short + ["config"]) + " |", "|" + "---|" * (len(short) + 1)]
-    md += ["| " + " | ".join(_cell(r.get(c)) for c in short) + f" | `{r['config']}` |" for r in rows]
-    if rows and rows[0].get("model_uri"):
-        md += ["", f"Winner published as `{rows[0]['model_uri']}`"
-               + (f"; test report `{rows[0]['report_uri']}/report.html`" if rows[0].get("report_uri") else "")]
-    (exp / "leaderboard.md").write_bytes(("\n".join(md) + "\n").encode())
-
-    png = search_plot(rows)
+    png = search_plot(rows, METRIC)
     (exp / "search.png").write_bytes(png)
-    from ..evaluation.report import CSS, e, img, table
-
-    links = ""
-    if rows and rows[0].get("model_uri"):
-        links = f"<p>Winner: <code>{e(rows[0]['model_uri'])}</code>"
-        if rows[0].get("report_uri"):
-            links += f" — <a href='{e(rows[0]['report_uri'])}/report.html'>test report</a>"
-        links += "</p>"
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(settings.name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>Search {e(settings.name)}</h1>"
-            f"<p class='note'>{len(rows)} trials; metric {METRIC} on validation; best first.</p>"
-            f"{links}{table(short + ['config'], [[r.get(c) for c in short] + [r['config']] for r in rows])}"
-            f"{img(png, 'search progress')}</body></html>")
-    (exp / "leaderboard.html").write_bytes(page.encode())
-
-
-def search_plot(rows: list[dict]) -> bytes:
-    from matplotlib.figure import Figure
-
-    from ..evaluation.figures import to_png
-
-    fig = Figure(figsize=(11, 4))
-    ax1, ax2 = fig.subplots(1, 2)
-    families = sorted({r["model"] for r in rows})
-    colours = {f: f"C{i}" for i, f in enumerate(families)}
-    for r in sorted(rows, key=lambda r: r["trial"]):
-        hist = r["history"]
-        if not hist:
-            continue
-        t = [sum(h["epoch_seconds"] for h in hist[:i + 1]) / 60 for i in range(len(hist))]
-        ax2.plot(t, [h[METRIC] for h in hist], color=colours[r["model"]], alpha=0.8,
-                 marker="x" if r["status"] == "stopped by ASHA" else ".")
-        ax1.scatter(int(r["trial"][1:4]), r["best_val_macro_f1"], color=colours[r["model"]],
-                    marker="x" if r["status"] == "stopped by ASHA" else "o", s=40)
-    for f in families:
-        ax1.scatter([], [], color=colours[f], label=f)
-    ax1.legend(fontsize=8, title="o finished, x stopped early", title_fontsize=8)
-    ax1.set(xlabel="trial", ylabel=f"best {METRIC}", title="best validation macro-F1 per trial")
-    ax2.set(xlabel="trial training time (min)", ylabel=METRIC, title="learning curves")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    return to_png(fig)
+    note = (f"ASHA grace {settings.grace_period} epochs, reduction factor "
+            f"{settings.reduction_factor}. Space: `{settings.space}`.")
+    for name, data in render_leaderboard(rows, settings.name, METRIC, note, png).items():
+        (exp / name).write_bytes(data)
 
 
 def publish_best(out: Location, exp: Location, best: dict) -> str:

@@ -61,6 +61,18 @@ def agree_any(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """channels-last for the GPU's convolutions. A weight with one input channel (the first
+    conv of a greyscale model) has the same bytes either way but different strides, and its
+    gradient comes back contiguous: DDP would then copy it into its bucket every step (and
+    warn "Grad strides do not match bucket view strides"), so such weights stay contiguous."""
+    model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[1] == 1:
+            p.data = p.data.contiguous()
+    return model
+
+
 # -- schedule ---------------------------------------------------------------------------------
 def lr_lambda(warmup_epochs: float, epochs: int, steps_per_epoch: int):
     """Linear warm-up, then cosine decay to zero at the last step."""

@@ -29,14 +29,20 @@ import torch.nn as nn
 from ..config import ConfigError, TrainConfig, from_dict, to_dict
 from ..core import metrics as M
 from ..core.cluster import init_ray
+from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
 from ..data.datasets import manifest_hash, resolve_dataset, split_files
-from ..data.transforms import MEAN, STD, preprocess_batch
-from ..models.checkpoints import CKPT_FILE, dump_state, library_versions, load_state, publish_model
+from ..data.transforms import preprocess_batch
+from ..models.checkpoints import (
+    CKPT_FILE,
+    dump_state,
+    library_versions,
+    load_state,
+    make_checkpoint,
+    publish_model,
+)
 from ..models.zoo import check_model_name, count_params, create_model
-from .engine import ShardBatches, Stopwatch, agree_any, evaluate, lr_lambda, train_one_epoch
-
-METRIC = "val_macro_f1"
+from .engine import ShardBatches, Stopwatch, agree_any, evaluate, lr_lambda, to_channels_last, train_one_epoch
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -51,17 +57,12 @@ def _threads() -> int:
 
 def _checkpoint_state(raw, optimizer, scheduler, epoch, best, bad, history, resumes, cfg,
                       config) -> dict:
-    """The checkpoint format (read by checkpoints.load_state / publish_model)."""
-    return {
-        "format": "brainmri.checkpoint/1", "model": raw.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "best": best, "bad_epochs": bad, "history": history, "resumes": resumes,
-        "config": to_dict(cfg), "classes": config["classes"],
-        "preprocess": {"image_size": cfg.image_size, "mean": MEAN, "std": STD,
-                       "fit": "longest side, centred, zero padded",
-                       "intensity": "percentile 0.5-99.5 to 0-255"},
-        "dataset": config["dataset"], "versions": config["versions"], "params": count_params(raw),
-    }
+    """This run's checkpoint (the format is checkpoints.make_checkpoint's)."""
+    return make_checkpoint(
+        raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        epoch=epoch, best=best, bad_epochs=bad, history=history, resumes=resumes,
+        config=to_dict(cfg), classes=config["classes"], dataset=config["dataset"],
+        versions=config["versions"], params=count_params(raw))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -81,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = create_model(cfg.model, k, 1, image_size=cfg.image_size, **cfg.model_args,
                          pretrained=cfg.pretrained or None)
     if cfg.gpu:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model  # evaluation runs this one
 

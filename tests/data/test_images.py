@@ -8,10 +8,11 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from support.synth import bad_files, encode, near_copy, synth_array, synth_jpeg
 
 from brainmri.data import images as im
 from brainmri.data.ingest import _inspect_file
+
+from support.synth import bad_files, encode, near_copy, synth_array, synth_jpeg
 
 BAD = bad_files()
 

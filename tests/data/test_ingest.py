@@ -21,8 +21,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from support.data import real_subset
-from support.synth import bad_files, encode, near_copy, synth_array, synth_jpeg
 
 from brainmri.config import CLASSES, IngestConfig
 from brainmri.core.storage import StorageError, open_location
@@ -39,6 +37,9 @@ from brainmri.data.datasets import (
 )
 from brainmri.data.dedup import near_duplicate_pairs
 from brainmri.data.ingest import SCHEMA, ingest
+
+from support.data import real_subset
+from support.synth import bad_files, encode, near_copy, synth_array, synth_jpeg
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,10 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.data import REPO
-from support.tiny import small_lake
 
 from brainmri.models.checkpoints import load_model_state
+
+from support.data import REPO
+from support.tiny import small_lake
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent

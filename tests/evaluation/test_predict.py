@@ -14,8 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from support.data import CLASSES, REPO
-from support.tiny import SIZE, kaggle_folder, small_lake, train_inprocess
 
 from brainmri.cli import main
 from brainmri.core.storage import open_location
@@ -24,6 +22,9 @@ from brainmri.evaluation.calibration import load_calibration
 from brainmri.evaluation.inference import REFER, open_model, softmax
 from brainmri.evaluation.predict import Predictor
 from brainmri.models.checkpoints import build_model, load_model_state
+
+from support.data import CLASSES, REPO
+from support.tiny import SIZE, kaggle_folder, small_lake, train_inprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

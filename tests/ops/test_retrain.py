@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from support.data import real_subset
 
 from brainmri.cli import main
 from brainmri.config import ConfigError
@@ -16,6 +15,8 @@ from brainmri.data.ingest import frozen_test_hashes
 from brainmri.models.checkpoints import load_model_state
 from brainmri.ops.retrain import RetrainConfig, audit_log, decide, retrain, state_root
 
+from support.data import real_subset
+
 # a recipe small enough for CI: brainnet width 8 at 64 px, one worker
 TINY = {"epochs": 4, "image_size": 64, "batch_size": 16, "warmup_epochs": 0.5, "patience": 0,
         "model_args": {"width": 8}, "num_workers": 1, "aug_strength": 0.5}
@@ -23,12 +24,12 @@ TINY = {"epochs": 4, "image_size": 64, "batch_size": 16, "warmup_epochs": 0.5, "
 
 def test_decision_rule():
     cfg = RetrainConfig(tolerance_macro_f1=0.01, tolerance_glioma_recall=0.02)
-    champ = {"macro_f1": 0.90, "glioma_recall": 0.90}
+    champ = {"macro_f1": 0.90, "recall_glioma": 0.90}
     assert decide(None, champ, cfg) == (True, "no champion yet")
-    assert decide(champ, {"macro_f1": 0.895, "glioma_recall": 0.885}, cfg)[0]  # within tolerance
-    ok, why = decide(champ, {"macro_f1": 0.95, "glioma_recall": 0.85}, cfg)
+    assert decide(champ, {"macro_f1": 0.895, "recall_glioma": 0.885}, cfg)[0]  # within tolerance
+    ok, why = decide(champ, {"macro_f1": 0.95, "recall_glioma": 0.85}, cfg)
     assert not ok and "glioma recall -0.0500" in why  # better overall, worse on glioma: no
-    ok, why = decide(champ, {"macro_f1": 0.80, "glioma_recall": 0.95}, cfg)
+    ok, why = decide(champ, {"macro_f1": 0.80, "recall_glioma": 0.95}, cfg)
     assert not ok and "macro-F1 -0.1000" in why
 
 

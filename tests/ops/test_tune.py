@@ -7,7 +7,6 @@ import io
 
 import pytest
 import yaml
-from support.tiny import small_lake
 
 from brainmri.cli import main
 from brainmri.config import ConfigError, TuneConfig
@@ -21,6 +20,8 @@ from brainmri.ops.tune import (
     sample_trials,
     trial_config,
 )
+
+from support.tiny import small_lake
 
 SPACE = {
     # after the first epoch a trial's preprocessed shard is cached, so epochs are cheap: enough

@@ -14,9 +14,10 @@ from brainmri.config import IngestConfig, TrainConfig, to_dict
 from brainmri.core.storage import open_location
 from brainmri.data.datasets import manifest_hash, resolve_dataset, split_files
 from brainmri.data.ingest import ingest
-from brainmri.data.transforms import MEAN, STD, preprocess, to_model_input
-from brainmri.models.checkpoints import library_versions, publish_model
+from brainmri.data.transforms import preprocess_many, to_model_input
+from brainmri.models.checkpoints import make_checkpoint, publish_model
 from brainmri.models.zoo import count_params, create_model
+
 from support.data import CLASSES, SHARED_DATA, real_subset
 
 SIZE = 64
@@ -36,7 +37,7 @@ def train_inprocess(lake: Path, version_uri: str, steps: int = 30, seed: int = 0
     published like run_training does; returns the model version URI."""
     version, manifest = resolve_dataset(version_uri)
     t = pq.read_table(split_files(version, manifest, "train")[0], columns=["image", "label"])
-    x = torch.from_numpy(np.stack([preprocess(b, SIZE) for b in t.column("image").to_pylist()]))
+    x = torch.from_numpy(preprocess_many(t.column("image").to_pylist(), SIZE))
     y = torch.as_tensor(np.asarray(t.column("label"), dtype=np.int64))
     torch.manual_seed(seed)
     cfg = TrainConfig(data=version_uri, out=str(lake), name="tiny", image_size=SIZE,
@@ -53,13 +54,12 @@ def train_inprocess(lake: Path, version_uri: str, steps: int = 30, seed: int = 0
         if step % 10 == 9:
             history.append({"epoch": len(history), "train_loss": loss.item(), "val_loss": loss.item(),
                             "val_accuracy": 0.5, "val_macro_f1": 0.5})
-    ckpt = {"format": "brainmri.checkpoint/1", "model": model.eval().state_dict(), "epoch": 0,
-            "best": 0.5, "bad_epochs": 0, "history": history, "config": to_dict(cfg),
-            "classes": list(CLASSES),
-            "preprocess": {"image_size": SIZE, "mean": MEAN, "std": STD},
-            "dataset": {"uri": version.uri, "name": manifest["name"], "version": manifest["version"],
-                        "manifest_hash": manifest_hash(manifest)},
-            "versions": library_versions(), "params": count_params(model)}
+    ckpt = make_checkpoint(
+        model.eval().state_dict(), epoch=0, best=0.5, bad_epochs=0, history=history, resumes=[],
+        config=to_dict(cfg), classes=list(CLASSES),
+        dataset={"uri": version.uri, "name": manifest["name"], "version": manifest["version"],
+                 "manifest_hash": manifest_hash(manifest)},
+        params=count_params(model))
     return publish_model(open_location(str(lake)), "brainnet", ckpt, history[-1]).uri
 
 

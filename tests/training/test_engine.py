@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from support.data import REPO, SHARED_DATA
 
 from brainmri.data.transforms import augment
 from brainmri.models.zoo import create_model
 from brainmri.training import engine
 from brainmri.training.engine import ShardBatches, all_reduce_sum, evaluate, train_one_epoch
+
+from support.data import REPO, SHARED_DATA
 
 K, SIZE = 4, 32
 
@@ -169,3 +170,12 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
     assert row["model"] == "brainnet" and row["backend"] == "gloo" and row["images_per_s"] > 0
     assert row["val_match"] is True and 0 <= row["copy_share"] <= 1 and 0 <= row["augment_share"] <= 1
     assert np.isfinite(row["train_loss"])
+
+
+def test_channels_last_keeps_single_input_channel_weights_contiguous():
+    m = engine.to_channels_last(_model())
+    four_d = [(p.shape[1], p.is_contiguous(), p.is_contiguous(memory_format=torch.channels_last))
+              for p in m.parameters() if p.dim() == 4]
+    assert any(c == 1 for c, _, _ in four_d) and any(c > 1 for c, _, _ in four_d)
+    for c, contiguous, cl in four_d:
+        assert contiguous if c == 1 else cl  # the first conv stays as its gradient will be

@@ -13,16 +13,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support.data import REPO, real_subset
 
 from brainmri.config import ConfigError, IngestConfig, TrainConfig, load_config
 from brainmri.core.metrics import confusion, from_confusion
 from brainmri.core.storage import StorageError, open_location
 from brainmri.data.datasets import resolve_dataset, split_files
 from brainmri.data.ingest import ingest
-from brainmri.data.transforms import preprocess, to_model_input
+from brainmri.data.transforms import preprocess_many, to_model_input
 from brainmri.models.checkpoints import CKPT_FILE, build_model, load_model_state
 from brainmri.training.train import prepare, run_training
+
+from support.data import REPO, real_subset
 
 SMALL = dict(image_size=64, batch_size=16, lr=3e-3, warmup_epochs=0.5, patience=0,
              model_args={"width": 16}, num_workers=2, aug_strength=0.5)
@@ -45,7 +46,7 @@ def _predict(state, version, manifest, split="val"):
     size = state["config"]["image_size"]
     t = pq.ParquetFile(version.fs.open_input_file(split_files(version, manifest, split)[0])).read(
         columns=["image", "label"])
-    x = torch.from_numpy(np.stack([preprocess(b, size) for b in t.column("image").to_pylist()]))
+    x = torch.from_numpy(preprocess_many(t.column("image").to_pylist(), size))
     with torch.no_grad():
         pred = model(to_model_input(x)).argmax(1).numpy()
     return from_confusion(confusion(np.asarray(t.column("label")), pred, 4), state["classes"])
@@ -190,9 +191,10 @@ def _evaluate_in_process(state, version, manifest) -> dict:
     xs, ys = [], []
     for f in split_files(version, manifest, "val"):
         t = pq.read_table(version.fs.open_input_file(f), columns=["image", "label"])
-        xs += [preprocess(b, size) for b in t.column("image").to_pylist()]
+        xs.append(preprocess_many(t.column("image").to_pylist(), size))
         ys += t.column("label").to_pylist()
-    src = ShardBatches.from_tensors(torch.from_numpy(np.stack(xs)), torch.tensor(ys), 1000, False, False, 0)
+    x = torch.from_numpy(np.concatenate(xs))
+    src = ShardBatches.from_tensors(x, torch.tensor(ys), 1000, False, False, 0)
     cm, loss = evaluate(model, src.epoch(0), 4, torch.device("cpu"))
     return {**{f"val_{k}": v for k, v in from_confusion(cm.numpy(), state["classes"]).items()},
             "val_loss": loss.item() / len(ys)}

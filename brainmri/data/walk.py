@@ -1,0 +1,96 @@
+"""Which files of a source tree are candidate images, and where each belongs: the listing and
+placement rules shared by ingest (local walk), evaluation of image folders (local walk and
+object keys) and prediction (folder expansion), so all of them skip and reject the same files.
+
+- `is_hidden`: a path with a dot-file or OS system-file component is never an image.
+- `place`: a SOURCE-relative path -> (source split, label, reject reason, detail), by the
+  Kaggle layout alone ([Training|Testing/]<class>/<file>).
+- `walk_source`: every entry under a local folder as a `FileRecord`, placed, with symlinks
+  and special files rejected; image checks (images.inspect_image) come later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import images as im
+
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx", "ehthumbs.db", "icon\r"}
+SPLIT_DIRS = {"training": "Training", "testing": "Testing"}
+
+
+@dataclass
+class FileRecord:
+    path: str  # relative to SOURCE, '/'-separated
+    status: str = "pending"  # accepted | duplicate | rejected
+    reason: str = ""
+    detail: str = ""
+    label: int = -1
+    source_split: str = ""
+    info: im.ImageInfo | None = None
+    duplicate_of: str = ""
+    group: str = ""
+    split: str = ""
+
+
+def is_hidden(parts: list[str]) -> bool:
+    """True when any component of a split path is hidden (.name) or an OS system file."""
+    return any(p.startswith(".") or p.lower() in SYSTEM_FILES for p in parts)
+
+
+def place(rel: str, classes: list[str]) -> tuple[str, int, str, str]:
+    """Where a SOURCE-relative path belongs, by the Kaggle layout alone:
+    (source_split, label, reject_reason, detail); label is -1 when rejected.
+    Shared by ingest (local walk) and evaluation of S3 folders (object keys)."""
+    parts = rel.split("/")
+    if is_hidden(parts):
+        return "", -1, im.HIDDEN, ""
+    split = ""
+    if parts[0].lower() in SPLIT_DIRS:
+        split, parts = SPLIT_DIRS[parts[0].lower()], parts[1:]
+    class_of = {c.lower(): i for i, c in enumerate(classes)}
+    if len(parts) < 2 or parts[0].lower() not in class_of:
+        return split, -1, im.UNKNOWN_CLASS, f"expected <class>/{parts[-1]} with class in {classes}"
+    return split, class_of[parts[0].lower()], "", ""
+
+
+def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
+    """Every entry under root, classified by place; image checks come later."""
+    root = os.path.realpath(root)
+    records = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        entries = sorted(filenames)
+        # os.walk lists symlinked folders as dirs and does not enter them: account for them.
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                dirnames.remove(d)
+                entries.append(d)
+        for name in sorted(entries):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            rec = FileRecord(path=rel)
+            records.append(rec)
+            split, label, reason, detail = place(rel, classes)
+            if reason == im.HIDDEN:  # before touching the file: never follow a hidden link
+                rec.status, rec.reason = "rejected", reason
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if os.path.commonpath([root, target]) != root:
+                    rec.status, rec.reason = "rejected", im.SYMLINK_OUTSIDE
+                    rec.detail = "link target is outside SOURCE"
+                    continue
+                if not os.path.isfile(target):
+                    rec.status, rec.reason = "rejected", im.NOT_REGULAR
+                    rec.detail = "link to a folder or to nothing"
+                    continue
+            elif not os.path.isfile(full):
+                rec.status, rec.reason = "rejected", im.NOT_REGULAR
+                continue
+            rec.source_split = split
+            if reason:
+                rec.status, rec.reason, rec.detail = "rejected", reason, detail
+            rec.label = label
+    return records

@@ -1,0 +1,252 @@
+"""brainmri.cli: every config flag is generated from its dataclass field (config.flag) and maps
+back to that field; help texts show the dataclass defaults; old command lines still work."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import subprocess
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+
+import pytest
+
+from brainmri import cli
+from brainmri.config import (
+    ConfigError,
+    EvaluateConfig,
+    IngestConfig,
+    RetrainConfig,
+    TrainConfig,
+    TuneConfig,
+    flag,
+    flag_fields,
+    to_dict,
+)
+
+from support.data import REPO
+
+COMMANDS = {"ingest": IngestConfig, "train": TrainConfig, "tune": TuneConfig,
+            "retrain": RetrainConfig, "evaluate": EvaluateConfig}
+POSITIONAL = {"ingest": ["SRC", "DEST"]}
+REQUIRED = {"evaluate": ["--model", "m", "--data", "d", "--out", "o"]}
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    ap = cli.build_parser()
+    (sub,) = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def parse(cmd: str, *argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args([cmd, *POSITIONAL.get(cmd, []), *argv])
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    if f.default is True:
+        return "--no-" + f.name.replace("_", "-")
+    return "--" + f.name.replace("_", "-")
+
+
+def sample(cls, f: dataclasses.Field) -> tuple[list[str], object]:
+    """A command-line value for field `f` and the override it must become."""
+    tp = typing.get_type_hints(cls)[f.name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    if tp is bool:
+        return [flag_of(f)], not f.default
+    if tp is dict:
+        return [flag_of(f), "epochs=2"], {"epochs": 2}
+    if "choices" in f.metadata:
+        value = [c for c in f.metadata["choices"] if c != f.default][0]
+        return [flag_of(f), value], value
+    if tp is int:
+        return [flag_of(f), "7"], 7
+    if tp is float:
+        return [flag_of(f), "0.25"], 0.25
+    return [flag_of(f), "x-1"], "x-1"
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_the_flags_are_exactly_the_fields_marked_as_flags(cmd):
+    cls = COMMANDS[cmd]
+    p = subparsers()[cmd]
+    options = {o for a in p._actions for o in a.option_strings if o.startswith("--")}
+    options -= {"--help", "--config", "--set"}
+    assert options == {flag_of(f) for f in flag_fields(cls)}
+    assert flag_fields(cls), cls
+    # and each flag lands in its field's own attribute
+    dests = {a.dest for a in p._actions if a.option_strings and a.dest not in ("help", "config", "overrides")}
+    assert dests == {f.name for f in flag_fields(cls)}
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_every_flag_maps_to_its_field_and_back(cmd):
+    cls = COMMANDS[cmd]
+    for f in flag_fields(cls):
+        argv, value = sample(cls, f)
+        required = dict(zip(REQUIRED.get(cmd, [])[::2], REQUIRED.get(cmd, [])[1::2]))
+        if argv[0] in required:  # a required flag (no default): given in every command line
+            argv, value = [], required[argv[0]]
+        a = parse(cmd, *REQUIRED.get(cmd, []), *argv)
+        got = cli.given(a)
+        if cmd == "evaluate":  # no config file: every flag carries its value (or default)
+            assert got[f.name] == value, f.name
+        else:
+            assert got == {f.name: value}, f.name
+
+
+def test_only_given_flags_become_overrides():
+    for cmd in ("ingest", "train", "tune", "retrain"):
+        assert cli.given(parse(cmd)) == {}
+        assert cli.config_from_args(parse(cmd)) == COMMANDS[cmd]()
+    a = parse("train", "--epochs", "3", "--gpu")
+    assert cli.given(a) == {"epochs": 3, "gpu": True}
+    cfg = cli.config_from_args(a)
+    assert cfg.epochs == 3 and cfg.gpu is True and cfg.lr == TrainConfig().lr
+
+
+def test_existing_command_lines_still_work(tmp_path):
+    a = parse("train", "--data", "X", "--out", "Y", "--name", "N", "--epochs", "3", "--image-size",
+              "64", "--batch-size", "16", "--set", "model_args={width: 16}")
+    cfg = cli.config_from_args(a)
+    assert (cfg.data, cfg.out, cfg.name, cfg.epochs, cfg.image_size, cfg.batch_size) == (
+        "X", "Y", "N", 3, 64, 16)
+    assert cfg.model_args == {"width": 16}
+    assert cli.config_from_args(parse("tune", "--no-evaluate")).evaluate is False
+    assert cli.config_from_args(parse("tune")).evaluate is True
+    r = cli.config_from_args(parse("retrain", "--train", "epochs=2", "--train", "lr=0.01",
+                                   "--set", "train.seed=4", "--tolerance-macro-f1", "0.05"))
+    assert r.train == {"epochs": 2, "lr": 0.01, "seed": 4} and r.tolerance_macro_f1 == 0.05
+    a = cli.build_parser().parse_args(["ingest", "SRC", "DEST", "--val-fraction", "0.3", "--seed", "3"])
+    assert (a.source, a.dest) == ("SRC", "DEST")
+    i = cli.config_from_args(a)
+    assert i.val_fraction == 0.3 and i.seed == 3
+    # a string flag is a string, whatever YAML would make of it
+    assert cli.config_from_args(parse("train", "--name", "123")).name == "123"
+
+
+def test_precedence_defaults_yaml_set_flags(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("epochs: 5\nlr: 0.01\ngpu: true\n")
+    cfg = cli.config_from_args(parse("train", "--config", str(y), "--set", "epochs=6",
+                                     "--set", "seed=2", "--epochs", "7"))
+    assert (cfg.epochs, cfg.lr, cfg.seed, cfg.gpu) == (7, 0.01, 2, True)  # an absent --gpu keeps YAML's
+
+
+def test_a_new_flag_field_becomes_a_flag():
+    @dataclass
+    class Demo:
+        plain: int = 1  # not a flag
+        some_count: int = flag(3, "how many")
+        ratio: float | None = flag(None, "a share")
+        on_by_default: bool = flag(True, "do it")
+        extra: dict = flag(help="extra keys", default_factory=dict)
+        needed: str = field(default="x", metadata={"help": "spelled by hand"})
+
+    p = argparse.ArgumentParser()
+    cli.add_config_flags(p, Demo)
+    a = p.parse_args(["--some-count", "4", "--ratio", "0.5", "--no-on-by-default",
+                      "--extra", "a=1", "--needed", "y"])
+    assert cli.given(a, Demo) == {"some_count": 4, "ratio": 0.5, "on_by_default": False,
+                                  "extra": {"a": 1}, "needed": "y"}
+    assert not hasattr(a, "plain")
+    assert "how many (default 3)" in p.format_help()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--plain", "2"])
+
+    @dataclass
+    class Clash:
+        config: str = flag("", "a name the command line owns")
+
+    with pytest.raises(TypeError, match="taken"):
+        cli.add_config_flags(argparse.ArgumentParser(), Clash)
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_help_shows_the_dataclass_defaults(cmd, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside a help line
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    cls = COMMANDS[cmd]
+    shown = 0
+    for f in flag_fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert f"{f.metadata['help']} (default {cli._shown(default)})" in out, f.name
+        shown += 1
+    assert shown >= 1
+    one = {"ingest": "(default 0.1)", "train": "(default 40)", "tune": "(default configs/tune-cpu.yaml)",
+           "retrain": "(default 360.0)", "evaluate": "(default 64)"}[cmd]
+    assert one in out
+
+
+def test_calibrate_and_predict_keep_their_flags(capsys, monkeypatch):
+    a = cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m"])
+    assert (a.format, a.batch_size, a.abstain_below, a.output) == ("jsonl", 32, None, None)
+    assert cli.build_parser().parse_args(["calibrate", "--model", "m"]).batch_size == 64
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    assert "images per batch (default 32)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m", "--abstain-below", "2"])
+    assert e.value.code == 2
+
+
+def test_evaluate_config_is_what_evaluate_takes():
+    from brainmri.evaluation.evaluate import evaluate
+
+    params = inspect.signature(evaluate).parameters
+    for f in dataclasses.fields(EvaluateConfig):
+        assert f.name in params, f.name
+        if f.default is not dataclasses.MISSING:
+            assert params[f.name].default == f.default, f.name
+        else:
+            assert params[f.name].default is inspect.Parameter.empty, f.name
+    a = parse("evaluate", "--model", "m", "--data", "d", "--out", "o", "--split", "val",
+              "--abstain-below", "0.6", "--gpu", "--concurrency", "2")
+    assert to_dict(cli.config_from_args(a)) == {
+        "model": "m", "data": "d", "out": "o", "split": "val", "abstain_below": 0.6,
+        "batch_size": 64, "gpu": True, "concurrency": 2, "near_dup_distance": 4}
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--batch-size", "0"], "batch_size"), (["--concurrency", "0"], "concurrency"),
+    (["--near-dup-distance", "65"], "near_dup_distance")])
+def test_evaluate_validation(argv, match, capsys):
+    a = parse("evaluate", "--model", "m", "--data", "d", "--out", "o", *argv)
+    with pytest.raises(ConfigError, match=match):
+        cli.config_from_args(a)
+    assert cli.main(["evaluate", "--model", "m", "--data", "d", "--out", "o", *argv]) == 2
+    assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        parse("evaluate", "--model", "m", "--data", "d", "--out", "o", "--abstain-below", "1.5")
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        parse("evaluate", "--model", "m", "--data", "d")  # --out is required
+    assert e.value.code == 2
+
+
+def test_retrain_config_lives_in_config():
+    from brainmri.ops import retrain
+
+    assert retrain.RetrainConfig is RetrainConfig
+    with pytest.raises(ConfigError, match="invalid dataset name"):
+        RetrainConfig(dataset="../x").validate()
+    with pytest.raises(ConfigError, match=r"train\.epocs"):
+        cli.config_from_args(parse("retrain", "--train", "epocs=3"))
+
+
+def test_python_m_brainmri_help():
+    r = subprocess.run([sys.executable, "-m", "brainmri", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for cmd in ("ingest", "train", "tune", "retrain", "evaluate", "calibrate", "predict"):
+        assert cmd in r.stdout
