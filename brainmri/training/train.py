@@ -154,13 +154,13 @@ def train_loop_per_worker(config: dict) -> None:
                 with open(os.path.join(tmp, CKPT_FILE), "wb") as f:
                     f.write(dump_state(state))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                run = open_location(config["run_uri"])
-                (run / "history.json").write_json(history)
             # the worker group's placement group travels with the report: a Tune driver that
             # stops this trial early removes it (Ray only reaps it where the State API works)
             pg = ray.util.get_current_placement_group()
             ray.train.report({**metrics, "placement_group": pg.id.hex() if pg else ""},
                              checkpoint=checkpoint)
+        if rank == 0:  # after report() has persisted the checkpoint: history never runs ahead
+            (open_location(config["run_uri"]) / "history.json").write_json(history)
         if stop:
             break
 

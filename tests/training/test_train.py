@@ -160,7 +160,9 @@ def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     deadline = time.time() + 400
-    while time.time() < deadline and not (run / "history.json").exists():
+    # killed once the controller has registered a checkpoint (its snapshot) and history shows it
+    while time.time() < deadline and not ((run / "checkpoint_manager_snapshot.json").exists()
+                                          and (run / "history.json").exists()):
         time.sleep(0.5)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
