@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -65,13 +65,94 @@ def _checkpoint_state(raw, optimizer, scheduler, epoch, best, bad, history, resu
         versions=config["versions"], params=count_params(raw))
 
 
+def configure_optimizer(cfg: TrainConfig, raw: nn.Module, steps_per_epoch: int):
+    """AdamW with weight decay on weights only (not biases or norms), warm-up + cosine."""
+    decay = [p for p in raw.parameters() if p.ndim > 1]
+    no_decay = [p for p in raw.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.warmup_epochs, cfg.epochs, steps_per_epoch))
+    return optimizer, scheduler
+
+
+def class_weighted_loss(cfg: TrainConfig, train_counts: list[int], device) -> nn.Module:
+    """Cross-entropy with inverse-frequency class weights (glioma is the smallest class)."""
+    counts = np.asarray(train_counts, dtype=np.float64)
+    k = len(counts)
+    weight = (counts.sum() / (k * np.maximum(counts, 1))) if cfg.class_weighting else np.ones(k)
+    return nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32).to(device),
+                               label_smoothing=cfg.label_smoothing)
+
+
+@dataclass
+class RunState:
+    """What a run carries from epoch to epoch (and across resumes, in the checkpoint)."""
+
+    start: int = 0
+    best: float = -1.0
+    bad: int = 0
+    history: list = field(default_factory=list)
+    resumes: list = field(default_factory=list)
+
+
+def resume(raw: nn.Module, optimizer, scheduler) -> RunState:
+    """A replaced worker or a re-run driver continues from Ray's latest checkpoint."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return RunState()
+    with ckpt.as_directory() as d:
+        state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
+    raw.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start = state["epoch"] + 1
+    return RunState(start, state["best"], state["bad_epochs"], state["history"],
+                    state.get("resumes", []) + [start])
+
+
+def epoch_metrics(epoch: int, tr: torch.Tensor, cm: torch.Tensor, vloss: torch.Tensor,
+                  classes: list[str], lr: float, seconds: float, train_seconds: float,
+                  resumes: int) -> dict:
+    """One epoch's report: train sums [loss*n, correct, n] and the validation confusion
+    matrix (both already summed over ranks) in the metrics schema (val_ prefixed)."""
+    vm = M.from_confusion(cm.numpy(), classes)
+    n = max(1.0, tr[2].item())
+    return {
+        "epoch": epoch, "epochs_done": epoch + 1, "train_loss": tr[0].item() / n,
+        "train_accuracy": tr[1].item() / n, "train_images": int(tr[2].item()),
+        "val_loss": vloss.item() / max(1, vm["n"]), "lr": lr, "epoch_seconds": seconds,
+        "train_images_per_s": tr[2].item() / max(train_seconds, 1e-9),
+        **{f"val_{key}": v for key, v in vm.items()},
+        "val_confusion": cm.numpy().astype(int).tolist(), "resumes": resumes,
+    }
+
+
+def report(metrics: dict, state: dict | None) -> None:
+    """Every rank reports once per epoch; only rank 0 passes a checkpoint (state)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if state is not None:
+            with open(os.path.join(tmp, CKPT_FILE), "wb") as f:
+                f.write(dump_state(state))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        # the worker group's placement group travels with the report: a Tune driver that
+        # stops this trial early removes it (Ray only reaps it where the State API works)
+        pg = ray.util.get_current_placement_group()
+        ray.train.report({**metrics, "placement_group": pg.id.hex() if pg else ""},
+                         checkpoint=checkpoint)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
     cfg = from_dict(TrainConfig, config["cfg"])
     classes: list[str] = config["classes"]
-    k = len(classes)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.set_num_threads(cfg.threads_per_worker or _threads())
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -79,37 +160,18 @@ def train_loop_per_worker(config: dict) -> None:
     # augmentation runs where the batch is, and differs by rank
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
-    model = create_model(cfg.model, k, 1, image_size=cfg.image_size, **cfg.model_args,
+    model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.model_args,
                          pretrained=cfg.pretrained or None)
     if cfg.gpu:
         model = to_channels_last(model)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model  # evaluation runs this one
-
-    counts = np.asarray(config["train_counts"], dtype=np.float64)
-    weight = (counts.sum() / (k * np.maximum(counts, 1))) if cfg.class_weighting else np.ones(k)
-    criterion = nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32).to(device),
-                                    label_smoothing=cfg.label_smoothing)
-    decay = [p for n, p in raw.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in raw.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    criterion = class_weighted_loss(cfg, config["train_counts"], device)
     steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.warmup_epochs, cfg.epochs, steps))
-
-    start, best, bad, history, resumes = 0, -1.0, 0, [], []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:  # resume: a replaced worker or a re-run driver
-        with ckpt.as_directory() as d:
-            state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, best, bad, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
-        resumes = state.get("resumes", []) + [start]
-        if rank == 0:
-            print(f"brainmri: resumed from the checkpoint of epoch {start - 1}")
+    optimizer, scheduler = configure_optimizer(cfg, raw, steps)
+    run = resume(raw, optimizer, scheduler)
+    if run.start and rank == 0:
+        print(f"brainmri: resumed from the checkpoint of epoch {run.start - 1}")
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
@@ -121,46 +183,29 @@ def train_loop_per_worker(config: dict) -> None:
     val_src = ShardBatches(ray.train.get_dataset_shard("val"), loader_kw, cfg.cache, False, False,
                            0, pin=cfg.gpu)
     clock = Stopwatch(device)
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(run.start, cfg.epochs):
         t0 = clock.now()
         tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler,
                              device, cfg.aug_strength, gen, amp=cfg.gpu, channels_last=cfg.gpu).cpu()
         t_train = clock.now() - t0
-        cm, vloss = evaluate(raw, val_src.epoch(epoch), k, device, amp=cfg.gpu, channels_last=cfg.gpu)
-        vm = M.from_confusion(cm.numpy(), classes)
-        n = max(1.0, tr[2].item())
-        metrics = {
-            "epoch": epoch, "epochs_done": epoch + 1, "train_loss": tr[0].item() / n,
-            "train_accuracy": tr[1].item() / n, "train_images": int(tr[2].item()),
-            "val_loss": vloss.item() / max(1, vm["n"]), "lr": scheduler.get_last_lr()[0],
-            "epoch_seconds": clock.now() - t0, "train_images_per_s": tr[2].item() / t_train,
-            **{f"val_{key}": v for key, v in vm.items()},
-            "val_confusion": cm.numpy().astype(int).tolist(), "resumes": len(resumes),
-        }
-        improved = metrics[METRIC] > best
-        best, bad = (metrics[METRIC], 0) if improved else (best, bad + 1)
-        metrics["best_val_macro_f1"] = best
-        history.append({key: v for key, v in metrics.items() if key != "val_confusion"})
+        cm, vloss = evaluate(raw, val_src.epoch(epoch), len(classes), device, amp=cfg.gpu,
+                             channels_last=cfg.gpu)
+        metrics = epoch_metrics(epoch, tr, cm, vloss, classes, scheduler.get_last_lr()[0],
+                                clock.now() - t0, t_train, len(run.resumes))
+        improved = metrics[METRIC] > run.best
+        run.best, run.bad = (metrics[METRIC], 0) if improved else (run.best, run.bad + 1)
+        metrics["best_val_macro_f1"] = run.best
+        run.history.append({key: v for key, v in metrics.items() if key != "val_confusion"})
         # the time budget counts training seconds across resumes; ranks' clocks differ, so
         # they agree on stopping (one rank leaving early would hang the rest)
-        spent = sum(h["epoch_seconds"] for h in history) / 60
+        spent = sum(h["epoch_seconds"] for h in run.history) / 60
         over = agree_any(cfg.time_budget_min > 0 and spent >= cfg.time_budget_min, device)
-        stop = (cfg.patience > 0 and bad >= cfg.patience) or over
-        checkpoint = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:  # side effects on rank 0 only
-                state = _checkpoint_state(raw, optimizer, scheduler, epoch, best, bad, history,
-                                          resumes, cfg, config)
-                with open(os.path.join(tmp, CKPT_FILE), "wb") as f:
-                    f.write(dump_state(state))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            # the worker group's placement group travels with the report: a Tune driver that
-            # stops this trial early removes it (Ray only reaps it where the State API works)
-            pg = ray.util.get_current_placement_group()
-            ray.train.report({**metrics, "placement_group": pg.id.hex() if pg else ""},
-                             checkpoint=checkpoint)
+        stop = (cfg.patience > 0 and run.bad >= cfg.patience) or over
+        state = _checkpoint_state(raw, optimizer, scheduler, epoch, run.best, run.bad, run.history,
+                                  run.resumes, cfg, config) if rank == 0 else None
+        report(metrics, state)  # side effects on rank 0 only
         if rank == 0:  # after report() has persisted the checkpoint: history never runs ahead
-            (open_location(config["run_uri"]) / "history.json").write_json(history)
+            (open_location(config["run_uri"]) / "history.json").write_json(run.history)
         if stop:
             break
 
