@@ -352,6 +352,49 @@ def test_missing_source_and_bad_name(tmp_path):
     assert not (tmp_path / "lake").exists()
 
 
+def _refused(src, lake, match):
+    from brainmri.data.ingest import UnusableSourceError
+    with pytest.raises(UnusableSourceError, match=match) as e:
+        ingest(str(src), str(lake), IngestConfig(workers=1))
+    root = dataset_root(open_location(str(lake)), "brain-tumor-mri")
+    assert complete_versions(root) == []
+    with pytest.raises(StorageError, match="no complete version"):
+        latest_version(open_location(str(lake)), "brain-tumor-mri")
+    msg = str(e.value)
+    assert "\n" not in msg and "nothing was published" in msg
+    (version,) = [root / n for n in root.listdir()]
+    assert not (version / MANIFEST).exists()
+    assert (version / "inventory.csv").uri in msg and (version / "rejects.csv").exists()
+    return version
+
+
+def test_empty_or_all_rejected_source_is_not_published(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _refused(tmp_path / "empty", tmp_path / "lake1", "no image was accepted")
+    # the Kaggle folder one level too deep: every file is outside a known class folder
+    src = tmp_path / "deep"
+    for i, c in enumerate(CLASSES):
+        (src / "Kaggle" / "Training" / c).mkdir(parents=True)
+        (src / "Kaggle" / "Training" / c / "0.jpg").write_bytes(synth_jpeg(7000 + i))
+    version = _refused(src, tmp_path / "lake2", "no image was accepted")
+    inv = _inventory(version)
+    assert len(inv) == 4 and {r["reason"] for r in inv.values()} == {im.UNKNOWN_CLASS}
+    # accepted images, but all of them in Testing/: no training rows
+    src = tmp_path / "testonly"
+    for i, c in enumerate(CLASSES):
+        (src / "Testing" / c).mkdir(parents=True)
+        (src / "Testing" / c / "0.jpg").write_bytes(synth_jpeg(7100 + i))
+    _refused(src, tmp_path / "lake3", "none in the train split")
+
+
+def test_cli_refuses_empty_source(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = _cli("ingest", str(tmp_path / "empty"), str(tmp_path / "lake"), cwd=tmp_path)
+    assert p.returncode == 2
+    err = p.stderr.strip()
+    assert err.startswith("brainmri ingest: error:") and "\n" not in err and "rejects.csv" in err
+
+
 # -- (b) the dedup thresholds on synthetic scans -------------------------------------------
 def test_dedup_thresholds_separate_distinct_scans_from_copies():
     n = 40
