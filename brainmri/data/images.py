@@ -29,6 +29,7 @@ HIDDEN = "hidden_or_system_file"
 UNKNOWN_CLASS = "outside_known_class_folder"
 SYMLINK_OUTSIDE = "symlink_leaves_source"
 NOT_REGULAR = "not_a_regular_file"
+UNDECODABLE_NAME = "undecodable_file_name"  # not UTF-8: cannot be stored as a path
 
 THUMB = 32
 FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP"}

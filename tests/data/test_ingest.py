@@ -395,6 +395,25 @@ def test_cli_refuses_empty_source(tmp_path):
     assert err.startswith("brainmri ingest: error:") and "\n" not in err and "rejects.csv" in err
 
 
+def test_non_utf8_file_name_is_rejected_not_fatal(tmp_path):
+    src = tmp_path / "src"
+    for i, c in enumerate(CLASSES):
+        (src / "Training" / c).mkdir(parents=True)
+        for k in range(3):
+            (src / "Training" / c / f"{k}.jpg").write_bytes(synth_jpeg(8000 + 10 * i + k))
+    fd = os.open(os.fsencode(src / "Training" / "glioma") + b"/scan_\xff.jpg",
+                 os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, synth_jpeg(8999))
+    os.close(fd)
+    res = ingest(str(src), str(tmp_path / "lake"), IngestConfig(workers=1))
+    m = res.manifest
+    assert m["files"] == {"seen": 13, "accepted": 12, "duplicate": 0, "rejected": 1}
+    assert m["rejected_by_reason"] == {im.UNDECODABLE_NAME: 1}
+    inv = _inventory(res.location)
+    bad = inv["Training/glioma/scan_\\xff.jpg"]
+    assert bad["status"] == "rejected" and bad["reason"] == im.UNDECODABLE_NAME
+
+
 # -- (b) the dedup thresholds on synthetic scans -------------------------------------------
 def test_dedup_thresholds_separate_distinct_scans_from_copies():
     n = 40
