@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -102,7 +103,8 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
     except RejectedImage:
         raise
     except UnidentifiedImageError as e:
-        raise RejectedImage(NOT_IMAGE, str(e)) from None
+        # PIL names the in-memory file by its address: drop it so the detail is stable
+        raise RejectedImage(NOT_IMAGE, re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RejectedImage(TOO_LARGE, str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
