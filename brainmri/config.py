@@ -63,6 +63,9 @@ def flag_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
+MAX_WORKERS = 256  # processes for one ingest: more is a typo, not a machine
+
+
 # --------------------------------------------------------------------------------------------
 @dataclass
 class IngestConfig:
@@ -101,8 +104,10 @@ class IngestConfig:
             raise ConfigError("near_dup_similarity must be in (0, 1]")
         if self.max_pixels < 1:
             raise ConfigError("max_pixels must be positive")
-        if self.workers < 0:
-            raise ConfigError("workers must be >= 0 (0 = all cores)")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be in [0, {MAX_WORKERS}] (0 = all cores)")
+        if self.seed < 0:
+            raise ConfigError("seed must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,7 +133,9 @@ def test_type_errors(override, msg):
     ("near_dup_similarity=0", "near_dup_similarity must be in (0, 1]"),
     ("near_dup_similarity=1.5", "near_dup_similarity must be in (0, 1]"),
     ("max_pixels=0", "max_pixels must be positive"),
-    ("workers=-1", "workers must be >= 0"),
+    ("workers=-1", "workers must be in [0, 256]"),
+    ("workers=100000", "workers must be in [0, 256]"),
+    ("seed=-1", "seed must be >= 0"),
 ])
 def test_validate_errors(override, msg):
     with pytest.raises(ConfigError) as e:

@@ -41,9 +41,16 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from the environment (None: AWS), checked: the one reader of these
+    variables for pyarrow (storage) and boto3 (storage checks, lock)."""
     for var in ("BRAINMRI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        if os.environ.get(var):
-            return os.environ[var]
+        ep = os.environ.get(var)
+        if ep:
+            u = urlparse(ep)
+            if u.scheme not in ("http", "https") or not u.netloc:
+                raise StorageError(f"{var}={ep!r} must start with http:// or https:// "
+                                   "(e.g. http://localhost:9000)")
+            return ep
     return None
 
 
@@ -68,8 +75,8 @@ def _s3_filesystem() -> pafs.S3FileSystem:
                         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
     ep = s3_endpoint()
     if ep:
-        u = urlparse(ep if "://" in ep else f"https://{ep}")
-        kwargs.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
+        u = urlparse(ep)
+        kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -130,10 +137,13 @@ class Location:
         if not self.is_s3:
             # Local: write beside, then rename (atomic on POSIX within one folder).
             self.fs.create_dir(parent, recursive=True)
+            # fsync before the rename: after a crash the name never points at lost data.
             tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{self.name}")
-            with self.fs.open_output_stream(tmp) as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
-            self.fs.move(tmp, self.path)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
         else:
             # S3: an object (multipart or not) only becomes visible once complete.
             with self.fs.open_output_stream(self.path) as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ HIDDEN = "hidden_or_system_file"
 UNKNOWN_CLASS = "outside_known_class_folder"
 SYMLINK_OUTSIDE = "symlink_leaves_source"
 NOT_REGULAR = "not_a_regular_file"
+UNDECODABLE_NAME = "undecodable_file_name"  # not UTF-8: cannot be stored as a path
 
 THUMB = 32
 FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP"}
@@ -101,7 +103,8 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
     except RejectedImage:
         raise
     except UnidentifiedImageError as e:
-        raise RejectedImage(NOT_IMAGE, str(e)) from None
+        # PIL names the in-memory file by its address: drop it so the detail is stable
+        raise RejectedImage(NOT_IMAGE, re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RejectedImage(TOO_LARGE, str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

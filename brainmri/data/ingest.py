@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ..config import IngestConfig, to_dict
+from ..config import ConfigError, IngestConfig, to_dict
 from ..core.storage import Location, check_name, open_location
 from . import images as im
 from .datasets import MANIFEST, SPLITS, dataset_root
@@ -351,6 +351,8 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
         out.delete()
 
     accepted = [r for r in records if r.status == "accepted"]
+    _write_inventory(out, records, cfg)  # before any refusal: it says why
+    _refuse_unusable(source, records, accepted, out)
     shards = []
     bar = tqdm(total=len(accepted), desc="write", unit="img", disable=None)
     for i, split in enumerate(SPLITS):
@@ -358,6 +360,17 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
         shards += _write_shards(root, rows, split, out, cfg, cfg.seed + i, bar)
     bar.close()
 
+    manifest = build_manifest(version, source, records, grouping, shards, cfg)
+    (out / MANIFEST).write_json(manifest)  # last: this makes the version complete
+    return IngestResult(version, out, manifest, created=True, seconds=time.time() - t0)
+
+
+class UnusableSourceError(ConfigError):
+    """A SOURCE that would give a dataset version with no training rows: nothing is published
+    (no manifest.json); the inventory says why. One sentence for the user."""
+
+
+def _write_inventory(out: Location, records: list[FileRecord], cfg: IngestConfig) -> None:
     inv_rows = [[r.path, r.status, r.reason, r.detail, r.duplicate_of,
                  cfg.classes[r.label] if r.label >= 0 else "", r.source_split, r.split, r.group]
                 for r in records]
@@ -368,9 +381,20 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
         ["path", "reason", "detail"],
         [[r.path, r.reason, r.detail] for r in records if r.status == "rejected"]))
 
-    manifest = build_manifest(version, source, records, grouping, shards, cfg)
-    (out / MANIFEST).write_json(manifest)  # last: this makes the version complete
-    return IngestResult(version, out, manifest, created=True, seconds=time.time() - t0)
+
+def _refuse_unusable(source: str, records: list[FileRecord], accepted: list[FileRecord],
+                     out: Location) -> None:
+    """Zero accepted rows, or zero training rows, must not become the latest version."""
+    train = sum(r.split == "train" for r in accepted)
+    if accepted and train:
+        return
+    reasons = dict(sorted(Counter(r.reason for r in records if r.status == "rejected").items()))
+    what = ("no image was accepted" if not accepted
+            else f"{len(accepted)} images accepted but none in the train split")
+    raise UnusableSourceError(
+        f"SOURCE {source!r}: {what} ({len(records)} files seen, rejected by reason "
+        f"{json.dumps(reasons)}); nothing was published; see {(out / 'inventory.csv').uri} "
+        f"and {(out / 'rejects.csv').uri}")
 
 
 def build_manifest(version, source, records, grouping, shards, cfg) -> dict:

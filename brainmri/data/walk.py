@@ -55,6 +55,16 @@ def place(rel: str, classes: list[str]) -> tuple[str, int, str, str]:
     return split, class_of[parts[0].lower()], "", ""
 
 
+def safe_name(name: str) -> str:
+    """A name from the file system as UTF-8 text: unchanged when it is valid UTF-8, else its
+    undecodable bytes as \\xNN escapes (os.fsdecode's surrogateescape, made printable)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
     """Every entry under root, classified by place; image checks come later."""
     root = os.path.realpath(root)
@@ -70,8 +80,13 @@ def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
         for name in sorted(entries):
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
-            rec = FileRecord(path=rel)
+            safe = safe_name(rel)
+            rec = FileRecord(path=safe)
             records.append(rec)
+            if safe != rel:  # a name that is not UTF-8 cannot go into Parquet, CSV or JSON
+                rec.status, rec.reason = "rejected", im.UNDECODABLE_NAME
+                rec.detail = "file name is not valid UTF-8; rename it"
+                continue
             split, label, reason, detail = place(rel, classes)
             if reason == im.HIDDEN:  # before touching the file: never follow a hidden link
                 rec.status, rec.reason = "rejected", reason

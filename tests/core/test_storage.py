@@ -191,3 +191,25 @@ def test_s3_no_credentials(s3_bucket, monkeypatch, tmp_path):
     with pytest.raises(StorageError, match="no S3 credentials"):
         open_location(f"s3://{s3_bucket}/x", check=True)
     assert time.monotonic() - t0 < 10
+
+
+def test_s3_endpoint_without_scheme_is_one_line_error(monkeypatch):
+    from brainmri.core.storage import s3_endpoint
+
+    monkeypatch.setenv("BRAINMRI_S3_ENDPOINT", "localhost:9000")
+    with pytest.raises(StorageError, match="must start with http:// or https://") as e:
+        s3_endpoint()
+    assert "\n" not in str(e.value)
+    with pytest.raises(StorageError, match="BRAINMRI_S3_ENDPOINT"):
+        open_location("s3://some-bucket/lake")
+
+
+def test_local_write_fsyncs_before_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    loc = open_location(str(tmp_path)) / "manifest.json"
+    loc.write_json({"a": 1})
+    assert calls == ["fsync", "replace"] and loc.read_json() == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

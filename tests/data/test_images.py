@@ -175,3 +175,10 @@ def test_near_copy_hashes_close_distinct_scans_far():
 
     assert a.sha256 != b.sha256
     assert dist(a, b) <= 12 < dist(a, c)
+
+
+def test_not_an_image_detail_has_no_memory_address():
+    with pytest.raises(im.RejectedImage) as e:
+        im.inspect_image(b"this is not an image at all", im.ImageLimits())
+    assert e.value.reason == im.NOT_IMAGE
+    assert "0x" not in e.value.detail and e.value.detail == "cannot identify image file"

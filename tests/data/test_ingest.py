@@ -352,6 +352,68 @@ def test_missing_source_and_bad_name(tmp_path):
     assert not (tmp_path / "lake").exists()
 
 
+def _refused(src, lake, match):
+    from brainmri.data.ingest import UnusableSourceError
+    with pytest.raises(UnusableSourceError, match=match) as e:
+        ingest(str(src), str(lake), IngestConfig(workers=1))
+    root = dataset_root(open_location(str(lake)), "brain-tumor-mri")
+    assert complete_versions(root) == []
+    with pytest.raises(StorageError, match="no complete version"):
+        latest_version(open_location(str(lake)), "brain-tumor-mri")
+    msg = str(e.value)
+    assert "\n" not in msg and "nothing was published" in msg
+    (version,) = [root / n for n in root.listdir()]
+    assert not (version / MANIFEST).exists()
+    assert (version / "inventory.csv").uri in msg and (version / "rejects.csv").exists()
+    return version
+
+
+def test_empty_or_all_rejected_source_is_not_published(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _refused(tmp_path / "empty", tmp_path / "lake1", "no image was accepted")
+    # the Kaggle folder one level too deep: every file is outside a known class folder
+    src = tmp_path / "deep"
+    for i, c in enumerate(CLASSES):
+        (src / "Kaggle" / "Training" / c).mkdir(parents=True)
+        (src / "Kaggle" / "Training" / c / "0.jpg").write_bytes(synth_jpeg(7000 + i))
+    version = _refused(src, tmp_path / "lake2", "no image was accepted")
+    inv = _inventory(version)
+    assert len(inv) == 4 and {r["reason"] for r in inv.values()} == {im.UNKNOWN_CLASS}
+    # accepted images, but all of them in Testing/: no training rows
+    src = tmp_path / "testonly"
+    for i, c in enumerate(CLASSES):
+        (src / "Testing" / c).mkdir(parents=True)
+        (src / "Testing" / c / "0.jpg").write_bytes(synth_jpeg(7100 + i))
+    _refused(src, tmp_path / "lake3", "none in the train split")
+
+
+def test_cli_refuses_empty_source(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = _cli("ingest", str(tmp_path / "empty"), str(tmp_path / "lake"), cwd=tmp_path)
+    assert p.returncode == 2
+    err = p.stderr.strip()
+    assert err.startswith("brainmri ingest: error:") and "\n" not in err and "rejects.csv" in err
+
+
+def test_non_utf8_file_name_is_rejected_not_fatal(tmp_path):
+    src = tmp_path / "src"
+    for i, c in enumerate(CLASSES):
+        (src / "Training" / c).mkdir(parents=True)
+        for k in range(3):
+            (src / "Training" / c / f"{k}.jpg").write_bytes(synth_jpeg(8000 + 10 * i + k))
+    fd = os.open(os.fsencode(src / "Training" / "glioma") + b"/scan_\xff.jpg",
+                 os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, synth_jpeg(8999))
+    os.close(fd)
+    res = ingest(str(src), str(tmp_path / "lake"), IngestConfig(workers=1))
+    m = res.manifest
+    assert m["files"] == {"seen": 13, "accepted": 12, "duplicate": 0, "rejected": 1}
+    assert m["rejected_by_reason"] == {im.UNDECODABLE_NAME: 1}
+    inv = _inventory(res.location)
+    bad = inv["Training/glioma/scan_\\xff.jpg"]
+    assert bad["status"] == "rejected" and bad["reason"] == im.UNDECODABLE_NAME
+
+
 # -- (b) the dedup thresholds on synthetic scans -------------------------------------------
 def test_dedup_thresholds_separate_distinct_scans_from_copies():
     n = 40

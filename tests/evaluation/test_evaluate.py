@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -121,6 +122,17 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     (tmp_path / "lake" / "datasets").mkdir(parents=True)
     with pytest.raises(StorageError, match="no files in class folders"):
         open_source(str(tmp_path / "lake"), list(CLASSES4))
+
+
+def test_folder_source_rejects_a_non_utf8_file_name(tmp_path):
+    (tmp_path / "glioma").mkdir()
+    (tmp_path / "glioma" / "ok.jpg").write_bytes(b"x")
+    fd = os.open(os.fsencode(tmp_path / "glioma") + b"/scan_\xff.jpg", os.O_WRONLY | os.O_CREAT)
+    os.close(fd)
+    src = open_source(str(tmp_path), list(CLASSES4))
+    assert src.files == [("glioma/ok.jpg", 0)]
+    assert src.walk_rejects == [("glioma/scan_\\xff.jpg", "undecodable_file_name",
+                                 "file name is not valid UTF-8; rename it")]
 
 
 # -- where inference runs -------------------------------------------------------------------
