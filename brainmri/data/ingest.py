@@ -318,9 +318,10 @@ def frozen_test_hashes(uri: str) -> frozenset[str]:
     """sha256 of every image in the test split of the dataset version at `uri`."""
     import pyarrow.parquet as pq
 
-    from .datasets import resolve_dataset, split_files
+    from .datasets import resolve_dataset, split_files, verify_shards
 
     version, manifest = resolve_dataset(uri)
+    verify_shards(version, manifest, ("test",))
     out: set[str] = set()
     for f in split_files(version, manifest, "test"):
         with version.fs.open_input_file(f) as fh:
