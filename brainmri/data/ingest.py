@@ -288,7 +288,7 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
             raise RuntimeError(f"{r.path} changed while being ingested; run ingest again")
         if writer is None:
             tmp = tempfile.NamedTemporaryFile(suffix=".parquet")
-            writer = pq.ParquetWriter(tmp.name, SCHEMA, compression={
+            writer = pq.ParquetWriter(tmp.name, SCHEMA, write_page_checksum=True, compression={
                 c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
         i = r.info
         batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],

@@ -114,3 +114,13 @@ def test_untampered_copy_passes_and_tampered_test_split_is_refused(version, tmp_
     _flip(v / rel, 200, 64)
     with pytest.raises(StorageError, match=f"shard {rel} of dataset .*sha256"):
         frozen_test_hashes(str(v))
+
+
+def test_shards_carry_parquet_page_checksums(version, tmp_path):
+    """A reader that asks for page checksum verification catches a flipped image by itself."""
+    v = _copy(version, tmp_path)
+    _, shard = _train_shard(v)
+    pq.read_table(shard, page_checksum_verification=True)  # intact: reads
+    _flip_image_bytes(v)
+    with pytest.raises(OSError, match="(?i)checksum"):
+        pq.read_table(shard, columns=["image"], page_checksum_verification=True)
