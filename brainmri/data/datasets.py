@@ -70,3 +70,43 @@ def split_files(version: Location, manifest: dict, split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return [(version / s["path"]).path for s in manifest["shards"] if s["split"] == split]
+
+
+_VERIFIED: set[tuple] = set()  # (shard uri, recorded sha256, size, mtime) hashed in this process
+
+
+def verify_shards(version: Location, manifest: dict, splits=SPLITS, chunk: int = 8 << 20) -> int:
+    """Check every shard of `splits` against the manifest's recorded size and sha256, streaming
+    each file through sha256 in `chunk`-byte reads (never whole in memory). Raises a one-line
+    StorageError naming the first shard that is missing or differs; returns the bytes hashed.
+    A shard already verified in this process with unchanged size and mtime is not hashed again."""
+    import pyarrow.fs as pafs
+
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"unknown split {s!r}; expected one of {SPLITS}")
+    hashed = 0
+    for shard in manifest["shards"]:
+        if shard["split"] not in splits:
+            continue
+        loc = version / shard["path"]
+        where = f"shard {shard['path']} of dataset {version.uri}"
+        info = version.fs.get_file_info(loc.path)
+        if info.type != pafs.FileType.File:
+            raise StorageError(f"{where} is missing")
+        if info.size != shard["bytes"]:
+            raise StorageError(f"{where} is {info.size} bytes, the manifest records "
+                               f"{shard['bytes']}: it was truncated or replaced")
+        key = (loc.uri, shard["sha256"], info.size, info.mtime_ns)
+        if key in _VERIFIED:
+            continue
+        sha = hashlib.sha256()
+        with version.fs.open_input_stream(loc.path) as f:
+            while block := f.read(chunk):
+                sha.update(block)
+                hashed += len(block)
+        if sha.hexdigest() != shard["sha256"]:
+            raise StorageError(f"{where} has sha256 {sha.hexdigest()[:16]}..., the manifest records "
+                               f"{shard['sha256'][:16]}...: its content changed after ingest")
+        _VERIFIED.add(key)
+    return hashed

@@ -288,7 +288,7 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
             raise RuntimeError(f"{r.path} changed while being ingested; run ingest again")
         if writer is None:
             tmp = tempfile.NamedTemporaryFile(suffix=".parquet")
-            writer = pq.ParquetWriter(tmp.name, SCHEMA, compression={
+            writer = pq.ParquetWriter(tmp.name, SCHEMA, write_page_checksum=True, compression={
                 c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
         i = r.info
         batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
@@ -318,9 +318,10 @@ def frozen_test_hashes(uri: str) -> frozenset[str]:
     """sha256 of every image in the test split of the dataset version at `uri`."""
     import pyarrow.parquet as pq
 
-    from .datasets import resolve_dataset, split_files
+    from .datasets import resolve_dataset, split_files, verify_shards
 
     version, manifest = resolve_dataset(uri)
+    verify_shards(version, manifest, ("test",))
     out: set[str] = set()
     for f in split_files(version, manifest, "test"):
         with version.fs.open_input_file(f) as fh:

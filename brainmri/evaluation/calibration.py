@@ -18,7 +18,7 @@ import torch
 from ..config import ConfigError
 from ..core.metrics import ECE_BINS, ece, nll, reliability  # noqa: F401 (re-exported)
 from ..core.storage import open_location
-from ..data.datasets import load_manifest, split_files
+from ..data.datasets import load_manifest, split_files, verify_shards
 from ..data.transforms import preprocess_many
 from .inference import ModelRef, forward_logits, load_network, open_model, softmax
 
@@ -73,6 +73,7 @@ def training_dataset(ref: ModelRef):
 def val_logits(ref: ModelRef, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """In-process logits of the training dataset's val split, one row group at a time."""
     version, manifest = training_dataset(ref)
+    verify_shards(version, manifest, ("val",))
     model = load_network(ref.weights.uri, ref.sha256)
     logits, labels = [], []
     for path in split_files(version, manifest, "val"):

@@ -67,6 +67,13 @@ def open_model(uri: str) -> ModelRef:
     """Model version, models/<name> (latest), checkpoint folder or .pt file -> ModelRef."""
     weights = model_file(uri)
     data = weights.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    meta_loc = open_location(posixpath.dirname(weights.uri)) / META_FILE
+    published = weights.name == MODEL_FILE and meta_loc.exists()
+    meta = meta_loc.read_json() if published else {}
+    if published and meta.get("sha256") and meta["sha256"] != sha:  # before unpickling it
+        raise StorageError(f"{weights.uri} has sha256 {sha[:16]}..., its {META_FILE} records "
+                           f"{meta['sha256'][:16]}...: the weights changed after publishing")
     try:
         state = load_state(data)
     except Exception as e:  # pickle/zip errors: not a checkpoint written by brainmri
@@ -74,13 +81,9 @@ def open_model(uri: str) -> ModelRef:
                            f"({type(e).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config", "classes"} <= set(state):
         raise StorageError(f"{weights.uri} is not a brainmri model or checkpoint")
-    sha = hashlib.sha256(data).hexdigest()
-    meta_loc = open_location(posixpath.dirname(weights.uri)) / META_FILE
-    if weights.name == MODEL_FILE and meta_loc.exists():
-        meta = meta_loc.read_json()
+    if published:
         name, version = meta["name"], meta["version"]
     else:  # a training checkpoint: named after its run, versioned by epoch and content
-        meta = {}
         name = state["config"].get("name") or state["config"].get("model", "model")
         version = f"epoch{state.get('epoch', 0)}-{sha[:8]}"
     return ModelRef(weights, sha, state, check_name(name, "model name"),

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ..config import EvaluateConfig
 from ..core.storage import open_location
-from ..data.datasets import load_manifest, split_files
+from ..data.datasets import load_manifest, split_files, verify_shards
 
 NEAR_DISTANCE = EvaluateConfig.near_dup_distance  # the default lives with evaluate's options
 
@@ -31,6 +31,7 @@ def training_hashes(dataset_uri: str, splits: list[str]) -> tuple[set[str], np.n
     """sha256 set and pHash array (uint64) of the given splits of a dataset version."""
     version = open_location(dataset_uri)
     manifest = load_manifest(version)
+    verify_shards(version, manifest, tuple(splits))
     shas: set[str] = set()
     hashes = []
     for split in splits:

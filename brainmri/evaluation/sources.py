@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..config import IngestConfig
 from ..core.storage import Location, StorageError, open_location
 from ..data import images as im
-from ..data.datasets import MANIFEST, SPLITS, manifest_hash, split_files
+from ..data.datasets import MANIFEST, SPLITS, manifest_hash, split_files, verify_shards
 from ..data.walk import place, walk_source
 from .inference import load_folder_batch, prepare_dataset_batch
 
@@ -87,6 +87,7 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
     shards = split_files(version, manifest, split)
     if not shards:
         raise StorageError(f"dataset {version.uri} has no {split} rows")
+    verify_shards(version, manifest, (split,))
     describe = {"kind": "dataset version", "uri": version.uri, "name": manifest["name"],
                 "version": manifest["version"], "split": split,
                 "manifest_hash": manifest_hash(manifest), "rows": manifest["rows"][split],

@@ -31,7 +31,7 @@ from ..core import metrics as M
 from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
-from ..data.datasets import manifest_hash, resolve_dataset, split_files
+from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
 from ..data.transforms import preprocess_batch
 from ..models.checkpoints import (
     CKPT_FILE,
@@ -283,6 +283,7 @@ def prepare(cfg: TrainConfig):
     check_model_name(cfg.model)
     name = check_name(cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)
+    verify_shards(version, manifest, ("train", "val"))  # before any worker reads a row
     out = open_location(cfg.out, check=True)
     try:  # builds the network once on the driver: bad model_args fail here, not in workers
         create_model(cfg.model, len(manifest["classes"]), 1, image_size=cfg.image_size,

@@ -1,0 +1,126 @@
+"""Dataset versions are checked against their manifest before anything reads them: a shard
+whose bytes, size or presence differ from what ingest recorded is refused, naming the shard."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from brainmri.config import IngestConfig, TrainConfig
+from brainmri.core.storage import StorageError, open_location
+from brainmri.data.datasets import load_manifest, verify_shards
+from brainmri.data.ingest import frozen_test_hashes, ingest
+from brainmri.training.train import prepare
+
+from support.data import real_subset
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory) -> Path:
+    """A version ingested from 8 real scans per class (train, val and test shards)."""
+    tmp = tmp_path_factory.mktemp("verify")
+    src = real_subset(tmp / "src", per_class=8)
+    res = ingest(str(src), str(tmp / "lake"),
+                 IngestConfig(val_fraction=0.25, test_fraction=0.25, workers=1))
+    return Path(res.location.path)
+
+
+def _copy(version: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy" / version.name
+    shutil.copytree(version, dest)
+    return dest
+
+
+def _flip(path: Path, offset: int, n: int) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _train_shard(v: Path) -> tuple[str, Path]:
+    man = load_manifest(open_location(str(v)))
+    rel = next(s["path"] for s in man["shards"] if s["split"] == "train")
+    return rel, v / rel
+
+
+def _flip_image_bytes(v: Path) -> str:
+    rel, shard = _train_shard(v)
+    jpeg = pq.read_table(shard, columns=["image"]).column("image")[0].as_py()
+    at = shard.read_bytes().find(jpeg)  # the image column is stored uncompressed
+    assert at > 0
+    _flip(shard, at + len(jpeg) // 2, 64)
+    # silent to the reader: the shard still decodes, one image is just wrong
+    assert pq.read_table(shard, columns=["image"]).column("image")[0].as_py() != jpeg
+    return rel
+
+
+def _flip_label_bytes(v: Path) -> str:
+    rel, shard = _train_shard(v)
+    md = pq.ParquetFile(shard).metadata
+    col = md.row_group(0).column(md.schema.names.index("label"))
+    start = col.dictionary_page_offset or col.data_page_offset
+    _flip(shard, start + col.total_compressed_size - 8, 4)
+    return rel
+
+
+def _swap_in_test_shard(v: Path) -> str:
+    man = load_manifest(open_location(str(v)))
+    rel, shard = _train_shard(v)
+    test = next(s for s in man["shards"] if s["split"] == "test")
+    train = next(s for s in man["shards"] if s["path"] == rel)
+    assert test["rows"] != train["rows"]
+    shutil.copyfile(v / test["path"], shard)
+    return rel
+
+
+def _truncate(v: Path) -> str:
+    rel, shard = _train_shard(v)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return rel
+
+
+def _delete(v: Path) -> str:
+    rel, shard = _train_shard(v)
+    shard.unlink()
+    return rel
+
+
+@pytest.mark.parametrize("tamper, what", [
+    (_flip_image_bytes, "sha256"), (_flip_label_bytes, "sha256"),
+    (_swap_in_test_shard, "bytes"), (_truncate, "bytes"), (_delete, "missing")])
+def test_tampered_shard_is_refused_before_training(version, tmp_path, tamper, what):
+    v = _copy(version, tmp_path)
+    rel = tamper(v)
+    loc = open_location(str(v))
+    with pytest.raises(StorageError, match=f"shard {rel} of dataset .*{what}") as e:
+        verify_shards(loc, load_manifest(loc))
+    assert "\n" not in str(e.value)
+    with pytest.raises(StorageError, match=f"shard {rel} "):  # the driver's entry point
+        prepare(TrainConfig(data=str(v), out=str(tmp_path / "out"), num_workers=1, batch_size=4))
+    verify_shards(loc, load_manifest(loc), ("test",))  # other splits are not concerned
+
+
+def test_untampered_copy_passes_and_tampered_test_split_is_refused(version, tmp_path):
+    v = _copy(version, tmp_path)
+    loc = open_location(str(v))
+    man = load_manifest(loc)
+    assert verify_shards(loc, man) == sum(s["bytes"] for s in man["shards"])
+    assert len(frozen_test_hashes(str(v))) == man["rows"]["test"]
+    rel = next(s["path"] for s in man["shards"] if s["split"] == "test")
+    _flip(v / rel, 200, 64)
+    with pytest.raises(StorageError, match=f"shard {rel} of dataset .*sha256"):
+        frozen_test_hashes(str(v))
+
+
+def test_shards_carry_parquet_page_checksums(version, tmp_path):
+    """A reader that asks for page checksum verification catches a flipped image by itself."""
+    v = _copy(version, tmp_path)
+    _, shard = _train_shard(v)
+    pq.read_table(shard, page_checksum_verification=True)  # intact: reads
+    _flip_image_bytes(v)
+    with pytest.raises(OSError, match="(?i)checksum"):
+        pq.read_table(shard, columns=["image"], page_checksum_verification=True)
