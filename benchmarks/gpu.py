@@ -114,7 +114,6 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t_step = timed(clock, lambda: step(args.steps))
-    tr = step(0).cpu()  # nothing: a zero-step epoch still meets the collective
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
 
     def copy_only():
@@ -158,7 +157,6 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         "steps": args.steps, "images_per_s": steps_imgs / t_step, "step_ms": 1e3 * t_step / args.steps,
         "copy_share": min(1.0, t_copy / t_step), "augment_share": max(0.0, min(1.0, t_aug / t_step)),
         "peak_gpu_gib": peak, "train_loss": float(last[0] / max(1.0, last[2])),
-        "zero_step_epoch_rows": int(tr[2]),
         "val_rows": int(len(val_idx)), "val_accuracy": engine_m["accuracy"],
         "val_accuracy_plain": plain_m["accuracy"], "val_accuracy_bf16": from_confusion(
             cm_amp.numpy(), list(CLASSES))["accuracy"],

@@ -163,9 +163,11 @@ def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: tor
         loss.backward()
         optimizer.step()
         scheduler.step()
+        # in-place adds of device values and Python scalars: no host-to-device copy, no sync
         n = y.shape[0]
-        sums += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+        sums[0] += loss.detach().double() * n
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += n
     return all_reduce_sum(sums)
 
 
