@@ -144,6 +144,8 @@ class TrainConfig:
     limit_val: int = flag(0, "use only the first N validation images; 0 = all")
     cache: bool = True  # workers keep their preprocessed shard in memory after epoch 1
     publish: bool = True  # publish the best checkpoint as models/<model>/<version>/
+    candidate: bool = False  # publish it as a candidate (retrain's challengers): models/<model>
+    #                          resolves to it only once retrain promotes it
 
     def validate(self) -> None:
         # the model name is checked where models are known (training.prepare, tune's space),
@@ -204,8 +206,8 @@ class RetrainConfig:
     tolerance_macro_f1: float = flag(0.01, "allowed macro-F1 drop: a challenger may be this much "
                                            "worse and still win")
     tolerance_glioma_recall: float = flag(0.02, "allowed glioma-recall drop")
-    lock_ttl_min: float = flag(360.0, "lease length in minutes; outlives any healthy run, a dead "
-                                      "holder's lease expires")
+    lock_ttl_min: float = flag(10.0, "lease length in minutes: a running retrain renews it every "
+                                     "quarter of this; one that stops renewing loses it after this")
     wait_lock_s: float = flag(0.0, "wait this long for a running retrain, then exit 0 doing nothing")
     champion: str = flag("", "bootstrap from this published model when there is no champion yet")
     batch_size: int = 64  # evaluation batch size
@@ -221,7 +223,8 @@ class RetrainConfig:
         from_dict(TrainConfig, dict(self.train), prefix="train.")  # unknown keys fail now
 
 
-MODEL_HELP = "model version URI, models/<name> folder (its latest version), checkpoint folder or .pt file"
+MODEL_HELP = ("model version URI, models/<name> folder (its champion, else its newest released "
+              "version), checkpoint folder or .pt file")
 
 
 @dataclass

@@ -183,7 +183,7 @@ def test_help_shows_the_dataclass_defaults(cmd, capsys, monkeypatch):
         shown += 1
     assert shown >= 1
     one = {"ingest": "(default 0.1)", "train": "(default 40)", "tune": "(default configs/tune-cpu.yaml)",
-           "retrain": "(default 360.0)", "evaluate": "(default 64)"}[cmd]
+           "retrain": "(default 10.0)", "evaluate": "(default 64)"}[cmd]
     assert one in out
 
 

@@ -10,7 +10,10 @@ evaluation code.
 
 A published model version is `models/<name>/<version>/model.pt` (weights + the same
 metadata, no optimizer) and `metadata.json`, written last: a folder without metadata.json
-is incomplete and ignored.
+is incomplete and ignored. Its metadata's `stage` is "released" (`brainmri train`, tune's
+winner) or "candidate" (a retrain challenger, not yet judged). What `models/<name>` means:
+the version `models/<name>/champion.json` names (written by retrain when it promotes one),
+else the newest released version; never a candidate.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ..data.transforms import MEAN, STD
 CKPT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 META_FILE = "metadata.json"
+CHAMPION_FILE = "champion.json"  # models/<name>/champion.json: {"version": ..., ...}
+STAGES = ("released", "candidate")
 CHECKPOINT_FORMAT = "brainmri.checkpoint/1"
 
 
@@ -83,9 +88,12 @@ def dump_state(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def publish_model(out: Location, name: str, ckpt: dict, metrics: dict) -> Location:
+def publish_model(out: Location, name: str, ckpt: dict, metrics: dict,
+                  stage: str = "released") -> Location:
     """Write models/<name>/<version>/ from a checkpoint dict; returns the version folder."""
     check_name(name, "model name")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}")
     state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler")}
     blob = dump_state(state)
     digest = hashlib.sha256(blob).hexdigest()
@@ -93,7 +101,7 @@ def publish_model(out: Location, name: str, ckpt: dict, metrics: dict) -> Locati
     dest = out / "models" / name / version
     (dest / MODEL_FILE).write_bytes(blob)
     meta = {k: v for k, v in state.items() if k not in ("model", "history")}
-    meta.update(format="brainmri.model/1", name=name, version=version, sha256=digest,
+    meta.update(format="brainmri.model/1", name=name, version=version, sha256=digest, stage=stage,
                 metrics=metrics, history=ckpt.get("history", []),
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     (dest / META_FILE).write_json(meta)  # last: marks the version complete
@@ -101,11 +109,22 @@ def publish_model(out: Location, name: str, ckpt: dict, metrics: dict) -> Locati
 
 
 def latest_model(root: Location) -> Location:
-    """models/<name>/ -> its newest complete version (versions sort by time)."""
+    """models/<name>/ -> the version it stands for: the one champion.json names, else the
+    newest complete released version (versions sort by time). Candidates never."""
+    if (root / CHAMPION_FILE).exists():
+        pointer = root / CHAMPION_FILE
+        version = pointer.read_json().get("version")
+        if version:
+            if not (root / version / META_FILE).exists():
+                raise StorageError(f"{pointer.uri} names version {version!r}, which is incomplete")
+            return root / version
     versions = [v for v in root.listdir() if (root / v / META_FILE).exists()]
-    if not versions:
-        raise StorageError(f"no complete model version under {root.uri}")
-    return root / sorted(versions)[-1]
+    released = [v for v in versions if (root / v / META_FILE).read_json().get("stage") != "candidate"]
+    if not released:
+        what = f"only candidate versions ({len(versions)}, none promoted)" if versions else \
+            "no complete model version"
+        raise StorageError(f"{what} under {root.uri}; name a version folder to use a candidate")
+    return root / sorted(released)[-1]
 
 
 def model_file(uri: str) -> Location:

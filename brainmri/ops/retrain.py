@@ -1,17 +1,23 @@
 """`brainmri retrain`: the scheduled job. New scans in -> challenger trained -> promoted only if
 it is not worse than the champion on the same frozen test set.
 
-    lease retrain/<dataset>/lock.json (expires if its holder dies; a second run waits or leaves)
+    lease retrain/<dataset>/lock.json, renewed by a heartbeat while the run works (a second run
+                  waits or leaves; a holder that stops renewing loses it after lock_ttl_min, and
+                  one that loses it stops at once); champion.json and seen.json are claimed
+                  with the lease's generation so that only the holder can change them (fencing)
     what is new?  --incoming PREFIX: its listing changed since the last run -> ingest it, with
                   the frozen test set pinned to test;  otherwise: a newer dataset version
     nothing new   -> exit 0, nothing written
-    challenger    <- run_training(champion's recipe, or --recipe YAML) on the new version
+    challenger    <- run_training(champion's recipe, or --recipe YAML) on the new version,
+                  published as a candidate (models/<model> does not resolve to it)
     evaluate      champion and challenger on the frozen test split (one dataset version's test)
     decide        promote iff challenger macro-F1 >= champion's - tol and glioma recall >= - tol
     audit         retrain/<dataset>/audit/<time>-<id>.json (one object per decision, both metric sets)
-    promote       retrain/<dataset>/champion.json replaced in one atomic write, after everything else
+    promote       retrain/<dataset>/champion.json replaced in one atomic write, after everything
+                  else; then models/<model>/champion.json, what `models/<model>` resolves to
 
-A crash anywhere before the last step leaves champion.json as it was; the lease then expires.
+A crash anywhere before the promotion leaves champion.json as it was; the lease then expires.
+A crash between the two promotion writes is mended by the next run (sync_model_pointer).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import pyarrow.fs as pafs
 
 from ..config import IngestConfig, RetrainConfig, TrainConfig, from_dict, load_config, to_dict
 from ..core import metrics as M
-from ..core.lock import Lease
+from ..core.lock import Lease, LockHeld
 from ..core.storage import Location, open_location
 
 GLIOMA = "glioma"
@@ -102,7 +108,7 @@ def challenger_config(cfg: RetrainConfig, champion: dict | None, data_uri: str, 
     else:
         base = to_dict(TrainConfig())
     base.update(cfg.train)
-    base.update(data=data_uri, out=store.uri, name=run_name, publish=True)
+    base.update(data=data_uri, out=store.uri, name=run_name, publish=True, candidate=True)
     return from_dict(TrainConfig, base)
 
 
@@ -150,35 +156,49 @@ def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
     locked = acquire(lease, cfg)
     if locked:
         return locked
+    lease.claim(root / "champion.json", root / "seen.json")  # fence out any earlier holder
+    lease.start_heartbeat()
     try:
-        champion = load_champion(root, cfg)
-        new = find_new_data(cfg, store, root, incoming, champion)  # 1. what is new
-        if isinstance(new, Decision):
-            return new
-        lease.renew()
-        hook("ingested")
-
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-        tcfg, trained = train_challenger(cfg, champion, new.version_uri, store)  # 2. challenger
-        lease.renew()
-        hook("trained")
-
-        ev = evaluate_both(cfg, champion, new.version_uri, store, trained.model_uri, tcfg.gpu)  # 3.
-        promote, why = decide(ev.champion, ev.challenger, cfg)
-        lease.renew()
-        hook("evaluated")
-
-        # 4. audit first, then the pointer: a crash in between leaves the old champion in place
-        record = audit_record(cfg, stamp, promote, why, new.version_uri, incoming, champion,
-                              trained, ev)
-        write_audit(root, record, new.seen_now)
-        hook("audited")
-        if promote:
-            lease.renew()  # never switch the pointer on a lease we may have lost
-            promote_challenger(root, record, tcfg, champion)
-        return Decision(record["decision"], why, record)
+        return _run(cfg, hook, store, root, incoming, lease)
+    except KeyboardInterrupt:
+        if lease.lost.is_set():  # the heartbeat stopped the work: say why, in one sentence
+            raise LockHeld(f"lost the lease on {lease.loc.uri} while working; stopped, nothing "
+                           "promoted (another run holds it now)") from None
+        raise
     finally:
         lease.release()
+
+
+def _run(cfg: RetrainConfig, hook, store: Location, root: Location, incoming: Location | None,
+         lease: Lease) -> Decision:
+    champion = load_champion(root, cfg, store, lease)
+    new = find_new_data(cfg, store, root, incoming, champion, lease)  # 1. what is new
+    if isinstance(new, Decision):
+        return new
+    hook("ingested")
+    lease.check()
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    tcfg, trained = train_challenger(cfg, champion, new.version_uri, store)  # 2. challenger
+    hook("trained")
+    lease.check()
+
+    ev = evaluate_both(cfg, champion, new.version_uri, store, trained.model_uri, tcfg.gpu)  # 3.
+    promote, why = decide(ev.champion, ev.challenger, cfg)
+    hook("evaluated")
+    lease.check()
+
+    # 4. audit first, then the pointer: a crash in between leaves the old champion in place.
+    # Every write goes through the lease: renewed first, refused once another run took over.
+    record = audit_record(cfg, stamp, promote, why, new.version_uri, incoming, champion,
+                          trained, ev)
+    write_audit(root, record, new.seen_now, lease)
+    hook("audited")
+    if promote:
+        promote_challenger(root, record, tcfg, champion, lease)
+        hook("promoted")
+        sync_model_pointer(store, root, lease)
+    return Decision(record["decision"], why, record)
 
 
 def open_inputs(cfg: RetrainConfig) -> tuple[Location, Location, Location | None]:
@@ -205,16 +225,21 @@ def acquire(lease: Lease, cfg: RetrainConfig) -> Decision | None:
     return None
 
 
-def load_champion(root: Location, cfg: RetrainConfig) -> dict | None:
-    """champion.json, or a record bootstrapped from --champion, or None."""
+def load_champion(root: Location, cfg: RetrainConfig, store: Location, lease: Lease) -> dict | None:
+    """champion.json, or a record bootstrapped from --champion, or None. (A champion.json
+    holding only the lease's fence stamp means: no champion yet.)"""
     champion = (root / "champion.json").read_json() if (root / "champion.json").exists() else None
+    if champion is not None and not champion.get("model"):
+        champion = None
     if champion is None and cfg.champion:
         champion = bootstrap_champion(cfg.champion)
+    if champion is not None:
+        sync_model_pointer(store, root, lease)
     return champion
 
 
 def find_new_data(cfg: RetrainConfig, store: Location, root: Location, incoming: Location | None,
-                  champion: dict | None) -> NewData | Decision:
+                  champion: dict | None, lease: Lease) -> NewData | Decision:
     """The dataset version to train a challenger on (new scans ingested first, the frozen test
     set pinned to test), or a "noop" Decision when nothing is new."""
     from ..data.datasets import latest_version
@@ -238,7 +263,7 @@ def find_new_data(cfg: RetrainConfig, store: Location, root: Location, incoming:
                 "files": n_files, "dataset_version": version_uri}
     if version_uri in ((champion or {}).get("dataset"), seen.get("dataset_version")):
         if fp:
-            (root / "seen.json").write_json({**seen_now, "at": time.time()})
+            lease.write(root / "seen.json", {**seen_now, "at": time.time()})
         return Decision("noop", f"no data newer than {version_uri} (already decided)")
     return NewData(version_uri, seen_now)
 
@@ -293,20 +318,38 @@ def audit_record(cfg: RetrainConfig, stamp: str, promote: bool, why: str, versio
     }
 
 
-def write_audit(root: Location, record: dict, seen_now: dict) -> None:
+def write_audit(root: Location, record: dict, seen_now: dict, lease: Lease) -> None:
     """audit/<id>.json, then seen.json naming that decision."""
-    (root / "audit" / f"{record['id']}.json").write_json(record)
-    (root / "seen.json").write_json({**seen_now, "at": time.time(), "decision": record["id"]})
+    lease.write(root / "audit" / f"{record['id']}.json", record)
+    lease.write(root / "seen.json", {**seen_now, "at": time.time(), "decision": record["id"]})
 
 
-def promote_challenger(root: Location, record: dict, tcfg: TrainConfig, champion: dict | None) -> None:
+def promote_challenger(root: Location, record: dict, tcfg: TrainConfig, champion: dict | None,
+                       lease: Lease) -> None:
     """Replace champion.json (one atomic write) with the audited challenger."""
-    (root / "champion.json").write_json({
+    lease.write(root / "champion.json", {
         "model": record["challenger"]["model"], "dataset": record["dataset"],
         "frozen_test": record["frozen_test"]["uri"], "recipe": to_dict(tcfg),
         "test": record["challenger"]["test"], "promoted_at": record["at"],
         "audit": (root / "audit" / f"{record['id']}.json").uri,
         "previous": champion["model"] if champion else None})
+
+
+def sync_model_pointer(store: Location, root: Location, lease: Lease) -> None:
+    """models/<model>/champion.json <- the champion's version, so that `models/<model>` serves
+    the promoted model (never a rejected candidate). Idempotent: also mends a crash between
+    the two promotion writes."""
+    from ..models.checkpoints import CHAMPION_FILE
+
+    champ = (root / "champion.json").read_json() if (root / "champion.json").exists() else {}
+    model = open_location(champ["model"]) if champ.get("model") else None
+    if model is None or not model.uri.startswith(store.uri.rstrip("/") + "/models/"):
+        return  # no champion, or one published outside this store (--champion elsewhere)
+    pointer = store / "models" / model.uri.rstrip("/").rsplit("/", 2)[-2] / CHAMPION_FILE
+    current = pointer.read_json() if pointer.exists() else {}
+    if current.get("version") != model.name or current.get("audit") != champ.get("audit"):
+        lease.write(pointer, {"version": model.name, "model": model.uri, "dataset": champ["dataset"],
+                              "audit": champ.get("audit"), "promoted_at": champ.get("promoted_at")})
 
 
 def audit_log(store: str, dataset: str) -> list[dict]:

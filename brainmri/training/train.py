@@ -343,7 +343,8 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
     best = max(history, key=lambda h: h[METRIC])
     model_uri = None
     if cfg.publish:
-        model_uri = publish_model(out, cfg.model, state, best).uri
+        model_uri = publish_model(out, cfg.model, state, best,
+                                  stage="candidate" if cfg.candidate else "released").uri
     (run / "summary.json").write_json({"best": best, "model": model_uri, "epochs_run": len(history),
                                        "seconds": time.time() - t0})
     return TrainResult(run.uri, model_uri, best, history, time.time() - t0)

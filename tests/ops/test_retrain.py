@@ -4,15 +4,16 @@ worse challenger, frozen test set, lease, and a crash before promotion."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
 from brainmri.cli import main
 from brainmri.config import ConfigError
-from brainmri.core.lock import Lease
+from brainmri.core.lock import Lease, LockHeld, read_tagged, write_if
 from brainmri.core.storage import open_location
 from brainmri.data.ingest import frozen_test_hashes
-from brainmri.models.checkpoints import load_model_state
+from brainmri.models.checkpoints import load_model_state, model_file
 from brainmri.ops.retrain import RetrainConfig, audit_log, decide, retrain, state_root
 
 from support.data import real_subset
@@ -20,6 +21,11 @@ from support.data import real_subset
 # a recipe small enough for CI: brainnet width 8 at 64 px, one worker
 TINY = {"epochs": 4, "image_size": 64, "batch_size": 16, "warmup_epochs": 0.5, "patience": 0,
         "model_args": {"width": 8}, "num_workers": 1, "aug_strength": 0.5}
+
+
+def unfenced(record: dict) -> dict:
+    """A state object without the lease generation that each run stamps into it."""
+    return {k: v for k, v in record.items() if k != "fence"}
 
 
 def test_decision_rule():
@@ -51,8 +57,10 @@ def test_retrain_lifecycle(tmp_path, ray_local):
     # 1. first run: nothing to beat; the challenger becomes the champion
     d1 = retrain(RetrainConfig(**cfg))
     assert d1.action == "promoted" and d1.reason == "no champion yet"
-    champ1 = (root / "champion.json").read_json()
+    champ1 = unfenced((root / "champion.json").read_json())
     assert champ1["model"] == d1.record["challenger"]["model"]
+    # the promoted challenger is what models/<model> serves from now on
+    assert model_file(str(store / "models" / "brainnet")).uri == champ1["model"] + "/model.pt"
     assert champ1["frozen_test"] == champ1["dataset"]  # the first version's test split is frozen
     load_model_state(champ1["model"])
     runs_before = sorted((store / "runs").iterdir())
@@ -72,7 +80,10 @@ def test_retrain_lifecycle(tmp_path, ray_local):
     assert rec["frozen_test"]["uri"] == champ1["frozen_test"]
     assert rec["champion"]["test"]["n"] == rec["challenger"]["test"]["n"] == rec["frozen_test"]["rows"]
     assert rec["challenger"]["test"]["macro_f1"] < rec["champion"]["test"]["macro_f1"]
-    assert (root / "champion.json").read_json() == champ1
+    assert unfenced((root / "champion.json").read_json()) == champ1
+    # the rejected challenger is a published candidate, and models/<model> does not serve it
+    assert load_model_state(rec["challenger"]["model"])["config"]["candidate"]
+    assert model_file(str(store / "models" / "brainnet")).uri == champ1["model"] + "/model.pt"
     assert [a["decision"] for a in audit_log(str(store), "brain-tumor-mri")] == ["promoted", "rejected"]
     # the new dataset version kept every frozen test image in its test split
     assert rec["dataset"] != champ1["dataset"]
@@ -88,8 +99,8 @@ def test_retrain_lifecycle(tmp_path, ray_local):
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         retrain(RetrainConfig(**cfg), hooks=crash)
-    assert (root / "champion.json").read_json() == champ1
-    assert not (root / "lock.json").exists()
+    assert unfenced((root / "champion.json").read_json()) == champ1
+    assert (root / "lock.json").read_json()["released"]
     assert len(audit_log(str(store), "brain-tumor-mri")) == 2
     runs_after_crash = sorted(p.name for p in (store / "runs").iterdir())
     # ...and the next scheduled run does the work again, picking up the crashed run's training
@@ -113,3 +124,25 @@ def test_a_running_retrain_keeps_the_next_one_out(tmp_path):
     assert not (store / "datasets").exists()  # it left without ingesting anything
     assert root.exists() and (root / "lock.json").read_json()["holder"] == holder.id
     holder.release()
+
+
+def test_a_retrain_that_loses_its_lease_stops_and_writes_nothing(tmp_path):
+    """Its lease taken over (as after a pause longer than the ttl), the heartbeat stops the
+    run mid-stage; the new holder's claim fences out every later write."""
+    store = tmp_path / "store"
+    incoming = real_subset(tmp_path / "incoming", per_class=6)
+    root = state_root(open_location(str(store)), "brain-tumor-mri")
+
+    def stolen(stage):
+        if stage == "ingested":
+            lock = root / "lock.json"
+            held, tag = read_tagged(lock)
+            assert write_if(lock, held.replace(b'"generation": 1', b'"generation": 2'), tag)
+            time.sleep(30)  # the "training": the heartbeat interrupts it within ttl/4
+
+    cfg = RetrainConfig(store=str(store), incoming=str(incoming), lock_ttl_min=0.01)
+    with pytest.raises(LockHeld, match="lost the lease .* while working"):
+        retrain(cfg, hooks=stolen)
+    assert (root / "champion.json").read_json() == {"fence": 1}  # no champion was written
+    assert not (root / "audit").exists() and (root / "seen.json").read_json() == {"fence": 1}
+    assert b'"generation": 2' in read_tagged(root / "lock.json")[0]  # the thief's lease kept
