@@ -8,9 +8,10 @@
         manifest.json                  written last: a version without it is incomplete
 
 Three passes, none holding all images in memory: (1) walk and inspect every file in
-parallel processes (hashes, size, mode, full decode); (2) group exact and near duplicates and
-split by group, stratified by class; (3) re-read accepted files and stream them into Parquet
-shards, each spooled to a local temp file, checksummed, then copied into place.
+parallel processes (hashes, size, mode, full decode); (2) group exact and near duplicates
+(identical bytes under two classes are rejected) and split by group, stratified by class;
+(3) re-read accepted files and stream them into Parquet shards, each spooled to a local temp
+file, checksummed, then copied into place.
 """
 
 from __future__ import annotations
@@ -116,42 +117,61 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig,
                     frozen: frozenset[str] = frozenset()) -> dict:
     """Mark exact duplicates, form duplicate groups, assign every group to one split.
     Groups touching `frozen` (sha256 of a frozen test split) go to test."""
-    kept, exact_groups = _mark_exact_duplicates([r for r in records if r.status == "pending"])
+    pending = [r for r in records if r.status == "pending"]
+    kept, exact_groups, conflicts = _mark_exact_duplicates(pending, cfg.classes)
     group_list, near_pairs = _duplicate_groups(kept, cfg)
     _assign_splits(group_list, kept, cfg, frozen)
-    return {"exact_groups": exact_groups, "near_pairs": len(near_pairs),
-            "groups": group_list, "label_conflicts": _label_conflicts(group_list, cfg.classes)}
+    conflicts += _near_label_conflicts(group_list, cfg.classes)
+    return {"exact_groups": exact_groups, "near_pairs": len(near_pairs), "groups": group_list,
+            "label_conflicts": sorted(conflicts, key=lambda c: c["group"])}
 
 
-def _mark_exact_duplicates(cands: list[FileRecord]) -> tuple[list[FileRecord], list[list[str]]]:
-    """Exact duplicates: keep one file per (bytes, label); prefer a Testing copy so the
-    official test set stays whole, then the first path. Returns (kept sorted by path, the
-    paths of every set of identical files)."""
+def _mark_exact_duplicates(cands: list[FileRecord], classes: list[str]
+                           ) -> tuple[list[FileRecord], list[list[str]], list[dict]]:
+    """Exact duplicates: keep one file per set of identical bytes; prefer a Testing copy so
+    the official test set stays whole, then the first path. Identical bytes under different
+    labels say the image is both classes: no label can be trusted, so every copy is rejected
+    (a model must not train or be scored on a contradiction). Returns (kept sorted by path,
+    the paths of every set of identical files, those label conflicts)."""
     by_sha = defaultdict(list)
     for r in cands:
         by_sha[r.info.sha256].append(r)
     kept: list[FileRecord] = []
-    exact_groups = []
+    exact_groups, conflicts = [], []
     for sha, members in by_sha.items():
         members.sort(key=lambda r: (r.source_split != "Testing", r.path))
-        seen_label: dict[int, FileRecord] = {}
-        for r in members:
-            if r.label in seen_label:
-                r.status, r.duplicate_of = "duplicate", seen_label[r.label].path
-                r.reason = "identical bytes"
-            else:
-                seen_label[r.label] = r
-                r.status = "accepted"
-                kept.append(r)
         if len(members) > 1:
             exact_groups.append(sorted(m.path for m in members))
+        if len({r.label for r in members}) > 1:
+            conflicts.append(_reject_label_conflict(sha[:16], members, classes))
+            continue
+        first = members[0]
+        first.status = "accepted"
+        kept.append(first)
+        for r in members[1:]:
+            r.status, r.duplicate_of, r.reason = "duplicate", first.path, "identical bytes"
     kept.sort(key=lambda r: r.path)
-    return kept, exact_groups
+    return kept, exact_groups, conflicts
+
+
+def _reject_label_conflict(gid: str, members: list[FileRecord], classes: list[str]) -> dict:
+    names = sorted({classes[m.label] for m in members})
+    detail = (f"identical bytes filed under classes {', '.join(names)}: "
+              f"{', '.join(sorted(m.path for m in members))}")[:300]
+    for m in members:
+        # The group column ties the copies together in inventory.csv (no split: not written).
+        m.status, m.reason, m.detail, m.group = "rejected", im.LABEL_CONFLICT, detail, gid
+    return _conflict(gid, "identical", True, members, classes)
+
+
+def _conflict(gid: str, kind: str, excluded: bool, members, classes: list[str]) -> dict:
+    return {"group": gid, "kind": kind, "excluded": excluded, "members": [
+        {"path": m.path, "class": classes[m.label]} for m in sorted(members, key=lambda m: m.path)]}
 
 
 def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
-    """Near duplicates among kept files (identical bytes with different labels join here
-    too) -> ([(group id, members)] sorted by id, near-duplicate pairs). Sets each m.group."""
+    """Near duplicates among kept files -> ([(group id, members)] sorted by id, near-duplicate
+    pairs). Sets each m.group."""
     uf = UnionFind(len(kept))
     phash = np.array([r.info.phash for r in kept], dtype=np.int64)
     thumbs = np.frombuffer(b"".join(r.info.thumb for r in kept), dtype=np.uint8).reshape(
@@ -173,14 +193,14 @@ def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
     return group_list, near_pairs
 
 
-def _label_conflicts(group_list, classes: list[str]) -> list[dict]:
-    """Groups whose members carry different labels (reported, not resolved)."""
-    conflicts = []
-    for gid, members in group_list:
-        if len({m.label for m in members}) > 1:
-            conflicts.append({"group": gid, "members": [
-                {"path": m.path, "class": classes[m.label]} for m in members]})
-    return conflicts
+def _near_label_conflicts(group_list, classes: list[str]) -> list[dict]:
+    """Near-duplicate groups whose members carry different labels: reported, not resolved.
+    Unlike identical bytes, a near match is a measurement (pHash + thumbnail correlation),
+    and two classes' similar slices can come close to the threshold (see dedup.py), so
+    dropping both on it would lose real scans on a guess. Each file keeps its own label, the
+    group sits in one split (by majority label), so nothing leaks; a person settles it."""
+    return [_conflict(gid, "near", False, members, classes) for gid, members in group_list
+            if len({m.label for m in members}) > 1]
 
 
 def _majority_label(members: list[FileRecord]) -> int:

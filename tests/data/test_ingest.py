@@ -53,7 +53,8 @@ class Tree:
     duplicates: dict[str, str] = field(default_factory=dict)  # path -> duplicate_of
     accepted: dict[str, str] = field(default_factory=dict)  # path -> class
     same_group: list[set[str]] = field(default_factory=list)
-    conflict: set[str] = field(default_factory=set)
+    conflict: set[str] = field(default_factory=set)  # identical bytes under two classes
+    near_conflict: set[str] = field(default_factory=set)  # near copies under two classes
     test_paths: set[str] = field(default_factory=set)  # accepted paths that must be in split test
     near_pairs: int = 0
     exact_groups: int = 0
@@ -112,13 +113,21 @@ def make_tree(root: Path) -> Tree:
     t.add("Testing/notumor/tn0_near.jpg", near_copy(n0_seed, quality=60))
     t.same_group.append({"Training/notumor/n0.jpg", "Testing/notumor/tn0_near.jpg"})
     t.test_paths |= {"Training/notumor/n0.jpg", "Testing/notumor/tn0_near.jpg"}
-    # cross-label exact duplicate: both kept (one per label), one group, a label conflict
+    # cross-label exact duplicate: the image is said to be two classes, so every copy is
+    # rejected (a Testing copy too) and the conflict is reported
     cross = synth_jpeg(next(seed))
-    t.add("Training/meningioma/cross.jpg", cross)
-    t.add("Training/notumor/cross.jpg", cross)
-    t.conflict = {"Training/meningioma/cross.jpg", "Training/notumor/cross.jpg"}
-    t.same_group.append(set(t.conflict))
+    for rel in ("Training/meningioma/cross.jpg", "Training/notumor/cross.jpg",
+                "Training/notumor/cross_again.jpg", "Testing/meningioma/cross.jpg"):
+        t.add(rel, cross, status="rejected", reason=im.LABEL_CONFLICT)
+        t.conflict.add(rel)
     t.exact_groups += 1
+    # cross-label near duplicates: kept, each with its own label, together in one split,
+    # and reported
+    x_seed = next(seed)
+    t.add("Training/pituitary/x.jpg", synth_jpeg(x_seed))
+    t.add("Training/glioma/x_near.jpg", near_copy(x_seed))
+    t.near_conflict = {"Training/pituitary/x.jpg", "Training/glioma/x_near.jpg"}
+    t.same_group.append(set(t.near_conflict))
     t.near_pairs = 3
     # hidden and system files, valid images among them
     t.add("Training/.DS_Store", b"\x00\x00\x00\x01Bud1", status="rejected", reason=im.HIDDEN)
@@ -237,9 +246,16 @@ def test_synthetic_tree_ingest(tree, tmp_path):
     assert d["near_duplicate_pairs"] == tree.near_pairs  # and no accidental ones
     assert d["groups_with_several_images"] == len(tree.same_group)
     assert sorted(map(sorted, tree.same_group)) == sorted(d["near"])
-    assert [sorted(x["path"] for x in c["members"]) for c in m["label_conflicts"]] == [
-        sorted(tree.conflict)]
-    assert {x["class"] for x in m["label_conflicts"][0]["members"]} == {"meningioma", "notumor"}
+    conflicts = {c["kind"]: c for c in m["label_conflicts"]}
+    assert len(conflicts) == len(m["label_conflicts"]) == 2
+    exact, near = conflicts["identical"], conflicts["near"]
+    assert [x["path"] for x in exact["members"]] == sorted(tree.conflict) and exact["excluded"]
+    assert {x["class"] for x in exact["members"]} == {"meningioma", "notumor"}
+    assert {inv[p]["group"] for p in tree.conflict} == {exact["group"]}
+    assert all(inv[p]["split"] == "" for p in tree.conflict)
+    assert sorted(tree.conflict) in d["exact"]
+    assert [x["path"] for x in near["members"]] == sorted(tree.near_conflict)
+    assert not near["excluded"] and near["group"] == inv["Training/pituitary/x.jpg"]["group"]
 
     # the Parquet rows
     rows = _read_rows(v, m)
@@ -255,6 +271,10 @@ def test_synthetic_tree_ingest(tree, tmp_path):
         img = Image.open(io.BytesIO(data))
         assert (r["width"], r["height"], r["mode"], r["format"]) == (*img.size, img.mode, img.format)
     _check_groups_and_counts(rows, m)
+    # a label conflict between identical files trains nothing and is scored nowhere
+    cross_sha = hashlib.sha256((tree.source / "Training/notumor/cross.jpg").read_bytes()).hexdigest()
+    assert not tree.conflict & set(by_path) and cross_sha not in {r["sha256"] for r in rows}
+    assert {by_path[p]["class_name"] for p in tree.near_conflict} == {"pituitary", "glioma"}
     for members in tree.same_group:
         assert len({by_path[p]["group"] for p in members}) == 1
         assert len({by_path[p]["split"] for p in members}) == 1
