@@ -12,6 +12,10 @@ parallel processes (hashes, size, mode, full decode); (2) group exact and near d
 (identical bytes under two classes are rejected) and split by group, stratified by class;
 (3) re-read accepted files and stream them into Parquet shards, each spooled to a local temp
 file, checksummed, then copied into place.
+
+Two ingests of the same content into one DEST may run at once: both write the same names
+with the same bytes, each through temp files of its own, and the first to finish publishes
+the manifest. A crashed attempt's folder is completed by the next run.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ import io
 import json
 import os
 import platform
+import posixpath
 import tempfile
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -54,6 +61,10 @@ SCHEMA = pa.schema([
     ("source_split", pa.string()),  # Training / Testing / "" (no split folder)
     ("group", pa.string()),  # duplicate group id: a group never straddles splits
 ])
+
+TMP_PREFIX = ".tmp-"  # a file being written (Location.write_bytes uses the same prefix)
+# A temp file this old belongs to a writer that is gone: a shard is copied in seconds.
+STALE_TMP_S = 6 * 3600
 
 
 @dataclass
@@ -279,24 +290,13 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         nonlocal writer, tmp
         flush_batch()
         writer.close()
+        name = f"part-{len(shards):05d}.parquet"  # by position: every writer picks the same
         tmp.flush()
-        name = f"part-{len(shards):05d}.parquet"
-        tmp.seek(0)
-        sha, size = hashlib.sha256(), 0
-        dest = out / split / name
-        dest_tmp = dest if out.is_s3 else out / split / f".tmp-{name}"
-        if not out.is_s3:
-            (out / split).mkdir()
-        with out.fs.open_output_stream(dest_tmp.path) as f:
-            while chunk := tmp.read(1 << 20):
-                sha.update(chunk)
-                size += len(chunk)
-                f.write(chunk)
-        if dest_tmp is not dest:
-            out.fs.move(dest_tmp.path, dest.path)
         rows_in = pq.ParquetFile(tmp.name).metadata.num_rows
+        tmp.seek(0)
+        size, sha = _copy_into_place(tmp, out / split, name)
         shards.append({"path": f"{split}/{name}", "split": split, "rows": rows_in,
-                       "bytes": size, "sha256": sha.hexdigest()})
+                       "bytes": size, "sha256": sha})
         tmp.close()
         writer, tmp = None, None
 
@@ -324,6 +324,30 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
     if writer is not None:
         close_shard()
     return shards
+
+
+def _copy_into_place(src, folder: Location, name: str) -> tuple[int, str]:
+    """Stream `src` to folder/name, returning (bytes, sha256). Locally through a temp file of
+    this writer's own (uuid) name, then renamed: a reader, or a concurrent ingest of the same
+    content writing the same name, only ever sees a whole shard. S3 objects appear whole."""
+    sha, size = hashlib.sha256(), 0
+    dest = folder / name
+    tmp = dest if dest.is_s3 else folder / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    if not dest.is_s3:
+        folder.mkdir()
+    try:
+        with dest.fs.open_output_stream(tmp.path) as f:
+            while chunk := src.read(1 << 20):
+                sha.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
+        if tmp is not dest:
+            dest.fs.move(tmp.path, dest.path)
+    except BaseException:
+        if tmp is not dest:
+            tmp.delete()
+        raise
+    return size, sha.hexdigest()
 
 
 def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
@@ -366,11 +390,11 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
     version = _version_id(records, cfg)
     out = dataset_root(store, cfg.name) / version
     if (out / MANIFEST).exists():
-        manifest = (out / MANIFEST).read_json()
-        return IngestResult(version, out, manifest, created=False, seconds=time.time() - t0)
-    if out.exists():  # a crashed earlier attempt: no manifest, so nobody reads it
-        out.delete()
-
+        return _present(version, out, t0)
+    # A folder without a manifest is read by nobody. It may hold a crashed attempt's files or
+    # the work in progress of a concurrent ingest of the same content (same version id), so
+    # it is never deleted: every writer writes the same names with the same bytes, each
+    # through its own temp file, and _tidy removes only what no writer would leave.
     accepted = [r for r in records if r.status == "accepted"]
     _write_inventory(out, records, cfg)  # before any refusal: it says why
     _refuse_unusable(source, records, accepted, out)
@@ -382,8 +406,36 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
     bar.close()
 
     manifest = build_manifest(version, source, records, grouping, shards, cfg)
+    if (out / MANIFEST).exists():  # a concurrent ingest published the same version first
+        return _present(version, out, t0)
+    _tidy(out, shards)
     (out / MANIFEST).write_json(manifest)  # last: this makes the version complete
     return IngestResult(version, out, manifest, created=True, seconds=time.time() - t0)
+
+
+def _present(version: str, out: Location, t0: float) -> IngestResult:
+    return IngestResult(version, out, (out / MANIFEST).read_json(), created=False,
+                        seconds=time.time() - t0)
+
+
+def _tidy(out: Location, shards: list[dict]) -> None:
+    """Delete, from an unpublished version folder, the files no writer of this version leaves:
+    any other name (a crashed attempt's debris), and temp files old enough that their writer
+    is gone. A concurrent writer's files have the expected names or are fresh temps: kept."""
+    keep = {"inventory.csv", "rejects.csv", MANIFEST} | {s["path"] for s in shards}
+    now = time.time_ns()
+    sel = pafs.FileSelector(out.path, allow_not_found=True, recursive=True)
+    for info in out.fs.get_file_info(sel):
+        rel = posixpath.relpath(info.path, out.path)
+        if info.type != pafs.FileType.File or rel in keep:
+            continue
+        if info.base_name.startswith(TMP_PREFIX) and (
+                info.mtime_ns is None or now - info.mtime_ns < STALE_TMP_S * 10**9):
+            continue
+        try:
+            out.fs.delete_file(info.path)
+        except FileNotFoundError:  # another writer tidied it first
+            pass
 
 
 class UnusableSourceError(ConfigError):

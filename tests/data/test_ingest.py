@@ -8,9 +8,11 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from brainmri.data.datasets import (
     load_manifest,
     resolve_dataset,
     split_files,
+    verify_shards,
 )
 from brainmri.data.dedup import near_duplicate_pairs
 from brainmri.data.ingest import SCHEMA, ingest
@@ -587,3 +590,94 @@ def test_cli_nonexistent_bucket_exits_2_and_writes_nothing(tmp_path, s3_server):
     assert "no-such-bucket-cli" in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert {b["Name"] for b in s3c.list_buckets()["Buckets"]} == buckets
+
+
+# -- (e) concurrent and interrupted ingests ------------------------------------------------
+SMALL_SHARDS = dict(shard_mb=1, workers=1)  # several train shards from 25 scans a class
+
+
+def _check_published(version, manifest, accepted: int):
+    """A complete version: shards verify, rows all there, nothing but the listed files."""
+    assert verify_shards(version, manifest) > 0
+    rows = _read_rows(version, manifest)
+    assert len(rows) == len({r["path"] for r in rows}) == accepted
+    _check_groups_and_counts(rows, manifest)
+    listed = {"inventory.csv", "rejects.csv", MANIFEST} | {s["path"] for s in manifest["shards"]}
+    assert {posixpath.relpath(f.path, version.path) for f in version.files()} == listed
+
+
+def _ingest_cmd(src, lake) -> list[str]:
+    return [sys.executable, "-m", "brainmri.cli", "ingest", str(src), str(lake),
+            *(f"--set={k}={v}" for k, v in SMALL_SHARDS.items())]
+
+
+def test_two_concurrent_ingests_of_the_same_content(tmp_path):
+    src = real_subset(tmp_path / "src", per_class=25)
+    lake = tmp_path / "lake"
+    procs = [subprocess.Popen(_ingest_cmd(src, lake), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    version, m = resolve_dataset(str(lake), "brain-tumor-mri")
+    assert all(f"version {m['version']} at {version.uri}" in out for out, _ in outs)
+    assert dataset_root(open_location(lake), "brain-tumor-mri").listdir() == [m["version"]]
+    assert len(m["shards"]) > 3
+    _check_published(version, m, m["files"]["accepted"])
+    # the bytes a lone ingest writes: either writer's shard is the same file
+    alone = ingest(str(src), str(tmp_path / "alone"), IngestConfig(**SMALL_SHARDS))
+    assert [(s["path"], s["sha256"]) for s in alone.manifest["shards"]] == [
+        (s["path"], s["sha256"]) for s in m["shards"]]
+
+
+def test_ingest_overtaken_by_another_keeps_the_published_version(tree, tmp_path, monkeypatch):
+    """Writer A is half way (train shards written) when writer B runs from start to end:
+    B publishes, A rewrites the same shards with the same bytes and does not publish again."""
+    import brainmri.data.ingest as ing
+
+    dest = str(tmp_path / "lake")
+    write_shards, overtaken = ing._write_shards, []
+
+    def a_then_b(root, rows, split, *args):
+        shards = write_shards(root, rows, split, *args)
+        if split == "train" and not overtaken:
+            monkeypatch.setattr(ing, "_write_shards", write_shards)  # B runs unhindered
+            overtaken.append(ingest(str(tree.source), dest, IngestConfig(**CFG)))
+        return shards
+
+    monkeypatch.setattr(ing, "_write_shards", a_then_b)
+    a = ingest(str(tree.source), dest, IngestConfig(**CFG))
+    (b,) = overtaken
+    assert b.created and not a.created and a.version == b.version
+    assert a.manifest == b.manifest == load_manifest(b.location)
+    _check_published(b.location, b.manifest, len(tree.accepted))
+
+
+def test_partial_version_folder_is_completed_by_a_rerun(tree, tmp_path):
+    dest = tmp_path / "lake"
+    first = ingest(str(tree.source), str(dest), IngestConfig(**CFG))
+    v, m = first.location, first.manifest
+    # what an interrupted attempt can leave: no manifest, a damaged and a missing shard, no
+    # inventory, a shard name this content does not produce, an old temp file; and a fresh
+    # temp file, as a concurrent writer's would be
+    (v / MANIFEST).delete()
+    (v / m["shards"][0]["path"]).write_bytes(b"half a shard")
+    (v / m["shards"][-1]["path"]).delete()
+    (v / "inventory.csv").delete()
+    debris = v / "val" / "part-00009.parquet"
+    debris.write_bytes(b"debris")
+    stale, fresh = v / "train" / ".tmp-0a-part-00000.parquet", v / "test" / ".tmp-0b-part-00000.parquet"
+    for f in (stale, fresh):
+        f.write_bytes(b"partial")
+    old = time.time() - 7 * 3600
+    os.utime(stale.path, (old, old))
+    root = dataset_root(open_location(dest), "brain-tumor-mri")
+    assert complete_versions(root) == []
+
+    redo = ingest(str(tree.source), str(dest), IngestConfig(**CFG))
+    assert (redo.version, redo.created) == (first.version, True)
+    assert redo.manifest["shards"] == m["shards"]  # the same names and bytes as the first time
+    assert fresh.exists() and not stale.exists() and not debris.exists()
+    fresh.delete()  # a live writer's own, not this run's to remove
+    _check_published(redo.location, redo.manifest, len(tree.accepted))
+    assert _inventory(redo.location).keys() == set(tree.entries)
+
