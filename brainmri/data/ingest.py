@@ -10,8 +10,8 @@
 Three passes, none holding all images in memory: (1) walk and inspect every file in
 parallel processes (hashes, size, mode, full decode); (2) group exact and near duplicates
 (identical bytes under two classes are rejected) and split by group, stratified by class;
-(3) re-read accepted files and stream them into Parquet shards, each spooled to a local temp
-file, checksummed, then copied into place.
+(3) re-read accepted files and stream them into Parquet shards, each spooled to a nameless
+local temp file, checksummed, then copied into place.
 
 Two ingests of the same content into one DEST may run at once: both write the same names
 with the same bytes, each through temp files of its own, and the first to finish publishes
@@ -291,8 +291,8 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         flush_batch()
         writer.close()
         name = f"part-{len(shards):05d}.parquet"  # by position: every writer picks the same
-        tmp.flush()
-        rows_in = pq.ParquetFile(tmp.name).metadata.num_rows
+        tmp.seek(0)
+        rows_in = pq.ParquetFile(tmp).metadata.num_rows
         tmp.seek(0)
         size, sha = _copy_into_place(tmp, out / split, name)
         shards.append({"path": f"{split}/{name}", "split": split, "rows": rows_in,
@@ -307,8 +307,9 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         if hashlib.sha256(data).hexdigest() != r.info.sha256:
             raise RuntimeError(f"{r.path} changed while being ingested; run ingest again")
         if writer is None:
-            tmp = tempfile.NamedTemporaryFile(suffix=".parquet")
-            writer = pq.ParquetWriter(tmp.name, SCHEMA, write_page_checksum=True, compression={
+            # Nameless (O_TMPFILE, or unlinked at once): the OS reclaims it even on SIGKILL.
+            tmp = tempfile.TemporaryFile(prefix="brainmri-spool-", suffix=".parquet")
+            writer = pq.ParquetWriter(tmp, SCHEMA, write_page_checksum=True, compression={
                 c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
         i = r.info
         batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
@@ -318,7 +319,7 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         batch_bytes += len(data)
         if len(batch) >= cfg.row_group_rows:
             flush_batch()
-        if os.path.getsize(tmp.name) + batch_bytes >= limit:
+        if tmp.tell() + batch_bytes >= limit:
             close_shard()
         bar.update()
     if writer is not None:

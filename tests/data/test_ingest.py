@@ -10,6 +10,7 @@ import json
 import os
 import posixpath
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -593,7 +594,7 @@ def test_cli_nonexistent_bucket_exits_2_and_writes_nothing(tmp_path, s3_server):
 
 
 # -- (e) concurrent and interrupted ingests ------------------------------------------------
-SMALL_SHARDS = dict(shard_mb=1, workers=1)  # several train shards from 25 scans a class
+SMALL_SHARDS = {"shard_mb": 1, "workers": 1}  # several train shards from 25 scans a class
 
 
 def _check_published(version, manifest, accepted: int):
@@ -681,3 +682,57 @@ def test_partial_version_folder_is_completed_by_a_rerun(tree, tmp_path):
     _check_published(redo.location, redo.manifest, len(tree.accepted))
     assert _inventory(redo.location).keys() == set(tree.entries)
 
+
+def _open_files_under(pid: int, folder: str) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if target.startswith(folder + "/"):
+            out.append(target)
+    return out
+
+
+def _stop_while_spooling(proc, folder: str, timeout: float = 120.0) -> list[str]:
+    """Freeze `proc` (SIGSTOP) at a moment it holds a file open under `folder`: its spool.
+    Returns what it holds, or [] if it ended first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _open_files_under(proc.pid, folder):
+            os.kill(proc.pid, signal.SIGSTOP)
+            held = _open_files_under(proc.pid, folder)  # still open, now that it is frozen?
+            if held:
+                return held
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.002)
+    return []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_killed_ingest_leaves_no_spool_file_and_a_rerun_completes(tmp_path):
+    src = real_subset(tmp_path / "src", per_class=25)
+    lake, spool_dir = tmp_path / "lake", tmp_path / "tmp"
+    spool_dir.mkdir()
+    proc = subprocess.Popen(_ingest_cmd(src, lake), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TMPDIR": str(spool_dir)})
+    try:
+        held = _stop_while_spooling(proc, os.path.realpath(spool_dir))
+        assert held, "ingest ended before its spool file could be seen"
+        proc.kill()  # SIGKILL, mid-write: no handler, no cleanup runs
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(spool_dir.iterdir()) == [], held
+    root = dataset_root(open_location(lake), "brain-tumor-mri")
+    assert complete_versions(root) == []  # the killed attempt published nothing
+
+    redo = ingest(str(src), str(lake), IngestConfig(**SMALL_SHARDS))
+    assert redo.created
+    for f in redo.location.files():  # the killed writer's temp file, if any, is left alone
+        if f.name.startswith(".tmp-"):
+            f.delete()
+    _check_published(redo.location, redo.manifest, redo.manifest["files"]["accepted"])
