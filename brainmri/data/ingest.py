@@ -407,7 +407,9 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
     bar.close()
 
     manifest = build_manifest(version, source, records, grouping, shards, cfg)
-    if (out / MANIFEST).exists():  # a concurrent ingest published the same version first
+    # A concurrent ingest may have published the same version first. (Two that pass this
+    # check together both write a manifest: the same shards, only the timestamps differ.)
+    if (out / MANIFEST).exists():
         return _present(version, out, t0)
     _tidy(out, shards)
     (out / MANIFEST).write_json(manifest)  # last: this makes the version complete
