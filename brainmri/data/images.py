@@ -31,6 +31,8 @@ UNKNOWN_CLASS = "outside_known_class_folder"
 SYMLINK_OUTSIDE = "symlink_leaves_source"
 NOT_REGULAR = "not_a_regular_file"
 UNDECODABLE_NAME = "undecodable_file_name"  # not UTF-8: cannot be stored as a path
+# Found when comparing files: the same bytes filed under two classes (ingest).
+LABEL_CONFLICT = "label_conflict"
 
 THUMB = 32
 FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP"}

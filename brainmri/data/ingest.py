@@ -8,9 +8,14 @@
         manifest.json                  written last: a version without it is incomplete
 
 Three passes, none holding all images in memory: (1) walk and inspect every file in
-parallel processes (hashes, size, mode, full decode); (2) group exact and near duplicates and
-split by group, stratified by class; (3) re-read accepted files and stream them into Parquet
-shards, each spooled to a local temp file, checksummed, then copied into place.
+parallel processes (hashes, size, mode, full decode); (2) group exact and near duplicates
+(identical bytes under two classes are rejected) and split by group, stratified by class;
+(3) re-read accepted files and stream them into Parquet shards, each spooled to a nameless
+local temp file, checksummed, then copied into place.
+
+Two ingests of the same content into one DEST may run at once: both write the same names
+with the same bytes, each through temp files of its own, and the first to finish publishes
+the manifest. A crashed attempt's folder is completed by the next run.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ import io
 import json
 import os
 import platform
+import posixpath
 import tempfile
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -53,6 +61,10 @@ SCHEMA = pa.schema([
     ("source_split", pa.string()),  # Training / Testing / "" (no split folder)
     ("group", pa.string()),  # duplicate group id: a group never straddles splits
 ])
+
+TMP_PREFIX = ".tmp-"  # a file being written (Location.write_bytes uses the same prefix)
+# A temp file this old belongs to a writer that is gone: a shard is copied in seconds.
+STALE_TMP_S = 6 * 3600
 
 
 @dataclass
@@ -116,42 +128,61 @@ def group_and_split(records: list[FileRecord], cfg: IngestConfig,
                     frozen: frozenset[str] = frozenset()) -> dict:
     """Mark exact duplicates, form duplicate groups, assign every group to one split.
     Groups touching `frozen` (sha256 of a frozen test split) go to test."""
-    kept, exact_groups = _mark_exact_duplicates([r for r in records if r.status == "pending"])
+    pending = [r for r in records if r.status == "pending"]
+    kept, exact_groups, conflicts = _mark_exact_duplicates(pending, cfg.classes)
     group_list, near_pairs = _duplicate_groups(kept, cfg)
     _assign_splits(group_list, kept, cfg, frozen)
-    return {"exact_groups": exact_groups, "near_pairs": len(near_pairs),
-            "groups": group_list, "label_conflicts": _label_conflicts(group_list, cfg.classes)}
+    conflicts += _near_label_conflicts(group_list, cfg.classes)
+    return {"exact_groups": exact_groups, "near_pairs": len(near_pairs), "groups": group_list,
+            "label_conflicts": sorted(conflicts, key=lambda c: c["group"])}
 
 
-def _mark_exact_duplicates(cands: list[FileRecord]) -> tuple[list[FileRecord], list[list[str]]]:
-    """Exact duplicates: keep one file per (bytes, label); prefer a Testing copy so the
-    official test set stays whole, then the first path. Returns (kept sorted by path, the
-    paths of every set of identical files)."""
+def _mark_exact_duplicates(cands: list[FileRecord], classes: list[str]
+                           ) -> tuple[list[FileRecord], list[list[str]], list[dict]]:
+    """Exact duplicates: keep one file per set of identical bytes; prefer a Testing copy so
+    the official test set stays whole, then the first path. Identical bytes under different
+    labels say the image is both classes: no label can be trusted, so every copy is rejected
+    (a model must not train or be scored on a contradiction). Returns (kept sorted by path,
+    the paths of every set of identical files, those label conflicts)."""
     by_sha = defaultdict(list)
     for r in cands:
         by_sha[r.info.sha256].append(r)
     kept: list[FileRecord] = []
-    exact_groups = []
+    exact_groups, conflicts = [], []
     for sha, members in by_sha.items():
         members.sort(key=lambda r: (r.source_split != "Testing", r.path))
-        seen_label: dict[int, FileRecord] = {}
-        for r in members:
-            if r.label in seen_label:
-                r.status, r.duplicate_of = "duplicate", seen_label[r.label].path
-                r.reason = "identical bytes"
-            else:
-                seen_label[r.label] = r
-                r.status = "accepted"
-                kept.append(r)
         if len(members) > 1:
             exact_groups.append(sorted(m.path for m in members))
+        if len({r.label for r in members}) > 1:
+            conflicts.append(_reject_label_conflict(sha[:16], members, classes))
+            continue
+        first = members[0]
+        first.status = "accepted"
+        kept.append(first)
+        for r in members[1:]:
+            r.status, r.duplicate_of, r.reason = "duplicate", first.path, "identical bytes"
     kept.sort(key=lambda r: r.path)
-    return kept, exact_groups
+    return kept, exact_groups, conflicts
+
+
+def _reject_label_conflict(gid: str, members: list[FileRecord], classes: list[str]) -> dict:
+    names = sorted({classes[m.label] for m in members})
+    detail = (f"identical bytes filed under classes {', '.join(names)}: "
+              f"{', '.join(sorted(m.path for m in members))}")[:300]
+    for m in members:
+        # The group column ties the copies together in inventory.csv (no split: not written).
+        m.status, m.reason, m.detail, m.group = "rejected", im.LABEL_CONFLICT, detail, gid
+    return _conflict(gid, "identical", True, members, classes)
+
+
+def _conflict(gid: str, kind: str, excluded: bool, members, classes: list[str]) -> dict:
+    return {"group": gid, "kind": kind, "excluded": excluded, "members": [
+        {"path": m.path, "class": classes[m.label]} for m in sorted(members, key=lambda m: m.path)]}
 
 
 def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
-    """Near duplicates among kept files (identical bytes with different labels join here
-    too) -> ([(group id, members)] sorted by id, near-duplicate pairs). Sets each m.group."""
+    """Near duplicates among kept files -> ([(group id, members)] sorted by id, near-duplicate
+    pairs). Sets each m.group."""
     uf = UnionFind(len(kept))
     phash = np.array([r.info.phash for r in kept], dtype=np.int64)
     thumbs = np.frombuffer(b"".join(r.info.thumb for r in kept), dtype=np.uint8).reshape(
@@ -173,14 +204,14 @@ def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
     return group_list, near_pairs
 
 
-def _label_conflicts(group_list, classes: list[str]) -> list[dict]:
-    """Groups whose members carry different labels (reported, not resolved)."""
-    conflicts = []
-    for gid, members in group_list:
-        if len({m.label for m in members}) > 1:
-            conflicts.append({"group": gid, "members": [
-                {"path": m.path, "class": classes[m.label]} for m in members]})
-    return conflicts
+def _near_label_conflicts(group_list, classes: list[str]) -> list[dict]:
+    """Near-duplicate groups whose members carry different labels: reported, not resolved.
+    Unlike identical bytes, a near match is a measurement (pHash + thumbnail correlation),
+    and two classes' similar slices can come close to the threshold (see dedup.py), so
+    dropping both on it would lose real scans on a guess. Each file keeps its own label, the
+    group sits in one split (by majority label), so nothing leaks; a person settles it."""
+    return [_conflict(gid, "near", False, members, classes) for gid, members in group_list
+            if len({m.label for m in members}) > 1]
 
 
 def _majority_label(members: list[FileRecord]) -> int:
@@ -259,24 +290,13 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         nonlocal writer, tmp
         flush_batch()
         writer.close()
-        tmp.flush()
-        name = f"part-{len(shards):05d}.parquet"
+        name = f"part-{len(shards):05d}.parquet"  # by position: every writer picks the same
         tmp.seek(0)
-        sha, size = hashlib.sha256(), 0
-        dest = out / split / name
-        dest_tmp = dest if out.is_s3 else out / split / f".tmp-{name}"
-        if not out.is_s3:
-            (out / split).mkdir()
-        with out.fs.open_output_stream(dest_tmp.path) as f:
-            while chunk := tmp.read(1 << 20):
-                sha.update(chunk)
-                size += len(chunk)
-                f.write(chunk)
-        if dest_tmp is not dest:
-            out.fs.move(dest_tmp.path, dest.path)
-        rows_in = pq.ParquetFile(tmp.name).metadata.num_rows
+        rows_in = pq.ParquetFile(tmp).metadata.num_rows
+        tmp.seek(0)
+        size, sha = _copy_into_place(tmp, out / split, name)
         shards.append({"path": f"{split}/{name}", "split": split, "rows": rows_in,
-                       "bytes": size, "sha256": sha.hexdigest()})
+                       "bytes": size, "sha256": sha})
         tmp.close()
         writer, tmp = None, None
 
@@ -287,8 +307,9 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         if hashlib.sha256(data).hexdigest() != r.info.sha256:
             raise RuntimeError(f"{r.path} changed while being ingested; run ingest again")
         if writer is None:
-            tmp = tempfile.NamedTemporaryFile(suffix=".parquet")
-            writer = pq.ParquetWriter(tmp.name, SCHEMA, write_page_checksum=True, compression={
+            # Nameless (O_TMPFILE, or unlinked at once): the OS reclaims it even on SIGKILL.
+            tmp = tempfile.TemporaryFile(prefix="brainmri-spool-", suffix=".parquet")
+            writer = pq.ParquetWriter(tmp, SCHEMA, write_page_checksum=True, compression={
                 c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
         i = r.info
         batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
@@ -298,12 +319,36 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         batch_bytes += len(data)
         if len(batch) >= cfg.row_group_rows:
             flush_batch()
-        if os.path.getsize(tmp.name) + batch_bytes >= limit:
+        if tmp.tell() + batch_bytes >= limit:
             close_shard()
         bar.update()
     if writer is not None:
         close_shard()
     return shards
+
+
+def _copy_into_place(src, folder: Location, name: str) -> tuple[int, str]:
+    """Stream `src` to folder/name, returning (bytes, sha256). Locally through a temp file of
+    this writer's own (uuid) name, then renamed: a reader, or a concurrent ingest of the same
+    content writing the same name, only ever sees a whole shard. S3 objects appear whole."""
+    sha, size = hashlib.sha256(), 0
+    dest = folder / name
+    tmp = dest if dest.is_s3 else folder / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    if not dest.is_s3:
+        folder.mkdir()
+    try:
+        with dest.fs.open_output_stream(tmp.path) as f:
+            while chunk := src.read(1 << 20):
+                sha.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
+        if tmp is not dest:
+            dest.fs.move(tmp.path, dest.path)
+    except BaseException:
+        if tmp is not dest:
+            tmp.delete()
+        raise
+    return size, sha.hexdigest()
 
 
 def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
@@ -346,11 +391,11 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
     version = _version_id(records, cfg)
     out = dataset_root(store, cfg.name) / version
     if (out / MANIFEST).exists():
-        manifest = (out / MANIFEST).read_json()
-        return IngestResult(version, out, manifest, created=False, seconds=time.time() - t0)
-    if out.exists():  # a crashed earlier attempt: no manifest, so nobody reads it
-        out.delete()
-
+        return _present(version, out, t0)
+    # A folder without a manifest is read by nobody. It may hold a crashed attempt's files or
+    # the work in progress of a concurrent ingest of the same content (same version id), so
+    # it is never deleted: every writer writes the same names with the same bytes, each
+    # through its own temp file, and _tidy removes only what no writer would leave.
     accepted = [r for r in records if r.status == "accepted"]
     _write_inventory(out, records, cfg)  # before any refusal: it says why
     _refuse_unusable(source, records, accepted, out)
@@ -362,8 +407,38 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
     bar.close()
 
     manifest = build_manifest(version, source, records, grouping, shards, cfg)
+    # A concurrent ingest may have published the same version first. (Two that pass this
+    # check together both write a manifest: the same shards, only the timestamps differ.)
+    if (out / MANIFEST).exists():
+        return _present(version, out, t0)
+    _tidy(out, shards)
     (out / MANIFEST).write_json(manifest)  # last: this makes the version complete
     return IngestResult(version, out, manifest, created=True, seconds=time.time() - t0)
+
+
+def _present(version: str, out: Location, t0: float) -> IngestResult:
+    return IngestResult(version, out, (out / MANIFEST).read_json(), created=False,
+                        seconds=time.time() - t0)
+
+
+def _tidy(out: Location, shards: list[dict]) -> None:
+    """Delete, from an unpublished version folder, the files no writer of this version leaves:
+    any other name (a crashed attempt's debris), and temp files old enough that their writer
+    is gone. A concurrent writer's files have the expected names or are fresh temps: kept."""
+    keep = {"inventory.csv", "rejects.csv", MANIFEST} | {s["path"] for s in shards}
+    now = time.time_ns()
+    sel = pafs.FileSelector(out.path, allow_not_found=True, recursive=True)
+    for info in out.fs.get_file_info(sel):
+        rel = posixpath.relpath(info.path, out.path)
+        if info.type != pafs.FileType.File or rel in keep:
+            continue
+        if info.base_name.startswith(TMP_PREFIX) and (
+                info.mtime_ns is None or now - info.mtime_ns < STALE_TMP_S * 10**9):
+            continue
+        try:
+            out.fs.delete_file(info.path)
+        except FileNotFoundError:  # another writer tidied it first
+            pass
 
 
 class UnusableSourceError(ConfigError):

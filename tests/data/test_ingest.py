@@ -8,9 +8,12 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from brainmri.data.datasets import (
     load_manifest,
     resolve_dataset,
     split_files,
+    verify_shards,
 )
 from brainmri.data.dedup import near_duplicate_pairs
 from brainmri.data.ingest import SCHEMA, ingest
@@ -53,7 +57,8 @@ class Tree:
     duplicates: dict[str, str] = field(default_factory=dict)  # path -> duplicate_of
     accepted: dict[str, str] = field(default_factory=dict)  # path -> class
     same_group: list[set[str]] = field(default_factory=list)
-    conflict: set[str] = field(default_factory=set)
+    conflict: set[str] = field(default_factory=set)  # identical bytes under two classes
+    near_conflict: set[str] = field(default_factory=set)  # near copies under two classes
     test_paths: set[str] = field(default_factory=set)  # accepted paths that must be in split test
     near_pairs: int = 0
     exact_groups: int = 0
@@ -112,13 +117,21 @@ def make_tree(root: Path) -> Tree:
     t.add("Testing/notumor/tn0_near.jpg", near_copy(n0_seed, quality=60))
     t.same_group.append({"Training/notumor/n0.jpg", "Testing/notumor/tn0_near.jpg"})
     t.test_paths |= {"Training/notumor/n0.jpg", "Testing/notumor/tn0_near.jpg"}
-    # cross-label exact duplicate: both kept (one per label), one group, a label conflict
+    # cross-label exact duplicate: the image is said to be two classes, so every copy is
+    # rejected (a Testing copy too) and the conflict is reported
     cross = synth_jpeg(next(seed))
-    t.add("Training/meningioma/cross.jpg", cross)
-    t.add("Training/notumor/cross.jpg", cross)
-    t.conflict = {"Training/meningioma/cross.jpg", "Training/notumor/cross.jpg"}
-    t.same_group.append(set(t.conflict))
+    for rel in ("Training/meningioma/cross.jpg", "Training/notumor/cross.jpg",
+                "Training/notumor/cross_again.jpg", "Testing/meningioma/cross.jpg"):
+        t.add(rel, cross, status="rejected", reason=im.LABEL_CONFLICT)
+        t.conflict.add(rel)
     t.exact_groups += 1
+    # cross-label near duplicates: kept, each with its own label, together in one split,
+    # and reported
+    x_seed = next(seed)
+    t.add("Training/pituitary/x.jpg", synth_jpeg(x_seed))
+    t.add("Training/glioma/x_near.jpg", near_copy(x_seed))
+    t.near_conflict = {"Training/pituitary/x.jpg", "Training/glioma/x_near.jpg"}
+    t.same_group.append(set(t.near_conflict))
     t.near_pairs = 3
     # hidden and system files, valid images among them
     t.add("Training/.DS_Store", b"\x00\x00\x00\x01Bud1", status="rejected", reason=im.HIDDEN)
@@ -237,9 +250,16 @@ def test_synthetic_tree_ingest(tree, tmp_path):
     assert d["near_duplicate_pairs"] == tree.near_pairs  # and no accidental ones
     assert d["groups_with_several_images"] == len(tree.same_group)
     assert sorted(map(sorted, tree.same_group)) == sorted(d["near"])
-    assert [sorted(x["path"] for x in c["members"]) for c in m["label_conflicts"]] == [
-        sorted(tree.conflict)]
-    assert {x["class"] for x in m["label_conflicts"][0]["members"]} == {"meningioma", "notumor"}
+    conflicts = {c["kind"]: c for c in m["label_conflicts"]}
+    assert len(conflicts) == len(m["label_conflicts"]) == 2
+    exact, near = conflicts["identical"], conflicts["near"]
+    assert [x["path"] for x in exact["members"]] == sorted(tree.conflict) and exact["excluded"]
+    assert {x["class"] for x in exact["members"]} == {"meningioma", "notumor"}
+    assert {inv[p]["group"] for p in tree.conflict} == {exact["group"]}
+    assert all(inv[p]["split"] == "" for p in tree.conflict)
+    assert sorted(tree.conflict) in d["exact"]
+    assert [x["path"] for x in near["members"]] == sorted(tree.near_conflict)
+    assert not near["excluded"] and near["group"] == inv["Training/pituitary/x.jpg"]["group"]
 
     # the Parquet rows
     rows = _read_rows(v, m)
@@ -255,6 +275,10 @@ def test_synthetic_tree_ingest(tree, tmp_path):
         img = Image.open(io.BytesIO(data))
         assert (r["width"], r["height"], r["mode"], r["format"]) == (*img.size, img.mode, img.format)
     _check_groups_and_counts(rows, m)
+    # a label conflict between identical files trains nothing and is scored nowhere
+    cross_sha = hashlib.sha256((tree.source / "Training/notumor/cross.jpg").read_bytes()).hexdigest()
+    assert not tree.conflict & set(by_path) and cross_sha not in {r["sha256"] for r in rows}
+    assert {by_path[p]["class_name"] for p in tree.near_conflict} == {"pituitary", "glioma"}
     for members in tree.same_group:
         assert len({by_path[p]["group"] for p in members}) == 1
         assert len({by_path[p]["split"] for p in members}) == 1
@@ -567,3 +591,148 @@ def test_cli_nonexistent_bucket_exits_2_and_writes_nothing(tmp_path, s3_server):
     assert "no-such-bucket-cli" in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert {b["Name"] for b in s3c.list_buckets()["Buckets"]} == buckets
+
+
+# -- (e) concurrent and interrupted ingests ------------------------------------------------
+SMALL_SHARDS = {"shard_mb": 1, "workers": 1}  # several train shards from 25 scans a class
+
+
+def _check_published(version, manifest, accepted: int):
+    """A complete version: shards verify, rows all there, nothing but the listed files."""
+    assert verify_shards(version, manifest) > 0
+    rows = _read_rows(version, manifest)
+    assert len(rows) == len({r["path"] for r in rows}) == accepted
+    _check_groups_and_counts(rows, manifest)
+    listed = {"inventory.csv", "rejects.csv", MANIFEST} | {s["path"] for s in manifest["shards"]}
+    assert {posixpath.relpath(f.path, version.path) for f in version.files()} == listed
+
+
+def _ingest_cmd(src, lake) -> list[str]:
+    return [sys.executable, "-m", "brainmri.cli", "ingest", str(src), str(lake),
+            *(f"--set={k}={v}" for k, v in SMALL_SHARDS.items())]
+
+
+def test_two_concurrent_ingests_of_the_same_content(tmp_path):
+    src = real_subset(tmp_path / "src", per_class=25)
+    lake = tmp_path / "lake"
+    procs = [subprocess.Popen(_ingest_cmd(src, lake), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    version, m = resolve_dataset(str(lake), "brain-tumor-mri")
+    assert all(f"version {m['version']} at {version.uri}" in out for out, _ in outs)
+    assert dataset_root(open_location(lake), "brain-tumor-mri").listdir() == [m["version"]]
+    assert len(m["shards"]) > 3
+    _check_published(version, m, m["files"]["accepted"])
+    # the bytes a lone ingest writes: either writer's shard is the same file
+    alone = ingest(str(src), str(tmp_path / "alone"), IngestConfig(**SMALL_SHARDS))
+    assert [(s["path"], s["sha256"]) for s in alone.manifest["shards"]] == [
+        (s["path"], s["sha256"]) for s in m["shards"]]
+
+
+def test_ingest_overtaken_by_another_keeps_the_published_version(tree, tmp_path, monkeypatch):
+    """Writer A is half way (train shards written) when writer B runs from start to end:
+    B publishes, A rewrites the same shards with the same bytes and does not publish again."""
+    import brainmri.data.ingest as ing
+
+    dest = str(tmp_path / "lake")
+    write_shards, overtaken = ing._write_shards, []
+
+    def a_then_b(root, rows, split, *args):
+        shards = write_shards(root, rows, split, *args)
+        if split == "train" and not overtaken:
+            monkeypatch.setattr(ing, "_write_shards", write_shards)  # B runs unhindered
+            overtaken.append(ingest(str(tree.source), dest, IngestConfig(**CFG)))
+        return shards
+
+    monkeypatch.setattr(ing, "_write_shards", a_then_b)
+    a = ingest(str(tree.source), dest, IngestConfig(**CFG))
+    (b,) = overtaken
+    assert b.created and not a.created and a.version == b.version
+    assert a.manifest == b.manifest == load_manifest(b.location)
+    _check_published(b.location, b.manifest, len(tree.accepted))
+
+
+def test_partial_version_folder_is_completed_by_a_rerun(tree, tmp_path):
+    dest = tmp_path / "lake"
+    first = ingest(str(tree.source), str(dest), IngestConfig(**CFG))
+    v, m = first.location, first.manifest
+    # what an interrupted attempt can leave: no manifest, a damaged and a missing shard, no
+    # inventory, a shard name this content does not produce, an old temp file; and a fresh
+    # temp file, as a concurrent writer's would be
+    (v / MANIFEST).delete()
+    (v / m["shards"][0]["path"]).write_bytes(b"half a shard")
+    (v / m["shards"][-1]["path"]).delete()
+    (v / "inventory.csv").delete()
+    debris = v / "val" / "part-00009.parquet"
+    debris.write_bytes(b"debris")
+    stale, fresh = v / "train" / ".tmp-0a-part-00000.parquet", v / "test" / ".tmp-0b-part-00000.parquet"
+    for f in (stale, fresh):
+        f.write_bytes(b"partial")
+    old = time.time() - 7 * 3600
+    os.utime(stale.path, (old, old))
+    root = dataset_root(open_location(dest), "brain-tumor-mri")
+    assert complete_versions(root) == []
+
+    redo = ingest(str(tree.source), str(dest), IngestConfig(**CFG))
+    assert (redo.version, redo.created) == (first.version, True)
+    assert redo.manifest["shards"] == m["shards"]  # the same names and bytes as the first time
+    assert fresh.exists() and not stale.exists() and not debris.exists()
+    fresh.delete()  # a live writer's own, not this run's to remove
+    _check_published(redo.location, redo.manifest, len(tree.accepted))
+    assert _inventory(redo.location).keys() == set(tree.entries)
+
+
+def _open_files_under(pid: int, folder: str) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if target.startswith(folder + "/"):
+            out.append(target)
+    return out
+
+
+def _stop_while_spooling(proc, folder: str, timeout: float = 120.0) -> list[str]:
+    """Freeze `proc` (SIGSTOP) at a moment it holds a file open under `folder`: its spool.
+    Returns what it holds, or [] if it ended first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _open_files_under(proc.pid, folder):
+            os.kill(proc.pid, signal.SIGSTOP)
+            held = _open_files_under(proc.pid, folder)  # still open, now that it is frozen?
+            if held:
+                return held
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.002)
+    return []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_killed_ingest_leaves_no_spool_file_and_a_rerun_completes(tmp_path):
+    src = real_subset(tmp_path / "src", per_class=25)
+    lake, spool_dir = tmp_path / "lake", tmp_path / "tmp"
+    spool_dir.mkdir()
+    proc = subprocess.Popen(_ingest_cmd(src, lake), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TMPDIR": str(spool_dir)})
+    try:
+        held = _stop_while_spooling(proc, os.path.realpath(spool_dir))
+        assert held, "ingest ended before its spool file could be seen"
+        proc.kill()  # SIGKILL, mid-write: no handler, no cleanup runs
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(spool_dir.iterdir()) == [], held
+    root = dataset_root(open_location(lake), "brain-tumor-mri")
+    assert complete_versions(root) == []  # the killed attempt published nothing
+
+    redo = ingest(str(src), str(lake), IngestConfig(**SMALL_SHARDS))
+    assert redo.created
+    for f in redo.location.files():  # the killed writer's temp file, if any, is left alone
+        if f.name.startswith(".tmp-"):
+            f.delete()
+    _check_published(redo.location, redo.manifest, redo.manifest["files"]["accepted"])
