@@ -167,8 +167,11 @@ class TuneConfig:
     out: str = flag("./lake", "storage URI: results under tune/<name>/, the winner under models/ "
                               "and reports/")
     space: str = flag("configs/tune-cpu.yaml", "search-space YAML (local path or storage URI)")
-    name: str = flag("", "experiment name; re-running with the same name resumes the search; "
+    name: str = flag("", "experiment name; an existing one is refused unless --resume; "
                          "'' = tune-<time>")
+    resume: bool = flag(False, "restore the search already in tune/<name>/ (this unpickles the "
+                               "Tune state stored there: only for storage you trust); without "
+                               "one there, start it")
     num_samples: int = flag(8, "trials, sampled up front (seeded) so a resumed search runs the "
                                "same ones")
     max_concurrent: int = flag(0, "trials at once; 0 = as many as fit beside Ray Data's share of "

@@ -118,6 +118,9 @@ def test_existing_command_lines_still_work(tmp_path):
     assert cfg.model_args == {"width": 16}
     assert cli.config_from_args(parse("tune", "--no-evaluate")).evaluate is False
     assert cli.config_from_args(parse("tune")).evaluate is True
+    # restoring a search (unpickling Tune's state) is opt-in: --resume, off by default
+    assert cli.config_from_args(parse("tune", "--resume")).resume is True
+    assert cli.config_from_args(parse("tune")).resume is False
     r = cli.config_from_args(parse("retrain", "--train", "epochs=2", "--train", "lr=0.01",
                                    "--set", "train.seed=4", "--tolerance-macro-f1", "0.05"))
     assert r.train == {"epochs": 2, "lr": 0.01, "seed": 4} and r.tolerance_macro_f1 == 0.05

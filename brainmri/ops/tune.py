@@ -20,6 +20,10 @@ Trials are sampled up front from `seed` and handed to Tune as a grid, so the lea
 names exactly what ran and a resumed search (`Tuner.restore`) runs the same trials. Each
 trial's Train run lives in tune/<experiment>/runs/<trial>/ and, like `brainmri train`,
 resumes from its latest checkpoint when the search is restarted.
+
+Restoring is an explicit choice: `Tuner.restore` unpickles the Tune state kept in the
+experiment folder, so an existing experiment is refused, before Ray starts, unless `--resume`
+(`TuneConfig.resume`) says to restore it; `--resume` with nothing to restore starts the search.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -349,18 +354,38 @@ def run_search(settings: TuneConfig) -> TuneResult:
     return TuneResult(search.exp.uri, rows, best, model_uri, report_uri, time.time() - t0)
 
 
-def open_search(settings: TuneConfig) -> Search:
-    """The experiment named by `settings`: restored from its trials.json when Tune can resume
-    it, else planned now (trials sampled and checked, scheduled on the cluster). Starts Ray."""
-    from ray import tune
+def saved_search(exp: Location) -> list[str]:
+    """The files in `exp` that make it an existing search: our trials.json and Tune's own
+    experiment state (tuner.pkl, experiment_state-*.json), in listing order ([] when none)."""
+    return [n for n in exp.listdir() if n in ("trials.json", "tuner.pkl")
+            or (n.startswith("experiment_state-") and n.endswith(".json"))]
 
+
+def open_search(settings: TuneConfig) -> Search:
+    """The experiment named by `settings`. An existing one (`saved_search`) is refused, before
+    Ray is imported, unless `settings.resume`: restoring unpickles the Tune state stored in
+    it. With resume, it is restored from its trials.json when Tune can restore it; otherwise,
+    and for a new name, the search is planned now (trials sampled and checked, scheduled on
+    the cluster). Starts Ray."""
     settings.validate()
     name = check_name(settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}", "experiment name")
     settings.name = name
     out = open_location(settings.out, check=True)
     exp = out / "tune" / name
-    if (exp / "trials.json").exists() and tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
-        return restore_search(settings, out, exp)
+    found = saved_search(exp)
+    if found and not settings.resume:
+        raise ConfigError(
+            f"experiment {exp.uri} already exists ({', '.join(found)}): --resume restores it, "
+            "which unpickles the Tune state stored there, so only do that for storage you "
+            "trust; or choose a new --name")
+    if settings.resume:
+        from ray import tune
+
+        if (exp / "trials.json").exists() and tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
+            return restore_search(settings, out, exp)
+        has = f" (it has only {', '.join(found)})" if found else ""
+        print(f"brainmri tune: --resume: {exp.uri} holds no search Tune can restore{has}; "
+              "starting a new search", file=sys.stderr, flush=True)
     return plan_search(settings, out, exp)
 
 
@@ -371,7 +396,8 @@ def restore_search(settings: TuneConfig, out: Location, exp: Location) -> Search
 
     saved = (exp / "trials.json").read_json()
     trials = saved["trials"]
-    settings = from_dict(TuneConfig, {**saved["settings"], "evaluate": settings.evaluate})
+    settings = from_dict(TuneConfig, {**saved["settings"], "evaluate": settings.evaluate,
+                                      "resume": settings.resume})
     version, manifest = resolve_dataset(trials[0]["train"]["data"], settings.dataset)
     init_ray()
     return Search(settings, out, exp, trials, saved["max_concurrent"], saved["cpus_per_worker"],
@@ -440,7 +466,9 @@ def make_tuner(search: Search):
     # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if search.restoring:
-        print(f"brainmri: resuming search {exp.uri}")
+        print(f"brainmri tune: warning: --resume: unpickling the Tune experiment state under "
+              f"{exp.uri} to restore the search (only safe for storage you trust)",
+              file=sys.stderr, flush=True)
         return tune.Tuner.restore(exp.path, trainable, storage_filesystem=exp.fs,
                                   resume_unfinished=True, resume_errored=True)
     # max_t one past the last epoch: ASHA never stops a trial at its end, run_training finishes

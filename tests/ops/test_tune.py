@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import pickle
 
 import pytest
 import yaml
@@ -12,10 +15,14 @@ from brainmri.cli import main
 from brainmri.config import ConfigError, TuneConfig
 from brainmri.core.storage import open_location
 from brainmri.models.checkpoints import build_model, load_model_state
+from brainmri.ops import tune as tune_mod
 from brainmri.ops.tune import (
+    Search,
     cluster_max_gpus,
     concurrency,
     load_space,
+    make_tuner,
+    open_search,
     run_search,
     sample_trials,
     trial_config,
@@ -123,6 +130,103 @@ def test_gpu_search_on_an_autoscaling_cluster_waits_for_its_gpus():
         concurrency(TuneConfig(gpu=True), cpus=4, gpus=0, max_gpus=0)
 
 
+class _Unpickled:
+    """Unpickling this creates the folder `marker`: proof of whether anything read the state."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def existing_experiment(tmp_path, files=("trials.json", "tuner.pkl", "experiment_state-2025.json")):
+    """out/tune/exp/ as an earlier search left it; its tuner.pkl makes `pwned` when unpickled."""
+    exp = tmp_path / "out" / "tune" / "exp"
+    (exp / "runs").mkdir(parents=True)
+    for name in files:
+        data = (pickle.dumps(_Unpickled(tmp_path / "pwned")) if name.endswith(".pkl")
+                else json.dumps({"trials": []}).encode())
+        (exp / name).write_bytes(data)
+    return exp
+
+
+def snapshot(folder) -> dict:
+    """Every path under `folder` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def no_ray(monkeypatch):
+    def fail():
+        raise AssertionError("Ray was started")
+    monkeypatch.setattr("brainmri.core.cluster.init_ray", fail)
+
+
+@pytest.mark.parametrize("files", [("trials.json",), ("tuner.pkl", "experiment_state-2025.json"),
+                                   ("trials.json", "tuner.pkl", "experiment_state-2025.json")])
+def test_an_existing_experiment_is_refused_without_resume(tmp_path, monkeypatch, files):
+    no_ray(monkeypatch)
+    exp = existing_experiment(tmp_path, files)
+    space = write_space(tmp_path / "s.yaml", SPACE)
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"experiment .*tune/exp already exists \(") as e:
+        run_search(TuneConfig(data=str(tmp_path), out=str(tmp_path / "out"), space=space, name="exp"))
+    assert all(n in str(e.value) for n in files)
+    assert snapshot(tmp_path) == before and not (tmp_path / "pwned").exists()
+    assert exp.is_dir()
+
+
+def test_the_refusal_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    no_ray(monkeypatch)
+    existing_experiment(tmp_path)
+    space = write_space(tmp_path / "s.yaml", SPACE)
+    before = snapshot(tmp_path)
+    argv = ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--space", space,
+            "--name", "exp"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    exp_uri = str(tmp_path / "out" / "tune" / "exp")
+    assert err.startswith(f"brainmri tune: error: experiment {exp_uri} already exists ")
+    for words in ("--resume restores it", "unpickles the Tune state", "storage you trust",
+                  "choose a new --name"):
+        assert words in err, words
+    assert snapshot(tmp_path) == before and not (tmp_path / "pwned").exists()
+
+
+def test_resume_restores_an_existing_search_and_warns(tmp_path, monkeypatch, capsys):
+    existing_experiment(tmp_path)
+    monkeypatch.setattr(tune_mod, "restore_search", lambda settings, out, exp: ("restored", exp.uri))
+    monkeypatch.setattr(tune_mod, "plan_search", lambda *a: pytest.fail("planned a new search"))
+    settings = TuneConfig(data=str(tmp_path), out=str(tmp_path / "out"), name="exp", resume=True)
+    exp_uri = str(tmp_path / "out" / "tune" / "exp")
+    assert open_search(settings) == ("restored", exp_uri)
+
+    # the unpickling itself is Tune's (Tuner.restore, stubbed here): it is announced on stderr
+    from ray import tune
+
+    monkeypatch.setattr(tune.Tuner, "restore", lambda path, trainable, **kw: ("tuner", path))
+    exp = open_location(exp_uri)
+    search = Search(settings, open_location(settings.out), exp,
+                    [{"id": "t000", "train": {"epochs": 1}}], 1, 1.0, exp, [], restoring=True)
+    assert make_tuner(search) == ("tuner", exp.path)
+    err = capsys.readouterr().err
+    assert f"warning: --resume: unpickling the Tune experiment state under {exp_uri}" in err
+
+
+@pytest.mark.parametrize("files", [(), ("trials.json",)])
+def test_resume_with_nothing_to_restore_starts_a_new_search(tmp_path, monkeypatch, capsys, files):
+    exp = existing_experiment(tmp_path, files)
+    monkeypatch.setattr(tune_mod, "restore_search", lambda *a: pytest.fail("restored"))
+    monkeypatch.setattr(tune_mod, "plan_search", lambda settings, out, exp: ("planned", exp.uri))
+    settings = TuneConfig(data=str(tmp_path), out=str(tmp_path / "out"), name="exp", resume=True)
+    assert open_search(settings) == ("planned", str(exp))
+    err = capsys.readouterr().err
+    assert f"--resume: {exp} holds no search Tune can restore" in err and "starting a new search" in err
+    assert ("it has only trials.json" in err) == bool(files)
+
+
 @pytest.mark.slow
 def test_local_ray_has_no_autoscaler_maximum(ray_local):
     assert ray_local.cluster_resources().get("GPU", 0) == 0
@@ -135,7 +239,7 @@ def _rows(exp) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, monkeypatch):
+def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, monkeypatch, capsys):
     small_lake(tmp_path, per_class=40)
     write_space(tmp_path / "space.yaml", SPACE)
     monkeypatch.chdir(tmp_path)  # relative paths, as typed on a command line: trials run elsewhere
@@ -169,8 +273,18 @@ def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, m
     assert open_location(res.report_uri + "/report.html").exists()
     assert res.report_uri in (exp / "leaderboard.html").read_bytes().decode()
 
-    # the same command again finds the finished experiment and restores it instead of redoing it
-    again = run_search(TuneConfig(**{**settings.__dict__, "evaluate": False}))
+    # the same command again is refused, leaving what Tune wrote as it was...
+    folder = tmp_path / "out" / "tune" / "tiny"
+    assert (folder / "tuner.pkl").exists()  # Tune's pickled state: what --resume would unpickle
+    before = snapshot(folder)
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="already exists .*--resume restores it"):
+        run_search(TuneConfig(**{**settings.__dict__, "evaluate": False}))
+    assert snapshot(folder) == before
+
+    # ...and with --resume it restores the finished experiment instead of redoing it
+    again = run_search(TuneConfig(**{**settings.__dict__, "evaluate": False, "resume": True}))
+    assert "unpickling the Tune experiment state under" in capsys.readouterr().err
     assert [r["trial"] for r in again.leaderboard] == [r["trial"] for r in rows]
     assert [r["epochs_run"] for r in again.leaderboard] == [int(r["epochs_run"]) for r in rows]
 
