@@ -110,6 +110,9 @@ class IngestConfig:
             raise ConfigError("seed must be >= 0")
 
 
+DECISION_RULES = ("argmax", "glioma_recall")
+
+
 # --------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
@@ -131,6 +134,11 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_weighting: bool = True  # inverse-frequency class weights in the loss
     aug_strength: float = 1.0  # 0 disables random augmentation
+    ema_decay: float = 0.0  # exponential moving average of the weights, validated, checkpointed
+    #                         and published instead of the raw weights (0 = off)
+    tta: bool = False  # test-time left-right flip averaging, recorded with the model (models.decision)
+    decision_rule: str = "argmax"  # "glioma_recall": a glioma logit bias chosen on validation
+    decision_max_f1_drop: float = 0.005  # ...that may cost at most this much validation macro-F1
     patience: int = 10  # early stopping: epochs without val macro-F1 gain (0 = off)
     time_budget_min: float = 0.0  # stop after the epoch that crosses this many minutes (0 = off)
     seed: int = flag(0, "random seed")
@@ -156,6 +164,12 @@ class TrainConfig:
             raise ConfigError("lr > 0, weight_decay >= 0, label_smoothing in [0, 1)")
         if min(self.aug_strength, self.warmup_epochs, self.patience, self.time_budget_min) < 0:
             raise ConfigError("aug_strength, warmup_epochs, patience and time_budget_min must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must be in [0, 1) (0 = no weight averaging)")
+        if self.decision_rule not in DECISION_RULES:
+            raise ConfigError(f"decision_rule must be one of {DECISION_RULES}")
+        if not 0.0 <= self.decision_max_f1_drop <= 0.1:
+            raise ConfigError("decision_max_f1_drop must be in [0, 0.1]")
 
 
 @dataclass

@@ -72,6 +72,17 @@ def split_files(version: Location, manifest: dict, split: str) -> list[str]:
     return [(version / s["path"]).path for s in manifest["shards"] if s["split"] == split]
 
 
+def read_split(version: Location, manifest: dict, split: str, columns: list[str], batch_size: int = 64):
+    """The split's rows as pyarrow RecordBatches of `columns`, shard after shard, one batch in
+    memory at a time; the shards are verified against the manifest first."""
+    import pyarrow.parquet as pq
+
+    verify_shards(version, manifest, (split,))
+    for path in split_files(version, manifest, split):
+        pf = pq.ParquetFile(version.fs.open_input_file(path))
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+
+
 _VERIFIED: set[tuple] = set()  # (shard uri, recorded sha256, size, mtime) hashed in this process
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from ..config import ConfigError
 from ..core.metrics import ECE_BINS, ece, nll, reliability  # noqa: F401 (re-exported)
 from ..core.storage import open_location
-from ..data.datasets import load_manifest, split_files, verify_shards
+from ..data.datasets import load_manifest, read_split
 from ..data.transforms import preprocess_many
 from .inference import ModelRef, forward_logits, load_network, open_model, softmax
 
@@ -73,15 +72,12 @@ def training_dataset(ref: ModelRef):
 def val_logits(ref: ModelRef, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """In-process logits of the training dataset's val split, one row group at a time."""
     version, manifest = training_dataset(ref)
-    verify_shards(version, manifest, ("val",))
     model = load_network(ref.weights.uri, ref.sha256)
     logits, labels = [], []
-    for path in split_files(version, manifest, "val"):
-        pf = pq.ParquetFile(version.fs.open_input_file(path))
-        for batch in pf.iter_batches(batch_size=batch_size, columns=["image", "label"]):
-            x = preprocess_many(batch.column("image").to_pylist(), ref.image_size)
-            logits.append(forward_logits(model, x))
-            labels.append(np.asarray(batch.column("label"), dtype=np.int64))
+    for batch in read_split(version, manifest, "val", ["image", "label"], batch_size):
+        x = preprocess_many(batch.column("image").to_pylist(), ref.image_size)
+        logits.append(forward_logits(model, x))
+        labels.append(np.asarray(batch.column("label"), dtype=np.int64))
     k = len(ref.classes)
     return (np.concatenate(logits) if logits else np.zeros((0, k), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int64))

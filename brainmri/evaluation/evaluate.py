@@ -268,6 +268,7 @@ def summarise(ref: ModelRef, src: Source, ok: Outputs, rejects: list, probs, pro
                   "sha256": ref.sha256, "classes": ref.classes, "image_size": ref.image_size,
                   "params": ref.state.get("params"), "training_dataset": ref.state.get("dataset"),
                   "best_validation": ref.metadata.get("metrics"),
+                  "decision": ref.state.get("inference"),  # flips, logit bias: what was applied
                   "created_at": ref.metadata.get("created_at")},
         "counts": {"files": len(ok.label) + len(rejects), "evaluated": int(len(ok.label)),
                    "rejected": len(rejects), "rejected_by_reason": dict(sorted(by_reason.items()))},

@@ -178,6 +178,9 @@ def gradcam_overlays(model: torch.nn.Module, x_u8: np.ndarray, targets: list[int
 
     if len(x_u8) == 0:
         return []
+    # the bare network: a flip-averaging wrapper would run the target layer twice, and the
+    # map would follow the flipped pass (the decision's logit bias does not move the map)
+    model = getattr(model, "net", model)
     x = to_model_input(torch.from_numpy(np.ascontiguousarray(x_u8)))
     with GradCAM(model=model, target_layers=[last_conv(model)]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])

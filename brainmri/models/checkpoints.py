@@ -56,15 +56,24 @@ def preprocess_record(image_size: int) -> dict:
 def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: int,
                     history: list, resumes: list, config: dict, classes: list[str], dataset: dict,
                     params: int, optimizer: dict | None = None, scheduler: dict | None = None,
-                    versions: dict | None = None) -> dict:
+                    versions: dict | None = None, train_model: dict | None = None,
+                    inference: dict | None = None) -> dict:
     """The checkpoint dict (format brainmri.checkpoint/1), tensors and plain values only.
 
     model_state, optimizer, scheduler: state_dicts (optimizer/scheduler omitted when None:
     a model fitted outside run_training cannot be resumed, only published). config: the
     resolved TrainConfig as a dict (its image_size goes into `preprocess`). dataset: {uri,
     name, version, manifest_hash}. versions: library versions, by default this process's
-    (run_training passes the driver's, recorded once per run)."""
+    (run_training passes the driver's, recorded once per run). model_state is what is
+    served (the EMA weights when the recipe averages them); train_model, when given, the
+    weights the optimizer trains (needed to resume, dropped on publishing). inference: how
+    logits become a decision (models.decision.inference_record; default: plain argmax,
+    flips as the config says)."""
+    from .decision import inference_record
+
     state = {"format": CHECKPOINT_FORMAT, "model": model_state}
+    if train_model is not None:
+        state["train_model"] = train_model
     if optimizer is not None:
         state["optimizer"] = optimizer
     if scheduler is not None:
@@ -74,6 +83,7 @@ def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: i
         "resumes": resumes, "config": config, "classes": classes,
         "preprocess": preprocess_record(config["image_size"]), "dataset": dataset,
         "versions": library_versions() if versions is None else versions, "params": params,
+        "inference": inference or inference_record(config.get("tta", False)),
     })
     return state
 
@@ -94,7 +104,7 @@ def publish_model(out: Location, name: str, ckpt: dict, metrics: dict,
     check_name(name, "model name")
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}")
-    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler")}
+    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "train_model")}
     blob = dump_state(state)
     digest = hashlib.sha256(blob).hexdigest()
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest[:8]
@@ -151,12 +161,14 @@ def load_model_state(uri: str) -> dict:
     return load_state(model_file(uri).read_bytes())
 
 
-def build_model(state: dict) -> torch.nn.Module:
-    """Rebuild the network of a checkpoint/model dict, weights loaded, in eval mode."""
+def build_model(state: dict, bare: bool = False) -> torch.nn.Module:
+    """Rebuild the network of a checkpoint/model dict, weights loaded, in eval mode, wrapped
+    in its decision rule (test-time flips, logit bias: models.decision) unless `bare`."""
+    from .decision import wrap
     from .zoo import create_model
 
     cfg = state["config"]
     model = create_model(cfg["model"], num_classes=len(state["classes"]), in_chans=1,
                          image_size=cfg["image_size"], **cfg.get("model_args", {}))
     model.load_state_dict(state["model"])
-    return model.eval()
+    return (model if bare else wrap(model, state.get("inference"))).eval()

@@ -19,6 +19,7 @@ any worker count and on any backend:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -86,6 +87,30 @@ def lr_lambda(warmup_epochs: float, epochs: int, steps_per_epoch: int):
     return f
 
 
+# -- weight averaging -------------------------------------------------------------------------
+class EMA:
+    """An exponential moving average of a model's weights (and buffers), updated after every
+    optimizer step, as timm's ModelEmaV2 does. Small medical datasets give noisy late epochs;
+    the average is a better network than any single step's. Every rank holds the same copy
+    (DDP keeps the weights equal), so it needs no collective. The decay warms up
+    ((1 + n) / (10 + n)): the first, random weights must not dominate the average."""
+
+    def __init__(self, model: nn.Module, decay: float, updates: int = 0):
+        self.module = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        live = getattr(model, "module", model).state_dict()
+        for name, avg in self.module.state_dict().items():
+            if avg.dtype.is_floating_point:
+                avg.lerp_(live[name], 1.0 - d)
+            else:  # counters (BatchNorm's num_batches_tracked)
+                avg.copy_(live[name])
+
+
 # -- batches ----------------------------------------------------------------------------------
 class ShardBatches:
     """A worker's batches, epoch after epoch, as {'x': uint8 [B,H,W], 'label': int64 [B]}.
@@ -145,10 +170,10 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: torch.device,
                     aug_strength: float, generator: torch.Generator, amp: bool = False,
-                    channels_last: bool = False) -> torch.Tensor:
+                    channels_last: bool = False, ema: EMA | None = None) -> torch.Tensor:
     """One pass over `batches`; returns the all-reduced float64 tensor
     [loss x n, correct, n] on `device`. `generator` lives on `device` (augmentation runs
-    there)."""
+    there). `ema`, if given, is updated after every step."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
     for batch in batches:
@@ -163,6 +188,8 @@ def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: tor
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
         # in-place adds of device values and Python scalars: no host-to-device copy, no sync
         n = y.shape[0]
         sums[0] += loss.detach().double() * n

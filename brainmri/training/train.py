@@ -7,7 +7,8 @@
       (decode, fit, normalise; streaming)         train_one_epoch on its own shard, augmenting
     TorchTrainer(N workers, RunConfig(storage))   evaluate (plain module, no DDP) on its own
       train: equal shards; val: every row once    part of val (maybe none); one all-reduce
-    publish best checkpoint as a model version    rank 0: checkpoint + history; all: report()
+    decision rule on val (optional)             rank 0: checkpoint + history; all: report()
+    publish best checkpoint as a model version  (with ema_decay: the averaged weights throughout)
 
 The loops themselves live in `engine` (no Ray there). The driver never materialises the
 dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name resumes from the latest checkpoint,
@@ -31,18 +32,29 @@ from ..core import metrics as M
 from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
-from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
-from ..data.transforms import preprocess_batch
+from ..data.datasets import manifest_hash, read_split, resolve_dataset, split_files, verify_shards
+from ..data.transforms import preprocess_batch, preprocess_many, to_model_input
 from ..models.checkpoints import (
     CKPT_FILE,
+    build_model,
     dump_state,
     library_versions,
     load_state,
     make_checkpoint,
     publish_model,
 )
+from ..models.decision import choose_logit_bias, inference_record
 from ..models.zoo import check_model_name, count_params, create_model
-from .engine import ShardBatches, Stopwatch, agree_any, evaluate, lr_lambda, to_channels_last, train_one_epoch
+from .engine import (
+    EMA,
+    ShardBatches,
+    Stopwatch,
+    agree_any,
+    evaluate,
+    lr_lambda,
+    to_channels_last,
+    train_one_epoch,
+)
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -55,11 +67,14 @@ def _threads() -> int:
     return max(1, int(cpus))
 
 
-def _checkpoint_state(raw, optimizer, scheduler, epoch, best, bad, history, resumes, cfg,
+def _checkpoint_state(raw, ema, optimizer, scheduler, epoch, best, bad, history, resumes, cfg,
                       config) -> dict:
-    """This run's checkpoint (the format is checkpoints.make_checkpoint's)."""
+    """This run's checkpoint (the format is checkpoints.make_checkpoint's): with weight
+    averaging, "model" holds the average (what is validated and served) and "train_model"
+    the weights the optimizer trains."""
     return make_checkpoint(
-        raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        (ema.module if ema else raw).state_dict(), train_model=raw.state_dict() if ema else None,
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         epoch=epoch, best=best, bad_epochs=bad, history=history, resumes=resumes,
         config=to_dict(cfg), classes=config["classes"], dataset=config["dataset"],
         versions=config["versions"], params=count_params(raw))
@@ -96,7 +111,8 @@ class RunState:
     resumes: list = field(default_factory=list)
 
 
-def resume(raw: nn.Module, optimizer, scheduler) -> RunState:
+def resume(raw: nn.Module, optimizer, scheduler, ema: EMA | None = None,
+           steps_per_epoch: int = 0) -> RunState:
     """A replaced worker or a re-run driver continues from Ray's latest checkpoint."""
     import ray.train
 
@@ -105,7 +121,10 @@ def resume(raw: nn.Module, optimizer, scheduler) -> RunState:
         return RunState()
     with ckpt.as_directory() as d:
         state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
-    raw.load_state_dict(state["model"])
+    raw.load_state_dict(state.get("train_model", state["model"]))
+    if ema is not None:
+        ema.module.load_state_dict(state["model"])
+        ema.updates = (state["epoch"] + 1) * steps_per_epoch  # the decay's warm-up goes on
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     start = state["epoch"] + 1
@@ -169,7 +188,8 @@ def train_loop_per_worker(config: dict) -> None:
     criterion = class_weighted_loss(cfg, config["train_counts"], device)
     steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
     optimizer, scheduler = configure_optimizer(cfg, raw, steps)
-    run = resume(raw, optimizer, scheduler)
+    ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    run = resume(raw, optimizer, scheduler, ema, steps)
     if run.start and rank == 0:
         print(f"brainmri: resumed from the checkpoint of epoch {run.start - 1}")
 
@@ -186,10 +206,11 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(run.start, cfg.epochs):
         t0 = clock.now()
         tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler,
-                             device, cfg.aug_strength, gen, amp=cfg.gpu, channels_last=cfg.gpu).cpu()
+                             device, cfg.aug_strength, gen, amp=cfg.gpu, channels_last=cfg.gpu,
+                             ema=ema).cpu()
         t_train = clock.now() - t0
-        cm, vloss = evaluate(raw, val_src.epoch(epoch), len(classes), device, amp=cfg.gpu,
-                             channels_last=cfg.gpu)
+        cm, vloss = evaluate(ema.module if ema else raw, val_src.epoch(epoch), len(classes), device,
+                             amp=cfg.gpu, channels_last=cfg.gpu)
         metrics = epoch_metrics(epoch, tr, cm, vloss, classes, scheduler.get_last_lr()[0],
                                 clock.now() - t0, t_train, len(run.resumes))
         improved = metrics[METRIC] > run.best
@@ -201,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
         spent = sum(h["epoch_seconds"] for h in run.history) / 60
         over = agree_any(cfg.time_budget_min > 0 and spent >= cfg.time_budget_min, device)
         stop = (cfg.patience > 0 and run.bad >= cfg.patience) or over
-        state = _checkpoint_state(raw, optimizer, scheduler, epoch, run.best, run.bad, run.history,
+        state = _checkpoint_state(raw, ema, optimizer, scheduler, epoch, run.best, run.bad, run.history,
                                   run.resumes, cfg, config) if rank == 0 else None
         report(metrics, state)  # side effects on rank 0 only
         if rank == 0:  # after report() has persisted the checkpoint: history never runs ahead
@@ -299,6 +320,32 @@ def prepare(cfg: TrainConfig):
     return name, version, manifest, out
 
 
+@torch.no_grad()
+def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict) -> dict:
+    """The decision rule, chosen on the validation rows training saw, for the best
+    checkpoint as it will be served (with its flips): the glioma logit bias
+    (models.decision.choose_logit_bias). One process, on the driver: a few hundred images."""
+    net = build_model({**state, "inference": inference_record(cfg.tta)})
+    logits, labels, seen = [], [], 0
+    for b in read_split(version, manifest, "val", ["image", "label"], 64):
+        if cfg.limit_val and seen >= cfg.limit_val:
+            break
+        b = b.slice(0, cfg.limit_val - seen) if cfg.limit_val else b
+        seen += b.num_rows
+        x = to_model_input(torch.from_numpy(preprocess_many(b.column("image").to_pylist(), cfg.image_size)))
+        logits.append(net(x).float().numpy())
+        labels.append(b.column("label").to_numpy().astype(np.int64))
+    if not labels:
+        raise ConfigError("decision_rule needs validation rows to choose on, and there are none")
+    bias, chosen = choose_logit_bias(np.concatenate(logits), np.concatenate(labels), state["classes"],
+                                     "glioma", cfg.decision_max_f1_drop)
+    print(f"brainmri: decision rule {chosen['rule']} = {chosen['after']['bias']:+.2f} on "
+          f"{chosen['n']} validation images: glioma recall {chosen['before']['recall']:.4f} -> "
+          f"{chosen['after']['recall']:.4f}, macro-F1 {chosen['before']['macro_f1']:.4f} -> "
+          f"{chosen['after']['macro_f1']:.4f}")
+    return inference_record(cfg.tta, bias, chosen)
+
+
 def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -340,6 +387,8 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
         state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
     history = (run / "history.json").read_json()  # the checkpoint's stops at its own epoch
     state["history"] = history  # the published model carries the whole run's curves
+    if cfg.decision_rule != "argmax":
+        state["inference"] = choose_decision(cfg, state, version, manifest)
     best = max(history, key=lambda h: h[METRIC])
     model_uri = None
     if cfg.publish:

@@ -179,3 +179,31 @@ def test_channels_last_keeps_single_input_channel_weights_contiguous():
     assert any(c == 1 for c, _, _ in four_d) and any(c > 1 for c, _, _ in four_d)
     for c, contiguous, cl in four_d:
         assert contiguous if c == 1 else cl  # the first conv stays as its gradient will be
+
+
+def test_weight_average_follows_the_steps_with_a_warming_decay():
+    from brainmri.training.engine import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(net, decay=0.99)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net.train()(torch.randn(8, 3))  # moves the BatchNorm running stats and its counter
+    ema.update(net)
+    d = min(0.99, 2 / 11)  # the first update's decay: warm-up, not 0.99
+    assert torch.allclose(ema.module[0].weight, d * start["0.weight"] + (1 - d) * net[0].weight)
+    assert torch.allclose(ema.module[1].running_mean, d * start["1.running_mean"] + (1 - d) * net[1].running_mean)
+    assert ema.module[1].num_batches_tracked == net[1].num_batches_tracked  # copied, not averaged
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    # a training epoch updates it once per step
+    x, y = torch.randint(0, 255, (10, 8, 8), dtype=torch.uint8), torch.randint(0, 2, (10,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    ema2 = EMA(model, 0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    src = ShardBatches.from_tensors(x, y, 4, True, True, 0)
+    train_one_epoch(model, src.epoch(0), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), 0.0,
+                    torch.Generator(), ema=ema2)
+    assert ema2.updates == 2

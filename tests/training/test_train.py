@@ -38,11 +38,12 @@ def small_lake(tmp_path_factory):
     return root / "lake"
 
 
-def _predict(state, version, manifest, split="val"):
-    """Evaluate a loaded model with plain PyTorch (no Ray): the round-trip check."""
+def _predict(state, version, manifest, split="val", bare=False):
+    """Evaluate a loaded model with plain PyTorch (no Ray): the round-trip check. `bare`: the
+    network alone, without its decision rule (what training's validation runs)."""
     import pyarrow.parquet as pq
 
-    model = build_model(state)
+    model = build_model(state, bare=bare)
     size = state["config"]["image_size"]
     t = pq.ParquetFile(version.fs.open_input_file(split_files(version, manifest, split)[0])).read(
         columns=["image", "label"])
@@ -91,6 +92,35 @@ def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_loca
     assert (open_location(res.model_uri) / "metadata.json").read_json()["metrics"]["epoch"] == res.best["epoch"]
 
 
+def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake, ray_local):
+    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-decide", epochs=4, ema_decay=0.9,
+                      tta=True, decision_rule="glioma_recall", decision_max_f1_drop=0.05, **SMALL)
+    res = run_training(cfg)
+    state = load_model_state(res.model_uri)
+    version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
+    # validation ran the averaged weights, bare: the published weights reproduce it
+    bare = _predict(state, version, manifest, bare=True)
+    assert bare["macro_f1"] == pytest.approx(res.best["val_macro_f1"])
+    # the rule was chosen on validation and is what inference now applies
+    inf = state["inference"]
+    assert inf["tta"] and len(inf["logit_bias"]) == 4 and inf["logit_bias"][1:] == [0.0, 0.0, 0.0]
+    chosen = inf["decision"]
+    assert chosen["chosen_on"] == "val" and chosen["n"] == res.best["val_n"]
+    assert chosen["after"]["recall"] >= chosen["before"]["recall"]
+    assert chosen["after"]["macro_f1"] >= chosen["before"]["macro_f1"] - 0.05
+    served = _predict(state, version, manifest)
+    assert served["macro_f1"] == pytest.approx(chosen["after"]["macro_f1"])
+    assert served["accuracy"] == pytest.approx(chosen["after"]["accuracy"])
+    # the optimizer's own weights stay in the run's checkpoints (to resume), not in the model
+    assert "train_model" not in state
+    meta = (open_location(res.model_uri) / "metadata.json").read_json()
+    assert meta["inference"]["decision"]["after"]["bias"] == inf["logit_bias"][0]
+    run = open_location(res.run_uri)
+    ck = next(d for d in run.listdir() if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists())
+    raw = load_model_state((run / ck).uri)
+    assert any(not torch.equal(raw["train_model"][k], raw["model"][k]) for k in raw["model"])
+
+
 def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path):
     """Dataset read from and checkpoints/model written to a loopback S3 server."""
     lake = f"s3://{s3_bucket}/lake"
@@ -127,7 +157,8 @@ def _train_worker_pids() -> list[int]:
 
 def test_killed_worker_is_replaced_and_resumes(small_lake, ray_local):
     cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-kill", epochs=4,
-                      max_failures=2, cache=False, **SMALL)  # streamed epochs: time to kill
+                      max_failures=2, cache=False, ema_decay=0.9,  # the average resumes too
+                      **SMALL)  # streamed epochs: time to kill
     run = open_location(small_lake) / "runs" / "t-kill"
     box = {}
     th = threading.Thread(target=lambda: box.setdefault("res", run_training(cfg)), daemon=True)

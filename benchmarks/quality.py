@@ -1,0 +1,173 @@
+"""Quality: the default recipe against the seed's network under one training budget, on the
+internal test split and on re-exported copies of it (other size, contrast and JPEG quality, as
+another scanner's export tool would write them).
+
+    .venv/bin/python benchmarks/quality.py --store ./lake [--recipe configs/cpu.yaml]
+        [--budget-min 25] [--models recipe,seed_cnn] [--reuse] [--out benchmarks/results]
+
+For each model: `brainmri train` (its own process and local Ray) with the recipe and
+`time_budget_min` = the budget (seed_cnn: the same recipe with only the network swapped), then
+`brainmri evaluate` on the dataset version's test split and on each re-exported copy. Prints one
+table (accuracy, macro-F1, per-class recall, training minutes, images/s) and writes it as JSON.
+No test image chooses anything: models are selected on validation, and the decision rule (if
+the recipe has one) is chosen on validation too.
+
+The re-exported copies (`<store>/benchmarks/shifted/<version>/export-<side>/<class>/*.jpg`,
+built once, seeded): each test image decoded, resized so its longest side is 224 or 512,
+gamma in [0.7, 1.4], contrast x[0.75, 1.25], brightness [-20, +20] grey levels, re-encoded
+as JPEG at quality [60, 90] -- one draw per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SIDES = (224, 512)
+
+
+def reexport(data: bytes, side: int, rng: np.random.Generator) -> bytes:
+    """One image as another export tool would write it."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("L")
+    s = side / max(img.size)
+    img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
+    x = np.asarray(img, np.float32) / 255.0
+    x = x ** rng.uniform(0.7, 1.4)
+    x = (x - x.mean()) * rng.uniform(0.75, 1.25) + x.mean() + rng.uniform(-20, 20) / 255.0
+    out = Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8))
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=int(rng.integers(60, 91)))
+    return buf.getvalue()
+
+
+def build_shifted(store: str, dataset: str, seed: int = 0) -> tuple[str, dict[str, str]]:
+    """-> (the dataset version's URI, {copy name: local folder}); built once per version."""
+    import pyarrow.parquet as pq
+
+    from brainmri.core.storage import open_location
+    from brainmri.data.datasets import latest_version, load_manifest, split_files, verify_shards
+
+    version = latest_version(open_location(store), dataset)
+    manifest = load_manifest(version)
+    verify_shards(version, manifest, ("test",))
+    root = Path(open_location(store).path) / "benchmarks" / "shifted" / manifest["version"]
+    out = {f"export-{s}": str(root / f"export-{s}") for s in SIDES}
+    if (root / "complete.json").exists():
+        return version.uri, out
+    rng = np.random.default_rng(seed)
+    n = 0
+    for f in split_files(version, manifest, "test"):
+        t = pq.read_table(version.fs.open_input_file(f), columns=["image", "class_name", "sha256"])
+        for data, cls, sha in zip(t.column("image").to_pylist(), t.column("class_name").to_pylist(),
+                                  t.column("sha256").to_pylist(), strict=True):
+            for s in SIDES:
+                d = Path(out[f"export-{s}"]) / cls
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{sha[:16]}.jpg").write_bytes(reexport(data, s, rng))
+            n += 1
+    (root / "complete.json").write_text(json.dumps({"images": n, "seed": seed, "sides": SIDES}))
+    return version.uri, out
+
+
+def brainmri(*args: str, log: Path) -> None:
+    env = dict(os.environ, RAY_ADDRESS="")  # each command its own local Ray
+    with open(log, "ab") as f:
+        r = subprocess.run([sys.executable, "-m", "brainmri", *args], cwd=REPO, env=env, stdout=f,
+                           stderr=subprocess.STDOUT, check=False)
+    if r.returncode:
+        raise SystemExit(f"brainmri {args[0]} failed (exit {r.returncode}); see {log}")
+
+
+def train(store: str, dataset: str, recipe: str, model: str, budget: float, seed: int, reuse: bool,
+          log: Path) -> dict:
+    """Train one model under the budget (or reuse a finished run of the same name)."""
+    from brainmri.core.storage import open_location
+
+    name = f"quality-{Path(recipe).stem}-{model}-{budget:g}min-s{seed}"
+    run = open_location(store) / "runs" / name
+    if not (reuse and (run / "summary.json").exists()):
+        extra = [] if model == "recipe" else ["--model", model, "--set", "model_args={}"]
+        brainmri("train", "--config", recipe, "--data", store, "--dataset", dataset, "--out", store,
+                 "--name", name, "--seed", str(seed), "--set", f"time_budget_min={budget}", *extra, log=log)
+    summary = (run / "summary.json").read_json()
+    history = (run / "history.json").read_json()
+    train_s = sum(h["epoch_seconds"] for h in history)
+    return {"name": name, "model_uri": summary["model"], "epochs": len(history),
+            "train_minutes": train_s / 60,
+            "images_per_s": sum(h["train_images"] for h in history) / max(train_s, 1e-9),
+            "best_val_macro_f1": summary["best"]["val_macro_f1"]}
+
+
+def evaluate(model_uri: str, data: str, store: str, log: Path) -> dict:
+    """`brainmri evaluate`'s own function, in a fresh process (its own local Ray) -> a row."""
+    code = ("import sys; from brainmri.evaluation.evaluate import evaluate; "
+            "print(evaluate(sys.argv[1], sys.argv[2], sys.argv[3]).report_uri)")
+    with open(log, "ab") as f:
+        r = subprocess.run([sys.executable, "-c", code, model_uri, data, store], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=f, text=True, check=False,
+                           env=dict(os.environ, RAY_ADDRESS=""))
+    if r.returncode:
+        raise SystemExit(f"evaluate failed (exit {r.returncode}); see {log}")
+    from brainmri.core import metrics as M
+    from brainmri.core.storage import open_location
+
+    m = (open_location(r.stdout.strip().splitlines()[-1]) / "metrics.json").read_json()
+    a = m["metrics"]["all"]
+    row = {"n": a["n"], "accuracy": a["accuracy"], "macro_f1": a["macro_f1"]}
+    row.update({f"recall_{c}": M.class_metric(a, "recall", c) for c in m["model"]["classes"]})
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", default="./lake")
+    ap.add_argument("--dataset", default="brain-tumor-mri")
+    ap.add_argument("--recipe", default=str(REPO / "configs" / "cpu.yaml"))
+    ap.add_argument("--budget-min", type=float, default=25.0)
+    ap.add_argument("--models", default="recipe,seed_cnn")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true", help="reuse finished runs of the same name")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    a = ap.parse_args(argv)
+    store = os.path.abspath(a.store)
+    log = Path(a.out) / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    version, shifted = build_shifted(store, a.dataset, a.seed)
+    rows = []
+    for model in a.models.split(","):
+        t = train(store, a.dataset, a.recipe, model, a.budget_min, a.seed, a.reuse, log)
+        print(f"{model}: {t['epochs']} epochs in {t['train_minutes']:.1f} min, "
+              f"{t['images_per_s']:.0f} img/s -> {t['model_uri']}", flush=True)
+        for data_name, data in [("test", version), *shifted.items()]:
+            row = evaluate(t["model_uri"], data, store, log)
+            rows.append({"model": model, "data": data_name, **t, **row})
+
+    keys = ["accuracy", "macro_f1"] + [k for k in rows[0] if k.startswith("recall_")]
+    head = f"{'model':<10}{'data':<12}" + "".join(f"{k.replace('recall_', 'rec_'):>14}" for k in keys) + \
+        f"{'train min':>11}{'img/s':>8}"
+    print(head)
+    for r in rows:
+        print(f"{r['model']:<10}{r['data']:<12}" + "".join(f"{r[k]:>14.4f}" for k in keys) +
+              f"{r['train_minutes']:>11.1f}{r['images_per_s']:>8.0f}")
+    result = {"recipe": a.recipe, "budget_min": a.budget_min, "dataset_version": version,
+              "cpus": os.cpu_count(), "rows": rows}
+    dest = Path(a.out) / f"quality-{time.strftime('%Y%m%d')}.json"
+    dest.write_text(json.dumps(result, indent=2))
+    print(f"written {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The decision rule that travels with a model: flips, the glioma logit bias, and its choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainmri.models.checkpoints import build_model, dump_state, load_state, make_checkpoint
+from brainmri.models.decision import InferenceNet, choose_logit_bias, inference_record, wrap
+from brainmri.models.zoo import create_model
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def test_bias_raises_glioma_recall_within_the_allowed_f1_cost():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    logits = rng.normal(0, 1, (200, 4))
+    logits[np.arange(200), labels] += 2.0
+    logits[:50, 0] -= 1.2  # glioma under-called, mostly as meningioma
+    logits[:50, 1] += 0.6
+    bias, rec = choose_logit_bias(logits, labels, CLASSES, max_macro_f1_drop=0.01)
+    assert bias[1:] == [0.0, 0.0, 0.0] and bias[0] > 0
+    assert rec["after"]["recall"] > rec["before"]["recall"]
+    assert rec["after"]["macro_f1"] >= rec["before"]["macro_f1"] - 0.01
+    # the smallest bias reaching that recall: one step less recalls fewer gliomas (or costs too much F1)
+    z = logits.copy()
+    z[:, 0] += bias[0] - 0.05
+    m = (z.argmax(1)[:50] == 0).mean()
+    assert m < rec["after"]["recall"] or bias[0] == 0
+    # no F1 may be spent: the bias may only stay or move where F1 does not drop
+    bias0, rec0 = choose_logit_bias(logits, labels, CLASSES, max_macro_f1_drop=0.0)
+    assert rec0["after"]["macro_f1"] >= rec0["before"]["macro_f1"]
+    with pytest.raises(ValueError, match="not one of"):
+        choose_logit_bias(logits, labels, CLASSES, target="astrocytoma")
+
+
+def test_inference_net_averages_flips_and_adds_the_bias():
+    torch.manual_seed(0)
+    net = create_model("brainnet", 4, 1, image_size=32, width=8).eval()
+    x = torch.randn(3, 1, 32, 32)
+    plain = net(x)
+    assert wrap(net, None) is net and wrap(net, inference_record(False)) is net
+    flip = InferenceNet(net, tta=True)(x)
+    assert torch.allclose(flip, (plain + net(torch.flip(x, dims=[3]))) / 2, atol=1e-6)
+    bias = InferenceNet(net, tta=False, logit_bias=[0.5, 0, 0, 0])(x)
+    assert torch.allclose(bias - plain, torch.tensor([0.5, 0, 0, 0]).expand_as(plain), atol=1e-6)
+
+
+def test_the_rule_is_part_of_the_checkpoint_and_old_checkpoints_stay_plain():
+    net = create_model("brainnet", 4, 1, image_size=32, width=8)
+    common = dict(epoch=0, best=0.0, bad_epochs=0, history=[], resumes=[], classes=CLASSES,
+                  dataset={"uri": "x"}, params=1)
+    cfg = {"model": "brainnet", "image_size": 32, "model_args": {"width": 8}, "tta": True}
+    state = load_state(dump_state(make_checkpoint(net.state_dict(), config=cfg, **common,
+                                                  inference=inference_record(True, [1.0, 0, 0, 0]))))
+    model = build_model(state)
+    assert isinstance(model, InferenceNet) and model.tta and not model.training
+    assert isinstance(build_model(state, bare=True), type(net))
+    # the config's tta alone (no rule chosen) is recorded by default
+    assert make_checkpoint(net.state_dict(), config=cfg, **common)["inference"]["tta"] is True
+    old = {k: v for k, v in state.items() if k != "inference"}  # written before the rule existed
+    assert isinstance(build_model(old), type(net))

@@ -1,0 +1,61 @@
+"""The benchmark scripts' own building blocks (the scripts themselves print figures)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brainmri.config import IngestConfig
+from brainmri.data.ingest import ingest
+from brainmri.data.transforms import preprocess
+
+from support.data import REPO, real_subset
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_reexports_the_test_split_at_other_sizes_and_contrasts(tmp_path):
+    q = load("quality")
+    src = real_subset(tmp_path / "src", per_class=8)
+    ingest(str(src), str(tmp_path / "lake"), IngestConfig(val_fraction=0.25, test_fraction=0.25, workers=1))
+    version, copies = q.build_shifted(str(tmp_path / "lake"), "brain-tumor-mri", seed=0)
+    n_test = json.loads((tmp_path / "lake" / "datasets" / "brain-tumor-mri" / version.rsplit("/", 1)[-1]
+                         / "manifest.json").read_text())["rows"]["test"]
+    for side in q.SIDES:
+        files = sorted((tmp_path / "lake").glob(f"benchmarks/shifted/*/export-{side}/*/*.jpg"))
+        assert len(files) == n_test > 0
+        im = Image.open(files[0])
+        assert max(im.size) == side and im.format == "JPEG"
+    # a re-export is the same scan, not the same bytes: the model's input moves, but not far
+    data = next(iter(sorted(src.rglob("*.jpg")))).read_bytes()
+    shifted = q.reexport(data, 224, np.random.default_rng(1))
+    a, b = preprocess(data, 160).astype(float), preprocess(shifted, 160).astype(float)
+    assert shifted != data and 0 < np.abs(a - b).mean() < 40
+    assert q.build_shifted(str(tmp_path / "lake"), "brain-tumor-mri")[1] == copies  # built once
+
+
+@pytest.mark.slow
+def test_chaos_short(tmp_path):
+    """The chaos benchmark's short version: one killed-and-rerun ingest, training and
+    retrain, every store invariant checked after each (the full run is in its docstring)."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chaos.py"), "--trials", "3",
+                        "--seed", "7", "--per-class", "12", "--work", str(tmp_path / "chaos")],
+                       capture_output=True, text=True, timeout=1500, check=False,
+                       env=dict(os.environ, RAY_ADDRESS=""))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["trials"] == 3 and summary["failures"] == 0
+    assert set(summary["tamper_detected"]) == {"image_bytes", "label_column", "test_shard_as_train",
+                                               "truncated", "missing", "model_weights"}
