@@ -15,6 +15,7 @@ from .config import (
     EvaluateConfig,
     IngestConfig,
     RetrainConfig,
+    ServeConfig,
     TrainConfig,
     TuneConfig,
     flag_fields,
@@ -240,6 +241,12 @@ def cmd_predict(a) -> int:
                batch_size=a.batch_size)
 
 
+def cmd_serve(a) -> int:
+    from .serving.app import run
+
+    return run(config_from_args(a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="brainmri", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -290,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag predictions with confidence below P as 'refer to a radiologist'")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default %(default)s)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", parents=cfg, help="serve the champion (or --model) over HTTP with Ray "
+                       "Serve: POST /predict, GET /model, GET /healthz")
+    add_config_flags(p, ServeConfig)
+    p.set_defaults(func=cmd_serve, config_cls=ServeConfig)
     return ap
 
 

@@ -274,6 +274,46 @@ class EvaluateConfig:
             raise ConfigError("near_dup_distance (--near-dup-distance) must be in [0, 64]")
 
 
+@dataclass
+class ServeConfig:
+    """What `brainmri serve` serves over HTTP and how (a Ray Serve application). The fields
+    up to `poll_s` are also what each replica is configured with (its Serve user_config,
+    the `args` of jobs/k8s/rayservice.yaml); the rest place the application."""
+
+    store: str = flag("", "storage URI of a retrain store: serve the champion of --dataset "
+                          "(retrain/<dataset>/champion.json) and follow its promotions")
+    dataset: str = flag("brain-tumor-mri", "dataset whose champion --store serves")
+    model: str = flag("", "instead of --store: " + MODEL_HELP + "; a version folder stays fixed, "
+                          "models/<name> follows its champion.json")
+    abstain_below: float | None = flag(
+        None, "flag predictions whose calibrated confidence is below P as 'refer to a radiologist'",
+        metavar="P", type=probability)
+    max_batch_size: int = flag(16, "requests a replica batches into one forward pass")
+    batch_wait_ms: float = flag(10.0, "how long a batch's first request waits for others (ms)")
+    poll_s: float = flag(10.0, "seconds between a replica's checks for a new champion; 0 = never")
+    host: str = flag("127.0.0.1", "HTTP address to listen on (0.0.0.0: every interface)")
+    port: int = flag(8000, "HTTP port")
+    replicas: int = flag(1, "replicas, each holding one copy of the model")
+    cpus_per_replica: float = flag(1.0, "CPUs Ray reserves for each replica (its torch threads)")
+    detach: bool = flag(False, "deploy and return; the application keeps running on the cluster "
+                               "(`serve shutdown` stops it)")
+
+    def validate(self) -> None:
+        if bool(self.store) == bool(self.model):
+            raise ConfigError("give exactly one of --store (serve its champion) or --model")
+        problem = name_problem(self.dataset, "dataset name")
+        if problem:
+            raise ConfigError(problem)
+        if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
+            raise ConfigError("abstain_below (--abstain-below) must be a probability in [0, 1]")
+        if self.max_batch_size < 1 or self.replicas < 1 or self.cpus_per_replica <= 0:
+            raise ConfigError("max_batch_size and replicas must be >= 1, cpus_per_replica > 0")
+        if self.batch_wait_ms < 0 or self.poll_s < 0:
+            raise ConfigError("batch_wait_ms and poll_s must be >= 0")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError("port must be in [1, 65535]")
+
+
 # --------------------------------------------------------------------------------------------
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)

@@ -20,6 +20,7 @@ from brainmri.config import (
     EvaluateConfig,
     IngestConfig,
     RetrainConfig,
+    ServeConfig,
     TrainConfig,
     TuneConfig,
     flag,
@@ -30,7 +31,7 @@ from brainmri.config import (
 from support.data import REPO
 
 COMMANDS = {"ingest": IngestConfig, "train": TrainConfig, "tune": TuneConfig,
-            "retrain": RetrainConfig, "evaluate": EvaluateConfig}
+            "retrain": RetrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig}
 POSITIONAL = {"ingest": ["SRC", "DEST"]}
 REQUIRED = {"evaluate": ["--model", "m", "--data", "d", "--out", "o"]}
 
@@ -186,7 +187,7 @@ def test_help_shows_the_dataclass_defaults(cmd, capsys, monkeypatch):
         shown += 1
     assert shown >= 1
     one = {"ingest": "(default 0.1)", "train": "(default 40)", "tune": "(default configs/tune-cpu.yaml)",
-           "retrain": "(default 10.0)", "evaluate": "(default 64)"}[cmd]
+           "retrain": "(default 10.0)", "evaluate": "(default 64)", "serve": "(default 8000)"}[cmd]
     assert one in out
 
 
@@ -247,9 +248,23 @@ def test_retrain_config_lives_in_config():
         cli.config_from_args(parse("retrain", "--train", "epocs=3"))
 
 
+def test_serve_flags_and_validation(capsys):
+    cfg = cli.config_from_args(parse("serve", "--store", "s3://b/lake", "--port", "9000", "--poll-s", "2",
+                                     "--abstain-below", "0.6", "--set", "replicas=2"))
+    assert (cfg.store, cfg.port, cfg.poll_s, cfg.abstain_below, cfg.replicas) == (
+        "s3://b/lake", 9000, 2.0, 0.6, 2)
+    bad = ((["--port", "0", "--model", "m"], "port"), (["--poll-s", "-1", "--model", "m"], "poll_s"),
+           ([], "exactly one of --store"), (["--model", "m", "--dataset", "../x"], "dataset name"))
+    for argv, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            cli.config_from_args(parse("serve", *argv))
+        assert cli.main(["serve", *argv]) == 2  # one line, no Ray started
+        assert match in capsys.readouterr().err
+
+
 def test_python_m_brainmri_help():
     r = subprocess.run([sys.executable, "-m", "brainmri", "--help"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    for cmd in ("ingest", "train", "tune", "retrain", "evaluate", "calibrate", "predict"):
+    for cmd in ("ingest", "train", "tune", "retrain", "evaluate", "calibrate", "predict", "serve"):
         assert cmd in r.stdout

@@ -93,14 +93,14 @@ class Predictor:
         if good:
             x = preprocess_many(blobs, self.ref.image_size)
             probs = softmax(forward_logits(self.model, x, self.device), self.temperature)
-            for row, p in zip(good, probs):
+            for row, p in zip(good, probs, strict=True):
                 self._fill(row, p)
         return rows
 
     def _fill(self, row: Row, p: np.ndarray) -> None:
         classes = self.ref.classes
         row.ok, row.label, row.confidence = True, classes[int(p.argmax())], float(p.max())
-        row.probabilities = {c: float(v) for c, v in zip(classes, p)}
+        row.probabilities = {c: float(v) for c, v in zip(classes, p, strict=True)}
         row.abstained = self.abstain_below is not None and row.confidence < self.abstain_below
         row.advice = REFER if row.abstained else ""
 
@@ -127,7 +127,9 @@ class Predictor:
 
 
 # -- output -------------------------------------------------------------------------------------
-def to_json(row: Row) -> str:
+def row_fields(row: Row) -> dict:
+    """What a prediction says, as plain values: one JSON line here, one HTTP answer in
+    brainmri.serving."""
     d = {"path": row.path, "ok": row.ok}
     if row.ok:
         d.update({"class": row.label, "confidence": row.confidence,
@@ -135,7 +137,11 @@ def to_json(row: Row) -> str:
                   "advice": row.advice})
     else:
         d.update({"error": row.error, "detail": row.detail})
-    return json.dumps(d)
+    return d
+
+
+def to_json(row: Row) -> str:
+    return json.dumps(row_fields(row))
 
 
 def csv_header(classes: list[str]) -> list[str]:

@@ -177,14 +177,17 @@ def test_manifests_run_the_cluster_images(cluster):
             for d in docs:
                 spec = d.get("spec", {})
                 spec = spec.get("jobTemplate", spec) if d.get("kind") == "RayCronJob" else spec
-                rcs = spec.get("rayClusterSpec") if isinstance(spec, dict) else None
+                # a RayJob's / RayCronJob's rayClusterSpec, a RayService's rayClusterConfig
+                if not isinstance(spec, dict):
+                    continue
+                rcs = spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
                 if not rcs:
                     continue
                 for c in rcs["headGroupSpec"]["template"]["spec"]["containers"]:
                     assert c["image"] == head, (path.name, c["image"])
                 for g in rcs["workerGroupSpecs"]:
                     for c in g["template"]["spec"]["containers"]:
-                        if c["resources"]["limits"].get("nvidia.com/gpu"):
-                            assert c["image"] == gpu, (path.name, c["image"])
+                        gpu_worker = c["resources"]["limits"].get("nvidia.com/gpu")
+                        assert c["image"] == (gpu if gpu_worker else head), (path.name, c["image"])
                 seen += 1
-    assert seen >= 3
+    assert seen >= 4

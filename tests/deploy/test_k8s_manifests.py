@@ -1,4 +1,5 @@
-"""jobs/k8s/*.yaml: parse, required fields, image/Ray versions, entrypoints, no secrets."""
+"""jobs/k8s/*.yaml: parse, required fields, image/Ray versions, entrypoints, no secrets; the
+RayService's Serve config checked by Ray Serve's own schema and built from its import path."""
 
 import pathlib
 import re
@@ -55,10 +56,20 @@ IDS = [f"{p.name}:{d.get('kind')}/{d.get('metadata', {}).get('name') or d.get('m
        for p, d in ALL]
 
 
+def _ray_clusters(doc):
+    """(rayClusterSpec, of a RayJob or RayCronJob) or (rayClusterConfig, of a RayService)."""
+    for spec in _rayjob_specs(doc):
+        yield spec["rayClusterSpec"]
+    if doc["kind"] == "RayService":
+        yield doc["spec"]["rayClusterConfig"]
+
+
 def test_expected_files():
-    assert {p.name for p in MANIFESTS} >= {"rayjob-train.yaml", "raycronjob-retrain.yaml", "cronjob-fallback.yaml"}
+    assert {p.name for p in MANIFESTS} >= {"rayjob-train.yaml", "raycronjob-retrain.yaml",
+                                           "cronjob-fallback.yaml", "rayservice.yaml"}
     kinds = {d["kind"] for _, d in ALL}
-    assert {"RayJob", "RayCronJob", "CronJob", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"} <= kinds
+    assert {"RayJob", "RayCronJob", "RayService", "CronJob", "ServiceAccount", "Role", "RoleBinding",
+            "ConfigMap"} <= kinds
 
 
 @pytest.mark.parametrize("path,doc", ALL, ids=IDS)
@@ -68,7 +79,7 @@ def test_required_fields(path, doc):
     assert meta.get("name") or meta.get("generateName")
     if doc["kind"] not in SPECLESS_KINDS:
         assert isinstance(doc.get("spec"), dict) and doc["spec"]
-    if doc["kind"] in ("RayJob", "RayCronJob"):
+    if doc["kind"] in ("RayJob", "RayCronJob", "RayService"):
         assert doc["apiVersion"] == "ray.io/v1"
 
 
@@ -76,13 +87,14 @@ def test_required_fields(path, doc):
 def test_ray_images_and_version_match_pin(path, doc):
     pin = _ray_pin()
     for spec in _rayjob_specs(doc):
-        rcs = spec["rayClusterSpec"]
-        assert rcs["rayVersion"] == pin
         assert spec["shutdownAfterJobFinishes"] is True
         assert isinstance(spec["ttlSecondsAfterFinished"], int)
+        workers = spec["rayClusterSpec"]["workerGroupSpecs"]
+        assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in workers
+                   for c in g["template"]["spec"]["containers"])  # training runs on GPUs
+    for rcs in _ray_clusters(doc):
+        assert rcs["rayVersion"] == pin
         groups = [rcs["headGroupSpec"], *rcs["workerGroupSpecs"]]
-        assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in rcs["workerGroupSpecs"]
-                   for c in g["template"]["spec"]["containers"])
         for g in groups:
             pod = g["template"]["spec"]
             assert pod.get("serviceAccountName"), "pods need a ServiceAccount (IRSA) for S3"
@@ -195,3 +207,36 @@ def test_every_entrypoint_parses_with_the_brainmri_cli():
                 build_parser().parse_args([command, *argv[2:]])
                 seen.add(command)
     assert {"train", "retrain"} <= seen
+
+
+def _serve_config():
+    (doc,) = [d for d in _docs(ROOT / "jobs/k8s/rayservice.yaml") if d["kind"] == "RayService"]
+    return doc, yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+def test_rayservice_serve_config_is_valid_and_builds():
+    """serveConfigV2 passes Ray Serve's own schema (what the cluster's Serve will parse), its
+    import path is the application builder, its args are valid replica settings reading the
+    champion from S3, and the deployment it sizes is the one the builder makes."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from brainmri.serving import app, served
+
+    doc, conf = _serve_config()
+    schema = ServeDeploySchema.model_validate(conf)
+    (application,) = schema.applications
+    module, _, attr = application.import_path.partition(":")
+    assert (module, attr) == ("brainmri.serving.app", "build") and application.route_prefix == "/"
+    cfg = served.replica_config(application.args)
+    assert cfg.store.startswith("s3://") and not cfg.model and cfg.poll_s > 0
+    assert app.build(application.args).__class__.__name__ == "Application"
+    (dep,) = application.deployments
+    assert dep.name == app.DEPLOYMENT and dep.num_replicas >= 2  # a promotion never leaves none
+    rcs = doc["spec"]["rayClusterConfig"]
+    for g in [rcs["headGroupSpec"], *rcs["workerGroupSpecs"]]:  # every node runs a proxy
+        (c,) = g["template"]["spec"]["containers"]
+        assert {"containerPort": schema.http_options.port, "name": "serve"} in c["ports"]
+    assert rcs["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas go to workers
+    replica_cpus = dep.ray_actor_options.num_cpus
+    assert all(float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) >= replica_cpus
+               for g in rcs["workerGroupSpecs"]), "a worker pod must fit at least one replica"

@@ -88,3 +88,17 @@ def kaggle_folder(dest: Path, per_class: int = 3, offset: int = 200) -> tuple[Pa
     expected = {"empty_file": 1, "not_an_image": 1, "corrupt_or_truncated": 1,
                 "hidden_or_system_file": 1, "outside_known_class_folder": 1}
     return dest, good, expected
+
+
+def publish_untrained(out: Path, seed: int, name: str = "brainnet") -> str:
+    """A brainnet (width 8, 64 px) with seeded random weights, published like run_training
+    does, without any training or data (milliseconds): two seeds give two versions that
+    answer the same scan differently. Returns the version URI."""
+    torch.manual_seed(seed)
+    cfg = TrainConfig(out=str(out), name=f"untrained-{seed}", image_size=SIZE, model_args=dict(MODEL_ARGS))
+    model = create_model("brainnet", len(CLASSES), 1, image_size=SIZE, **MODEL_ARGS)
+    ckpt = make_checkpoint(model.eval().state_dict(), epoch=0, best=0.0, bad_epochs=0, history=[],
+                           resumes=[], config=to_dict(cfg), classes=list(CLASSES),
+                           dataset={"uri": "", "name": "none", "version": "none"},
+                           params=count_params(model))
+    return publish_model(open_location(str(out)), name, ckpt, {"val_macro_f1": 0.25 + seed / 100}).uri
