@@ -269,6 +269,7 @@ def summarise(ref: ModelRef, src: Source, ok: Outputs, rejects: list, probs, pro
                   "params": ref.state.get("params"), "training_dataset": ref.state.get("dataset"),
                   "best_validation": ref.metadata.get("metrics"),
                   "decision": ref.state.get("inference"),  # flips, logit bias: what was applied
+                  "card": ref.metadata.get("card"),
                   "created_at": ref.metadata.get("created_at")},
         "counts": {"files": len(ok.label) + len(rejects), "evaluated": int(len(ok.label)),
                    "rejected": len(rejects), "rejected_by_reason": dict(sorted(by_reason.items()))},

@@ -89,6 +89,39 @@ def model_table(mod: dict) -> str:
     return f"<table class='kv'>{body}</table>"
 
 
+def card_section(mod: dict, allm: dict, clean: dict | None) -> str:
+    """The model card (metadata.json's `card`), with this evaluation's own per-class figures as
+    its known weaknesses (weakest recall first)."""
+    from ..models.card import INTENDED_USE, LEAKAGE_CAVEAT, NOT_FOR, weaknesses
+
+    card = mod.get("card") or {}
+    data = card.get("training_data") or {}
+    counts = data.get("rows")
+    weak = weaknesses(clean or allm, mod["classes"]) if allm.get("n") else []
+    dec = mod.get("decision") or {}
+    rule = "plain argmax"
+    if dec.get("logit_bias") and any(dec["logit_bias"]):
+        rule = "logit bias " + ", ".join(f"{c} {b:+.2f}" for c, b in zip(mod["classes"], dec["logit_bias"],
+                                                                          strict=False) if b)
+    rule += " + left-right flip averaging" if dec.get("tta") else ""
+    parts = ["<h2>Model card</h2>",
+             f"<p><b>Intended use.</b> {e(card.get('intended_use', INTENDED_USE))}</p>",
+             "<p><b>Not for:</b></p><ul>" + "".join(f"<li>{e(x)}</li>" for x in card.get("not_for", NOT_FOR))
+             + "</ul>",
+             f"<p><b>Training data.</b> {e(data.get('name'))} version {e(data.get('version'))}"
+             + (f": rows {e(counts)}, exact duplicates dropped {e(data.get('exact_duplicates_dropped'))}, "
+                f"near-duplicate groups kept in one split {e(data.get('near_duplicate_groups'))}, "
+                f"label conflicts excluded {e(data.get('label_conflicts'))}" if counts else "")
+             + ".</p>",
+             f"<p><b>Decision rule.</b> {e(rule)}.</p>",
+             f"<p><b>Leakage.</b> {e(LEAKAGE_CAVEAT)}</p>",
+             "<p><b>Known weaknesses</b> (this evaluation"
+             + (", training duplicates removed" if clean else "") + ", weakest recall first):</p>",
+             table(["class", "recall", "precision"],
+                   [[w["class"], w["recall"], w["precision"]] for w in weak])]
+    return "\n".join(parts)
+
+
 def render(m: dict, figs: dict[str, bytes | None], model_config: dict) -> str:
     """The whole page from metrics.json's content plus the figures."""
     mod, data, counts = m["model"], m["data"], m["counts"]
@@ -99,7 +132,7 @@ def render(m: dict, figs: dict[str, bytes | None], model_config: dict) -> str:
              f"<p class='note'>on {e(data.get('kind'))} <code>{e(data.get('uri'))}</code>"
              + (f", split <b>{e(data['split'])}</b>" if data.get("split") else "")
              + f" &middot; data id <code>{e(m['data_id'])}</code> &middot; {e(m['created_at'])}</p>",
-             kpis(allm)]
+             kpis(allm), card_section(mod, allm, clean)]
 
     parts.append("<h2>Images</h2>")
     rej = counts["rejected_by_reason"]

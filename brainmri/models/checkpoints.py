@@ -111,6 +111,9 @@ def publish_model(out: Location, name: str, ckpt: dict, metrics: dict,
     dest = out / "models" / name / version
     (dest / MODEL_FILE).write_bytes(blob)
     meta = {k: v for k, v in state.items() if k not in ("model", "history")}
+    from .card import model_card
+
+    meta["card"] = model_card(state, metrics)  # what it is for and not for, data, weaknesses
     meta.update(format="brainmri.model/1", name=name, version=version, sha256=digest, stage=stage,
                 metrics=metrics, history=ckpt.get("history", []),
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

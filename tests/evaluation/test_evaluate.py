@@ -263,8 +263,15 @@ def test_report_on_the_dataset_test_split(trained, tmp_path):
     assert clean["n"] == n_test - leak["removed"]
     check_html(html)
     for section in ("Leakage check", "Calibration", "Abstention", "Grad-CAM", "Training history",
-                    "Most confident mistakes", m["data"]["version"]):
+                    "Most confident mistakes", m["data"]["version"], "Model card", "Not a diagnostic device",
+                    "Known weaknesses"):
         assert section in html
+    # the card travels in the model's metadata: the data it saw, its weakest classes first
+    card = m["model"]["card"]
+    train_rows = (open_location(trained["version"]) / "manifest.json").read_json()["rows"]
+    assert card["training_data"]["rows"] == train_rows and "refer" in " ".join(card["not_for"])
+    recalls = [w["recall"] for w in card["known_weaknesses"]]
+    assert recalls == sorted(recalls) and len(recalls) == 4
     assert not (open_location(trained["model"]) / "calibration.json").exists()  # evaluate saved none
 
 
