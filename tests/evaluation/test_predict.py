@@ -82,7 +82,7 @@ def test_csv_output_file_and_abstention(model, tmp_path):
     assert rc == 1  # the folder holds bad files
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert list(rows[0]) == ["path", "ok", "class", "confidence", *[f"prob_{c}" for c in CLASSES],
-                             "abstained", "advice", "error", "detail"]
+                             "abstained", "advice", "error", "detail", "frame"]
     ok = [r for r in rows if r["ok"] == "True"]
     assert len(ok) == model["good"]
     # every prediction is below 1.0: all flagged for a radiologist, none hidden
