@@ -68,7 +68,8 @@ def lake(tmp_path_factory):
         for j in range(3):  # one series of three single-frame files, each in another syntax
             rel = f"Training/{cls}/{EXPORT}/IM{j:04d}"
             g = _grey(cls, 40 + j)
-            uids = {"SeriesInstanceUID": f"1.2.826.0.1.3680043.8.498.7{k}", "SOPInstanceUID": f"1.2.3.{k}.{j}"}
+            uids = {"SeriesInstanceUID": f"1.2.826.0.1.3680043.8.498.7{k}",
+                    "SOPInstanceUID": f"1.2.3.{k}.{j}"}
             _write(src / rel, make_dicom([g], WINDOWED[(k + j) % 4], SYNTAXES[(k + j) % 6], uids=uids))
             made[rel], series[rel] = [g], f"{k}-a"
         rel = f"Training/{cls}/{EXPORT}/multiframe.dcm"  # a second series: one file, three frames
@@ -76,10 +77,11 @@ def lake(tmp_path_factory):
         _write(src / rel, make_dicom(frames, WINDOWED[k], RLELossless,
                                      uids={"SeriesInstanceUID": f"1.2.826.0.1.3680043.8.498.8{k}"}))
         made[rel], series[rel] = frames, f"{k}-b"
-    bad = {f"Training/glioma/{EXPORT}/bad/{name}": reason
-           for name, (data, reason) in bad_dicoms(_grey("glioma", 60)).items() if reason}
-    for rel, (data, _) in zip(bad, [v for v in bad_dicoms(_grey("glioma", 60)).values() if v[1]], strict=True):
-        _write(src / rel, data)
+    bad = {}  # path -> the reason it must be rejected with
+    for name, (data, reason) in bad_dicoms(_grey("glioma", 60)).items():
+        if reason:
+            bad[f"Training/glioma/{EXPORT}/bad/{name}"] = reason
+            _write(src / f"Training/glioma/{EXPORT}/bad/{name}", data)
     outside = f"{EXPORT}/IM0001"  # an export dropped outside the class folders
     _write(src / outside, make_dicom([_grey("notumor", 61)]))
     with pytest.MonkeyPatch.context() as mp:
