@@ -22,6 +22,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     MRImageStorage,
 )
 
@@ -173,6 +174,45 @@ def jpeg_in_dicom(jpeg: bytes, shape: tuple[int, int]) -> bytes:
     ds.PixelData = encapsulate([jpeg])
     ds["PixelData"].VR = "OB"
     return _encapsulated(ds, JPEGBaseline8Bit)
+
+
+def jpeg_lossless_sv1(a: np.ndarray, precision: int = 16) -> bytes:
+    """A JPEG lossless (process 14, first-order prediction: selection value 1) codestream of
+    a 2-D unsigned array, written here (ITU-T T.81 annex H) because no installed package
+    encodes it. One Huffman table gives every difference category (0..16) a 5-bit code."""
+    x = a.astype(np.int64)
+    pred = np.empty_like(x)
+    pred[0, 0] = 1 << (precision - 1)
+    pred[0, 1:] = x[0, :-1]  # first line: the sample to the left
+    pred[1:, 0] = x[:-1, 0]  # first column: the sample above
+    pred[1:, 1:] = x[1:, :-1]  # elsewhere: predictor 1, the left neighbour
+    d = (x - pred).ravel()
+    ssss = np.ceil(np.log2(np.abs(d) + 1)).astype(int)
+    extra = np.where(d >= 0, d, d + (1 << ssss) - 1)
+    bits = "".join(f"{c:05b}" + (f"{e:0{c}b}" if c else "") for c, e in zip(ssss.tolist(), extra.tolist(),
+                                                                               strict=True))
+    bits += "1" * (-len(bits) % 8)  # pad the last byte with ones
+    data = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")  # byte stuffing
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+    rows, cols = a.shape
+    sof = bytes([precision]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + bytes([1, 1, 0x11, 0])
+    dht = bytes([0x00]) + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
+    sos = bytes([1, 1, 0x00, 1, 0, 0])  # one component, table 0, Ss = predictor 1, Se = 0, Pt = 0
+    return (b"\xff\xd8" + segment(0xC3, sof) + segment(0xC4, dht) + segment(0xDA, sos) + data
+            + b"\xff\xd9")
+
+
+def jpeg_lossless_dicom(ds: Dataset) -> bytes:
+    """An uncompressed single-frame unsigned dataset re-encoded as JPEG Lossless SV1."""
+    ds = ds.copy()
+    dtype = np.uint16 if ds.BitsAllocated == 16 else np.uint8
+    a = np.frombuffer(ds.PixelData, dtype).reshape(ds.Rows, ds.Columns)
+    ds.PixelData = encapsulate([jpeg_lossless_sv1(a, ds.BitsStored)])
+    ds["PixelData"].VR = "OB"
+    return _encapsulated(ds, JPEGLosslessSV1)
 
 
 def _encapsulated(ds: Dataset, syntax) -> bytes:
