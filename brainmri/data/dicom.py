@@ -3,7 +3,7 @@
 What the pipeline keeps of a DICOM file is decided here, once:
 
 - pixels: modality rescale (slope/intercept, or the Modality LUT), then the VOI window
-  (centre/width, or the VOI LUT; without either a robust percentile window), MONOCHROME1
+  (centre/width, or the VOI LUT; without either, minimum to 99.9th percentile), MONOCHROME1
   inverted; colour (RGB, YBR, PALETTE COLOR) goes to grey by the same rule as a JPEG. Each
   frame is stored as a lossless 8-bit PNG: exactly what the model's preprocessing decodes
   (it works on uint8), so every reader of a dataset stays unchanged, and no DICOM header --
