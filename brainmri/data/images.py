@@ -1,8 +1,10 @@
 """Checking and decoding image files: one set of rules for ingest, evaluate and predict.
 
-`inspect_image` decides whether a file is a usable scan (and why not); `decode_grey`
-turns the stored original bytes into a uint8 greyscale array. Both work on bytes, so
-the same code serves local files, S3 objects and Parquet cells.
+`inspect_scans` decides what a file holds: one scan (JPEG, PNG, ...: the file itself) or,
+for DICOM (recognised by content, see dicom.py), one scan per frame, each an 8-bit PNG of
+the windowed slice; or why the file is refused. `inspect_image` checks one encoded image;
+`decode_grey` turns a stored image into a uint8 greyscale array. All work on bytes, so the
+same code serves local files, S3 objects and Parquet cells.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..config import ConfigError
+
 # Why a file was not accepted. The values are what reports and manifests carry.
 EMPTY = "empty_file"
 NOT_IMAGE = "not_an_image"
@@ -25,6 +29,13 @@ UNSUPPORTED_MODE = "unsupported_mode_or_bit_depth"
 TOO_SMALL = "too_small"
 TOO_LARGE = "too_large_or_decompression_bomb"
 UNREADABLE = "unreadable"
+# DICOM files (dicom.py); unusable bit depths and sizes use the reasons above
+DICOM_UNREADABLE = "dicom_unreadable"  # the DICM magic, but no dataset can be parsed
+DICOM_NO_PIXELS = "dicom_no_pixel_data"  # e.g. a DICOMDIR, a structured report
+DICOM_UNSUPPORTED_SYNTAX = "dicom_unsupported_transfer_syntax"  # not a transfer syntax pydicom knows
+DICOM_NO_DECODER = "dicom_compressed_without_decoder"  # known, but no installed decoder handles it
+DICOM_VIDEO = "dicom_encapsulated_video"  # MPEG-2, MPEG-4, HEVC
+DICOM_INCONSISTENT = "dicom_inconsistent_dimensions"  # header and pixel data disagree
 # Reasons found while walking a folder, before a file is opened.
 HIDDEN = "hidden_or_system_file"
 UNKNOWN_CLASS = "outside_known_class_folder"
@@ -46,6 +57,7 @@ class ImageLimits:
     min_side: int = 64
     max_pixels: int = 40_000_000  # 40 MP: far above any MRI slice, far below a bomb
     max_bytes: int = 64 * 1024 * 1024
+    max_voxels: int = 160_000_000  # all frames of one DICOM file: compressed volumes can be bombs too
 
 
 @dataclass
@@ -60,11 +72,26 @@ class ImageInfo:
     thumb: bytes  # 32x32 greyscale, to confirm near-duplicate candidates (see dedup.py)
 
 
+@dataclass
+class Scan:
+    """One image a file holds: the file itself, or one frame of a DICOM file."""
+
+    image: bytes  # what a dataset row stores: the original bytes, or the slice as PNG
+    info: ImageInfo  # of `image` (sha256, pHash, size); n_bytes and format describe the file
+    frame: int = 0
+    dicom: dict | None = None  # a DICOM slice's de-identified tags (dicom.TAGS, hashed UIDs)
+
+
+class SaltMissing(ConfigError):
+    """DICOM needs a secret salt (dicom.salt) and the environment has none."""
+
+
 class RejectedImage(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.dicom = False  # set when the file is DICOM by content
 
 
 def _phash(grey: Image.Image) -> int:
@@ -121,6 +148,34 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
         format=fmt,
         n_bytes=len(data),
     )
+
+
+def inspect_scans(data: bytes, limits: ImageLimits = ImageLimits(),
+                  salt: bytes | None = None) -> list[Scan]:
+    """What a file holds, fully checked: [one Scan] for an image, one per frame for DICOM
+    (their UIDs hashed under `salt`, or left out without one); else RejectedImage."""
+    from . import dicom
+
+    if data and dicom.maybe_dicom(data):
+        with dicom.quiet():
+            try:
+                if len(data) > limits.max_bytes and dicom.has_magic(data):
+                    raise RejectedImage(TOO_LARGE, f"{len(data)} bytes > {limits.max_bytes}")
+                ds = dicom.parse(data)
+                if ds is not None:
+                    return [_dicom_scan(s, len(data), limits, dicom)
+                            for s in dicom.read_slices(ds, limits, salt)]
+            except RejectedImage as e:
+                e.dicom = True  # its path is written as a pseudonym too (walk.pseudonym)
+                raise
+    return [Scan(data, inspect_image(data, limits))]
+
+
+def _dicom_scan(s, n_bytes: int, limits: ImageLimits, dicom) -> Scan:
+    png = dicom.encode_slice(s.pixels)
+    info = inspect_image(png, limits)
+    info.format, info.n_bytes = "DICOM", n_bytes
+    return Scan(png, info, s.frame, s.tags)
 
 
 def to_grey_u8(img: Image.Image) -> Image.Image:

@@ -1,17 +1,23 @@
 """`brainmri ingest SOURCE DEST`: a Kaggle-layout image folder -> an immutable dataset version.
 
     DEST/datasets/<name>/<version>/
-        train/part-00000.parquet ...   one row per image, original encoded bytes
+        train/part-00000.parquet ...   one row per image (original encoded bytes) or DICOM slice (PNG)
         val/...  test/...
         inventory.csv                  every file under SOURCE: accepted / duplicate / rejected
         rejects.csv                    the rejected ones with their reason
         manifest.json                  written last: a version without it is incomplete
 
 Three passes, none holding all images in memory: (1) walk and inspect every file in
-parallel processes (hashes, size, mode, full decode); (2) group exact and near duplicates
-(identical bytes under two classes are rejected) and split by group, stratified by class;
-(3) re-read accepted files and stream them into Parquet shards, each spooled to a nameless
-local temp file, checksummed, then copied into place.
+parallel processes (hashes, size, mode, full decode; a DICOM file becomes one record per
+frame, its slices spooled as PNG to a nameless local temp file); (2) group exact and near
+duplicates and the slices of one DICOM series (identical bytes under two classes are
+rejected) and split by group, stratified by class; (3) re-read accepted files (or the
+spooled slices) and stream them into Parquet shards, each spooled to a nameless local temp
+file, checksummed, then copied into place.
+
+DICOM paths are written as pseudonyms (walk.pseudonym) and DICOM rows keep only
+de-identified tags (dicom.py); both need the secret salt from the environment
+(dicom.SALT_ENV), which is never written.
 
 Two ingests of the same content into one DEST may run at once: both write the same names
 with the same bytes, each through temp files of its own, and the first to finish publishes
@@ -42,13 +48,14 @@ from tqdm import tqdm
 
 from ..config import ConfigError, IngestConfig, to_dict
 from ..core.storage import Location, check_name, open_location
+from . import dicom
 from . import images as im
 from .datasets import MANIFEST, SPLITS, dataset_root
 from .dedup import UnionFind, near_duplicate_pairs
-from .walk import FileRecord, walk_source
+from .walk import FileRecord, pseudonym, walk_source
 
 SCHEMA = pa.schema([
-    ("image", pa.binary()),  # the original encoded file, byte for byte
+    ("image", pa.binary()),  # the original encoded file, byte for byte; a DICOM slice as PNG
     ("label", pa.int16()),
     ("class_name", pa.string()),
     ("sha256", pa.string()),
@@ -60,6 +67,8 @@ SCHEMA = pa.schema([
     ("path", pa.string()),  # relative to SOURCE
     ("source_split", pa.string()),  # Training / Testing / "" (no split folder)
     ("group", pa.string()),  # duplicate group id: a group never straddles splits
+    ("frame", pa.int32()),  # a DICOM slice's frame index in its file; 0 for other images
+    ("dicom", dicom.ARROW_TYPE),  # a DICOM slice's de-identified tags; null for other images
 ])
 
 TMP_PREFIX = ".tmp-"  # a file being written (Location.write_bytes uses the same prefix)
@@ -78,23 +87,74 @@ class IngestResult:
 
 
 # -- pass 1: walk and inspect ----------------------------------------------------------------
-def _inspect_file(args) -> tuple[int, im.ImageInfo | None, str, str]:
-    i, full, limits = args
+class SliceSpool:
+    """Where DICOM slices' PNGs wait between pass 1 and pass 3: a nameless local temp file
+    (like the shard spool, the OS reclaims it even on SIGKILL), made at the first slice."""
+
+    def __init__(self):
+        self.file = None
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="brainmri-slices-")
+        self.file.seek(0, os.SEEK_END)
+        return self.file.tell(), self.file.write(data)
+
+    def get(self, offset: int, length: int) -> bytes:
+        self.file.seek(offset)
+        return self.file.read(length)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class Inspected:
+    """What pass 1 learnt of one file: its scans, or why it was rejected."""
+
+    scans: list[im.Scan] | None = None  # images without their bytes (re-read in pass 3)
+    reason: str = ""
+    detail: str = ""
+    dicom: bool = False  # DICOM by content: its path is written as a pseudonym
+    spooled: list[tuple[int, int]] = field(default_factory=list)  # each slice's (offset, length)
+
+
+def _inspect_file(args) -> tuple[int, Inspected]:
+    i, full, limits, salt = args
     try:
         with open(full, "rb") as f:
             data = f.read(limits.max_bytes + 1)
     except OSError as e:
-        return i, None, im.UNREADABLE, e.strerror or str(e)
+        return i, Inspected(reason=im.UNREADABLE, detail=e.strerror or str(e))
     try:
-        return i, im.inspect_image(data, limits), "", ""
+        scans = im.inspect_scans(data, limits, salt)
     except im.RejectedImage as e:
-        return i, None, e.reason, e.detail[:300]
+        return i, Inspected(reason=e.reason, detail=e.detail[:300], dicom=e.dicom)
+    if scans[0].dicom is None:
+        scans[0].image = b""  # the parent needs the hashes, not the bytes
+    return i, Inspected(scans, dicom=scans[0].dicom is not None)
 
 
-def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig) -> None:
+def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig,
+                salt: bytes | None = None, spool: SliceSpool | None = None) -> list[FileRecord]:
+    """Inspect every pending record; returns the records with each DICOM file replaced by
+    one record per slice (its PNG put in `spool`) and DICOM paths
+    made pseudonyms. A DICOM file without `salt` stops the ingest (SaltMissing)."""
     limits = im.ImageLimits(min_side=cfg.min_side, max_pixels=cfg.max_pixels)
-    todo = [(i, os.path.join(root, r.path), limits)
+    todo = [(i, os.path.join(root, r.path), limits, salt)
             for i, r in enumerate(records) if r.status == "pending"]
+    found: dict[int, Inspected] = {}
+
+    def take(i, res):
+        if res.dicom and salt is None:
+            dicom.salt()  # raises SaltMissing, with the one line that says what to set
+        found[i] = res
+        _keep(records[i], res, spool)
+
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=None)
     # fork, not spawn: spawn re-runs the caller's unguarded __main__ in every child. The
@@ -102,8 +162,8 @@ def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig) -> None
     if workers > 1 and len(todo) > 64:
         with get_context("fork").Pool(workers) as pool:
             results = pool.imap_unordered(_inspect_file, todo, chunksize=32)
-            for i, info, reason, detail in results:
-                _set(records[i], info, reason, detail)
+            for i, res in results:
+                take(i, res)
                 bar.update()
             # Let the workers exit on their own: the context manager's terminate() sends
             # SIGTERM, which children forked from a Ray driver answer with a stack dump.
@@ -111,16 +171,51 @@ def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig) -> None
             pool.join()
     else:
         for t in todo:
-            _set(records[t[0]], *_inspect_file(t)[1:])
+            take(*_inspect_file(t))
             bar.update()
     bar.close()
+    outside = _outside_dicom(root, records)
+    if outside and salt is None:
+        dicom.salt()
+    return _expand(records, found, cfg.classes, salt, outside)
 
 
-def _set(rec: FileRecord, info, reason, detail) -> None:
-    if info is None:
-        rec.status, rec.reason, rec.detail = "rejected", reason, detail
-    else:
-        rec.info = info
+def _keep(rec: FileRecord, res: Inspected, spool) -> None:
+    """Rejection, or the file's scans (a DICOM slice's PNG to the spool, not to memory)."""
+    if res.scans is None:
+        rec.status, rec.reason, rec.detail = "rejected", res.reason, res.detail
+        return
+    for s in res.scans:
+        if s.dicom is not None:
+            res.spooled.append(spool.put(s.image))
+            s.image = b""
+    rec.info = res.scans[0].info
+
+
+def _outside_dicom(root: str, records: list[FileRecord]) -> set[int]:
+    """Files outside the class folders are never decoded, but a hospital export dropped
+    there carries patient names in its paths: those with the DICM magic, by index."""
+    return {i for i, r in enumerate(records)
+            if r.reason == im.UNKNOWN_CLASS and dicom.file_has_magic(os.path.join(root, r.path))}
+
+
+def _expand(records: list[FileRecord], found: dict[int, Inspected], classes: list[str],
+            salt: bytes | None, outside: set[int]) -> list[FileRecord]:
+    """One record per DICOM slice; every DICOM path (accepted, rejected, or outside the
+    class folders) replaced by its pseudonym."""
+    out: list[FileRecord] = []
+    for i, r in enumerate(records):
+        res = found.get(i)
+        if res is not None and res.dicom and res.scans:
+            out += [FileRecord(path=pseudonym(r.path, classes, salt, s.frame), status=r.status,
+                               label=r.label, source_split=r.source_split, info=s.info,
+                               source=r.path, frame=s.frame, scan=s, spool=at)
+                    for s, at in zip(res.scans, res.spooled, strict=True)]
+            continue
+        if i in outside or (res is not None and res.dicom):
+            r.source, r.path = r.path, pseudonym(r.path, classes, salt)
+        out.append(r)
+    return out
 
 
 # -- pass 2: duplicates, groups, split -------------------------------------------------------
@@ -190,6 +285,7 @@ def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
     near_pairs = near_duplicate_pairs(phash, thumbs, cfg.phash_distance, cfg.near_dup_similarity)
     for a, b in near_pairs:
         uf.union(a, b)
+    _union_series(kept, uf)
     groups: dict[int, list[FileRecord]] = defaultdict(list)
     for i, r in enumerate(kept):
         groups[uf.find(i)].append(r)
@@ -202,6 +298,16 @@ def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
         group_list.append((gid, members))
     group_list.sort(key=lambda g: g[0])
     return group_list, near_pairs
+
+
+def _union_series(kept: list[FileRecord], uf: UnionFind) -> None:
+    """The slices of one DICOM series (by its hashed UID) form one group: neighbouring slices
+    of a patient in two splits would leak."""
+    first: dict[str, int] = {}
+    for i, r in enumerate(kept):
+        series = r.scan.dicom.get("series") if r.scan is not None and r.scan.dicom else None
+        if series:
+            uf.union(first.setdefault(series, i), i)
 
 
 def _near_label_conflicts(group_list, classes: list[str]) -> list[dict]:
@@ -273,8 +379,22 @@ def _version_id(records: list[FileRecord], cfg: IngestConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def _read_row(root: str, r: FileRecord, spool) -> bytes:
+    """A row's image: the file again, or a DICOM slice's PNG from the spool; checked
+    against pass 1's sha256."""
+    if r.spool is not None:
+        data = spool.get(*r.spool)
+    else:
+        with open(os.path.join(root, r.path), "rb") as f:
+            data = f.read()
+    if hashlib.sha256(data).hexdigest() != r.info.sha256:
+        what = "the spooled slices" if r.spool is not None else r.path
+        raise RuntimeError(f"{what} changed while being ingested; run ingest again")
+    return data
+
+
 def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
-                  cfg: IngestConfig, seed: int, bar) -> list[dict]:
+                  cfg: IngestConfig, seed: int, bar, spool=None) -> list[dict]:
     """Stream one split into shards of ~cfg.shard_mb, rows shuffled so every shard mixes classes."""
     order = np.random.default_rng(seed).permutation(len(rows))
     shards, writer, tmp, batch, batch_bytes = [], None, None, [], 0
@@ -302,10 +422,7 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
 
     for k in order:
         r = rows[k]
-        with open(os.path.join(root, r.path), "rb") as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != r.info.sha256:
-            raise RuntimeError(f"{r.path} changed while being ingested; run ingest again")
+        data = _read_row(root, r, spool)
         if writer is None:
             # Nameless (O_TMPFILE, or unlinked at once): the OS reclaims it even on SIGKILL.
             tmp = tempfile.TemporaryFile(prefix="brainmri-spool-", suffix=".parquet")
@@ -315,7 +432,8 @@ def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
         batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
                           sha256=i.sha256, phash=i.phash, height=i.height, width=i.width,
                           mode=i.mode, format=i.format, path=r.path,
-                          source_split=r.source_split, group=r.group))
+                          source_split=r.source_split, group=r.group, frame=r.frame,
+                          dicom=r.scan.dicom if r.scan is not None else None))
         batch_bytes += len(data)
         if len(batch) >= cfg.row_group_rows:
             flush_batch()
@@ -385,8 +503,14 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
 
     root = os.path.realpath(source)
     frozen = frozen_test_hashes(cfg.frozen_test) if cfg.frozen_test else frozenset()
-    records = walk_source(root, cfg.classes)
-    inspect_all(root, records, cfg)
+    with SliceSpool() as spool:
+        return _ingest(source, root, store, cfg, frozen, spool, t0)
+
+
+def _ingest(source: str, root: str, store: Location, cfg: IngestConfig, frozen: frozenset[str],
+            spool, t0: float) -> IngestResult:
+    salt = dicom.salt() if os.environ.get(dicom.SALT_ENV) else None  # a bad one fails here
+    records = inspect_all(root, walk_source(root, cfg.classes), cfg, salt, spool)
     grouping = group_and_split(records, cfg, frozen)
     version = _version_id(records, cfg)
     out = dataset_root(store, cfg.name) / version
@@ -403,10 +527,10 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
     bar = tqdm(total=len(accepted), desc="write", unit="img", disable=None)
     for i, split in enumerate(SPLITS):
         rows = [r for r in accepted if r.split == split]
-        shards += _write_shards(root, rows, split, out, cfg, cfg.seed + i, bar)
+        shards += _write_shards(root, rows, split, out, cfg, cfg.seed + i, bar, spool)
     bar.close()
 
-    manifest = build_manifest(version, source, records, grouping, shards, cfg)
+    manifest = build_manifest(version, source, records, grouping, shards, cfg, salt)
     # A concurrent ingest may have published the same version first. (Two that pass this
     # check together both write a manifest: the same shards, only the timestamps differ.)
     if (out / MANIFEST).exists():
@@ -441,6 +565,14 @@ def _tidy(out: Location, shards: list[dict]) -> None:
             pass
 
 
+def _pydicom_version(records: list[FileRecord]) -> dict:
+    if not any(r.source for r in records):
+        return {}
+    import pydicom
+
+    return {"pydicom": pydicom.__version__}
+
+
 class UnusableSourceError(ConfigError):
     """A SOURCE that would give a dataset version with no training rows: nothing is published
     (no manifest.json); the inventory says why. One sentence for the user."""
@@ -473,7 +605,24 @@ def _refuse_unusable(source: str, records: list[FileRecord], accepted: list[File
         f"and {(out / 'rejects.csv').uri}")
 
 
-def build_manifest(version, source, records, grouping, shards, cfg) -> dict:
+def _dicom_summary(records: list[FileRecord], salt: bytes | None) -> dict | None:
+    """Counts only: no tag values, no paths. salt_id tells whether two versions' series
+    hashes are comparable (the same salt) without revealing the salt."""
+    slices = [r for r in records if r.scan is not None and r.scan.dicom]
+    rejected = [r for r in records if r.source and r.scan is None]
+    if not slices and not rejected:
+        return None
+    accepted = [r for r in slices if r.status == "accepted"]
+    return {"files": len({r.source for r in slices}) + len(rejected), "slices": len(slices),
+            "slices_accepted": len(accepted),
+            "series": len({r.scan.dicom["series"] for r in accepted if r.scan.dicom["series"]}),
+            "transfer_syntaxes": dict(sorted(Counter(
+                r.scan.dicom["transfer_syntax"] for r in slices).items())),
+            "windows": dict(sorted(Counter(r.scan.dicom["window"] for r in slices).items())),
+            "salt_id": dicom.salt_id(salt) if salt else None, "salt_env": dicom.SALT_ENV}
+
+
+def build_manifest(version, source, records, grouping, shards, cfg, salt: bytes | None = None) -> dict:
     import imagehash
     import PIL
 
@@ -513,9 +662,10 @@ def build_manifest(version, source, records, grouping, shards, cfg) -> dict:
             "near": [sorted(x.path for x in m) for _, m in multi],
         },
         "label_conflicts": grouping["label_conflicts"],
+        "dicom": _dicom_summary(records, salt),
         "shards": shards,
         "ingest": to_dict(cfg),
         "versions": {"python": platform.python_version(), "pyarrow": pa.__version__,
                      "numpy": np.__version__, "pillow": PIL.__version__,
-                     "imagehash": imagehash.__version__},
+                     "imagehash": imagehash.__version__, **_pydicom_version(records)},
     }

@@ -6,18 +6,22 @@ object keys) and prediction (folder expansion), so all of them skip and reject t
 - `place`: a SOURCE-relative path -> (source split, label, reject reason, detail), by the
   Kaggle layout alone ([Training|Testing/]<class>/<file>).
 - `walk_source`: every entry under a local folder as a `FileRecord`, placed, with symlinks
-  and special files rejected; image checks (images.inspect_image) come later.
+  and special files rejected; image checks (images.inspect_scans) come later.
+- `pseudonym`: what a DICOM file's path becomes wherever it is written (see its docstring).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 
 from . import images as im
 
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx", "ehthumbs.db", "icon\r"}
 SPLIT_DIRS = {"training": "Training", "testing": "Testing"}
+# names a hospital export gives DICOM files; decides for files that are never opened
+DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".ima"}
 
 
 @dataclass
@@ -32,6 +36,16 @@ class FileRecord:
     duplicate_of: str = ""
     group: str = ""
     split: str = ""
+    # A DICOM slice: `path` is its pseudonym, `source` the real SOURCE-relative path (read
+    # from, never written), `frame` its index in the file, `scan` its image and tags.
+    source: str = ""
+    frame: int = 0
+    scan: im.Scan | None = None
+    spool: tuple[int, int] | None = None  # ingest: (offset, length) of its PNG in the spool file
+
+    @property
+    def source_path(self) -> str:
+        return self.source or self.path
 
 
 def is_hidden(parts: list[str]) -> bool:
@@ -53,6 +67,29 @@ def place(rel: str, classes: list[str]) -> tuple[str, int, str, str]:
     if len(parts) < 2 or parts[0].lower() not in class_of:
         return split, -1, im.UNKNOWN_CLASS, f"expected <class>/{parts[-1]} with class in {classes}"
     return split, class_of[parts[0].lower()], "", ""
+
+
+def looks_like_dicom_name(rel: str) -> bool:
+    """By name alone (for files not opened): .dcm, .dicom, .ima or no suffix at all."""
+    return posixpath.splitext(rel.rsplit("/", 1)[-1])[1].lower() in DICOM_SUFFIXES
+
+
+def pseudonym(rel: str, classes: list[str], salt: bytes, frame: int | None = None) -> str:
+    """A DICOM file's path as written anywhere (rows, inventory, manifest, reports):
+    hospital exports name folders and files after patients, studies and dates, so only the
+    split and class folders stay (they are ours, and say where the file belongs), then
+    `dicom-` + a keyed hash of the whole path (the salt's owner can map it back by hashing
+    the source's paths), then `#<frame>` for a slice.
+    E.g. Training/glioma/DOE^JANE/20190312/IM0001 -> Training/glioma/dicom-3f9c...#0"""
+    from .dicom import keyed
+
+    parts = rel.split("/")
+    keep = parts[:1] if parts[0].lower() in SPLIT_DIRS else []
+    rest = parts[len(keep):]
+    if len(rest) > 1 and rest[0].lower() in {c.lower() for c in classes}:
+        keep.append(rest[0])
+    name = "/".join(keep + [f"dicom-{keyed(salt, 'path', rel)}"])
+    return name if frame is None else f"{name}#{frame}"
 
 
 def safe_name(name: str) -> str:

@@ -47,7 +47,7 @@ from .inference import (
 from .sources import Source, open_source, to_ray_dataset
 
 COMPLETE = "complete.json"
-OUTPUT_COLUMNS = ("path", "label", "sha256", "phash", "reason", "detail", "logits")
+OUTPUT_COLUMNS = ("path", "label", "sha256", "phash", "reason", "detail", "logits", "dicom", "frame")
 
 
 @dataclass
@@ -61,6 +61,8 @@ class Outputs:
     reason: np.ndarray
     detail: np.ndarray
     logits: np.ndarray
+    dicom: np.ndarray  # a DICOM file's row: its path was made a pseudonym (Source.pseudonymise)
+    frame: np.ndarray
 
     def select(self, mask: np.ndarray) -> "Outputs":
         return Outputs(*(getattr(self, c)[mask] for c in OUTPUT_COLUMNS))
@@ -86,6 +88,7 @@ def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concur
         for c in OUTPUT_COLUMNS:
             cols[c].append(b[c])
     arr = {c: np.concatenate(v) for c, v in cols.items()}
+    arr["path"] = src.pseudonymise(arr["path"], arr["dicom"], arr["frame"])  # before any write
     order = np.argsort(arr["path"].astype(str), kind="stable")  # stable report order
     return Outputs(*(np.asarray(arr[c])[order] for c in OUTPUT_COLUMNS))
 

@@ -142,8 +142,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 # They live here, not in evaluate.py, because a Ray worker imports the module of whatever it
 # runs: this one needs torch and PIL only, not matplotlib, scikit-learn or the report code.
 def _empty(n: int, size: int) -> dict:
+    # dicom: the row's path is a DICOM file's (frame: its slice, -1 for a rejected file),
+    # which the driver turns into a pseudonym before anything is written (Source.pseudonymise)
     return {"x": np.zeros((n, size, size), np.uint8), "reason": np.full(n, "", dtype=object),
-            "detail": np.full(n, "", dtype=object)}
+            "detail": np.full(n, "", dtype=object), "dicom": np.zeros(n, dtype=bool),
+            "frame": np.full(n, -1, dtype=np.int32)}
 
 
 def prepare_dataset_batch(batch: dict, size: int) -> dict:
@@ -171,26 +174,36 @@ def read_limited(loc: Location, limits: ImageLimits) -> bytes:
 
 
 def load_folder_batch(batch: dict, root_uri: str, size: int, limits: ImageLimits) -> dict:
-    """Read, validate (ingest's rules) and preprocess files of an image folder."""
+    """Read, validate (ingest's rules) and preprocess files of an image folder: one row per
+    image, one per slice of a DICOM file, one per rejected file."""
+    rows = [row for rel, label in zip(batch["path"], batch["label"], strict=True)
+            for row in _folder_rows(_root(root_uri), str(rel), int(label), size, limits)]
+    out = _empty(len(rows), size)
+    out.update(path=np.asarray([r["path"] for r in rows], dtype=object),
+               label=np.asarray([r["label"] for r in rows], dtype=np.int64),
+               sha256=np.asarray([r.get("sha256", "") for r in rows], dtype=object),
+               phash=np.asarray([r.get("phash", 0) for r in rows], dtype=np.int64))
+    for i, r in enumerate(rows):
+        out["reason"][i], out["detail"][i], out["dicom"][i] = r["reason"], r["detail"], r["dicom"]
+        out["frame"][i] = r.get("frame", -1)
+        if "x" in r:
+            out["x"][i] = r["x"]
+    return out
+
+
+def _folder_rows(root: Location, rel: str, label: int, size: int, limits: ImageLimits) -> list[dict]:
     from ..data import images as im  # here: dataset rows arrive hashed, only folders need it
 
-    n = len(batch["path"])
-    out = _empty(n, size)
-    out.update(path=np.asarray(batch["path"], dtype=object),
-               label=np.asarray(batch["label"], dtype=np.int64),
-               sha256=np.full(n, "", dtype=object), phash=np.zeros(n, np.int64))
-    root = _root(root_uri)
-    for i, rel in enumerate(out["path"]):
-        try:
-            data = read_limited(root / rel, limits)
-            info = im.inspect_image(data, limits)
-            out["x"][i] = preprocess(data, size)
-            out["sha256"][i], out["phash"][i] = info.sha256, info.phash
-        except im.RejectedImage as e:
-            out["reason"][i], out["detail"][i] = e.reason, e.detail[:300]
-        except OSError as e:
-            out["reason"][i], out["detail"][i] = im.UNREADABLE, (e.strerror or str(e))[:300]
-    return out
+    base = {"path": rel, "label": label, "reason": "", "detail": "", "dicom": False}
+    try:
+        scans = im.inspect_scans(read_limited(root / rel, limits), limits)
+    except im.RejectedImage as e:
+        return [{**base, "reason": e.reason, "detail": e.detail[:300], "dicom": e.dicom}]
+    except OSError as e:
+        return [{**base, "reason": im.UNREADABLE, "detail": (e.strerror or str(e))[:300]}]
+    return [{**base, "frame": s.frame if s.dicom is not None else -1,
+             "dicom": s.dicom is not None, "x": preprocess(s.image, size),
+             "sha256": s.info.sha256, "phash": s.info.phash} for s in scans]
 
 
 def actor_resources(gpu: bool) -> dict:

@@ -40,6 +40,7 @@ class Row:
     advice: str = ""
     error: str = ""  # a rejection reason from images.py, or not_found / invalid_uri
     detail: str = ""
+    frame: int | None = None  # a DICOM slice: its frame index (a file gives one row per frame)
 
 
 def expand(paths: list[str]) -> list[tuple[str, object]]:
@@ -79,17 +80,18 @@ class Predictor:
         self.limits = default_limits()
 
     def predict(self, items: list[tuple[str, bytes]]) -> list[Row]:
+        """One row per image, per DICOM slice, or per rejected file, in input order."""
         rows, good, blobs = [], [], []
         for path, data in items:
-            row = Row(path)
-            rows.append(row)
             try:
-                im.inspect_image(data, self.limits)  # ingest's rules, before the decoder sees it
+                scans = im.inspect_scans(data, self.limits)  # ingest's rules, before the decoder
             except im.RejectedImage as e:
-                row.error, row.detail = e.reason, e.detail[:300]
+                rows.append(Row(path, error=e.reason, detail=e.detail[:300]))
                 continue
-            good.append(row)
-            blobs.append(data)
+            for s in scans:
+                rows.append(Row(path, frame=s.frame if s.dicom is not None else None))
+                good.append(rows[-1])
+                blobs.append(s.image)
         if good:
             x = preprocess_many(blobs, self.ref.image_size)
             probs = softmax(forward_logits(self.model, x, self.device), self.temperature)
@@ -131,6 +133,8 @@ def row_fields(row: Row) -> dict:
     """What a prediction says, as plain values: one JSON line here, one HTTP answer in
     brainmri.serving."""
     d = {"path": row.path, "ok": row.ok}
+    if row.frame is not None:
+        d["frame"] = row.frame
     if row.ok:
         d.update({"class": row.label, "confidence": row.confidence,
                   "probabilities": row.probabilities, "abstained": row.abstained,
@@ -146,13 +150,14 @@ def to_json(row: Row) -> str:
 
 def csv_header(classes: list[str]) -> list[str]:
     return ["path", "ok", "class", "confidence", *[f"prob_{c}" for c in classes], "abstained",
-            "advice", "error", "detail"]
+            "advice", "error", "detail", "frame"]
 
 
 def csv_row(row: Row, classes: list[str]) -> list:
     probs = [row.probabilities.get(c, "") for c in classes]
     return [row.path, row.ok, row.label, "" if row.confidence is None else row.confidence, *probs,
-            row.abstained if row.ok else "", row.advice, row.error, row.detail]
+            row.abstained if row.ok else "", row.advice, row.error, row.detail,
+            "" if row.frame is None else row.frame]
 
 
 def run(paths: list[str], model: str, fmt: str = "jsonl", output: str | None = None,

@@ -16,11 +16,14 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..config import IngestConfig
 from ..core.storage import Location, StorageError, open_location
+from ..data import dicom
 from ..data import images as im
 from ..data.datasets import MANIFEST, SPLITS, manifest_hash, split_files, verify_shards
-from ..data.walk import place, walk_source
+from ..data.walk import place, pseudonym, walk_source
 from .inference import load_folder_batch, prepare_dataset_batch
 
 DATASET_COLUMNS = ["image", "label", "path", "sha256", "phash"]
@@ -43,11 +46,31 @@ class Source:
     shard_paths: list[str] = field(default_factory=list)  # dataset: Parquet files of the split
     split: str = ""
     dataset_uri: str = ""
+    classes: list[str] = field(default_factory=list)
+    # folder: a DICOM pseudonym -> (real relative path, frame); kept in memory, never written
+    real: dict[str, tuple[str, int]] = field(default_factory=dict)
+    salt: bytes = b""
+
+    def pseudonymise(self, paths: np.ndarray, is_dicom: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """Folder rows of DICOM files get their pseudonym (walk.pseudonym) before anything is
+        written; dataset rows have theirs from ingest. Salt: dicom.salt_or_random."""
+        out = np.asarray(paths, dtype=object).copy()
+        for i in np.flatnonzero(np.asarray(is_dicom, dtype=bool)):
+            frame = int(frames[i]) if frames[i] >= 0 else None
+            out[i] = pseudonym(str(paths[i]), self.classes, self._salt(), frame)
+            self.real[out[i]] = (str(paths[i]), frame if frame is not None else 0)
+        return out
+
+    def _salt(self) -> bytes:
+        if not self.salt:
+            self.salt = dicom.salt_or_random()
+        return self.salt
 
     def read_bytes(self, paths: list[str]) -> dict[str, bytes]:
-        """Original bytes of a few images (for galleries), by their report path."""
+        """The stored image of a few rows (for galleries), by their report path: the
+        original bytes, or a DICOM slice's PNG."""
         if self.kind == "folder":
-            return {p: (self.location / p).read_bytes() for p in paths}
+            return {p: self._folder_image(p) for p in paths}
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -58,6 +81,13 @@ class Source:
             t = t.filter(pc.is_in(t.column("path"), value_set=want))
             out.update(zip(t.column("path").to_pylist(), t.column("image").to_pylist()))
         return out
+
+
+    def _folder_image(self, p: str) -> bytes:
+        if p not in self.real:
+            return (self.location / p).read_bytes()
+        rel, frame = self.real[p]
+        return im.inspect_scans((self.location / rel).read_bytes(), default_limits())[frame].image
 
 
 # -- opening ------------------------------------------------------------------------------------
@@ -98,23 +128,30 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
 
 
 def _folder_source(loc: Location, classes: list[str]) -> Source:
+    src = Source("folder", loc, "", {}, classes=list(classes))
     if loc.is_s3:
         files, rejects = _classify_keys([l.path[len(loc.path) + 1:] for l in loc.files()], classes)
+        seen = [p for p, _ in files] + [p for p, _, _ in rejects]
     else:
-        files, rejects = [], []
+        files, rejects, seen = [], [], []
         for r in walk_source(loc.path, classes):
+            seen.append(r.path)
             if r.status == "rejected":
-                rejects.append((r.path, r.reason, r.detail))
+                # never decoded, but a DICOM export's path names patients: as ingest does
+                path = (src.pseudonymise([r.path], [True], [-1])[0] if r.reason == im.UNKNOWN_CLASS
+                        and dicom.file_has_magic(os.path.join(loc.path, r.path)) else r.path)
+                rejects.append((path, r.reason, r.detail))
             else:
                 files.append((r.path, r.label))
     if not files:  # e.g. a lake root given by mistake: say so rather than report on nothing
         raise StorageError(f"no files in class folders ({', '.join(classes)}) under {loc.uri}; "
                            "for a dataset give its version folder or STORE/datasets/<name>")
-    listing = "\n".join(sorted([p for p, _ in files] + [p for p, _, _ in rejects]))
+    listing = "\n".join(sorted(seen))  # the real paths: a report's folder does not change with the salt
     digest = hashlib.sha256(f"{loc.uri}\n{listing}".encode()).hexdigest()[:12]
     describe = {"kind": "image folder", "uri": loc.uri, "files": len(files) + len(rejects),
                 "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
-    return Source("folder", loc, f"folder-{digest}", describe, files=files, walk_rejects=rejects)
+    src.data_id, src.describe, src.files, src.walk_rejects = f"folder-{digest}", describe, files, rejects
+    return src
 
 
 def _classify_keys(keys: list[str], classes: list[str]):

@@ -72,13 +72,13 @@ def test_limits_are_honoured():
 
 def test_unreadable_file_and_oversized_read(tmp_path):
     limits = im.ImageLimits()
-    i, info, reason, detail = _inspect_file((7, str(tmp_path / "gone.jpg"), limits))
-    assert (i, info, reason) == (7, None, im.UNREADABLE) and detail
+    i, res = _inspect_file((7, str(tmp_path / "gone.jpg"), limits, None))
+    assert (i, res.scans, res.reason) == (7, None, im.UNREADABLE) and res.detail
     big = tmp_path / "big.jpg"
     big.write_bytes(synth_jpeg(3))
     small_limit = im.ImageLimits(max_bytes=100)
-    _, info, reason, _ = _inspect_file((0, str(big), small_limit))
-    assert info is None and reason == im.TOO_LARGE
+    _, res = _inspect_file((0, str(big), small_limit, None))
+    assert res.scans is None and res.reason == im.TOO_LARGE
 
 
 # -- accepted files --------------------------------------------------------------------------

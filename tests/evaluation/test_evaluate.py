@@ -313,3 +313,35 @@ def test_report_on_an_s3_folder_written_to_s3(trained, s3_bucket, tmp_path):
     assert m["selective"]["chosen"]["threshold"] == 0.9
     assert sum(table.column("abstained").to_pylist()) == m["selective"]["chosen"]["referred"]
     check_html(html)
+
+
+def test_report_on_a_dicom_folder_keeps_no_patient_data(trained, tmp_path, monkeypatch):
+    """A folder of DICOM in patient-named folders: a row per slice, bad files counted, and
+    no planted patient data in any file of the report (predictions, rejects, metrics, HTML,
+    figures); the salt's pseudonyms map back to the files."""
+    from PIL import Image
+
+    from brainmri.data.images import decode_grey
+    from brainmri.data.walk import pseudonym
+
+    from support.data import SHARED_DATA
+    from support.dicom import bad_dicoms, make_dicom, phi_values
+
+    monkeypatch.setenv("BRAINMRI_DICOM_SALT", "evaluate-test-salt-91c2")
+    folder, export = tmp_path / "folder", "QUIXOTEFAKE^Dulcinea_PID-77310593"
+    for c in CLASSES4:
+        scans = sorted((SHARED_DATA / "Training" / c).iterdir())[400:402]
+        gs = [np.asarray(Image.fromarray(decode_grey(f.read_bytes())).resize((128, 128))) for f in scans]
+        (folder / c / export).mkdir(parents=True)
+        (folder / c / export / "IM0001").write_bytes(make_dicom(gs, "mono1_12bit_window"))
+    (folder / CLASSES4[0] / export / "video.dcm").write_bytes(bad_dicoms(gs[0])["video.dcm"][0])
+    res = evaluate(trained["model"], str(folder), str(tmp_path / "out"))
+    m, html, table = read_report(res.report_uri)
+    assert m["counts"]["evaluated"] == table.num_rows == 8
+    assert m["counts"]["rejected_by_reason"] == {"dicom_encapsulated_video": 1}
+    salt = b"evaluate-test-salt-91c2"
+    assert sorted(table.column("path").to_pylist()) == sorted(
+        pseudonym(f"{c}/{export}/IM0001", list(CLASSES4), salt, k) for c in CLASSES4 for k in (0, 1))
+    for f in open_location(res.report_uri).files():
+        text = f.read_bytes().decode("latin-1")
+        assert not any(v in text for v in phi_values()), f.uri

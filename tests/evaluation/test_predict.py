@@ -14,9 +14,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless
 
 from brainmri.cli import main
 from brainmri.core.storage import open_location
+from brainmri.data.images import decode_grey
 from brainmri.data.transforms import preprocess, to_model_input
 from brainmri.evaluation.calibration import load_calibration
 from brainmri.evaluation.inference import REFER, open_model, softmax
@@ -24,6 +27,7 @@ from brainmri.evaluation.predict import Predictor
 from brainmri.models.checkpoints import build_model, load_model_state
 
 from support.data import CLASSES, REPO
+from support.dicom import bad_dicoms, make_dicom
 from support.tiny import SIZE, kaggle_folder, small_lake, train_inprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +86,7 @@ def test_csv_output_file_and_abstention(model, tmp_path):
     assert rc == 1  # the folder holds bad files
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert list(rows[0]) == ["path", "ok", "class", "confidence", *[f"prob_{c}" for c in CLASSES],
-                             "abstained", "advice", "error", "detail"]
+                             "abstained", "advice", "error", "detail", "frame"]
     ok = [r for r in rows if r["ok"] == "True"]
     assert len(ok) == model["good"]
     # every prediction is below 1.0: all flagged for a radiologist, none hidden
@@ -151,3 +155,27 @@ def test_the_installed_command_exits_1_when_a_file_fails(model):
     assert r.returncode == 1, r.stderr
     rows = jsonl(r.stdout)
     assert [x["ok"] for x in rows] == [True, False] and "Traceback" not in r.stderr
+
+
+def test_dicom_files_give_one_row_per_frame(model, tmp_path, capsys):
+    """A multi-frame DICOM (no extension, patient-named folder) gives a row per frame with
+    the probabilities of its pictures; a video DICOM gets its reason; the rest still run."""
+    jpegs = sorted((model["folder"] / CLASSES[0]).glob("*.jpg"))[:2]
+    gs = [np.asarray(Image.fromarray(decode_grey(p.read_bytes())).resize((256, 256))) for p in jpegs]
+    multi = tmp_path / "QUIXOTEFAKE^Dulcinea" / "IM0001"
+    multi.parent.mkdir()
+    multi.write_bytes(make_dicom(gs, "mono1_12bit_window", JPEG2000Lossless))
+    video = tmp_path / "video.dcm"
+    video.write_bytes(bad_dicoms(gs[0])["video.dcm"][0])
+    rc = main(["predict", str(multi), str(video), str(jpegs[0]), "--model", model["uri"]])
+    rows = jsonl(capsys.readouterr().out)
+    assert rc == 1
+    assert [(r["path"], r.get("frame"), r["ok"]) for r in rows] == [
+        (str(multi), 0, True), (str(multi), 1, True), (str(video), None, False), (str(jpegs[0]), None, True)]
+    assert rows[2]["error"] == "dicom_encapsulated_video"
+    temperature = Predictor(model["uri"]).temperature  # calibrated by an earlier test, or 1
+    for k, g in enumerate(gs):  # the same probabilities as the picture saved losslessly
+        png = tmp_path / f"frame{k}.png"
+        Image.fromarray(g).save(png)
+        ref = direct_probs(model["uri"], png, temperature)
+        assert [rows[k]["probabilities"][c] for c in CLASSES] == pytest.approx(ref, abs=1e-6)
