@@ -70,11 +70,12 @@ def training_dataset(ref: ModelRef):
     return loc, load_manifest(loc)
 
 
-def val_logits(ref: ModelRef, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """In-process logits of the training dataset's val split, one row group at a time."""
+def val_logits(ref: ModelRef, batch_size: int = 64, runtime: str = "torch") -> tuple[np.ndarray, np.ndarray]:
+    """In-process logits of the training dataset's val split, one row group at a time, from
+    the network `runtime` runs (evaluate fits its temperature on the runtime it evaluates)."""
     version, manifest = training_dataset(ref)
     verify_shards(version, manifest, ("val",))
-    model = load_network(ref.weights.uri, ref.sha256)
+    model = load_network(*ref.runtime_file(runtime), runtime=runtime)
     logits, labels = [], []
     for path in split_files(version, manifest, "val"):
         pf = pq.ParquetFile(version.fs.open_input_file(path))
