@@ -204,6 +204,15 @@ def test_inference_actors_run_the_export_of_their_runtime(tiny_weights, tmp_path
             load_network(uri, sha, "cuda", runtime)
 
 
+def test_export_runtimes_are_refused_before_any_work(tiny_weights, tmp_path):
+    path = tiny_weights[0]  # a checkpoint: no exports beside it
+    with pytest.raises(StorageError, match="needs a published model version"):
+        evaluate(path, "unused", str(tmp_path), runtime="onnx")
+    with pytest.raises(ConfigError, match="CPU provider"):
+        evaluate(path, "unused", str(tmp_path), runtime="onnx", gpu=True)
+    assert not (tmp_path / "reports").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_inference_agrees_with_cpu(tiny_weights):
     path, sha, model, x = tiny_weights
@@ -351,9 +360,11 @@ def test_report_with_the_onnx_runtime_equals_eager(trained, tmp_path):
     rows = pa.concat_tables([pq.read_table(f, columns=["path", "image", "label"])
                              for f in split_files(version, manifest, "test")])
     eager = Predictor(trained["model"]).predict(list(zip(rows.column("path").to_pylist(),
-                                                         rows.column("image").to_pylist())))
-    by_path = dict(zip(table.column("path").to_pylist(), table.column("predicted_label").to_pylist()))
+                                                         rows.column("image").to_pylist(), strict=True)))
+    by_path = dict(zip(table.column("path").to_pylist(), table.column("predicted_label").to_pylist(),
+                       strict=True))
     assert {r.path: r.label for r in eager} == by_path and len(by_path) == rows.num_rows
     classes = m["model"]["classes"]
-    eager_acc = np.mean([r.label == classes[y] for r, y in zip(eager, rows.column("label").to_pylist())])
+    labels = rows.column("label").to_pylist()
+    eager_acc = np.mean([r.label == classes[y] for r, y in zip(eager, labels, strict=True)])
     assert m["metrics"]["all"]["accuracy"] == pytest.approx(eager_acc)

@@ -167,7 +167,7 @@ def test_exported_runtimes_give_the_classes_torch_gives(model, runtime, capsys):
     assert [(r["path"], r["ok"], r.get("class"), r.get("error")) for r in rows] == \
         [(r["path"], r["ok"], r.get("class"), r.get("error")) for r in eager]
     assert sum(r["ok"] for r in rows) == 20 + model["good"]
-    for r, e in zip(rows, eager):
+    for r, e in zip(rows, eager, strict=True):
         if r["ok"]:
             assert [r["probabilities"][c] for c in CLASSES] == pytest.approx(
                 [e["probabilities"][c] for c in CLASSES], abs=1e-4)
