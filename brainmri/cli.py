@@ -59,16 +59,20 @@ def _shown(value) -> str:
     return str(value)
 
 
-def add_config_flags(p: argparse.ArgumentParser, cls, with_defaults: bool = False) -> None:
+def add_config_flags(p: argparse.ArgumentParser, cls, with_defaults: bool = False,
+                     only: tuple[str, ...] | None = None) -> None:
     """One flag per field of dataclass `cls` made with `config.flag` (its metadata holds the
     help text): `--kebab-case`, type from the annotation, "(default X)" from the field's
     default. A bool is a switch (`--x`, or `--no-x` when it defaults to true), a dict a
     repeatable `--x KEY=VALUE`, a field without a default a required flag.
 
     The argparse default is None, so only the flags given become overrides (`given`), unless
-    `with_defaults` (a command without a config file): then it is the field's default."""
+    `with_defaults` (a command without a config file): then it is the field's default.
+    `only` names the fields to add (a command sharing a few flags of another's config)."""
     hints = typing.get_type_hints(cls)
     for f in flag_fields(cls):
+        if only is not None and f.name not in only:
+            continue
         if f.name in RESERVED:
             raise TypeError(f"{cls.__name__}.{f.name}: the name is taken by the command line")
         meta = dict(f.metadata)
@@ -238,7 +242,7 @@ def cmd_predict(a) -> int:
     from .evaluation.predict import run
 
     return run(a.paths, a.model, fmt=a.format, output=a.output, abstain_below=a.abstain_below,
-               batch_size=a.batch_size)
+               batch_size=a.batch_size, runtime=a.runtime)
 
 
 def cmd_serve(a) -> int:
@@ -296,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abstain-below", type=probability, metavar="P",
                    help="flag predictions with confidence below P as 'refer to a radiologist'")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default %(default)s)")
+    add_config_flags(p, EvaluateConfig, with_defaults=True, only=("runtime",))  # evaluate's flag
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", parents=cfg, help="serve the champion (or --model) over HTTP with Ray "

@@ -20,6 +20,9 @@ import yaml
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 SPLITS = ("train", "val", "test")
+# what runs a model at inference: the eager network from model.pt, or one of the exports
+# published beside it (brainmri.models.export)
+RUNTIMES = ("torch", "torchscript", "onnx")
 # names that become path segments (dataset, model, run); core.storage.check_name uses it too
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 
@@ -252,7 +255,8 @@ class EvaluateConfig:
     model: str = flag(help=MODEL_HELP)
     data: str = flag(help="dataset version (or dataset folder: its latest version), or an image "
                           "folder in the Kaggle class-folder layout (local path or s3://)")
-    out: str = flag(help="storage URI; the report goes to OUT/reports/<model>-<version>/<data-id>/")
+    out: str = flag(help="storage URI; the report goes to OUT/reports/<model>-<version>/<data-id>/ "
+                         "(<data-id>-<runtime>/ with a --runtime other than torch)")
     split: str = flag("test", "split to evaluate when --data is a dataset", choices=SPLITS)
     abstain_below: float | None = flag(
         None, "flag predictions whose calibrated confidence is below P as 'refer to a radiologist' "
@@ -260,6 +264,9 @@ class EvaluateConfig:
     batch_size: int = flag(64, "images per inference batch")
     gpu: bool = flag(False, "one GPU per inference actor (fp32, channels-last)")
     concurrency: int = flag(1, "inference actors, each holding one copy of the model")
+    runtime: str = flag("torch", "what runs the network: torch (eager, model.pt), torchscript "
+                                 "(model.torchscript.pt) or onnx (model.onnx on ONNX Runtime, CPU); "
+                                 "the exports need a published model version", choices=RUNTIMES)
     near_dup_distance: int = flag(4, "pHash Hamming distance at or below which an image counts as "
                                      "a near duplicate of a training image")
 
@@ -268,6 +275,10 @@ class EvaluateConfig:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}")
         if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
             raise ConfigError("abstain_below (--abstain-below) must be a probability in [0, 1]")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}")
+        if self.runtime == "onnx" and self.gpu:
+            raise ConfigError("--runtime onnx runs on ONNX Runtime's CPU provider; drop --gpu")
         if self.batch_size < 1 or self.concurrency < 1:
             raise ConfigError("batch_size and concurrency (--batch-size, --concurrency) must be >= 1")
         if not 0 <= self.near_dup_distance <= 64:

@@ -16,6 +16,7 @@ import pytest
 
 from brainmri import cli
 from brainmri.config import (
+    RUNTIMES,
     ConfigError,
     EvaluateConfig,
     IngestConfig,
@@ -204,6 +205,22 @@ def test_calibrate_and_predict_keep_their_flags(capsys, monkeypatch):
     assert e.value.code == 2
 
 
+def test_predict_runtime_is_evaluates_flag(capsys, monkeypatch):
+    """One source: predict's --runtime is EvaluateConfig.runtime (help, default, choices)."""
+    assert cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m"]).runtime == "torch"
+    assert cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m", "--runtime",
+                                          "onnx"]).runtime == "onnx"
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m", "--runtime", "tflite"])
+    assert e.value.code == 2
+    (field,) = [f for f in flag_fields(EvaluateConfig) if f.name == "runtime"]
+    assert field.metadata["choices"] == RUNTIMES == ("torch", "torchscript", "onnx")
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    assert f"{field.metadata['help']} (default torch)" in capsys.readouterr().out
+
+
 def test_evaluate_config_is_what_evaluate_takes():
     from brainmri.evaluation.evaluate import evaluate
 
@@ -218,12 +235,13 @@ def test_evaluate_config_is_what_evaluate_takes():
               "--abstain-below", "0.6", "--gpu", "--concurrency", "2")
     assert to_dict(cli.config_from_args(a)) == {
         "model": "m", "data": "d", "out": "o", "split": "val", "abstain_below": 0.6,
-        "batch_size": 64, "gpu": True, "concurrency": 2, "near_dup_distance": 4}
+        "batch_size": 64, "gpu": True, "concurrency": 2, "runtime": "torch", "near_dup_distance": 4}
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--batch-size", "0"], "batch_size"), (["--concurrency", "0"], "concurrency"),
-    (["--near-dup-distance", "65"], "near_dup_distance")])
+    (["--near-dup-distance", "65"], "near_dup_distance"),
+    (["--runtime", "onnx", "--gpu"], "ONNX Runtime's CPU provider")])
 def test_evaluate_validation(argv, match, capsys):
     a = parse("evaluate", "--model", "m", "--data", "d", "--out", "o", *argv)
     with pytest.raises(ConfigError, match=match):

@@ -33,6 +33,8 @@ from .images import decode_grey
 # Fixed normalisation after percentile scaling to [0, 1] (dataset statistics would tie the
 # model to this export; after per-image scaling these are close to any export's).
 MEAN, STD = 0.2, 0.25
+# Percentiles of each image stretched to 0 and 255 (robust to a few hot or dead pixels).
+LO_PCT, HI_PCT = 0.5, 99.5
 
 
 def fit_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -47,7 +49,7 @@ def fit_square(img: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def normalise_intensity(img: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
+def normalise_intensity(img: np.ndarray, lo_pct: float = LO_PCT, hi_pct: float = HI_PCT) -> np.ndarray:
     """uint8 -> uint8 with the image's own [p0.5, p99.5] stretched to [0, 255]."""
     lo, hi = np.percentile(img, (lo_pct, hi_pct))
     if hi - lo < 1:

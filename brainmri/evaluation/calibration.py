@@ -69,10 +69,11 @@ def training_dataset(ref: ModelRef):
     return loc, load_manifest(loc)
 
 
-def val_logits(ref: ModelRef, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """In-process logits of the training dataset's val split, one row group at a time."""
+def val_logits(ref: ModelRef, batch_size: int = 64, runtime: str = "torch") -> tuple[np.ndarray, np.ndarray]:
+    """In-process logits of the training dataset's val split, one row group at a time, from
+    the network `runtime` runs (evaluate fits its temperature on the runtime it evaluates)."""
     version, manifest = training_dataset(ref)
-    model = load_network(ref.weights.uri, ref.sha256)
+    model = load_network(*ref.runtime_file(runtime), runtime=runtime)
     logits, labels = [], []
     for batch in read_split(version, manifest, "val", ["image", "label"], batch_size):
         x = preprocess_many(batch.column("image").to_pylist(), ref.image_size)

@@ -1,6 +1,6 @@
 """`brainmri evaluate`: a model on a dataset split or an image folder -> a report folder.
 
-    OUT/reports/<model-name>-<model-version>/<data-id>/
+    OUT/reports/<model-name>-<model-version>/<data-id>/   (<data-id>-<runtime>/ off torch)
         figures/*.png          confusion, ROC, reliability, risk-coverage, mistakes, Grad-CAM, history
         predictions.parquet    one row per evaluated image
         rejects.csv            files refused by ingest's rules, with the reason
@@ -11,10 +11,12 @@
 Inference is a Ray Data pipeline: a stage reads, validates and preprocesses (Ray may fuse it
 into the actors; with --gpu it stays in CPU tasks feeding them), then an actor pool
 (`concurrency` actors, one GPU each with --gpu: channels-last, fp32) loads the
-pinned weights once per actor and returns logits. Everything after that runs on the driver
-over per-image arrays, which are small (K floats an image): temperature scaling (fitted on
-the training dataset's val split in-process when the model has no calibration.json), metrics,
-the leakage check, figures.
+pinned weights once per actor and returns logits. With `runtime` torchscript or onnx, the
+actors (and the in-process temperature fit) run the model's export instead, its sha256
+checked against metadata.json; Grad-CAM needs gradients and always uses the eager network.
+Everything after that runs on the driver over per-image arrays, which are small (K floats an
+image): temperature scaling (fitted on the training dataset's val split in-process when the
+model has no calibration.json), metrics, the leakage check, figures.
 """
 
 from __future__ import annotations
@@ -68,21 +70,24 @@ class Outputs:
         return Outputs(*(getattr(self, c)[mask] for c in OUTPUT_COLUMNS))
 
 
-def inference_dataset(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concurrency: int):
+def inference_dataset(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concurrency: int,
+                      runtime: str = "torch"):
     """The lazy Ray Dataset of per-file results (NaN logits for rejected files)."""
     import ray.data
 
+    uri, sha = ref.runtime_file(runtime)
     return to_ray_dataset(src, ref.image_size, batch_size).map_batches(
-        LogitsActor, fn_constructor_kwargs={"weights_uri": ref.weights.uri, "sha256": ref.sha256,
+        LogitsActor, fn_constructor_kwargs={"weights_uri": uri, "sha256": sha, "runtime": runtime,
                                             "num_classes": len(ref.classes), "gpu": gpu},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated
         **actor_resources(gpu))
 
 
-def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concurrency: int) -> Outputs:
+def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concurrency: int,
+                  runtime: str = "torch") -> Outputs:
     """Runs the pipeline and gathers its (small) per-file columns on the driver."""
-    ds = inference_dataset(src, ref, batch_size, gpu, concurrency)
+    ds = inference_dataset(src, ref, batch_size, gpu, concurrency, runtime)
     cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c in OUTPUT_COLUMNS:
@@ -94,7 +99,7 @@ def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concur
 
 
 # -- calibration and leakage ---------------------------------------------------------------------
-def temperature_for(ref: ModelRef, batch_size: int) -> dict:
+def temperature_for(ref: ModelRef, batch_size: int, runtime: str = "torch") -> dict:
     """calibration.json if present for these weights; else fit on the training dataset's
     val split now, in this process (the val split is small; the same code as `brainmri
     calibrate`). Reported, not saved: `brainmri calibrate` is the explicit way to save."""
@@ -104,7 +109,7 @@ def temperature_for(ref: ModelRef, batch_size: int) -> dict:
         return {"temperature": rec["temperature"], "source": f"from {ref.calibration_file.uri}",
                 "fit": {k: rec[k] for k in keys}}
     try:
-        logits, labels = val_logits(ref, batch_size)
+        logits, labels = val_logits(ref, batch_size, runtime)
         rec = calibration_record(ref, logits, labels)
     except Exception as e:  # no val split reachable: report uncalibrated, and say why
         return {"temperature": 1.0, "source": f"uncalibrated: {type(e).__name__}: {e}", "fit": None}
@@ -202,10 +207,12 @@ def rejects_csv(rows: list[tuple[str, str, str]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def report_folder(out: str, ref: ModelRef, src: Source) -> Location:
+def report_folder(out: str, ref: ModelRef, src: Source, runtime: str = "torch") -> Location:
+    """An export's report goes beside the eager one, never over it."""
     root = open_location(out, check=True)
+    data_id = src.data_id if runtime == "torch" else f"{src.data_id}-{runtime}"
     return root / "reports" / check_name(f"{ref.name}-{ref.version}", "report name") / \
-        check_name(src.data_id, "data id")
+        check_name(data_id, "data id")
 
 
 @dataclass
@@ -218,29 +225,30 @@ class EvalResult:
 def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below: float | None = None,
              batch_size: int = 64, gpu: bool = False, concurrency: int = 1,
              near_dup_distance: int = EvaluateConfig.near_dup_distance, n_mistakes: int = 12,
-             cam_per_class: int = 2) -> EvalResult:
+             cam_per_class: int = 2, runtime: str = EvaluateConfig.runtime) -> EvalResult:
     """Evaluate MODEL on DATA and write the report under OUT (see the module docstring).
     Side effects: the report folder, and a local Ray cluster if none is running."""
     t0 = time.time()
     # the rules live with the options (config.EvaluateConfig), whoever calls this
     EvaluateConfig(model=model, data=data, out=out, split=split, abstain_below=abstain_below,
                    batch_size=batch_size, gpu=gpu, concurrency=concurrency,
-                   near_dup_distance=near_dup_distance).validate()
-    ref = open_model(model)  # fail fast: model, data and output before any Ray work
+                   near_dup_distance=near_dup_distance, runtime=runtime).validate()
+    ref = open_model(model)  # fail fast: model, export, data and output before any Ray work
+    ref.runtime_file(runtime)
     src = open_source(data, ref.classes, split)
-    dest = report_folder(out, ref, src)
+    dest = report_folder(out, ref, src, runtime)
     (dest / COMPLETE).delete()  # a rerun that dies midway must not look complete
     init_ray()
 
-    run = {"batch_size": batch_size, "gpu": gpu, "concurrency": concurrency}
+    run = {"batch_size": batch_size, "gpu": gpu, "concurrency": concurrency, "runtime": runtime}
     res = run_inference(src, ref, **run)
     good = np.asarray([r == "" for r in res.reason], dtype=bool)
     ok = res.select(good)
     rejects = sorted(src.walk_rejects + list(zip(res.path[~good], res.reason[~good], res.detail[~good])))
-    cal = temperature_for(ref, batch_size)
+    cal = temperature_for(ref, batch_size, runtime)
     probs_raw, probs = softmax(ok.logits), softmax(ok.logits, cal["temperature"])
     leak = leakage_for(ref, src, ok, near_dup_distance)
-    m = summarise(ref, src, ok, rejects, probs, probs_raw, cal, leak, abstain_below)
+    m = summarise(ref, src, ok, rejects, probs, probs_raw, cal, leak, abstain_below, runtime)
     m["settings"] = {"split": split if src.kind == "dataset" else None, **run,
                      "near_dup_distance": near_dup_distance}
 
@@ -254,8 +262,13 @@ def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below
     return EvalResult(dest.uri, m, time.time() - t0)
 
 
+def runtime_record(ref: ModelRef, runtime: str) -> dict:
+    uri, sha = ref.runtime_file(runtime)
+    return {"runtime": runtime, "file": uri, "sha256": sha}
+
+
 def summarise(ref: ModelRef, src: Source, ok: Outputs, rejects: list, probs, probs_raw,
-              cal: dict, leak: dict, abstain_below: float | None) -> dict:
+              cal: dict, leak: dict, abstain_below: float | None, runtime: str = "torch") -> dict:
     """Everything metrics.json holds (and the report shows)."""
     metrics = {"all": scoring.classification(ok.label, probs, ref.classes, probs_raw)}
     if leak.get("available"):  # the same metrics without images (nearly) seen in training
@@ -273,7 +286,8 @@ def summarise(ref: ModelRef, src: Source, ok: Outputs, rejects: list, probs, pro
                   "best_validation": ref.metadata.get("metrics"),
                   "decision": ref.state.get("inference"),  # flips, logit bias: what was applied
                   "card": ref.metadata.get("card"),
-                  "created_at": ref.metadata.get("created_at")},
+                  "created_at": ref.metadata.get("created_at"),
+                  "runtime": runtime_record(ref, runtime)},
         "counts": {"files": len(ok.label) + len(rejects), "evaluated": int(len(ok.label)),
                    "rejected": len(rejects), "rejected_by_reason": dict(sorted(by_reason.items()))},
         "calibration": cal,

@@ -4,6 +4,12 @@ calibrate, so all three see a model, its preprocessing and its probabilities the
 `open_model` pins what a URI means *now* (a models/<name> folder means its latest version at
 this moment) and records the weights' sha256: Ray actors, calibration files and reports all
 refer to that exact file, never to "latest" again.
+
+A runtime (config.RUNTIMES) says what runs the network: "torch" builds the eager module from
+model.pt; "torchscript" and "onnx" load the export published beside it (`ModelRef.runtime_file`
+names the file and the sha256 metadata.json records for it; `load_network` checks it before
+loading). All three are called the same way, so preprocessing, probabilities and decisions
+are shared code whatever runs the network.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..config import RUNTIMES, ConfigError
 from ..core.storage import Location, StorageError, check_name, open_location
 from ..data.transforms import preprocess, preprocess_many, to_model_input  # preprocess_many re-exported
 from ..models.checkpoints import META_FILE, MODEL_FILE, build_model, load_state, model_file
+from ..models.export import EXPORT_FILES, OnnxNetwork, load_torchscript
 
 if TYPE_CHECKING:
     from ..data.images import ImageLimits
@@ -61,6 +69,24 @@ class ModelRef:
         if name in (MODEL_FILE, "checkpoint.pt"):
             return folder / CALIBRATION_FILE
         return folder / f"{name}.{CALIBRATION_FILE}"
+
+    def runtime_file(self, runtime: str) -> tuple[str, str]:
+        """(URI, sha256) of the file `runtime` runs: model.pt for torch, else the export
+        beside it with the sha256 metadata.json records for it. The file name is this
+        package's own, never a path taken from metadata.json."""
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}")
+        if runtime == "torch":
+            return self.weights.uri, self.sha256
+        if not self.metadata:
+            raise StorageError(f"--runtime {runtime} needs a published model version (its exports); "
+                               f"{self.weights.uri} is a checkpoint")
+        rec = (self.metadata.get("exports") or {}).get(runtime) or {}
+        if not rec.get("sha256") or rec.get("file") != EXPORT_FILES[runtime]:
+            why = rec.get("error") or "published before exports existed"
+            raise StorageError(f"model {self.name}/{self.version} has no {runtime} export ({why})")
+        folder = open_location(posixpath.dirname(self.weights.uri))
+        return (folder / EXPORT_FILES[runtime]).uri, rec["sha256"]
 
 
 def open_model(uri: str) -> ModelRef:
@@ -103,12 +129,25 @@ def inference_device(gpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def load_network(weights_uri: str, sha256: str | None, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Weights file -> network in eval mode on `device` (channels-last on CUDA); refuses a
-    file that changed since open_model pinned it (a re-published or overwritten checkpoint)."""
+def load_network(weights_uri: str, sha256: str | None, device: str | torch.device = "cpu",
+                 runtime: str = "torch"):
+    """The file `runtime` runs (see ModelRef.runtime_file) -> a network in eval mode on
+    `device`, called as module(x) on a float [N,1,S,S] tensor (channels-last on CUDA for
+    torch). Refuses a file whose bytes do not have `sha256`: changed after publishing, or
+    re-published/overwritten since open_model pinned it. ONNX runs on the CPU only, with
+    as many threads as torch has here (a Ray actor's CPUs)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}")
+    if runtime == "onnx" and torch.device(device).type != "cpu":
+        raise ConfigError("--runtime onnx runs on ONNX Runtime's CPU provider; drop --gpu")
     data = open_location(weights_uri).read_bytes()
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise StorageError(f"{weights_uri} changed while in use (sha256 differs)")
+        raise StorageError(f"{weights_uri} does not have the sha256 recorded for it: changed after "
+                           "publishing or while in use")
+    if runtime == "onnx":
+        return OnnxNetwork(data, threads=torch.get_num_threads())
+    if runtime == "torchscript":
+        return load_torchscript(data, device)
     model = build_model(load_state(data)).to(device)
     if torch.device(device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -116,7 +155,7 @@ def load_network(weights_uri: str, sha256: str | None, device: str | torch.devic
 
 
 @torch.no_grad()
-def forward_logits(model: torch.nn.Module, x_u8: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
+def forward_logits(model, x_u8: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
     """Preprocessed uint8 [B,S,S] -> float32 logits [B,K].
 
     fp32 on every device: calibration and log loss are sensitive to the last digits that
@@ -213,14 +252,15 @@ def actor_resources(gpu: bool) -> dict:
 
 
 class LogitsActor:
-    """Holds one copy of the network for its lifetime; map_batches calls it per batch. Rows
+    """Holds one copy of the network (of `runtime`: weights_uri/sha256 from
+    ModelRef.runtime_file) for its lifetime; map_batches calls it per batch. Rows
     with a rejection reason carry a blank image and get NaN logits: never shown to the model.
     With `gpu` the actor must have been given a GPU (see actor_resources)."""
 
     def __init__(self, weights_uri: str, sha256: str, num_classes: int, gpu: bool,
-                 drop: tuple = ("x", "image")):
+                 drop: tuple = ("x", "image"), runtime: str = "torch"):
         self.device = inference_device(gpu)
-        self.model = load_network(weights_uri, sha256, self.device)
+        self.model = load_network(weights_uri, sha256, self.device, runtime)
         self.k, self.drop = num_classes, set(drop)
 
     def __call__(self, batch: dict) -> dict:

@@ -1,9 +1,11 @@
 """`brainmri predict PATHS... --model M`: class probabilities for a handful of images.
 
-Plain batched PyTorch in this process (no Ray: starting a cluster would cost more than
-predicting a few files). Every input gets exactly one output row, in input order; a file that
-cannot be read or fails ingest's checks gets an error row with the reason and the rest still
-run. Probabilities are temperature scaled when the model has a calibration.json.
+Plain batched inference in this process (no Ray: starting a cluster would cost more than
+predicting a few files), on the eager network or, with `runtime`, on one of the model's
+exports (TorchScript, ONNX Runtime): the same preprocessing and decisions either way.
+Every input gets exactly one output row, in input order; a file that cannot be read or
+fails ingest's checks gets an error row with the reason and the rest still run.
+Probabilities are temperature scaled when the model has a calibration.json.
 """
 
 from __future__ import annotations
@@ -68,11 +70,13 @@ def expand(paths: list[str]) -> list[tuple[str, object]]:
 class Predictor:
     """A loaded model plus its temperature; `predict` takes (path, bytes) pairs."""
 
-    def __init__(self, model_uri: str, abstain_below: float | None = None, device: str = "cpu"):
+    def __init__(self, model_uri: str, abstain_below: float | None = None, device: str = "cpu",
+                 runtime: str = "torch"):
         if abstain_below is not None and not 0.0 <= abstain_below <= 1.0:
             raise ConfigError("--abstain-below must be a probability in [0, 1]")
         self.ref = open_model(model_uri)
-        self.model = load_network(self.ref.weights.uri, self.ref.sha256, device)
+        self.model = load_network(*self.ref.runtime_file(runtime), device, runtime)
+        self.runtime = runtime
         cal = load_calibration(self.ref)
         self.temperature = float(cal["temperature"]) if cal else 1.0
         self.calibrated = cal is not None
@@ -161,11 +165,12 @@ def csv_row(row: Row, classes: list[str]) -> list:
 
 
 def run(paths: list[str], model: str, fmt: str = "jsonl", output: str | None = None,
-        abstain_below: float | None = None, batch_size: int = 32, stream=None) -> int:
+        abstain_below: float | None = None, batch_size: int = 32, stream=None,
+        runtime: str = "torch") -> int:
     """The CLI's work: write rows to `output` (a path or URI, written atomically at the end)
     or stream them to `stream` (stdout). Returns 0 if every input succeeded, else 1."""
     stream = stream or sys.stdout
-    pred = Predictor(model, abstain_below)
+    pred = Predictor(model, abstain_below, runtime=runtime)
     if not pred.calibrated:
         print(f"brainmri predict: note: model {pred.ref.name}/{pred.ref.version} has no "
               "calibration.json, probabilities are uncalibrated (see `brainmri calibrate`)",

@@ -81,6 +81,9 @@ def model_table(mod: dict) -> str:
             ("input", f"{mod['image_size']} px greyscale"), ("parameters", mod.get("params")),
             ("training dataset", f"{ds.get('name')} version {ds.get('version')} at {ds.get('uri')}"),
             ("published", mod.get("created_at"))]
+    run = mod.get("runtime") or {}
+    if run.get("runtime", "torch") != "torch":
+        rows.insert(2, ("runtime", f"{run['runtime']}: {run['file']} (sha256 {run['sha256']})"))
     if best:
         rows.append(("best validation epoch", ", ".join(
             f"{k} {fmt(best.get(k), 4)}" for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")

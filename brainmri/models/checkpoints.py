@@ -9,11 +9,14 @@ written in one place, `make_checkpoint`, and read by `load_state`, `build_model`
 evaluation code.
 
 A published model version is `models/<name>/<version>/model.pt` (weights + the same
-metadata, no optimizer) and `metadata.json`, written last: a folder without metadata.json
-is incomplete and ignored. Its metadata's `stage` is "released" (`brainmri train`, tune's
-winner) or "candidate" (a retrain challenger, not yet judged). What `models/<name>` means:
-the version `models/<name>/champion.json` names (written by retrain when it promotes one),
-else the newest released version; never a candidate.
+metadata, no optimizer), its exports `model.torchscript.pt` and `model.onnx` (see
+`export`: they load without this package), and `metadata.json`, written last: a folder
+without metadata.json is incomplete and ignored. metadata.json records the sha256 of
+model.pt and of each export, and the input contract (`interface`). Its `stage` is
+"released" (`brainmri train`, tune's winner) or "candidate" (a retrain challenger, not yet
+judged). What `models/<name>` means: the version `models/<name>/champion.json` names
+(written by retrain when it promotes one), else the newest released version; never a
+candidate.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import hashlib
 import io
 import platform
 import time
+import warnings
 
 import torch
 
 from ..core.storage import Location, StorageError, check_name, open_location
-from ..data.transforms import MEAN, STD
+from ..data.transforms import HI_PCT, LO_PCT, MEAN, STD
 
 CKPT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -47,10 +51,20 @@ def library_versions() -> dict:
 
 
 def preprocess_record(image_size: int) -> dict:
-    """What a checkpoint says about its input (data.transforms' deterministic preprocess)."""
-    return {"image_size": image_size, "mean": MEAN, "std": STD,
-            "fit": "longest side, centred, zero padded",
-            "intensity": "percentile 0.5-99.5 to 0-255"}
+    """What a checkpoint says about its input (data.transforms' deterministic preprocess),
+    exactly enough to reproduce it without this package (the exports' users need it)."""
+    s = image_size
+    return {"image_size": s, "mean": MEAN, "std": STD,
+            "decode": f"8-bit greyscale (PIL convert('L'); 16/32-bit images scaled by their own "
+                      f"min-max); JPEGs decoded at the smallest DCT scale still >= {s} px a side "
+                      f"(PIL draft)",
+            "fit": f"longest side resized to {s} px (PIL bilinear, reducing_gap 2.0, other side "
+                   f"rounded), centred on a black {s}x{s} canvas at "
+                   f"offset floor(({s} - side) / 2)",
+            "intensity": f"percentile {LO_PCT}-{HI_PCT} to 0-255: u8 = clip((x - p{LO_PCT}) * 255 / "
+                         f"(p{HI_PCT} - p{LO_PCT}), 0, 255) truncated to uint8, unchanged when "
+                         f"p{HI_PCT} - p{LO_PCT} < 1 (numpy linear percentiles)",
+            "to_input": f"float32 (u8 / 255 - {MEAN}) / {STD}, shape [N, 1, {s}, {s}] (NCHW)"}
 
 
 def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: int,
@@ -110,15 +124,35 @@ def publish_model(out: Location, name: str, ckpt: dict, metrics: dict,
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest[:8]
     dest = out / "models" / name / version
     (dest / MODEL_FILE).write_bytes(blob)
+    files, exports, contract = _exports(state)
+    for file, data in files.items():
+        (dest / file).write_bytes(data)
     meta = {k: v for k, v in state.items() if k not in ("model", "history")}
     from .card import model_card
 
     meta["card"] = model_card(state, metrics)  # what it is for and not for, data, weaknesses
     meta.update(format="brainmri.model/1", name=name, version=version, sha256=digest, stage=stage,
-                metrics=metrics, history=ckpt.get("history", []),
-                created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                metrics=metrics, history=ckpt.get("history", []), exports=exports,
+                interface=contract, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     (dest / META_FILE).write_json(meta)  # last: marks the version complete
     return dest
+
+
+def _exports(state: dict) -> tuple[dict, dict, dict | None]:
+    """(file -> bytes, kind -> record, interface) of the exports; a network that cannot even
+    be rebuilt gets an error record for every format (and a warning), never an exception."""
+    from .export import EXPORT_FILES, export_model, interface
+
+    try:
+        files, records = export_model(state, build_model(state))
+        contract = interface(state)
+    except Exception as e:
+        files, contract = {}, None
+        records = {k: {"error": f"network not rebuilt: {type(e).__name__}: {e}"[:300]} for k in EXPORT_FILES}
+    failed = {k: r["error"] for k, r in records.items() if "error" in r}
+    if failed:
+        warnings.warn(f"publishing without the {', '.join(failed)} export(s): {failed}", stacklevel=3)
+    return files, records, contract
 
 
 def latest_model(root: Location) -> Location:

@@ -10,6 +10,7 @@ import math
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,14 +18,22 @@ import torch
 from brainmri.cli import build_parser
 from brainmri.config import ConfigError, TrainConfig
 from brainmri.core.storage import StorageError, open_location
+from brainmri.data.datasets import resolve_dataset, split_files
 from brainmri.data.transforms import to_model_input
 from brainmri.evaluation import leakage, scoring
 from brainmri.evaluation.calibration import ece, fit_temperature, fit_temperature_from_logits, reliability
 from brainmri.evaluation.evaluate import COMPLETE, evaluate
-from brainmri.evaluation.inference import LogitsActor, actor_resources, inference_device, softmax
+from brainmri.evaluation.inference import (
+    LogitsActor,
+    actor_resources,
+    inference_device,
+    load_network,
+    softmax,
+)
 from brainmri.evaluation.predict import Predictor
 from brainmri.evaluation.sources import _classify_keys, open_source
 from brainmri.models.checkpoints import dump_state
+from brainmri.models.export import EXPORT_FILES, OnnxNetwork, export_model
 from brainmri.models.zoo import create_model
 from brainmri.training.train import run_training
 
@@ -173,6 +182,35 @@ def test_cpu_inference_is_plain_fp32_as_before(tiny_weights):
     ok = reason == ""
     assert np.array_equal(out["logits"][ok], expected[ok])  # bit for bit
     assert np.isnan(out["logits"][~ok]).all() and "x" not in out and list(out["path"]) == list(range(6))
+
+
+@pytest.mark.parametrize("runtime", ["torchscript", "onnx"])
+def test_inference_actors_run_the_export_of_their_runtime(tiny_weights, tmp_path, runtime):
+    path, sha, model, x = tiny_weights
+    state = {"config": {"image_size": 32}, "classes": list(CLASSES4)}
+    files, records = export_model(state, model)
+    (tmp_path / EXPORT_FILES[runtime]).write_bytes(files[EXPORT_FILES[runtime]])
+    uri, sha = str(tmp_path / EXPORT_FILES[runtime]), records[runtime]["sha256"]
+    actor = LogitsActor(uri, sha, num_classes=4, gpu=False, runtime=runtime)
+    assert isinstance(actor.model, OnnxNetwork if runtime == "onnx" else torch.jit.ScriptModule)
+    out = actor({"x": x, "reason": np.full(len(x), "", dtype=object)})
+    with torch.no_grad():
+        expected = model(to_model_input(torch.from_numpy(x))).numpy()
+    assert np.abs(out["logits"] - expected).max() <= 1e-4
+    with pytest.raises(StorageError, match="sha256 recorded"):
+        LogitsActor(uri, "0" * 64, num_classes=4, gpu=False, runtime=runtime)
+    if runtime == "onnx":
+        with pytest.raises(ConfigError, match="CPU provider"):
+            load_network(uri, sha, "cuda", runtime)
+
+
+def test_export_runtimes_are_refused_before_any_work(tiny_weights, tmp_path):
+    path = tiny_weights[0]  # a checkpoint: no exports beside it
+    with pytest.raises(StorageError, match="needs a published model version"):
+        evaluate(path, "unused", str(tmp_path), runtime="onnx")
+    with pytest.raises(ConfigError, match="CPU provider"):
+        evaluate(path, "unused", str(tmp_path), runtime="onnx", gpu=True)
+    assert not (tmp_path / "reports").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -345,3 +383,27 @@ def test_report_on_a_dicom_folder_keeps_no_patient_data(trained, tmp_path, monke
     for f in open_location(res.report_uri).files():
         text = f.read_bytes().decode("latin-1")
         assert not any(v in text for v in phi_values()), f.uri
+
+
+def test_report_with_the_onnx_runtime_equals_eager(trained, tmp_path):
+    """evaluate --runtime onnx: the actors run model.onnx on ONNX Runtime; every test image
+    gets the class the eager network gives it, so the accuracy is the same."""
+    res = evaluate(trained["model"], trained["version"], str(tmp_path / "out"), runtime="onnx")
+    m, html, table = read_report(res.report_uri)
+    assert res.report_uri.endswith("-test-onnx")  # beside the eager report, never over it
+    meta = (open_location(trained["model"]) / "metadata.json").read_json()
+    assert m["model"]["runtime"] == {"runtime": "onnx", "file": f"{trained['model']}/model.onnx",
+                                     "sha256": meta["exports"]["onnx"]["sha256"]}
+    assert m["settings"]["runtime"] == "onnx" and "model.onnx (sha256" in html
+    version, manifest = resolve_dataset(trained["version"])
+    rows = pa.concat_tables([pq.read_table(f, columns=["path", "image", "label"])
+                             for f in split_files(version, manifest, "test")])
+    eager = Predictor(trained["model"]).predict(list(zip(rows.column("path").to_pylist(),
+                                                         rows.column("image").to_pylist(), strict=True)))
+    by_path = dict(zip(table.column("path").to_pylist(), table.column("predicted_label").to_pylist(),
+                       strict=True))
+    assert {r.path: r.label for r in eager} == by_path and len(by_path) == rows.num_rows
+    classes = m["model"]["classes"]
+    labels = rows.column("label").to_pylist()
+    eager_acc = np.mean([r.label == classes[y] for r, y in zip(eager, labels, strict=True)])
+    assert m["metrics"]["all"]["accuracy"] == pytest.approx(eager_acc)

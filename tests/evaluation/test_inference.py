@@ -18,6 +18,7 @@ def _state(seed: float) -> dict:
             "epoch": 1}
 
 
+@pytest.mark.filterwarnings("ignore:publishing without")  # no network to export in _state
 def test_open_model_checks_weights_against_metadata_sha256(tmp_path):
     version = publish_model(open_location(str(tmp_path)), "m", _state(1.0), {"val_f1": 0.5})
     ref = open_model(version.uri)  # untampered: opens

@@ -24,9 +24,9 @@ from brainmri.data.transforms import preprocess, to_model_input
 from brainmri.evaluation.calibration import load_calibration
 from brainmri.evaluation.inference import REFER, open_model, softmax
 from brainmri.evaluation.predict import Predictor
-from brainmri.models.checkpoints import build_model, load_model_state
+from brainmri.models.checkpoints import build_model, dump_state, load_model_state
 
-from support.data import CLASSES, REPO
+from support.data import CLASSES, REPO, SHARED_DATA
 from support.dicom import bad_dicoms, make_dicom
 from support.tiny import SIZE, kaggle_folder, small_lake, train_inprocess
 
@@ -179,3 +179,42 @@ def test_dicom_files_give_one_row_per_frame(model, tmp_path, capsys):
         Image.fromarray(g).save(png)
         ref = direct_probs(model["uri"], png, temperature)
         assert [rows[k]["probabilities"][c] for c in CLASSES] == pytest.approx(ref, abs=1e-6)
+
+
+# -- exported runtimes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
+def test_exported_runtimes_give_the_classes_torch_gives(model, runtime, capsys):
+    """The same real scans (20 not seen in training, plus the folder with bad files) through
+    `--runtime` and through eager torch: the same rows, classes and probabilities."""
+    scans = [str(f) for c in CLASSES for f in sorted((SHARED_DATA / "Training" / c).iterdir())[300:305]]
+    paths = [*scans, str(model["folder"])]
+    assert main(["predict", *paths, "--model", model["uri"]]) == 1  # the folder holds bad files
+    eager = jsonl(capsys.readouterr().out)
+    assert main(["predict", *paths, "--model", model["uri"], "--runtime", runtime]) == 1
+    rows = jsonl(capsys.readouterr().out)
+    assert [(r["path"], r["ok"], r.get("class"), r.get("error")) for r in rows] == \
+        [(r["path"], r["ok"], r.get("class"), r.get("error")) for r in eager]
+    assert sum(r["ok"] for r in rows) == 20 + model["good"]
+    for r, e in zip(rows, eager, strict=True):
+        if r["ok"]:
+            assert [r["probabilities"][c] for c in CLASSES] == pytest.approx(
+                [e["probabilities"][c] for c in CLASSES], abs=1e-4)
+
+
+def test_export_runtimes_refuse_checkpoints_and_tampered_files(model, tmp_path, capsys):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(dump_state(load_model_state(model["uri"])))
+    img = str(sorted((model["folder"] / CLASSES[0]).glob("*.jpg"))[0])
+    assert main(["predict", img, "--model", str(ckpt), "--runtime", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a published model version" in err and err.count("\n") == 1
+    onnx_file = open_location(model["uri"]) / "model.onnx"
+    good = onnx_file.read_bytes()
+    try:
+        onnx_file.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit
+        assert main(["predict", img, "--model", model["uri"], "--runtime", "onnx"]) == 2
+        err = capsys.readouterr().err
+        assert "model.onnx does not have the sha256 recorded for it" in err and err.count("\n") == 1
+        assert main(["predict", img, "--model", model["uri"]]) == 0  # model.pt is untouched
+    finally:
+        onnx_file.write_bytes(good)

@@ -62,3 +62,30 @@ def test_the_rule_is_part_of_the_checkpoint_and_old_checkpoints_stay_plain():
     assert make_checkpoint(net.state_dict(), config=cfg, **common)["inference"]["tta"] is True
     old = {k: v for k, v in state.items() if k != "inference"}  # written before the rule existed
     assert isinstance(build_model(old), type(net))
+
+
+def test_exports_carry_the_decision_rule(tmp_path):
+    """A published model with flips and a bias: TorchScript and ONNX give the wrapped
+    network's logits, so a user without this package applies the same rule."""
+    from brainmri.core.storage import open_location
+    from brainmri.evaluation.inference import load_network, open_model
+    from brainmri.models.checkpoints import publish_model
+
+    torch.manual_seed(1)
+    net = create_model("brainnet", 4, 1, image_size=32, width=8)
+    cfg = {"model": "brainnet", "image_size": 32, "model_args": {"width": 8}, "tta": True}
+    state = make_checkpoint(net.state_dict(), config=cfg, epoch=0, best=0.0, bad_epochs=0, history=[],
+                            resumes=[], classes=CLASSES, dataset={"uri": "x"}, params=1,
+                            inference=inference_record(True, [0.7, 0, 0, 0]))
+    uri = publish_model(open_location(str(tmp_path)), "brainnet", state, {"val_macro_f1": 0.5}).uri
+    ref = open_model(uri)
+    x = torch.randn(5, 1, 32, 32)
+    with torch.no_grad():
+        want = build_model(state)(x)
+        bare = build_model(state, bare=True)(x)
+    assert not torch.allclose(want, bare, atol=1e-3)  # the rule changes the logits
+    for runtime, tol in (("torchscript", 1e-4), ("onnx", 1e-3)):
+        net_rt = load_network(*ref.runtime_file(runtime), runtime=runtime)
+        with torch.no_grad():
+            got = torch.as_tensor(np.asarray(net_rt(x)))
+        assert torch.allclose(got, want, atol=tol), runtime
