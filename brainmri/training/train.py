@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,7 @@ from ..models.checkpoints import (
 )
 from ..models.zoo import check_model_name, count_params, create_model
 from .engine import ShardBatches, Stopwatch, agree_any, evaluate, lr_lambda, to_channels_last, train_one_epoch
+from .progress import EpochLines
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -169,9 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
     criterion = class_weighted_loss(cfg, config["train_counts"], device)
     steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
     optimizer, scheduler = configure_optimizer(cfg, raw, steps)
-    run = resume(raw, optimizer, scheduler)
-    if run.start and rank == 0:
-        print(f"brainmri: resumed from the checkpoint of epoch {run.start - 1}")
+    run = resume(raw, optimizer, scheduler)  # the driver says so (progress.EpochLines)
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
@@ -299,7 +299,9 @@ def prepare(cfg: TrainConfig):
     return name, version, manifest, out
 
 
-def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
+def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None) -> TrainResult:
+    """Train (see the module docstring). `progress(line)`, when given, gets one line per
+    epoch as the run goes (progress.EpochLines)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -334,7 +336,8 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
             worker_runtime_env={"env_vars": worker_env()} if worker_env() else None,
             callbacks=callbacks),
     )
-    result = trainer.fit()
+    with EpochLines(run / "history.json", cfg.epochs, progress) if progress else nullcontext():
+        result = trainer.fit()
     best_ckpt = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
     with best_ckpt.as_directory() as d:
         state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
