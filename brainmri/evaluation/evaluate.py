@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from ..config import EvaluateConfig
 from ..core.cluster import init_ray
@@ -82,9 +83,11 @@ def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concur
     """Runs the pipeline and gathers its (small) per-file columns on the driver."""
     ds = inference_dataset(src, ref, batch_size, gpu, concurrency)
     cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for c in OUTPUT_COLUMNS:
-            cols[c].append(b[c])
+    with tqdm(total=src.count, desc="evaluate", unit="img", disable=None) as bar:  # terminals only
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for c in OUTPUT_COLUMNS:
+                cols[c].append(b[c])
+            bar.update(len(b["path"]))
     arr = {c: np.concatenate(v) for c, v in cols.items()}
     order = np.argsort(arr["path"].astype(str), kind="stable")  # stable report order
     return Outputs(*(np.asarray(arr[c])[order] for c in OUTPUT_COLUMNS))

@@ -44,6 +44,11 @@ class Source:
     split: str = ""
     dataset_uri: str = ""
 
+    @property
+    def count(self) -> int:
+        """Rows the inference pipeline yields (a folder's unreadable files get theirs too)."""
+        return self.describe["rows"] if self.kind == "dataset" else len(self.files)
+
     def read_bytes(self, paths: list[str]) -> dict[str, bytes]:
         """Original bytes of a few images (for galleries), by their report path."""
         if self.kind == "folder":
@@ -134,7 +139,7 @@ def to_ray_dataset(src: Source, size: int, batch_size: int):
     """The source as a Ray Dataset of preprocessed rows (lazy: nothing runs yet)."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False  # evaluate draws its own
     if src.kind == "dataset":
         ds = ray.data.read_parquet(src.shard_paths, filesystem=src.location.fs).select_columns(
             DATASET_COLUMNS)  # pushed down into the read: other columns are never loaded
