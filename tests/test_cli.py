@@ -90,7 +90,7 @@ def test_every_flag_maps_to_its_field_and_back(cmd):
     cls = COMMANDS[cmd]
     for f in flag_fields(cls):
         argv, value = sample(cls, f)
-        required = dict(zip(REQUIRED.get(cmd, [])[::2], REQUIRED.get(cmd, [])[1::2]))
+        required = dict(zip(REQUIRED.get(cmd, [])[::2], REQUIRED.get(cmd, [])[1::2], strict=False))
         if argv[0] in required:  # a required flag (no default): given in every command line
             argv, value = [], required[argv[0]]
         a = parse(cmd, *REQUIRED.get(cmd, []), *argv)

@@ -61,7 +61,7 @@ class Source:
         for shard in self.shard_paths:  # one shard at a time: memory stays one shard's worth
             t = pq.ParquetFile(self.location.fs.open_input_file(shard)).read(columns=["path", "image"])
             t = t.filter(pc.is_in(t.column("path"), value_set=want))
-            out.update(zip(t.column("path").to_pylist(), t.column("image").to_pylist()))
+            out.update(zip(t.column("path").to_pylist(), t.column("image").to_pylist(), strict=False))
         return out
 
 
@@ -104,7 +104,7 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
 
 def _folder_source(loc: Location, classes: list[str]) -> Source:
     if loc.is_s3:
-        files, rejects = _classify_keys([l.path[len(loc.path) + 1:] for l in loc.files()], classes)
+        files, rejects = _classify_keys([f.path[len(loc.path) + 1:] for f in loc.files()], classes)
     else:
         files, rejects = [], []
         for r in walk_source(loc.path, classes):
