@@ -10,8 +10,9 @@
     publish best checkpoint as a model version    rank 0: checkpoint + history; all: report()
 
 The loops themselves live in `engine` (no Ray there). The driver never materialises the
-dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name resumes from the latest checkpoint,
-and a failed worker is replaced and resumes the same way (FailureConfig).
+dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name
+resumes from the latest checkpoint, and a failed worker is replaced and resumes the same way
+(FailureConfig). The driver prints one line per epoch from the run's history.json (`progress`).
 """
 
 from __future__ import annotations
