@@ -202,7 +202,7 @@ def test_console_is_one_line_per_epoch_and_ray_only_with_verbose(small_lake):
                         r"ETA \d+ s", lines[0]), lines[0]
     assert lines[2].startswith("run ") and lines[3].startswith("published model ") and len(lines) == 4
     assert "TrainingReport(" not in out and "Reporting training result" not in out
-    assert len(out.encode()) < 1500, out  # 434 bytes measured (12.6 kB before issue 15)
+    assert len(out.encode()) < 1500, out  # 452 bytes measured (14,639 before issue 15)
 
     out = run("--epochs", "3", "--verbose")
     assert "resumed from the checkpoint of epoch 2" in out
