@@ -25,10 +25,11 @@ from .config import (
     parse_overrides,
 )
 from .config import probability as _probability
+from .core import console
 from .core.storage import StorageError
 
 # argparse's own attributes and the shared --config/--set: no config field may take these names
-RESERVED = frozenset({"cmd", "func", "config_cls", "config", "overrides"})
+RESERVED = frozenset({"cmd", "func", "config_cls", "config", "overrides", "verbose"})
 
 
 def _arg_type(parse):
@@ -141,6 +142,19 @@ def _config_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _console_parent() -> argparse.ArgumentParser:
+    """The commands that run on Ray: their console shows brainmri's lines, Ray's log only on demand."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--verbose", action="store_true",
+                   help=f"also show Ray's own log (worker start-up, per-rank reports, Ray Data plans, "
+                        f"warnings); {console.VERBOSE_ENV}=1 does the same")
+    return p
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # a job's log is a pipe: each epoch's line when it happens
+
+
 def cmd_ingest(a) -> int:
     from .data.ingest import ingest
 
@@ -162,10 +176,10 @@ def cmd_ingest(a) -> int:
 def cmd_train(a) -> int:
     from .training.train import run_training
 
-    res = run_training(config_from_args(a))
+    res = run_training(config_from_args(a), progress=_say)
     b = res.best
     print(f"run {res.run_uri}: {len(res.history)} epochs in {res.seconds / 60:.1f} min; best epoch "
-          f"{b['epoch']}: val accuracy {b['val_accuracy']:.4f}, macro-F1 {b['val_macro_f1']:.4f}, "
+          f"{b['epoch'] + 1}: val accuracy {b['val_accuracy']:.4f}, macro-F1 {b['val_macro_f1']:.4f}, "
           f"glioma recall {b.get('val_recall_glioma', float('nan')):.4f}")
     if res.model_uri:
         print(f"published model {res.model_uri}")
@@ -192,7 +206,7 @@ def cmd_tune(a) -> int:
 def cmd_retrain(a) -> int:
     from .ops.retrain import retrain
 
-    d = retrain(config_from_args(a))
+    d = retrain(config_from_args(a), progress=_say)
     print(f"retrain: {d.action}: {d.reason}")
     if d.record:
         r = d.record
@@ -255,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="brainmri", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     cfg = [_config_parent()]
+    on_ray = [_config_parent(), _console_parent()]
 
     p = sub.add_parser("ingest", parents=cfg,
                        help="ingest a class-folder image tree into a Parquet dataset version")
@@ -263,22 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, IngestConfig)
     p.set_defaults(func=cmd_ingest, config_cls=IngestConfig)
 
-    p = sub.add_parser("train", parents=cfg,
+    p = sub.add_parser("train", parents=on_ray,
                        help="train a CNN with Ray Train (DDP) on a dataset version")
     add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train, config_cls=TrainConfig)
 
-    p = sub.add_parser("tune", parents=cfg, help="search architectures and hyperparameters with "
+    p = sub.add_parser("tune", parents=on_ray, help="search architectures and hyperparameters with "
                        "Ray Tune (ASHA); publish and evaluate the winner")
     add_config_flags(p, TuneConfig)
     p.set_defaults(func=cmd_tune, config_cls=TuneConfig)
 
-    p = sub.add_parser("retrain", parents=cfg, help="scheduled retraining: new data -> challenger "
+    p = sub.add_parser("retrain", parents=on_ray, help="scheduled retraining: new data -> challenger "
                        "-> promoted only if not worse than the champion on the frozen test set")
     add_config_flags(p, RetrainConfig)
     p.set_defaults(func=cmd_retrain, config_cls=RetrainConfig)
 
-    p = sub.add_parser("evaluate", help="evaluate a model on a dataset split or an image folder; "
+    p = sub.add_parser("evaluate", parents=[_console_parent()],
+                       help="evaluate a model on a dataset split or an image folder; "
                        "writes a self-contained report")
     add_config_flags(p, EvaluateConfig, with_defaults=True)
     p.set_defaults(func=cmd_evaluate, config_cls=EvaluateConfig)
@@ -312,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "verbose"):
+        console.set_verbose(args.verbose or console.verbose())
     try:
         return args.func(args)
     except (ConfigError, StorageError, FileNotFoundError) as e:

@@ -35,6 +35,7 @@ COMMANDS = {"ingest": IngestConfig, "train": TrainConfig, "tune": TuneConfig,
             "retrain": RetrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig}
 POSITIONAL = {"ingest": ["SRC", "DEST"]}
 REQUIRED = {"evaluate": ["--model", "m", "--data", "d", "--out", "o"]}
+ON_RAY = ("train", "tune", "retrain", "evaluate")  # they take the common --verbose
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -77,11 +78,12 @@ def test_the_flags_are_exactly_the_fields_marked_as_flags(cmd):
     cls = COMMANDS[cmd]
     p = subparsers()[cmd]
     options = {o for a in p._actions for o in a.option_strings if o.startswith("--")}
-    options -= {"--help", "--config", "--set"}
+    options -= {"--help", "--config", "--set", "--verbose"}
     assert options == {flag_of(f) for f in flag_fields(cls)}
     assert flag_fields(cls), cls
     # and each flag lands in its field's own attribute
-    dests = {a.dest for a in p._actions if a.option_strings and a.dest not in ("help", "config", "overrides")}
+    dests = {a.dest for a in p._actions
+             if a.option_strings and a.dest not in ("help", "config", "overrides", "verbose")}
     assert dests == {f.name for f in flag_fields(cls)}
 
 
@@ -90,7 +92,7 @@ def test_every_flag_maps_to_its_field_and_back(cmd):
     cls = COMMANDS[cmd]
     for f in flag_fields(cls):
         argv, value = sample(cls, f)
-        required = dict(zip(REQUIRED.get(cmd, [])[::2], REQUIRED.get(cmd, [])[1::2]))
+        required = dict(zip(REQUIRED.get(cmd, [])[::2], REQUIRED.get(cmd, [])[1::2], strict=False))
         if argv[0] in required:  # a required flag (no default): given in every command line
             argv, value = [], required[argv[0]]
         a = parse(cmd, *REQUIRED.get(cmd, []), *argv)
@@ -99,6 +101,25 @@ def test_every_flag_maps_to_its_field_and_back(cmd):
             assert got[f.name] == value, f.name
         else:
             assert got == {f.name: value}, f.name
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_verbose_is_a_console_option_of_the_commands_on_ray(cmd, monkeypatch):
+    """--verbose is not a config key (it changes what the console shows, not the run): it
+    never becomes an override, and main() hands it to core.console."""
+    from brainmri.core import console
+
+    if cmd not in ON_RAY:
+        with pytest.raises(SystemExit):
+            parse(cmd, "--verbose")
+        return
+    for argv, on in (([], False), (["--verbose"], True)):
+        a = parse(cmd, *REQUIRED.get(cmd, []), *argv)
+        assert a.verbose is on and "verbose" not in cli.given(a)
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    monkeypatch.setattr(a, "func", lambda a: 0)
+    monkeypatch.setattr(cli, "build_parser", lambda: types.SimpleNamespace(parse_args=lambda argv: a))
+    assert cli.main([]) == 0 and console.verbose()
 
 
 def test_only_given_flags_become_overrides():

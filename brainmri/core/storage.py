@@ -121,7 +121,7 @@ class Location:
             if i.type == pafs.FileType.File and i.path.endswith(suffix):
                 rel = posixpath.relpath(i.path, self.path)
                 out.append(self / rel)
-        return sorted(out, key=lambda l: l.path)
+        return sorted(out, key=lambda loc: loc.path)
 
     # -- reads -----------------------------------------------------------------------------
     def read_bytes(self) -> bytes:
@@ -185,11 +185,23 @@ def open_location(uri: str | os.PathLike, check: bool = False) -> Location:
             _check_s3(bucket)
         return loc
     path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if check and not os.path.isabs(os.path.expanduser(path)) and _in_job_copy():
+        raise StorageError(f"{uri!r} is relative: in a Ray job it would name a folder in the job's "
+                           "temporary copy of --working-dir (deleted with it); give an absolute "
+                           "path (\"$PWD/lake\") or s3://")
     path = os.path.abspath(os.path.expanduser(path))
     loc = Location(path, pafs.LocalFileSystem(), path)
     if check:
         _check_local(path)
     return loc
+
+
+def _in_job_copy() -> bool:
+    """Whether this is the driver of a `ray job submit --working-dir`: Ray's job supervisor
+    passes the job's runtime_env in this variable, and runs the driver in a temporary copy of
+    the working dir (without what runtime_env.yaml excludes, e.g. lake/)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return bool(raw) and bool((json.loads(raw).get("runtime_env") or {}).get("working_dir"))
 
 
 def _check_local(path: str) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from ..config import EvaluateConfig
 from ..core.cluster import init_ray
@@ -89,9 +90,11 @@ def run_inference(src: Source, ref: ModelRef, batch_size: int, gpu: bool, concur
     """Runs the pipeline and gathers its (small) per-file columns on the driver."""
     ds = inference_dataset(src, ref, batch_size, gpu, concurrency, runtime)
     cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for c in OUTPUT_COLUMNS:
-            cols[c].append(b[c])
+    with tqdm(total=src.count, desc="evaluate", unit="img", disable=None) as bar:  # terminals only
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for c in OUTPUT_COLUMNS:
+                cols[c].append(b[c])
+            bar.update(len(b["path"]))
     arr = {c: np.concatenate(v) for c, v in cols.items()}
     arr["path"] = src.pseudonymise(arr["path"], arr["dicom"], arr["frame"])  # before any write
     order = np.argsort(arr["path"].astype(str), kind="stable")  # stable report order
@@ -170,10 +173,11 @@ def image_figures(ref: ModelRef, src: Source, ok: Outputs, probs, n_mistakes: in
     out = {"mistakes": figures.gallery([x[i] for i in mistakes], [caption(i) for i in mistakes],
                                        f"{len(mistakes)} most confident mistakes")}
     model = load_network(ref.weights.uri, ref.sha256)
-    stack = np.stack([x[i] for i in cams]) if cams else np.zeros((0, ref.image_size, ref.image_size), np.uint8)
+    empty = np.zeros((0, ref.image_size, ref.image_size), np.uint8)
+    stack = np.stack([x[i] for i in cams]) if cams else empty
     overlays = figures.gradcam_overlays(model, stack, [int(pred[i]) for i in cams])
     images, caps = [], []
-    for i, ov in zip(cams, overlays):
+    for i, ov in zip(cams, overlays, strict=False):
         images += [x[i], ov]
         caps += [f"{classes[y[i]]}: input", caption(i)]
     out["gradcam"] = figures.gallery(images, caps, f"Grad-CAM, {cam_per_class} per true class")
@@ -244,7 +248,8 @@ def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below
     res = run_inference(src, ref, **run)
     good = np.asarray([r == "" for r in res.reason], dtype=bool)
     ok = res.select(good)
-    rejects = sorted(src.walk_rejects + list(zip(res.path[~good], res.reason[~good], res.detail[~good])))
+    failed = zip(res.path[~good], res.reason[~good], res.detail[~good], strict=False)
+    rejects = sorted(src.walk_rejects + list(failed))
     cal = temperature_for(ref, batch_size, runtime)
     probs_raw, probs = softmax(ok.logits), softmax(ok.logits, cal["temperature"])
     leak = leakage_for(ref, src, ok, near_dup_distance)

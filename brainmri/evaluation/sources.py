@@ -66,6 +66,11 @@ class Source:
             self.salt = dicom.salt_or_random()
         return self.salt
 
+    @property
+    def count(self) -> int:
+        """Rows the inference pipeline yields (a folder's unreadable files get theirs too)."""
+        return self.describe["rows"] if self.kind == "dataset" else len(self.files)
+
     def read_bytes(self, paths: list[str]) -> dict[str, bytes]:
         """The stored image of a few rows (for galleries), by their report path: the
         original bytes, or a DICOM slice's PNG."""
@@ -79,7 +84,7 @@ class Source:
         for shard in self.shard_paths:  # one shard at a time: memory stays one shard's worth
             t = pq.ParquetFile(self.location.fs.open_input_file(shard)).read(columns=["path", "image"])
             t = t.filter(pc.is_in(t.column("path"), value_set=want))
-            out.update(zip(t.column("path").to_pylist(), t.column("image").to_pylist()))
+            out.update(zip(t.column("path").to_pylist(), t.column("image").to_pylist(), strict=False))
         return out
 
 
@@ -130,7 +135,7 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
 def _folder_source(loc: Location, classes: list[str]) -> Source:
     src = Source("folder", loc, "", {}, classes=list(classes))
     if loc.is_s3:
-        files, rejects = _classify_keys([l.path[len(loc.path) + 1:] for l in loc.files()], classes)
+        files, rejects = _classify_keys([f.path[len(loc.path) + 1:] for f in loc.files()], classes)
         seen = [p for p, _ in files] + [p for p, _, _ in rejects]
     else:
         files, rejects, seen = [], [], []
@@ -171,7 +176,7 @@ def to_ray_dataset(src: Source, size: int, batch_size: int):
     """The source as a Ray Dataset of preprocessed rows (lazy: nothing runs yet)."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False  # evaluate draws its own
     if src.kind == "dataset":
         ds = ray.data.read_parquet(src.shard_paths, filesystem=src.location.fs).select_columns(
             DATASET_COLUMNS)  # pushed down into the read: other columns are never loaded

@@ -146,9 +146,10 @@ class Evaluated:
     champion: dict | None
 
 
-def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
+def retrain(cfg: RetrainConfig, hooks=None, progress=None) -> Decision:
     """One scheduled run (see the module docstring). `hooks(stage)` is called between stages
-    (tests use it to crash the job at a chosen point)."""
+    (tests use it to crash the job at a chosen point); `progress(line)` gets the challenger's
+    epoch lines (training.train.run_training)."""
     cfg.validate()
     hook = hooks or (lambda stage: None)
     store, root, incoming = open_inputs(cfg)
@@ -159,7 +160,7 @@ def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
     lease.claim(root / "champion.json", root / "seen.json")  # fence out any earlier holder
     lease.start_heartbeat()
     try:
-        return _run(cfg, hook, store, root, incoming, lease)
+        return _run(cfg, hook, store, root, incoming, lease, progress)
     except KeyboardInterrupt:
         if lease.lost.is_set():  # the heartbeat stopped the work: say why, in one sentence
             raise LockHeld(f"lost the lease on {lease.loc.uri} while working; stopped, nothing "
@@ -170,7 +171,7 @@ def retrain(cfg: RetrainConfig, hooks=None) -> Decision:
 
 
 def _run(cfg: RetrainConfig, hook, store: Location, root: Location, incoming: Location | None,
-         lease: Lease) -> Decision:
+         lease: Lease, progress=None) -> Decision:
     champion = load_champion(root, cfg, store, lease)
     new = find_new_data(cfg, store, root, incoming, champion, lease)  # 1. what is new
     if isinstance(new, Decision):
@@ -179,7 +180,7 @@ def _run(cfg: RetrainConfig, hook, store: Location, root: Location, incoming: Lo
     lease.check()
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    tcfg, trained = train_challenger(cfg, champion, new.version_uri, store)  # 2. challenger
+    tcfg, trained = train_challenger(cfg, champion, new.version_uri, store, progress)  # 2. challenger
     hook("trained")
     lease.check()
 
@@ -268,7 +269,8 @@ def find_new_data(cfg: RetrainConfig, store: Location, root: Location, incoming:
     return NewData(version_uri, seen_now)
 
 
-def train_challenger(cfg: RetrainConfig, champion: dict | None, version_uri: str, store: Location):
+def train_challenger(cfg: RetrainConfig, champion: dict | None, version_uri: str, store: Location,
+                     progress=None):
     """The challenger, trained with the champion's recipe (or the given one) on the new
     version -> (its TrainConfig, run_training's result)."""
     from ..training.train import run_training
@@ -278,7 +280,7 @@ def train_challenger(cfg: RetrainConfig, champion: dict | None, version_uri: str
     recipe_id = hashlib.sha256(json.dumps(to_dict(tcfg), sort_keys=True,
                                           default=str).encode()).hexdigest()[:8]
     tcfg.name = f"retrain-{version_uri.rstrip('/').rsplit('/', 1)[-1]}-{recipe_id}"
-    return tcfg, run_training(tcfg)
+    return tcfg, run_training(tcfg, progress=progress)
 
 
 def evaluate_both(cfg: RetrainConfig, champion: dict | None, version_uri: str, store: Location,

@@ -11,8 +11,9 @@
     publish best checkpoint as a model version  (with ema_decay: the averaged weights throughout)
 
 The loops themselves live in `engine` (no Ray there). The driver never materialises the
-dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name resumes from the latest checkpoint,
-and a failed worker is replaced and resumes the same way (FailureConfig).
+dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name
+resumes from the latest checkpoint, and a failed worker is replaced and resumes the same way
+(FailureConfig). The driver prints one line per epoch from the run's history.json (`progress`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +57,7 @@ from .engine import (
     to_channels_last,
     train_one_epoch,
 )
+from .progress import EpochLines
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -189,9 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
     optimizer, scheduler = configure_optimizer(cfg, raw, steps)
     ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    run = resume(raw, optimizer, scheduler, ema, steps)
-    if run.start and rank == 0:
-        print(f"brainmri: resumed from the checkpoint of epoch {run.start - 1}")
+    run = resume(raw, optimizer, scheduler, ema, steps)  # the driver says so (progress.EpochLines)
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
@@ -346,7 +347,9 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict) -> d
     return inference_record(cfg.tta, bias, chosen)
 
 
-def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
+def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None) -> TrainResult:
+    """Train (see the module docstring). `progress(line)`, when given, gets one line per
+    epoch as the run goes (progress.EpochLines)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -381,7 +384,8 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
             worker_runtime_env={"env_vars": worker_env()} if worker_env() else None,
             callbacks=callbacks),
     )
-    result = trainer.fit()
+    with EpochLines(run / "history.json", cfg.epochs, progress) if progress else nullcontext():
+        result = trainer.fit()
     best_ckpt = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
     with best_ckpt.as_directory() as d:
         state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())

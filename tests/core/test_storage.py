@@ -111,6 +111,24 @@ def test_local_check(tmp_path):
             open_location(ro / "x", check=True)
 
 
+def test_relative_storage_paths_are_refused_in_a_job_with_a_working_dir(tmp_path, monkeypatch):
+    """In a `ray job submit --working-dir` driver (Ray's job supervisor sets this variable to
+    the job's config), `./lake` would be the job's temporary copy: one line, not a lost model."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip", "env_vars": {}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    for rel in ("./lake", "lake/datasets", "file://lake"):
+        with pytest.raises(StorageError, match=r"is relative: in a Ray job .*\$PWD/lake"):
+            open_location(rel, check=True)
+        assert open_location(rel).path == str(tmp_path / rel.removeprefix("file://"))  # unchecked
+    assert open_location(str(tmp_path / "lake"), check=True).path == str(tmp_path / "lake")
+    # without a working dir there is no copy to lose: a relative path is resolved as anywhere
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
+    assert open_location("./lake", check=True).path == str(tmp_path / "lake")
+
+
 # -- S3 URIs that never reach a server -------------------------------------------------------
 @pytest.mark.parametrize("uri,msg", [
     ("s3://Bad_Bucket/x", "invalid S3 bucket name"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_loca
     assert again["n"] == res.best["val_n"]
     assert again["accuracy"] == pytest.approx(res.best["val_accuracy"])
     assert again["macro_f1"] == pytest.approx(res.best["val_macro_f1"])
-    assert (open_location(res.model_uri) / "metadata.json").read_json()["metrics"]["epoch"] == res.best["epoch"]
+    meta = (open_location(res.model_uri) / "metadata.json").read_json()
+    assert meta["metrics"]["epoch"] == res.best["epoch"]
 
 
 def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake, ray_local):
@@ -203,6 +205,41 @@ def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     h = (run / "history.json").read_json()
     assert [e["epoch"] for e in h] == [0, 1, 2] and h[-1]["resumes"] >= 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_console_is_one_line_per_epoch_and_ray_only_with_verbose(small_lake):
+    """`brainmri train` prints one line per epoch from the driver and a summary; Ray's own
+    output (per-rank TrainingReport dumps, worker start-up, Ray Data plans) comes back with
+    --verbose. The same run is resumed for a third epoch with --verbose."""
+    cmd = [sys.executable, "-m", "brainmri.cli", "train", "--data", str(small_lake), "--out",
+           str(small_lake), "--name", "t-console", "--image-size", "64", "--batch-size", "16",
+           "--set", "model_args={width: 8}"]
+    env = {k: v for k, v in os.environ.items() if k != "BRAINMRI_VERBOSE"}
+    env["RAY_ADDRESS"] = ""  # its own cluster, not the tests' one
+
+    def run(*argv):
+        r = subprocess.run(cmd + list(argv), cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout + r.stderr
+
+    out = run("--epochs", "2")
+    lines = out.splitlines()
+    assert [ln[:10] for ln in lines if ln.startswith("epoch")] == ["epoch 1/2:", "epoch 2/2:"]
+    assert re.fullmatch(r"epoch 1/2: train loss \d\.\d{4} acc \d\.\d{4} \| val acc \d\.\d{4} "
+                        r"macro-F1 \d\.\d{4} \(best\) glioma recall \d\.\d{4} \| [\d.]+ s, \d+ img/s, "
+                        r"ETA \d+ s", lines[0]), lines[0]
+    assert lines[2].startswith("run ") and lines[3].startswith("published model ") and len(lines) == 4
+    assert "TrainingReport(" not in out and "Reporting training result" not in out
+    assert len(out.encode()) < 1500, out  # 452 bytes measured (14,639 before issue 15)
+
+    out = run("--epochs", "3", "--verbose")
+    assert "resumed from the checkpoint of epoch 2" in out
+    assert [ln[:10] for ln in out.splitlines() if ln.startswith("epoch")] == ["epoch 3/3:"]
+    assert "Reporting training result" in out and "TrainingReport(" in out  # from each rank
+    assert "(RayTrainWorker pid=" in out and "Execution plan of Dataset" in out
 
 
 # -- worker counts and tiny validation sets -----------------------------------------------------
