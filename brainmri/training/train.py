@@ -32,10 +32,13 @@ from ..core import metrics as M
 from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
+from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, read_split, resolve_dataset, split_files, verify_shards
 from ..data.transforms import preprocess_batch, preprocess_many, to_model_input
 from ..models.checkpoints import (
     CKPT_FILE,
+    META_FILE,
+    MODEL_FILE,
     build_model,
     dump_state,
     library_versions,
@@ -346,7 +349,8 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict) -> d
     return inference_record(cfg.tta, bias, chosen)
 
 
-def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
+def run_training(cfg: TrainConfig, callbacks=None, storage=None, tracking: Tracking | None = None
+                 ) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -354,7 +358,6 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
     name, version, manifest, out = prepare(cfg)
     cfg.name = name
     classes = manifest["classes"]
-    init_ray()
 
     runs = storage or (out / "runs")
     run = runs / name
@@ -362,6 +365,11 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
     train_rows = min(sum(train_counts), cfg.limit_train or 10**12)
     dataset_info = {"uri": version.uri, "name": manifest["name"], "version": manifest["version"],
                     "manifest_hash": manifest_hash(manifest)}
+    # before Ray starts: a tracking server that does not answer fails here, in one line
+    tracked = start_run(tracking and tracking.named("brainmri-train"), run.uri, name,  # None: off
+                        {**to_dict(cfg), "dataset": dataset_info},
+                        {"brainmri.dataset_version": manifest["version"]})
+    init_ray()
     (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -379,9 +387,10 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
                                                checkpoint_score_attribute=METRIC,
                                                checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": worker_env()} if worker_env() else None,
-            callbacks=callbacks),
+            callbacks=[*(callbacks or []), *run_callbacks(tracked)]),
     )
-    result = trainer.fit()
+    with failing(tracked):
+        result = trainer.fit()
     best_ckpt = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
     with best_ckpt.as_directory() as d:
         state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
@@ -396,4 +405,5 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None) -> TrainResult:
                                   stage="candidate" if cfg.candidate else "released").uri
     (run / "summary.json").write_json({"best": best, "model": model_uri, "epochs_run": len(history),
                                        "seconds": time.time() - t0})
+    finish_run(tracked, history, model_uri, (META_FILE, MODEL_FILE))
     return TrainResult(run.uri, model_uri, best, history, time.time() - t0)
