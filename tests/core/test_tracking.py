@@ -1,6 +1,8 @@
-"""brainmri.core.tracking without Ray: URIs shown redacted, params flattened, a dead tracking
-server refused in one line before anything is written, and tracking off never imports mlflow.
-(Tracked training, tune and retrain against a real `mlflow server`: tests/ops/test_tracked_runs.py.)"""
+"""brainmri.core.tracking without a Ray cluster: URIs shown redacted, params flattened, a dead
+tracking server refused in one line before anything is written, tracking off never imports
+mlflow; against a real `mlflow server`: a run reused on resume, the epochs an outage cost logged
+at the end, FAILED when training raises. (Tracked training, tune and retrain on Ray:
+tests/ops/test_tracked_runs.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +11,21 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from brainmri.cli import main
 from brainmri.config import IngestConfig
-from brainmri.core.tracking import flatten, metric_points, redact
+from brainmri.core.tracking import (
+    TrackedRun,
+    Tracking,
+    failing,
+    finish_run,
+    flatten,
+    metric_points,
+    redact,
+    run_callbacks,
+    start_run,
+)
 from brainmri.data.ingest import ingest
 
 from support.data import REPO, real_subset
@@ -81,3 +95,49 @@ def test_a_dead_tracking_server_fails_each_command_in_one_line_before_any_work(t
         assert "no answer" in err and "s3cret" not in err and "bob" not in err
     # nothing was written: no run, no search, no lease, no ingest into the store
     assert not store.exists() or sorted(p.name for p in store.iterdir()) == []
+
+
+@pytest.mark.slow  # starts the real `mlflow server` (session fixture): ~10-30 s on 2 cores
+def test_a_run_is_reused_catches_up_after_an_outage_and_ends_failed_or_finished(
+        mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    tracking = Tracking(mlflow_server, "core-unit")
+    run = start_run(tracking, "/lake/runs/r1", "r1", {"lr": 0.1, "model_args": {"width": 8}},
+                    {"brainmri.dataset_version": "v1"})
+    (callback,) = run_callbacks(run)  # what Train's controller runs after each epoch's report
+    callback.after_report(None, [{"epoch": 0, "val_macro_f1": 0.5, "train_loss": 1.0}], None)
+    # the same training run started again (a resume) goes on in the same MLflow run
+    again = start_run(tracking, "/lake/runs/r1", "r1", {}, {})
+    assert again.run_id == run.run_id
+
+    # a controller that loses the server warns once and lets training go on...
+    dead = TrackedRun(Tracking(f"http://127.0.0.1:{free_port()}", "core-unit"), run.run_id)
+    (lost,) = run_callbacks(dead)
+    for epoch in (1, 2):
+        lost.after_report(None, [{"epoch": epoch, "val_macro_f1": 0.6, "train_loss": 0.9}], None)
+    assert lost.lost and capsys.readouterr().err.count("brainmri: tracking: warning:") == 1
+    # ...and the end of the run logs the epochs it missed, then the model
+    history = [{"epoch": e, "val_macro_f1": 0.5 + e / 10, "train_loss": 1.0 - e / 10} for e in range(3)]
+    model = tmp_path / "models" / "brainnet" / "v1"
+    model.mkdir(parents=True)
+    (model / "metadata.json").write_text('{"version": "v1"}')
+    (model / "model.pt").write_bytes(b"weights")
+    finish_run(again, history, str(model), ("metadata.json", "model.pt"))
+
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FINISHED" and r.info.run_name == "r1"
+    assert r.data.params == {"lr": "0.1", "model_args.width": "8"}
+    assert r.data.tags["brainmri.epochs_logged_at_end"] == "1,2"
+    assert r.data.tags["brainmri.model"] == str(model)
+    points = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, "train_loss"))
+    assert points == [(0, 1.0), (1, pytest.approx(0.9)), (2, pytest.approx(0.8))]
+    assert {a.path for a in client.list_artifacts(run.run_id, "model")} == {
+        "model/metadata.json", "model/model.pt"}
+
+    # a run whose training raises ends FAILED, and the error goes on up
+    other = start_run(tracking, "/lake/runs/r2", "r2", {}, {})
+    with pytest.raises(RuntimeError, match="worker died"), failing(other):
+        raise RuntimeError("worker died")
+    assert client.get_run(other.run_id).info.status == "FAILED"
