@@ -16,6 +16,7 @@ from .config import (
     IngestConfig,
     RetrainConfig,
     ServeConfig,
+    TrackingConfig,
     TrainConfig,
     TuneConfig,
     flag_fields,
@@ -134,6 +135,14 @@ def config_from_args(a: argparse.Namespace):
     return load_config(cls, a.config, merge(parse_overrides(a.overrides), given(a, cls)))
 
 
+def tracking_from_args(a: argparse.Namespace):
+    """The command's MLflow tracking (--tracking-uri / --tracking-experiment, else
+    $MLFLOW_TRACKING_URI), or None: off (brainmri.core.tracking)."""
+    from .core.tracking import from_config
+
+    return from_config(from_dict(TrackingConfig, given(a, TrackingConfig)))
+
+
 def _config_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", metavar="YAML", help="config file (YAML); flags and --set win over it")
@@ -176,7 +185,7 @@ def cmd_ingest(a) -> int:
 def cmd_train(a) -> int:
     from .training.train import run_training
 
-    res = run_training(config_from_args(a), progress=_say)
+    res = run_training(config_from_args(a), progress=_say, tracking=tracking_from_args(a))
     b = res.best
     print(f"run {res.run_uri}: {len(res.history)} epochs in {res.seconds / 60:.1f} min; best epoch "
           f"{b['epoch'] + 1}: val accuracy {b['val_accuracy']:.4f}, macro-F1 {b['val_macro_f1']:.4f}, "
@@ -189,7 +198,7 @@ def cmd_train(a) -> int:
 def cmd_tune(a) -> int:
     from .ops.tune import run_search
 
-    res = run_search(config_from_args(a))
+    res = run_search(config_from_args(a), tracking_from_args(a))
     print(f"search {res.experiment_uri}: {len(res.leaderboard)} trials in {res.seconds / 60:.1f} min")
     for r in res.leaderboard[:5]:
         f1 = r["best_val_macro_f1"]
@@ -206,7 +215,7 @@ def cmd_tune(a) -> int:
 def cmd_retrain(a) -> int:
     from .ops.retrain import retrain
 
-    d = retrain(config_from_args(a), progress=_say)
+    d = retrain(config_from_args(a), progress=_say, tracking=tracking_from_args(a))
     print(f"retrain: {d.action}: {d.reason}")
     if d.record:
         r = d.record
@@ -281,16 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=on_ray,
                        help="train a CNN with Ray Train (DDP) on a dataset version")
     add_config_flags(p, TrainConfig)
+    add_config_flags(p, TrackingConfig)
     p.set_defaults(func=cmd_train, config_cls=TrainConfig)
 
     p = sub.add_parser("tune", parents=on_ray, help="search architectures and hyperparameters with "
                        "Ray Tune (ASHA); publish and evaluate the winner")
     add_config_flags(p, TuneConfig)
+    add_config_flags(p, TrackingConfig)
     p.set_defaults(func=cmd_tune, config_cls=TuneConfig)
 
     p = sub.add_parser("retrain", parents=on_ray, help="scheduled retraining: new data -> challenger "
                        "-> promoted only if not worse than the champion on the frozen test set")
     add_config_flags(p, RetrainConfig)
+    add_config_flags(p, TrackingConfig)
     p.set_defaults(func=cmd_retrain, config_cls=RetrainConfig)
 
     p = sub.add_parser("evaluate", parents=[_console_parent()],

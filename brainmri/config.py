@@ -243,6 +243,20 @@ class RetrainConfig:
         from_dict(TrainConfig, dict(self.train), prefix="train.")  # unknown keys fail now
 
 
+@dataclass
+class TrackingConfig:
+    """Where `train`, `tune` and `retrain` report to MLflow (brainmri.core.tracking; the
+    optional extra `brainmri[mlflow]`). Not a field of TrainConfig, TuneConfig or RetrainConfig
+    on purpose: those are written into config.json, checkpoints, models, trials.json and audit
+    records, and a tracking URI may hold credentials."""
+
+    tracking_uri: str = flag("", "MLflow tracking URI (e.g. http://127.0.0.1:5000): log params, "
+                                 "per-epoch metrics, the published model and its reports there; "
+                                 "'' = $MLFLOW_TRACKING_URI, and when that is unset no tracking")
+    tracking_experiment: str = flag("", "MLflow experiment; '' = brainmri-train (train), the "
+                                        "search's name (tune), retrain-<dataset> (retrain)")
+
+
 MODEL_HELP = ("model version URI, models/<name> folder (its champion, else its newest released "
               "version), checkpoint folder or .pt file")
 

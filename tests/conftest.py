@@ -72,6 +72,17 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts in a tmp folder served
+    over HTTP), started once for the tests that track; yields its URL."""
+    from support import mlflow_server as srv
+
+    proc, url = srv.start(tmp_path_factory.mktemp("mlflow"))
+    yield url
+    srv.stop(proc)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Two torch threads on a shared 2-core machine spin against each other (10x slower):

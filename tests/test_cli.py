@@ -22,6 +22,7 @@ from brainmri.config import (
     IngestConfig,
     RetrainConfig,
     ServeConfig,
+    TrackingConfig,
     TrainConfig,
     TuneConfig,
     flag,
@@ -33,6 +34,8 @@ from support.data import REPO
 
 COMMANDS = {"ingest": IngestConfig, "train": TrainConfig, "tune": TuneConfig,
             "retrain": RetrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig}
+# commands that also take the shared MLflow tracking flags (TrackingConfig, never in their config)
+TRACKED = ("train", "tune", "retrain")
 POSITIONAL = {"ingest": ["SRC", "DEST"]}
 REQUIRED = {"evaluate": ["--model", "m", "--data", "d", "--out", "o"]}
 ON_RAY = ("train", "tune", "retrain", "evaluate")  # they take the common --verbose
@@ -76,15 +79,16 @@ def sample(cls, f: dataclasses.Field) -> tuple[list[str], object]:
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))
 def test_the_flags_are_exactly_the_fields_marked_as_flags(cmd):
     cls = COMMANDS[cmd]
+    fields = flag_fields(cls) + (flag_fields(TrackingConfig) if cmd in TRACKED else [])
     p = subparsers()[cmd]
     options = {o for a in p._actions for o in a.option_strings if o.startswith("--")}
     options -= {"--help", "--config", "--set", "--verbose"}
-    assert options == {flag_of(f) for f in flag_fields(cls)}
+    assert options == {flag_of(f) for f in fields}
     assert flag_fields(cls), cls
     # and each flag lands in its field's own attribute
     dests = {a.dest for a in p._actions
              if a.option_strings and a.dest not in ("help", "config", "overrides", "verbose")}
-    assert dests == {f.name for f in flag_fields(cls)}
+    assert dests == {f.name for f in fields}
 
 
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))
@@ -120,6 +124,22 @@ def test_verbose_is_a_console_option_of_the_commands_on_ray(cmd, monkeypatch):
     monkeypatch.setattr(a, "func", lambda a: 0)
     monkeypatch.setattr(cli, "build_parser", lambda: types.SimpleNamespace(parse_args=lambda argv: a))
     assert cli.main([]) == 0 and console.verbose()
+
+
+def test_tracking_flags_stay_out_of_the_command_config(monkeypatch):
+    """--tracking-uri may hold credentials: it never becomes part of a config that is written
+    to storage (config.json, trials.json, audit records), and it wins over the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for cmd in TRACKED:
+        a = parse(cmd, "--tracking-uri", "http://u:pw@127.0.0.1:5000", "--tracking-experiment", "e")
+        assert cli.given(a) == {} and "pw" not in str(to_dict(cli.config_from_args(a)))
+        t = cli.tracking_from_args(a)
+        assert (t.uri, t.experiment) == ("http://u:pw@127.0.0.1:5000", "e")
+        assert "pw" not in repr(t)
+        assert cli.tracking_from_args(parse(cmd)) is None  # off
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert cli.tracking_from_args(parse("train")).uri == "http://127.0.0.1:5001"
+    assert cli.tracking_from_args(parse("train", "--tracking-uri", "http://h:1")).uri == "http://h:1"
 
 
 def test_only_given_flags_become_overrides():
@@ -201,7 +221,7 @@ def test_help_shows_the_dataclass_defaults(cmd, capsys, monkeypatch):
     out = capsys.readouterr().out
     cls = COMMANDS[cmd]
     shown = 0
-    for f in flag_fields(cls):
+    for f in flag_fields(cls) + (flag_fields(TrackingConfig) if cmd in TRACKED else []):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -37,6 +37,7 @@ from ..config import IngestConfig, RetrainConfig, TrainConfig, from_dict, load_c
 from ..core import metrics as M
 from ..core.lock import Lease, LockHeld
 from ..core.storage import Location, open_location
+from ..core.tracking import Tracking
 
 GLIOMA = "glioma"
 RECALL_GLIOMA = M.key("recall", GLIOMA)  # the decision's second number (core.metrics' schema)
@@ -146,13 +147,20 @@ class Evaluated:
     champion: dict | None
 
 
-def retrain(cfg: RetrainConfig, hooks=None, progress=None) -> Decision:
+def retrain(cfg: RetrainConfig, hooks=None, progress=None, tracking: Tracking | None = None) -> Decision:
     """One scheduled run (see the module docstring). `hooks(stage)` is called between stages
     (tests use it to crash the job at a chosen point); `progress(line)` gets the challenger's
-    epoch lines (training.train.run_training)."""
+    epoch lines (training.train.run_training). With `tracking`, the challenger is an MLflow run
+    (experiment retrain-<dataset> unless one is given) and a promotion moves the registered
+    model's `champion` alias (track_decision)."""
     cfg.validate()
     hook = hooks or (lambda stage: None)
     store, root, incoming = open_inputs(cfg)
+    if tracking is not None:
+        from ..core.tracking import check
+
+        tracking = tracking.named(f"retrain-{cfg.dataset}")
+        check(tracking)  # before the lease and any ingest
     lease = Lease(root / "lock.json", cfg.lock_ttl_min * 60, purpose="brainmri retrain")
     locked = acquire(lease, cfg)
     if locked:
@@ -160,7 +168,7 @@ def retrain(cfg: RetrainConfig, hooks=None, progress=None) -> Decision:
     lease.claim(root / "champion.json", root / "seen.json")  # fence out any earlier holder
     lease.start_heartbeat()
     try:
-        return _run(cfg, hook, store, root, incoming, lease, progress)
+        return _run(cfg, hook, store, root, incoming, lease, progress, tracking)
     except KeyboardInterrupt:
         if lease.lost.is_set():  # the heartbeat stopped the work: say why, in one sentence
             raise LockHeld(f"lost the lease on {lease.loc.uri} while working; stopped, nothing "
@@ -171,7 +179,7 @@ def retrain(cfg: RetrainConfig, hooks=None, progress=None) -> Decision:
 
 
 def _run(cfg: RetrainConfig, hook, store: Location, root: Location, incoming: Location | None,
-         lease: Lease, progress=None) -> Decision:
+         lease: Lease, progress=None, tracking: Tracking | None = None) -> Decision:
     champion = load_champion(root, cfg, store, lease)
     new = find_new_data(cfg, store, root, incoming, champion, lease)  # 1. what is new
     if isinstance(new, Decision):
@@ -180,7 +188,8 @@ def _run(cfg: RetrainConfig, hook, store: Location, root: Location, incoming: Lo
     lease.check()
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    tcfg, trained = train_challenger(cfg, champion, new.version_uri, store, progress)  # 2. challenger
+    tcfg, trained = train_challenger(cfg, champion, new.version_uri, store, progress,  # 2.
+                                     tracking)
     hook("trained")
     lease.check()
 
@@ -199,6 +208,7 @@ def _run(cfg: RetrainConfig, hook, store: Location, root: Location, incoming: Lo
         promote_challenger(root, record, tcfg, champion, lease)
         hook("promoted")
         sync_model_pointer(store, root, lease)
+    track_decision(tracking, record, tcfg.model)  # after the store holds the decision
     return Decision(record["decision"], why, record)
 
 
@@ -270,7 +280,7 @@ def find_new_data(cfg: RetrainConfig, store: Location, root: Location, incoming:
 
 
 def train_challenger(cfg: RetrainConfig, champion: dict | None, version_uri: str, store: Location,
-                     progress=None):
+                     progress=None, tracking: Tracking | None = None):
     """The challenger, trained with the champion's recipe (or the given one) on the new
     version -> (its TrainConfig, run_training's result)."""
     from ..training.train import run_training
@@ -280,7 +290,7 @@ def train_challenger(cfg: RetrainConfig, champion: dict | None, version_uri: str
     recipe_id = hashlib.sha256(json.dumps(to_dict(tcfg), sort_keys=True,
                                           default=str).encode()).hexdigest()[:8]
     tcfg.name = f"retrain-{version_uri.rstrip('/').rsplit('/', 1)[-1]}-{recipe_id}"
-    return tcfg, run_training(tcfg, progress=progress)
+    return tcfg, run_training(tcfg, progress=progress, tracking=tracking)
 
 
 def evaluate_both(cfg: RetrainConfig, champion: dict | None, version_uri: str, store: Location,
@@ -352,6 +362,32 @@ def sync_model_pointer(store: Location, root: Location, lease: Lease) -> None:
     if current.get("version") != model.name or current.get("audit") != champ.get("audit"):
         lease.write(pointer, {"version": model.name, "model": model.uri, "dataset": champ["dataset"],
                               "audit": champ.get("audit"), "promoted_at": champ.get("promoted_at")})
+
+
+def track_decision(tracking: Tracking | None, record: dict, model_name: str) -> None:
+    """The decision in MLflow, once the store holds it: the challenger's run gets both test
+    reports (its own under report/, the champion's under champion_report/), the decision and
+    the audit record; a promotion registers the challenger's model version and moves the
+    registered model's `champion` alias to it. An outage now only warns: champion.json, not
+    the registry, is what decides what is served."""
+    if tracking is None:
+        return
+    from ..core import tracking as T
+
+    try:
+        with T.talking(tracking.uri, "record the retrain decision"):
+            run = T.find_run(tracking, record["challenger"]["run"])
+            if run is None:
+                raise T.TrackingError(f"no MLflow run carries {record['challenger']['run']}")
+            T.log_report(run, record["challenger"]["report"])
+            if record["champion"]:
+                T.log_report(run, record["champion"]["report"], "champion_report", "champion_test_")
+            run.client.log_dict(run.run_id, record, "retrain/audit.json")
+            run.set_tags({"brainmri.decision": record["decision"], "brainmri.reason": record["reason"]})
+            if record["decision"] == "promoted":
+                T.set_champion(run, model_name, record["challenger"]["model"])
+    except T.TrackingError as e:
+        T.warn(str(e))
 
 
 def audit_log(store: str, dataset: str) -> list[dict]:

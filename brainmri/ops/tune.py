@@ -42,6 +42,7 @@ from ..config import ConfigError, TrainConfig, TuneConfig, from_dict, to_dict
 from ..core import metrics as M
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import Location, check_name, open_location
+from ..core.tracking import Tracking
 
 # keys a search may not touch: where data and results live, and how a trial is scheduled
 FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "gpu", "cpus_per_worker",
@@ -200,16 +201,18 @@ def trial_config(base: dict, params: dict, settings: TuneConfig, run_name: str) 
 
 
 # -- one trial (runs inside a Tune trial actor) ------------------------------------------------
-def train_trial(config: dict, trials: dict, runs_uri: str) -> None:
+def train_trial(config: dict, trials: dict, runs_uri: str, tracking: Tracking | None = None) -> None:
     """Tune function trainable: one `run_training` whose every epoch report reaches Tune
     through TuneReportCallback (so ASHA can stop it), checkpoints in the experiment's runs/.
-    Tune's config holds only the trial id; its TrainConfig comes from `trials`."""
+    Tune's config holds only the trial id; its TrainConfig comes from `trials`. With
+    `tracking`, the trial is one MLflow run in the search's experiment."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..training.train import run_training
 
     cfg = from_dict(TrainConfig, trials[config["trial"]])
-    run_training(cfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri))
+    run_training(cfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri),
+                 tracking=tracking)
 
 
 # -- the search (driver) -----------------------------------------------------------------------
@@ -340,13 +343,16 @@ class Search:
         return self.trials[0]["train"]["epochs"]
 
 
-def run_search(settings: TuneConfig) -> TuneResult:
+def run_search(settings: TuneConfig, tracking: Tracking | None = None) -> TuneResult:
     t0 = time.time()
-    search = open_search(settings)
-    errors = run_trials(search)
+    search = open_search(settings, tracking)
+    # never saved in trials.json (the URI may hold credentials): given again on --resume
+    tracking = search_tracking(tracking, search.settings)
+    errors = run_trials(search, tracking)
     rows = leaderboard(search.exp, search.trials, search.epochs, errors, search.classes)
     write_leaderboard(search.exp, rows, search.settings)
     best, model_uri, report_uri = publish_winner(search, rows)
+    track_search(search, tracking, rows, model_uri, report_uri)
     (search.exp / "summary.json").write_json({
         "best": best, "model": model_uri, "report": report_uri, "trials": len(rows),
         "seconds": time.time() - t0, "max_concurrent": search.max_concurrent,
@@ -361,12 +367,13 @@ def saved_search(exp: Location) -> list[str]:
             or (n.startswith("experiment_state-") and n.endswith(".json"))]
 
 
-def open_search(settings: TuneConfig) -> Search:
+def open_search(settings: TuneConfig, tracking: Tracking | None = None) -> Search:
     """The experiment named by `settings`. An existing one (`saved_search`) is refused, before
     Ray is imported, unless `settings.resume`: restoring unpickles the Tune state stored in
     it. With resume, it is restored from its trials.json when Tune can restore it; otherwise,
     and for a new name, the search is planned now (trials sampled and checked, scheduled on
-    the cluster). Starts Ray."""
+    the cluster). Starts Ray. With `tracking`, its server must answer first (the MLflow
+    experiment is the search's name unless one is given)."""
     settings.validate()
     name = check_name(settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}", "experiment name")
     settings.name = name
@@ -378,6 +385,10 @@ def open_search(settings: TuneConfig) -> Search:
             f"experiment {exp.uri} already exists ({', '.join(found)}): --resume restores it, "
             "which unpickles the Tune state stored there, so only do that for storage you "
             "trust; or choose a new --name")
+    if tracking is not None:
+        from ..core.tracking import check
+
+        check(search_tracking(tracking, settings))  # before Ray and trials.json: a retry needs no --resume
     if settings.resume:
         from ray import tune
 
@@ -387,6 +398,11 @@ def open_search(settings: TuneConfig) -> Search:
         print(f"brainmri tune: --resume: {exp.uri} holds no search Tune can restore{has}; "
               "starting a new search", file=sys.stderr, flush=True)
     return plan_search(settings, out, exp)
+
+
+def search_tracking(tracking: Tracking | None, settings: TuneConfig) -> Tracking | None:
+    """The search's MLflow experiment: its own name unless --tracking-experiment gives one."""
+    return tracking and tracking.named(settings.name)
 
 
 def restore_search(settings: TuneConfig, out: Location, exp: Location) -> Search:
@@ -454,15 +470,15 @@ def schedule(settings: TuneConfig) -> Plan:
     return plan
 
 
-def make_tuner(search: Search):
+def make_tuner(search: Search, tracking: Tracking | None = None):
     """Tune's Tuner over the search's trials (a grid of trial ids, ASHA on METRIC), or the
-    saved one when the search is restored."""
+    saved one when the search is restored; with `tracking`, each trial is an MLflow run."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     settings, exp, epochs = search.settings, search.exp, search.epochs
     trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in search.trials},
-                                     runs_uri=(exp / "runs").uri)
+                                     runs_uri=(exp / "runs").uri, tracking=tracking)
     # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if search.restoring:
@@ -486,9 +502,9 @@ def make_tuner(search: Search):
         run_config=run_config)
 
 
-def run_trials(search: Search) -> dict[str, str]:
+def run_trials(search: Search, tracking: Tracking | None = None) -> dict[str, str]:
     """Run (or resume) every trial; {trial id: first line of its error} for those that failed."""
-    grid = make_tuner(search).fit()
+    grid = make_tuner(search, tracking).fit()
     return {r.config["trial"]: str(r.error).splitlines()[0][:300]
             for r in grid if r.error and r.config}
 
@@ -511,6 +527,38 @@ def publish_winner(search: Search, rows: list[dict]) -> tuple[dict | None, str |
         best["report_uri"] = report_uri
     write_leaderboard(search.exp, rows, settings)  # now with the winner's links
     return best, model_uri, report_uri
+
+
+def track_search(search: Search, tracking: Tracking | None, rows: list[dict], model_uri: str | None,
+                 report_uri: str | None) -> None:
+    """The search's MLflow side, from the driver once Tune is done: every trial's run tagged
+    with its leaderboard status and rank; the runs of trials Tune ended (ASHA's stops, errors)
+    closed as KILLED or FAILED, since their actor died inside run_training; the winner's run
+    given the published model and its test report. An outage now only warns: the search is
+    done and its leaderboard written."""
+    if tracking is None:
+        return
+    from ..core import tracking as T
+    from ..models.checkpoints import META_FILE, MODEL_FILE
+
+    ended = {"stopped by ASHA": "KILLED", "error": "FAILED"}
+    try:
+        with T.talking(tracking.uri, "record the search's trials"):
+            T.tag_experiment(tracking, {"brainmri.tune": search.exp.uri,
+                                        "brainmri.leaderboard": (search.exp / "leaderboard.html").uri})
+            for r in rows:
+                run = T.find_run(tracking, r["run_uri"])
+                if run is None:
+                    continue  # never started
+                run.set_tags({"brainmri.status": r["status"], "brainmri.rank": r["rank"]})
+                if r["status"] in ended:
+                    run.end(ended[r["status"]])
+                if model_uri and r is rows[0]:
+                    T.log_model(run, model_uri, (META_FILE, MODEL_FILE))
+                    if report_uri:
+                        T.log_report(run, report_uri)
+    except T.TrackingError as e:
+        T.warn(str(e))
 
 
 # -- results -----------------------------------------------------------------------------------

@@ -34,10 +34,13 @@ from ..core import metrics as M
 from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
+from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, read_split, resolve_dataset, split_files, verify_shards
 from ..data.transforms import preprocess_batch, preprocess_many, to_model_input
 from ..models.checkpoints import (
     CKPT_FILE,
+    META_FILE,
+    MODEL_FILE,
     build_model,
     dump_state,
     library_versions,
@@ -347,9 +350,10 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict) -> d
     return inference_record(cfg.tta, bias, chosen)
 
 
-def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None) -> TrainResult:
+def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
+                 tracking: Tracking | None = None) -> TrainResult:
     """Train (see the module docstring). `progress(line)`, when given, gets one line per
-    epoch as the run goes (progress.EpochLines)."""
+    epoch as the run goes (progress.EpochLines); `tracking`: an MLflow run (core.tracking)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -357,7 +361,6 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None) 
     name, version, manifest, out = prepare(cfg)
     cfg.name = name
     classes = manifest["classes"]
-    init_ray()
 
     runs = storage or (out / "runs")
     run = runs / name
@@ -365,6 +368,11 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None) 
     train_rows = min(sum(train_counts), cfg.limit_train or 10**12)
     dataset_info = {"uri": version.uri, "name": manifest["name"], "version": manifest["version"],
                     "manifest_hash": manifest_hash(manifest)}
+    # before Ray starts: a tracking server that does not answer fails here, in one line
+    tracked = start_run(tracking and tracking.named("brainmri-train"), run.uri, name,  # None: off
+                        {**to_dict(cfg), "dataset": dataset_info},
+                        {"brainmri.dataset_version": manifest["version"]})
+    init_ray()
     (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -382,9 +390,10 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None) 
                                                checkpoint_score_attribute=METRIC,
                                                checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": worker_env()} if worker_env() else None,
-            callbacks=callbacks),
+            callbacks=[*(callbacks or []), *run_callbacks(tracked)]),
     )
-    with EpochLines(run / "history.json", cfg.epochs, progress) if progress else nullcontext():
+    with failing(tracked), (EpochLines(run / "history.json", cfg.epochs, progress) if progress
+                            else nullcontext()):
         result = trainer.fit()
     best_ckpt = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
     with best_ckpt.as_directory() as d:
@@ -400,4 +409,5 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None) 
                                   stage="candidate" if cfg.candidate else "released").uri
     (run / "summary.json").write_json({"best": best, "model": model_uri, "epochs_run": len(history),
                                        "seconds": time.time() - t0})
+    finish_run(tracked, history, model_uri, (META_FILE, MODEL_FILE))
     return TrainResult(run.uri, model_uri, best, history, time.time() - t0)
