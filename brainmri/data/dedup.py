@@ -349,8 +349,9 @@ def ball(width: int, radius: int) -> int:
 
 # Rough CPU nanoseconds per unit of work, timed phase by phase with numpy 2.4 on the shared
 # 2-core machine: a pair of the scan, a candidate cell, a row of cells, a bucket lookup, a
-# hash put in one table. Only their ratios matter: they pick a plan, never change a result.
-NS_SCAN_PAIR, NS_CELL, NS_ROW, NS_LOOKUP, NS_BUILD = 4.5, 4.5, 30.0, 10.0, 250.0
+# hash put in one table, a table's fixed Python overhead. Only their ratios matter: they
+# pick a plan, never change a result.
+NS_SCAN_PAIR, NS_CELL, NS_ROW, NS_LOOKUP, NS_BUILD, NS_TABLE = 4.5, 4.5, 30.0, 10.0, 250.0, 3e6
 MAX_FLIPS = 1 << 16  # key masks per table beyond which a plan is not considered
 
 
@@ -370,7 +371,7 @@ def choose_tables(h: np.ndarray, radius: int, queries: np.ndarray | None = None,
     order = bit_order(h)
     best, best_cost = 0, NS_SCAN_PAIR * pairs
     for m in range(2, max(2, min(radius + 1, 32)) + 1):
-        cost = NS_BUILD * n * m
+        cost = (NS_BUILD * n + NS_TABLE) * m
         for bits, r in zip(split_bits(order, m), substring_radii(radius, m), strict=True):
             flips = ball(len(bits), r)
             if flips > MAX_FLIPS:
