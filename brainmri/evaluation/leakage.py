@@ -13,6 +13,11 @@ unseen either). Only hashes are read, never image bytes, so this stays cheap on 
   neighbouring slices of one scan); exactly 6: 102 (84% same class); 8: 75%; 12: 41%.
   Dedup.py found different-class pairs already at 4, so beyond 4 pHash alone cannot tell a
   copy from similar anatomy. `--near-dup-distance` moves the line for a stricter audit.
+
+The lookup goes through dedup.py's multi-index hash (exact, same answer as comparing every
+evaluated image with every training row; a planner keeps the plain scan where that is
+cheaper, as for a few thousand rows). It answers "is a training hash within near_distance,
+and at what distance": a nearest distance beyond that is reported as 65, not computed.
 """
 
 from __future__ import annotations
