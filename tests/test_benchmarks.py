@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -59,3 +60,14 @@ def test_chaos_short(tmp_path):
     assert summary["trials"] == 3 and summary["failures"] == 0
     assert set(summary["tamper_detected"]) == {"image_bytes", "label_column", "test_shard_as_train",
                                                "truncated", "missing", "model_weights"}
+
+
+def test_dedup_benchmark_holds_the_index_to_the_scan():
+    d = load("dedup")
+    args = argparse.Namespace(scan_max=10000, distance=12, swaps=4)
+    rows = d.bench_kind("uniform", [2000, 10000], args, None)  # asserts equal pair sets itself
+    assert [r["scan"] for r in rows] == ["measured", "measured"]
+    assert rows[-1]["tables"] > 0 and rows[-1]["compared"] < 0.2 * rows[-1]["all_pairs"]
+    assert rows[-1]["pairs"] >= 400  # the 500 planted copies, most of them within 12 bits
+    flips = d.random_flips(np.random.default_rng(0), np.array([0, 1, 12, 64]))
+    assert np.bitwise_count(flips).tolist() == [0, 1, 12, 64]

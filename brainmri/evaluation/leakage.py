@@ -13,6 +13,11 @@ unseen either). Only hashes are read, never image bytes, so this stays cheap on 
   neighbouring slices of one scan); exactly 6: 102 (84% same class); 8: 75%; 12: 41%.
   Dedup.py found different-class pairs already at 4, so beyond 4 pHash alone cannot tell a
   copy from similar anatomy. `--near-dup-distance` moves the line for a stricter audit.
+
+The lookup goes through dedup.py's multi-index hash (exact, same answer as comparing every
+evaluated image with every training row; a planner keeps the plain scan where that is
+cheaper, as for a few thousand rows). It answers "is a training hash within near_distance,
+and at what distance": a nearest distance beyond that is reported as 65, not computed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import pyarrow.parquet as pq
 from ..config import EvaluateConfig
 from ..core.storage import open_location
 from ..data.datasets import load_manifest, split_files, verify_shards
+from ..data.dedup import as_u64, nearest_within
 
 NEAR_DISTANCE = EvaluateConfig.near_dup_distance  # the default lives with evaluate's options
 
@@ -43,24 +49,22 @@ def training_hashes(dataset_uri: str, splits: list[str]) -> tuple[set[str], np.n
     return shas, ph.view(np.uint64)
 
 
-def nearest_distance(phash: np.ndarray, reference: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """For each hash, the Hamming distance to the closest reference hash (65 if none)."""
-    q = np.asarray(phash, dtype=np.int64).view(np.uint64)
-    out = np.full(len(q), 65, dtype=np.int64)
-    if len(reference) == 0:
-        return out
-    for s in range(0, len(q), chunk):
-        d = np.bitwise_count(q[s:s + chunk, None] ^ reference[None, :])
-        out[s:s + chunk] = d.min(axis=1)
-    return out
+def nearest_distance(phash: np.ndarray, reference: np.ndarray, cap: int) -> np.ndarray:
+    """For each hash, the Hamming distance to the closest reference hash when it is <= cap,
+    else 65 (none that close, or no reference at all). Exact, through the multi-index hash
+    of dedup.py: only training hashes whose substrings lie within the cap's radius of the
+    query's are compared, not every training row."""
+    d = nearest_within(as_u64(phash), as_u64(reference), cap)
+    return np.where(d <= cap, d, 65)
 
 
 def flag(sha256: list[str], phash: np.ndarray, dataset_uri: str, splits: list[str],
          near_distance: int = NEAR_DISTANCE) -> dict:
-    """Per-image flags (exact, near, distance) and a JSON-ready summary."""
+    """Per-image flags (exact, near, distance: nearest training pHash distance, 65 beyond
+    near_distance) and a JSON-ready summary."""
     shas, ref = training_hashes(dataset_uri, splits)
     exact = np.array([s in shas for s in sha256], dtype=bool)
-    dist = nearest_distance(phash, ref)
+    dist = nearest_distance(phash, ref, near_distance)  # only "within near_distance" is used
     near = (dist <= near_distance) & ~exact
     return {"exact": exact, "near": near, "distance": dist,
             "summary": {"training_dataset": dataset_uri, "compared_with_splits": splits,

@@ -118,7 +118,8 @@ def test_auc_undefined_for_an_absent_class_and_hamming_distances():
     assert auc["macro"] == pytest.approx(1.0)
     ref = np.array([0b0, 0b1111, -1], dtype=np.int64).view(np.uint64)
     q = np.array([0b1, 0b1111, 0b11110000, -2], dtype=np.int64)
-    assert leakage.nearest_distance(q, ref).tolist() == [1, 0, 4, 1]
+    assert leakage.nearest_distance(q, ref, 4).tolist() == [1, 0, 4, 1]
+    assert leakage.nearest_distance(q, ref, 3).tolist() == [1, 0, 65, 1]  # beyond the cap: 65
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
