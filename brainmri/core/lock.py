@@ -9,7 +9,9 @@ The lease is one small JSON object (holder, generation, ttl). The rules:
                time the storage reports now), never on two machines' clocks agreeing
     heartbeat  a thread renews the lease every ttl/4 while work runs; if a renewal fails (taken
                over) or none succeeded for 3/4 of a ttl, the lease counts as lost and the main
-               thread is interrupted, so training or evaluation stops
+               thread is interrupted as by a SIGINT, so training or evaluation stops (during a
+               Ray Train fit, Ray's own SIGINT handler aborts the run; the next stage
+               boundary then raises LockHeld)
     generation +1 on every take: the fencing token. `claim` stamps it into the state objects
                the holder will write, and `write` changes one only by compare-and-swap, after a
                renewal, and never over a higher generation. So once a new holder has claimed

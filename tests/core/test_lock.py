@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -103,6 +104,15 @@ def test_expiry_uses_the_stores_clock_not_the_holders(lock_uri, monkeypatch):
 
 
 def test_heartbeat_keeps_a_lease_and_interrupts_work_when_it_is_lost(lock_uri):
+    # Python's own SIGINT handler (a Ray Train fit earlier in the process may have left its own)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _heartbeat(lock_uri)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _heartbeat(lock_uri):
     loc = open_location(lock_uri)
     ttl = 2.4 if loc.is_s3 else 0.6
     a = Lease(loc, ttl_s=ttl).acquire()

@@ -4,6 +4,7 @@ worse challenger, frozen test set, lease, and a crash before promotion."""
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 
 import pytest
@@ -127,6 +128,16 @@ def test_a_running_retrain_keeps_the_next_one_out(tmp_path):
 
 
 def test_a_retrain_that_loses_its_lease_stops_and_writes_nothing(tmp_path):
+    # the heartbeat interrupts like a SIGINT: Python's own handler (a Ray Train fit earlier in
+    # this process may have left its graceful-abort handler installed, which aborts a fit)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _lose_the_lease(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _lose_the_lease(tmp_path):
     """Its lease taken over (as after a pause longer than the ttl), the heartbeat stops the
     run mid-stage; the new holder's claim fences out every later write."""
     store = tmp_path / "store"
