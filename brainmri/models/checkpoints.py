@@ -158,20 +158,19 @@ def _exports(state: dict) -> tuple[dict, dict, dict | None]:
 def latest_model(root: Location) -> Location:
     """models/<name>/ -> the version it stands for: the one champion.json names, else the
     newest complete released version (versions sort by time). Candidates never."""
-    if (root / CHAMPION_FILE).exists():
-        pointer = root / CHAMPION_FILE
-        version = pointer.read_json().get("version")
-        if version:
-            if not (root / version / META_FILE).exists():
-                raise StorageError(f"{pointer.uri} names version {version!r}, which is incomplete")
-            return root / version
+    pointer = root / CHAMPION_FILE
+    version = pointer.read_json().get("version") if pointer.exists() else None
+    if version:
+        if not (root / version / META_FILE).exists():
+            raise StorageError(f"{pointer.uri} names version {version!r}, which is incomplete")
+        return root / version
     versions = [v for v in root.listdir() if (root / v / META_FILE).exists()]
-    released = [v for v in versions if (root / v / META_FILE).read_json().get("stage") != "candidate"]
-    if not released:
-        what = f"only candidate versions ({len(versions)}, none promoted)" if versions else \
-            "no complete model version"
-        raise StorageError(f"{what} under {root.uri}; name a version folder to use a candidate")
-    return root / sorted(released)[-1]
+    for v in sorted(versions, reverse=True):  # newest first: one metadata read in the usual case
+        if (root / v / META_FILE).read_json().get("stage") != "candidate":
+            return root / v
+    what = f"only candidate versions ({len(versions)}, none promoted)" if versions else \
+        "no complete model version"
+    raise StorageError(f"{what} under {root.uri}; name a version folder to use a candidate")
 
 
 def model_file(uri: str) -> Location:

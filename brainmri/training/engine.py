@@ -98,17 +98,20 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, updates: int = 0):
         self.module = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
         self.decay, self.updates = decay, updates
+        self._pairs: list | None = None  # (average, live) tensors, paired once: not per step
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        live = getattr(model, "module", model).state_dict()
-        for name, avg in self.module.state_dict().items():
+        if self._pairs is None:  # the tensors stay the same objects (load_state_dict copies in place)
+            live = getattr(model, "module", model).state_dict()
+            self._pairs = [(avg, live[name]) for name, avg in self.module.state_dict().items()]
+        for avg, cur in self._pairs:
             if avg.dtype.is_floating_point:
-                avg.lerp_(live[name], 1.0 - d)
+                avg.lerp_(cur, 1.0 - d)
             else:  # counters (BatchNorm's num_batches_tracked)
-                avg.copy_(live[name])
+                avg.copy_(cur)
 
 
 # -- batches ----------------------------------------------------------------------------------
