@@ -139,6 +139,9 @@ class TrainConfig:
     aug_strength: float = 1.0  # 0 disables random augmentation
     ema_decay: float = 0.0  # exponential moving average of the weights, validated, checkpointed
     #                         and published instead of the raw weights (0 = off)
+    mix_prob: float = 0.0  # share of training batches mixed with MixUp/CutMix (0 = off)
+    mix_alpha: float = 0.4  # lam ~ Beta(mix_alpha, mix_alpha)
+    cutmix_share: float = 0.5  # of the mixed batches, the share mixed by CutMix (the rest MixUp)
     tta: bool = False  # test-time left-right flip averaging, recorded with the model (models.decision)
     decision_rule: str = "argmax"  # "glioma_recall": a glioma logit bias chosen on validation
     decision_max_f1_drop: float = 0.005  # ...that may cost at most this much validation macro-F1
@@ -169,6 +172,10 @@ class TrainConfig:
             raise ConfigError("aug_strength, warmup_epochs, patience and time_budget_min must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("ema_decay must be in [0, 1) (0 = no weight averaging)")
+        if not (0.0 <= self.mix_prob <= 1.0 and 0.0 <= self.cutmix_share <= 1.0):
+            raise ConfigError("mix_prob and cutmix_share must be in [0, 1]")
+        if self.mix_prob > 0 and self.mix_alpha <= 0:
+            raise ConfigError("mix_alpha must be > 0 when mix_prob > 0")
         if self.decision_rule not in DECISION_RULES:
             raise ConfigError(f"decision_rule must be one of {DECISION_RULES}")
         if not 0.0 <= self.decision_max_f1_drop <= 0.1:

@@ -23,6 +23,7 @@ import copy
 import math
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -114,6 +115,45 @@ class EMA:
                 avg.copy_(cur)
 
 
+# -- mixing -----------------------------------------------------------------------------------
+class Mixer:
+    """MixUp / CutMix of a training batch with a shuffled copy of itself (timm's Mixup, cut
+    down). With probability `prob` a batch is mixed: CutMix (a box of the partner image pasted
+    in, the weight = the area kept) with probability `cutmix_share`, else MixUp (a blend).
+    lam ~ Beta(alpha, alpha), folded to >= 0.5 so the first label stays the dominant one (it
+    is the one the running train accuracy counts). The loss is lam * L(y) + (1 - lam) * L(y').
+
+    The per-batch draws (whether, which, lam, the box) are host scalars from a seeded NumPy
+    generator: no device sync, identical on CPU and GPU; only the partner permutation is
+    drawn on the batch's device, from the augmentation generator."""
+
+    def __init__(self, prob: float, alpha: float, cutmix_share: float, seed: int):
+        self.prob, self.alpha, self.cutmix_share = prob, alpha, cutmix_share
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """-> (mixed x, partner labels, lam); lam = 1.0 (and x untouched) when not mixed."""
+        if x.shape[0] < 2 or self.rng.random() >= self.prob:
+            return x, y, 1.0
+        lam = float(self.rng.beta(self.alpha, self.alpha))
+        lam = max(lam, 1.0 - lam)
+        perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
+        if self.rng.random() < self.cutmix_share:  # CutMix: a box with area (1 - lam)
+            h, w = x.shape[-2:]
+            r = math.sqrt(1.0 - lam)
+            bh, bw = int(h * r), int(w * r)
+            cy, cx = int(self.rng.integers(0, h)), int(self.rng.integers(0, w))
+            y0, y1 = max(cy - bh // 2, 0), min(cy + bh - bh // 2, h)
+            x0, x1 = max(cx - bw // 2, 0), min(cx + bw - bw // 2, w)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the box clipped at the border
+        else:
+            x = x.mul(lam).add_(x[perm], alpha=1.0 - lam)
+        return x, y[perm], lam
+
+
 # -- batches ----------------------------------------------------------------------------------
 class ShardBatches:
     """A worker's batches, epoch after epoch, as {'x': uint8 [B,H,W], 'label': int64 [B]}.
@@ -173,20 +213,27 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: torch.device,
                     aug_strength: float, generator: torch.Generator, amp: bool = False,
-                    channels_last: bool = False, ema: EMA | None = None) -> torch.Tensor:
+                    channels_last: bool = False, ema: EMA | None = None,
+                    mixer: Mixer | None = None) -> torch.Tensor:
     """One pass over `batches`; returns the all-reduced float64 tensor
     [loss x n, correct, n] on `device`. `generator` lives on `device` (augmentation runs
-    there). `ema`, if given, is updated after every step."""
+    there). `ema`, if given, is updated after every step; `mixer`, if given, mixes batches
+    after augmentation (accuracy then counts the dominant label)."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
     for batch in batches:
         x, y = to_device(batch, device)
         x = normalise(augment(to_unit(x), aug_strength, generator))
+        y2, lam = y, 1.0
+        if mixer is not None:
+            x, y2, lam = mixer(x, y, generator)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         loss = criterion(out.float(), y)
+        if lam < 1.0:
+            loss = lam * loss + (1.0 - lam) * criterion(out.float(), y2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

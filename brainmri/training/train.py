@@ -52,6 +52,7 @@ from ..models.decision import choose_logit_bias, inference_record
 from ..models.zoo import check_model_name, count_params, create_model
 from .engine import (
     EMA,
+    Mixer,
     ShardBatches,
     Stopwatch,
     agree_any,
@@ -195,6 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
     steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
     optimizer, scheduler = configure_optimizer(cfg, raw, steps)
     ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    mixer = Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed * 1000 + rank) \
+        if cfg.mix_prob > 0 else None
     run = resume(raw, optimizer, scheduler, ema, steps)  # the driver says so (progress.EpochLines)
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
@@ -211,7 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = clock.now()
         tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler,
                              device, cfg.aug_strength, gen, amp=cfg.gpu, channels_last=cfg.gpu,
-                             ema=ema).cpu()
+                             ema=ema, mixer=mixer).cpu()
         t_train = clock.now() - t0
         cm, vloss = evaluate(ema.module if ema else raw, val_src.epoch(epoch), len(classes), device,
                              amp=cfg.gpu, channels_last=cfg.gpu)

@@ -207,3 +207,51 @@ def test_weight_average_follows_the_steps_with_a_warming_decay():
     train_one_epoch(model, src.epoch(0), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), 0.0,
                     torch.Generator(), ema=ema2)
     assert ema2.updates == 2
+
+
+def test_mixer_blends_or_pastes_a_partner_and_weights_its_label_by_what_it_kept():
+    from brainmri.training.engine import Mixer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 16, 16).contiguous()
+    y = torch.arange(4)
+    assert Mixer(0.0, 0.4, 0.5, 0)(x, y, g)[2] == 1.0  # prob 0: never mixed
+    assert Mixer(1.0, 0.4, 0.5, 0)(x[:1], y[:1], g)[2] == 1.0  # one image has no partner
+    # MixUp: every pixel is lam * own + (1 - lam) * partner's; the partner label follows
+    xm, y2, lam = Mixer(1.0, 0.4, 0.0, 1)(x, y, g)
+    assert 0.5 <= lam < 1.0 and sorted(y2.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(xm[:, 0, 0, 0], lam * y.float() + (1 - lam) * y2.float())
+    # CutMix: a box of the partner's pixels; lam is the share of the image that stayed
+    for seed in range(20):
+        xc, y2, lam = Mixer(1.0, 1.0, 1.0, seed)(x, y, g)
+        kept = (xc[:, 0] == x[:, 0]).float().mean((1, 2))
+        moved = y2 != y
+        assert torch.allclose(kept[moved], torch.full_like(kept[moved], lam))
+        assert 0.5 <= lam <= 1.0
+    assert torch.equal(x[:, 0, 0, 0], torch.arange(4.0))  # the input batch is not modified
+    # the same seed makes the same draws
+    a, b = Mixer(0.5, 0.4, 0.5, 7), Mixer(0.5, 0.4, 0.5, 7)
+    assert [a(x, y, torch.Generator().manual_seed(1))[2] for _ in range(10)] == \
+           [b(x, y, torch.Generator().manual_seed(1))[2] for _ in range(10)]
+
+
+def test_a_mixed_epoch_weights_the_loss_of_both_labels():
+    from brainmri.training.engine import Mixer
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 255, (8, 8, 8), dtype=torch.uint8), torch.tensor([0, 1] * 4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    seen = []
+
+    class Spy(torch.nn.CrossEntropyLoss):
+        def forward(self, out, target):
+            seen.append(target.clone())
+            return super().forward(out, target)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    src = ShardBatches.from_tensors(x, y, 8, False, True, 0)
+    sums = train_one_epoch(model, src.epoch(0), Spy(), opt, sched, torch.device("cpu"), 0.0,
+                           torch.Generator().manual_seed(0), mixer=Mixer(1.0, 0.4, 0.0, 3))
+    assert len(seen) == 2 and torch.equal(seen[0], y) and not torch.equal(seen[1], y)
+    assert sums[2] == 8

@@ -96,7 +96,7 @@ def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_loca
 
 def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake, ray_local):
     cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-decide", epochs=4, ema_decay=0.9,
-                      tta=True, decision_rule="glioma_recall", decision_max_f1_drop=0.05, **SMALL)
+                      mix_prob=0.5, tta=True, decision_rule="glioma_recall", decision_max_f1_drop=0.05, **SMALL)
     res = run_training(cfg)
     state = load_model_state(res.model_uri)
     version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
@@ -115,6 +115,7 @@ def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake
     assert served["accuracy"] == pytest.approx(chosen["after"]["accuracy"])
     # the optimizer's own weights stay in the run's checkpoints (to resume), not in the model
     assert "train_model" not in state
+    assert state["config"]["mix_prob"] == 0.5  # the recipe travels with the weights
     meta = (open_location(res.model_uri) / "metadata.json").read_json()
     assert meta["inference"]["decision"]["after"]["bias"] == inf["logit_bias"][0]
     run = open_location(res.run_uri)
