@@ -126,7 +126,29 @@ def evaluate(model_uri: str, data: str, store: str, log: Path) -> dict:
     a = m["metrics"]["all"]
     row = {"n": a["n"], "accuracy": a["accuracy"], "macro_f1": a["macro_f1"]}
     row.update({f"recall_{c}": M.class_metric(a, "recall", c) for c in m["model"]["classes"]})
+    clean = m["metrics"].get("without_training_duplicates")  # the rows no training image nearly copies
+    row["accuracy_no_dup"] = clean["accuracy"] if clean else float("nan")
     return row
+
+
+GOALS = {"accuracy": 0.985, "recall_glioma": 0.99, "shift_drop": 0.01}  # issue 13's targets
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """PASS/MISS per model against the targets: the test split's accuracy and glioma recall,
+    and the largest accuracy drop on a re-exported copy."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = {r["data"]: r for r in rows if r["model"] == model}
+        t = mine["test"]
+        drop = max(t["accuracy"] - r["accuracy"] for d, r in mine.items() if d != "test")
+        for what, got, ok in [
+            (f"accuracy >= {GOALS['accuracy']}", t["accuracy"], t["accuracy"] >= GOALS["accuracy"]),
+            (f"glioma recall >= {GOALS['recall_glioma']}", t.get("recall_glioma", float("nan")),
+             t.get("recall_glioma", 0.0) >= GOALS["recall_glioma"]),
+            (f"re-export accuracy drop <= {GOALS['shift_drop']}", drop, drop <= GOALS["shift_drop"])]:
+            out.append(f"{'PASS' if ok else 'MISS'}  {model}: {what}: {got:.4f}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -154,15 +176,18 @@ def main(argv=None) -> int:
             row = evaluate(t["model_uri"], data, store, log)
             rows.append({"model": model, "data": data_name, **t, **row})
 
-    keys = ["accuracy", "macro_f1"] + [k for k in rows[0] if k.startswith("recall_")]
-    head = f"{'model':<10}{'data':<12}" + "".join(f"{k.replace('recall_', 'rec_'):>14}" for k in keys) + \
+    keys = ["accuracy", "macro_f1"] + [k for k in rows[0] if k.startswith("recall_")] + ["accuracy_no_dup"]
+    head = f"{'model':<10}{'data':<12}" + "".join(f"{k.replace('recall_', 'rec_').replace('accuracy_', 'acc_'):>14}" for k in keys) + \
         f"{'train min':>11}{'img/s':>8}"
     print(head)
     for r in rows:
         print(f"{r['model']:<10}{r['data']:<12}" + "".join(f"{r[k]:>14.4f}" for k in keys) +
               f"{r['train_minutes']:>11.1f}{r['images_per_s']:>8.0f}")
+    goals = goal_lines(rows)
+    print("\n".join(goals))
     result = {"recipe": a.recipe, "budget_min": a.budget_min, "dataset_version": version,
-              "cpus": os.cpu_count(), "rows": rows}
+              "cpus": os.cpu_count(), "rows": rows,
+              "goals": goals}
     dest = Path(a.out) / f"quality-{time.strftime('%Y%m%d')}.json"
     dest.write_text(json.dumps(result, indent=2))
     print(f"written {dest}")

@@ -47,6 +47,15 @@ def test_quality_reexports_the_test_split_at_other_sizes_and_contrasts(tmp_path)
     assert q.build_shifted(str(tmp_path / "lake"), "brain-tumor-mri")[1] == copies  # built once
 
 
+def test_quality_goal_lines_judge_the_test_split_and_the_worst_re_export():
+    q = load("quality")
+    row = dict(model="recipe", accuracy=0.99, recall_glioma=0.995)
+    lines = q.goal_lines([{**row, "data": "test"}, {**row, "data": "export-224", "accuracy": 0.985},
+                          {**row, "data": "export-512", "accuracy": 0.975}])
+    assert [ln.split()[0] for ln in lines] == ["PASS", "PASS", "MISS"]  # 0.99 - 0.975 > 0.01
+    assert "0.0150" in lines[2]
+
+
 @pytest.mark.slow
 def test_chaos_short(tmp_path):
     """The chaos benchmark's short version: one killed-and-rerun ingest, training and
