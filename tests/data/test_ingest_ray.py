@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from brainmri.config import ConfigError, IngestConfig
 from brainmri.core.storage import open_location
@@ -130,8 +132,6 @@ def test_s3_listing_matches_the_local_walk(tmp_path, s3_bucket, s3_server):
 def test_unreadable_file_becomes_a_rejected_row(s3_bucket, s3_server):
     boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=s3_bucket, Key="in/a.jpg",
                                                           Body=synth_jpeg(1))
-    import numpy as np
-
     out = inspect_batch({"i": np.array([0, 1]), "path": np.array(["a.jpg", "gone.jpg"], dtype=object),
                          "magic_only": np.array([False, False])},
                         f"s3://{s3_bucket}/in", im.ImageLimits())
@@ -173,12 +173,17 @@ def test_empty_class_and_empty_split_like_the_local_engine(tmp_path, ray_local):
     src = real_subset(tmp_path / "src", per_class=3)
     shutil.rmtree(src / "Training" / "meningioma")
     (src / "Training" / "meningioma").mkdir()  # an empty class folder
-    cfg = dict(val_fraction=0.0, test_fraction=0.3, workers=1)  # no val rows at all
+    rng = np.random.default_rng(0)
+    for k in range(12):  # ~360 KB of noise each: several 1 MB shards, cut alike by both engines
+        noise = Image.fromarray(rng.integers(0, 256, (600, 600), dtype=np.uint8))
+        noise.save(src / "Training" / ("glioma", "notumor", "pituitary")[k % 3] / f"noise{k}.png")
+    cfg = dict(val_fraction=0.0, test_fraction=0.3, workers=1, shard_mb=1)  # no val rows at all
     a = ingest(str(src), str(tmp_path / "a"), IngestConfig(engine="local", **cfg))
     b = ingest(str(src), str(tmp_path / "b"), IngestConfig(engine="ray", **cfg))
     _same_version(a, b)
     assert b.manifest["rows"]["val"] == 0 and b.manifest["counts"]["train"]["meningioma"] == 0
     assert not [s for s in b.manifest["shards"] if s["split"] == "val"]
+    assert len([s for s in b.manifest["shards"] if s["split"] == "train"]) > 1
     # nothing accepted: refused alike, inventories alike
     bad = tmp_path / "bad"
     (bad / "Training" / "glioma").mkdir(parents=True)
@@ -191,7 +196,9 @@ def test_empty_class_and_empty_split_like_the_local_engine(tmp_path, ray_local):
     assert errs[0] == errs[1]
 
 
-def test_ray_engine_refuses_dicom_in_one_line(tmp_path, ray_local):
+def test_ray_engine_refuses_dicom_in_one_line(tmp_path, ray_local, capsys):
+    from brainmri.cli import main
+
     from support.dicom import make_dicom
 
     src = real_subset(tmp_path / "src", per_class=2)
@@ -200,6 +207,11 @@ def test_ray_engine_refuses_dicom_in_one_line(tmp_path, ray_local):
         ingest(str(src), str(tmp_path / "lake"), IngestConfig(engine="ray", workers=1))
     assert "\n" not in str(e.value) and "IM0001" not in str(e.value)
     assert not (tmp_path / "lake" / "datasets").exists()
+    # the CLI: --engine is a flag, the refusal one error line, exit 2 (Ray Data's INFO lines
+    # reach stderr here only because the fixture's ray.init skips init_ray's console filters)
+    assert main(["ingest", str(src), str(tmp_path / "lake"), "--engine", "ray"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("brainmri ingest")]
+    assert len(err) == 1 and err[0].startswith("brainmri ingest: error: ") and "--engine local" in err[0]
 
 
 def test_retrain_reads_s3_incoming_in_place(tmp_path, s3_bucket, s3_server, ray_local, monkeypatch):
