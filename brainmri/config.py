@@ -67,6 +67,7 @@ def flag_fields(cls) -> list[dataclasses.Field]:
 
 
 MAX_WORKERS = 256  # processes for one ingest: more is a typo, not a machine
+INGEST_ENGINES = ("auto", "local", "ray")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +88,11 @@ class IngestConfig:
     shard_mb: int = 32  # target Parquet shard size
     row_group_rows: int = 64  # rows per row group (Ray Data / pyarrow read granularity)
     workers: int = flag(0, "processes for decoding and hashing; 0 = all cores")
+    engine: str = flag("auto", "where ingest runs: local (processes on this machine), ray (Ray Data "
+                       "and Ray tasks on the cluster, reading SOURCE straight from its storage), "
+                       "auto (ray for an s3:// SOURCE or more than --ray-min-files files)",
+                       choices=INGEST_ENGINES)
+    ray_min_files: int = flag(50_000, "files in SOURCE from which --engine auto picks ray")
     # a dataset version whose test split stays test here (with its near duplicates), so models
     # trained on this version can be compared on that frozen test set without leakage
     frozen_test: str = ""
@@ -109,6 +115,10 @@ class IngestConfig:
             raise ConfigError("max_pixels must be positive")
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be in [0, {MAX_WORKERS}] (0 = all cores)")
+        if self.engine not in INGEST_ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(INGEST_ENGINES)}")
+        if self.ray_min_files < 1:
+            raise ConfigError("ray_min_files must be positive")
         if self.seed < 0:
             raise ConfigError("seed must be >= 0")
 

@@ -13,7 +13,12 @@ frame, its slices spooled as PNG to a nameless local temp file); (2) group exact
 duplicates and the slices of one DICOM series (identical bytes under two classes are
 rejected) and split by group, stratified by class; (3) re-read accepted files (or the
 spooled slices) and stream them into Parquet shards, each spooled to a nameless local temp
-file, checksummed, then copied into place.
+file, checksummed, then copied into place. Shards are cut by image bytes (plan_shards).
+
+Two engines (IngestConfig.engine, pick_engine): this module's local one, and ingest_ray.py's,
+which runs passes 1 and 3 on a Ray cluster and reads SOURCE in place (s3:// included); they
+share every rule (inspect_data, publish, plan_shards, write_shard), so the same content gives
+the same version, inventory and shard bytes on either. The ray engine refuses DICOM.
 
 DICOM paths are written as pseudonyms (walk.pseudonym) and DICOM rows keep only
 de-identified tags (dicom.py); both need the secret salt from the environment
@@ -52,7 +57,7 @@ from . import dicom
 from . import images as im
 from .datasets import MANIFEST, SPLITS, dataset_root
 from .dedup import UnionFind, near_duplicate_pairs
-from .walk import FileRecord, pseudonym, walk_source
+from .walk import FileRecord, pseudonym, walk_location, walk_source
 
 SCHEMA = pa.schema([
     ("image", pa.binary()),  # the original encoded file, byte for byte; a DICOM slice as PNG
@@ -129,14 +134,24 @@ def _inspect_file(args) -> tuple[int, Inspected]:
         with open(full, "rb") as f:
             data = f.read(limits.max_bytes + 1)
     except OSError as e:
-        return i, Inspected(reason=im.UNREADABLE, detail=e.strerror or str(e))
+        return i, unreadable(e)
+    return i, inspect_data(data, limits, salt)
+
+
+def unreadable(e: OSError) -> Inspected:
+    return Inspected(reason=im.UNREADABLE, detail=(e.strerror or str(e))[:300])
+
+
+def inspect_data(data: bytes, limits: im.ImageLimits, salt: bytes | None) -> Inspected:
+    """A file's first limits.max_bytes + 1 bytes -> what pass 1 keeps of it: the one rule of
+    both engines (local processes here, Ray workers in ingest_ray)."""
     try:
         scans = im.inspect_scans(data, limits, salt)
     except im.RejectedImage as e:
-        return i, Inspected(reason=e.reason, detail=e.detail[:300], dicom=e.dicom)
+        return Inspected(reason=e.reason, detail=e.detail[:300], dicom=e.dicom)
     if scans[0].dicom is None:
         scans[0].image = b""  # the parent needs the hashes, not the bytes
-    return i, Inspected(scans, dicom=scans[0].dicom is not None)
+    return Inspected(scans, dicom=scans[0].dicom is not None)
 
 
 def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig,
@@ -368,10 +383,14 @@ def _fixed_test_groups(group_list, frozen: frozenset[str]) -> tuple[dict[int, li
 
 
 # -- pass 3: write -----------------------------------------------------------------------------
+# Settings that say how an ingest runs, not what it makes: never part of the version id.
+RUN_SETTINGS = ("workers", "engine", "ray_min_files")
+
+
 def _version_id(records: list[FileRecord], cfg: IngestConfig) -> str:
     h = hashlib.sha256()
     params = {k: v for k, v in to_dict(cfg).items()
-              if k != "workers" and not (k == "frozen_test" and not v)}  # ids of older versions stay
+              if k not in RUN_SETTINGS and not (k == "frozen_test" and not v)}  # ids of older versions stay
     h.update(json.dumps(params, sort_keys=True).encode())
     for r in sorted(records, key=lambda r: r.path):
         if r.status == "accepted":
@@ -387,62 +406,71 @@ def _read_row(root: str, r: FileRecord, spool) -> bytes:
     else:
         with open(os.path.join(root, r.path), "rb") as f:
             data = f.read()
+    return checked(data, r)
+
+
+def checked(data: bytes, r: FileRecord) -> bytes:
     if hashlib.sha256(data).hexdigest() != r.info.sha256:
         what = "the spooled slices" if r.spool is not None else r.path
         raise RuntimeError(f"{what} changed while being ingested; run ingest again")
     return data
 
 
-def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
-                  cfg: IngestConfig, seed: int, bar, spool=None) -> list[dict]:
-    """Stream one split into shards of ~cfg.shard_mb, rows shuffled so every shard mixes classes."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    shards, writer, tmp, batch, batch_bytes = [], None, None, [], 0
+def plan_shards(rows: list[FileRecord], cfg: IngestConfig, seed: int) -> list[list[FileRecord]]:
+    """One split's rows, shuffled so every shard mixes classes, cut into shards of
+    ~cfg.shard_mb of image bytes (known from pass 1, so both engines cut alike, before
+    anything is written; the other columns add a few KB)."""
     limit = cfg.shard_mb * 1024 * 1024
+    chunks, cur, size = [], [], 0
+    for k in np.random.default_rng(seed).permutation(len(rows)):
+        r = rows[k]
+        cur.append(r)
+        size += r.spool[1] if r.spool is not None else r.info.n_bytes
+        if size >= limit:
+            chunks.append(cur)
+            cur, size = [], 0
+    if cur:
+        chunks.append(cur)
+    return chunks
 
-    def flush_batch():
-        nonlocal batch, batch_bytes
+
+def write_shard(rows: list[FileRecord], read, split: str, index: int, out: Location,
+                cfg: IngestConfig, bar=None) -> dict:
+    """Stream `rows` (each image from `read(record)`) into out/split/part-<index>.parquet,
+    through a local spool file and _copy_into_place -> the manifest's entry for the shard."""
+    name = f"part-{index:05d}.parquet"  # by position: every writer picks the same
+    # Nameless (O_TMPFILE, or unlinked at once): the OS reclaims it even on SIGKILL.
+    with tempfile.TemporaryFile(prefix="brainmri-spool-", suffix=".parquet") as tmp:
+        writer = pq.ParquetWriter(tmp, SCHEMA, write_page_checksum=True, compression={
+            c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
+        batch = []
+        for r in rows:
+            data, i = read(r), r.info
+            batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
+                              sha256=i.sha256, phash=i.phash, height=i.height, width=i.width,
+                              mode=i.mode, format=i.format, path=r.path,
+                              source_split=r.source_split, group=r.group, frame=r.frame,
+                              dicom=r.scan.dicom if r.scan is not None else None))
+            if len(batch) >= cfg.row_group_rows:
+                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
+                batch = []
+            if bar is not None:
+                bar.update()
         if batch:
             writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
-            batch, batch_bytes = [], 0
-
-    def close_shard():
-        nonlocal writer, tmp
-        flush_batch()
         writer.close()
-        name = f"part-{len(shards):05d}.parquet"  # by position: every writer picks the same
         tmp.seek(0)
         rows_in = pq.ParquetFile(tmp).metadata.num_rows
         tmp.seek(0)
         size, sha = _copy_into_place(tmp, out / split, name)
-        shards.append({"path": f"{split}/{name}", "split": split, "rows": rows_in,
-                       "bytes": size, "sha256": sha})
-        tmp.close()
-        writer, tmp = None, None
+    return {"path": f"{split}/{name}", "split": split, "rows": rows_in, "bytes": size, "sha256": sha}
 
-    for k in order:
-        r = rows[k]
-        data = _read_row(root, r, spool)
-        if writer is None:
-            # Nameless (O_TMPFILE, or unlinked at once): the OS reclaims it even on SIGKILL.
-            tmp = tempfile.TemporaryFile(prefix="brainmri-spool-", suffix=".parquet")
-            writer = pq.ParquetWriter(tmp, SCHEMA, write_page_checksum=True, compression={
-                c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
-        i = r.info
-        batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
-                          sha256=i.sha256, phash=i.phash, height=i.height, width=i.width,
-                          mode=i.mode, format=i.format, path=r.path,
-                          source_split=r.source_split, group=r.group, frame=r.frame,
-                          dicom=r.scan.dicom if r.scan is not None else None))
-        batch_bytes += len(data)
-        if len(batch) >= cfg.row_group_rows:
-            flush_batch()
-        if tmp.tell() + batch_bytes >= limit:
-            close_shard()
-        bar.update()
-    if writer is not None:
-        close_shard()
-    return shards
+
+def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
+                  cfg: IngestConfig, seed: int, bar, spool=None) -> list[dict]:
+    """One split's shards, one after the other (the local engine)."""
+    return [write_shard(chunk, lambda r: _read_row(root, r, spool), split, k, out, cfg, bar)
+            for k, chunk in enumerate(plan_shards(rows, cfg, seed))]
 
 
 def _copy_into_place(src, folder: Location, name: str) -> tuple[int, str]:
@@ -493,24 +521,67 @@ def frozen_test_hashes(uri: str) -> frozenset[str]:
 
 
 def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestResult:
+    """SOURCE (a local folder, or an s3:// prefix read in place by the ray engine) -> a
+    dataset version under DEST. cfg.engine: see pick_engine."""
     cfg = cfg or IngestConfig()
     cfg.validate()
     check_name(cfg.name, "dataset name")
     t0 = time.time()
-    if not os.path.isdir(source):
+    remote = source.startswith("s3://")
+    if remote:
+        if cfg.engine == "local":
+            raise ConfigError(f"SOURCE {source!r} is in S3: the local engine reads local folders; "
+                              "use --engine ray (or auto)")
+        src = open_location(source, check=True)
+        if src.fs.get_file_info(src.path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"SOURCE {source!r} holds no objects")
+    elif not os.path.isdir(source):
         raise FileNotFoundError(f"SOURCE {source!r} is not a folder")
     store = open_location(dest, check=True)  # fail fast, before any work
 
-    root = os.path.realpath(source)
-    frozen = frozen_test_hashes(cfg.frozen_test) if cfg.frozen_test else frozenset()
-    with SliceSpool() as spool:
-        return _ingest(source, root, store, cfg, frozen, spool, t0)
-
-
-def _ingest(source: str, root: str, store: Location, cfg: IngestConfig, frozen: frozenset[str],
-            spool, t0: float) -> IngestResult:
     salt = dicom.salt() if os.environ.get(dicom.SALT_ENV) else None  # a bad one fails here
-    records = inspect_all(root, walk_source(root, cfg.classes), cfg, salt, spool)
+    frozen = frozen_test_hashes(cfg.frozen_test) if cfg.frozen_test else frozenset()
+    if remote:
+        records = walk_location(src, cfg.classes)
+    else:
+        src = open_location(os.path.realpath(source))
+        records = walk_source(src.path, cfg.classes)
+    if pick_engine(cfg, remote, len(records)) == "ray":
+        from .ingest_ray import ingest_on_ray
+
+        return ingest_on_ray(source, src, records, store, cfg, frozen, t0)
+    with SliceSpool() as spool:
+        return _ingest(source, src.path, records, store, cfg, frozen, salt, spool, t0)
+
+
+def pick_engine(cfg: IngestConfig, remote: bool, n_files: int) -> str:
+    """auto: ray for an object-store SOURCE (read in place, no local copy) or one of more than
+    cfg.ray_min_files files; otherwise the local engine (no cluster start-up to pay)."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "ray" if remote or n_files > cfg.ray_min_files else "local"
+
+
+def _ingest(source: str, root: str, records: list[FileRecord], store: Location, cfg: IngestConfig,
+            frozen: frozenset[str], salt: bytes | None, spool, t0: float) -> IngestResult:
+    records = inspect_all(root, records, cfg, salt, spool)
+
+    def write_all(accepted: list[FileRecord], out: Location) -> list[dict]:
+        shards = []
+        bar = tqdm(total=len(accepted), desc="write", unit="img", disable=None)
+        for i, split in enumerate(SPLITS):
+            rows = [r for r in accepted if r.split == split]
+            shards += _write_shards(root, rows, split, out, cfg, cfg.seed + i, bar, spool)
+        bar.close()
+        return shards
+
+    return publish(source, records, store, cfg, frozen, salt, t0, write_all)
+
+
+def publish(source: str, records: list[FileRecord], store: Location, cfg: IngestConfig,
+            frozen: frozenset[str], salt: bytes | None, t0: float, write_all) -> IngestResult:
+    """Passes 2 and 3 on inspected records, the same for both engines: group and split,
+    inventory, `write_all(accepted, version folder)` -> shards, manifest last."""
     grouping = group_and_split(records, cfg, frozen)
     version = _version_id(records, cfg)
     out = dataset_root(store, cfg.name) / version
@@ -523,12 +594,7 @@ def _ingest(source: str, root: str, store: Location, cfg: IngestConfig, frozen: 
     accepted = [r for r in records if r.status == "accepted"]
     _write_inventory(out, records, cfg)  # before any refusal: it says why
     _refuse_unusable(source, records, accepted, out)
-    shards = []
-    bar = tqdm(total=len(accepted), desc="write", unit="img", disable=None)
-    for i, split in enumerate(SPLITS):
-        rows = [r for r in accepted if r.split == split]
-        shards += _write_shards(root, rows, split, out, cfg, cfg.seed + i, bar, spool)
-    bar.close()
+    shards = write_all(accepted, out)
 
     manifest = build_manifest(version, source, records, grouping, shards, cfg, salt)
     # A concurrent ingest may have published the same version first. (Two that pass this
@@ -642,7 +708,7 @@ def build_manifest(version, source, records, grouping, shards, cfg, salt: bytes 
         "version": version,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "created_unix": time.time(),
-        "source": os.path.abspath(source),
+        "source": source if source.startswith("s3://") else os.path.abspath(source),
         "classes": list(cfg.classes),
         "files": {"seen": len(records), "accepted": status["accepted"],
                   "duplicate": status["duplicate"], "rejected": status["rejected"]},

@@ -7,6 +7,8 @@ object keys) and prediction (folder expansion), so all of them skip and reject t
   Kaggle layout alone ([Training|Testing/]<class>/<file>).
 - `walk_source`: every entry under a local folder as a `FileRecord`, placed, with symlinks
   and special files rejected; image checks (images.inspect_scans) come later.
+- `walk_location`: the same for an object store prefix (s3://), listed through its pyarrow
+  filesystem, in walk_source's order; objects have no links and no special files.
 - `pseudonym`: what a DICOM file's path becomes wherever it is written (see its docstring).
 """
 
@@ -141,8 +143,41 @@ def walk_source(root: str, classes: list[str]) -> list[FileRecord]:
             elif not os.path.isfile(full):
                 rec.status, rec.reason = "rejected", im.NOT_REGULAR
                 continue
-            rec.source_split = split
-            if reason:
-                rec.status, rec.reason, rec.detail = "rejected", reason, detail
-            rec.label = label
+            _placed(rec, split, label, reason, detail)
+    return records
+
+
+def _placed(rec: FileRecord, split: str, label: int, reason: str, detail: str) -> None:
+    """A record where place() put it: its source split and label, or rejected."""
+    rec.source_split = split
+    if reason:
+        rec.status, rec.reason, rec.detail = "rejected", reason, detail
+    rec.label = label
+
+
+def _walk_order(rel: str) -> tuple:
+    """os.walk's top-down order, as walk_source visits: a folder's files (sorted) before its
+    subfolders (sorted)."""
+    parts = rel.split("/")
+    return tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
+
+
+def walk_location(loc, classes: list[str]) -> list[FileRecord]:
+    """Every object under a storage Location (core.storage), classified by place as
+    walk_source does (hidden and system files, files outside the class folders); object
+    stores have no symlinks or special files, and their keys are UTF-8."""
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(loc.path, allow_not_found=True, recursive=True)
+    rels = [posixpath.relpath(i.path, loc.path) for i in loc.fs.get_file_info(sel)
+            if i.type == pafs.FileType.File]
+    records = []
+    for rel in sorted(rels, key=_walk_order):
+        rec = FileRecord(path=rel)
+        records.append(rec)
+        split, label, reason, detail = place(rel, classes)
+        if reason == im.HIDDEN:
+            rec.status, rec.reason = "rejected", reason
+        else:
+            _placed(rec, split, label, reason, detail)
     return records

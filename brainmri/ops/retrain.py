@@ -5,8 +5,9 @@ it is not worse than the champion on the same frozen test set.
                   waits or leaves; a holder that stops renewing loses it after lock_ttl_min, and
                   one that loses it stops at once); champion.json and seen.json are claimed
                   with the lease's generation so that only the holder can change them (fencing)
-    what is new?  --incoming PREFIX: its listing changed since the last run -> ingest it, with
-                  the frozen test set pinned to test;  otherwise: a newer dataset version
+    what is new?  --incoming PREFIX: its listing changed since the last run -> ingest it (an s3://
+                  prefix read in place by ingest's ray engine), with the frozen test set
+                  pinned to test;  otherwise: a newer dataset version
     nothing new   -> exit 0, nothing written
     challenger    <- run_training(champion's recipe, or --recipe YAML) on the new version,
                   published as a candidate (models/<model> does not resolve to it)
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -67,13 +67,10 @@ def fingerprint(incoming: Location) -> tuple[str, int]:
     return h.hexdigest(), len(items)
 
 
-def local_copy(incoming: Location, tmp: str) -> str:
-    """Ingest reads a local folder: an s3:// prefix is mirrored to `tmp` first."""
-    if not incoming.is_s3:
-        return incoming.path
-    pafs.copy_files(incoming.path, tmp, source_filesystem=incoming.fs,
-                    destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
-    return tmp
+def ingest_source(incoming: Location) -> str:
+    """What ingest reads: a local folder, or the s3:// prefix itself (ingest's ray engine
+    reads it in place; nothing is mirrored to local disk)."""
+    return incoming.uri if incoming.is_s3 else incoming.path
 
 
 # -- the decision ------------------------------------------------------------------------------
@@ -261,9 +258,8 @@ def find_new_data(cfg: RetrainConfig, store: Location, root: Location, incoming:
         fp, n_files = fingerprint(incoming)
         if fp == seen.get("incoming_fingerprint"):
             return Decision("noop", f"nothing new under {incoming.uri} ({n_files} files, unchanged)")
-        with tempfile.TemporaryDirectory(prefix="brainmri-incoming-") as tmp:
-            ing = IngestConfig(name=cfg.dataset, frozen_test=champion["frozen_test"] if champion else "")
-            res = ingest(local_copy(incoming, tmp), store.uri, ing)
+        ing = IngestConfig(name=cfg.dataset, frozen_test=champion["frozen_test"] if champion else "")
+        res = ingest(ingest_source(incoming), store.uri, ing)
         version_uri = res.location.uri
     else:
         fp, n_files = None, 0
