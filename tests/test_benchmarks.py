@@ -91,7 +91,10 @@ def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
     assert run["files"]["seen"] == 900 and run["peak_tree_pss"] > 0
     assert {"walk", "inspect", "group", "write", "other"} <= set(run["phases"])
     assert run["dedup"]["allpairs"] == "measured" and run["dedup"]["pairs"] >= 9  # the planted near copies
-    assert set(res["ratio"]) == {"local local->local", "local local->s3"}
+    assert set(res["ratio"]) == {"local local->local", "local local->s3", "local local->local cpu",
+                                 "local local->s3 cpu"}
     model = res["model"]["local"]
     assert model["target"] == 10_000_000 and model["nodes"] == 16 and model["cluster_s"] > 0
+    assert model["memory_fit"]["terms"] == ["1", "n"]
+    assert model["fits"]["near-dup index"]["terms"] == ["1", "n^1.5"]
     assert res["corpora"]["900"]["bad"] == 4 and res["corpora"]["900"]["near"] == 9
