@@ -30,52 +30,16 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "brain-tumor-mri"
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-# -- measurement helpers (run inside the phase process) ---------------------------------------
-class PeakRSS:
-    """Peak resident set size of this process, sampled from /proc/self/statm."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            self._stop.wait(self.interval)
-
-    @staticmethod
-    def cpu() -> float:
-        """CPU seconds (user + system) of this process and its finished children."""
-        a, b = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-    def __enter__(self):
-        self.start_rss, self.start_cpu = self.current(), self.cpu()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.current())
-        self.cpu_seconds = self.cpu() - self.start_cpu
+from _common import PeakRSS, child_result, loopback_s3, mib  # noqa: E402
 
 
 def _image_files(source: Path) -> list[Path]:
@@ -134,11 +98,10 @@ def spawn(phase: str, source: Path, dest: str = "", workers: int = 0, env=None) 
            "--workers", str(workers)]
     if dest:
         cmd += ["--dest", dest]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if p.returncode != 0:
-        sys.exit(f"phase {phase} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    line = next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    try:
+        return child_result(cmd, env=env, cwd=REPO)
+    except RuntimeError as e:
+        sys.exit(f"phase {phase}: {e}")
 
 
 def quarter_copy(source: Path, dest: Path) -> int:
@@ -150,10 +113,6 @@ def quarter_copy(source: Path, dest: Path) -> int:
             shutil.copyfile(f, dest / "Training" / cdir.name / f.name)
             n += 1
     return n
-
-
-def mib(b: int) -> str:
-    return f"{b / 2**20:7.1f} MiB"
 
 
 def main(argv=None) -> None:
@@ -195,28 +154,9 @@ def main(argv=None) -> None:
         results["ingest local, full"] = spawn(
             "ingest", source, str(tmp / "lake-full"), args.workers)
         if not args.skip_s3:
-            import logging
-
-            import boto3
-            from moto.server import ThreadedMotoServer
-
-            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            server.start()
-            try:
-                host, port = server.get_host_and_port()
-                endpoint = f"http://{host}:{port}"
-                env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                       "BRAINMRI_S3_ENDPOINT": endpoint}
-                env.pop("AWS_ENDPOINT_URL", None)
-                boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                             aws_access_key_id="testing", aws_secret_access_key="testing"
-                             ).create_bucket(Bucket="bench")
+            with loopback_s3("bench") as env:
                 results["ingest s3 (loopback moto), full"] = spawn(
                     "ingest", source, "s3://bench/lake", args.workers, env=env)
-            finally:
-                server.stop()
 
     print(f"load average {os.getloadavg()[0]:.2f} at end "
           "(other work on this machine slows every phase alike)\n")

@@ -80,3 +80,30 @@ def test_dedup_benchmark_holds_the_index_to_the_scan():
     assert rows[-1]["pairs"] >= 400  # the 500 planted copies, most of them within 12 bits
     flips = d.random_flips(np.random.default_rng(0), np.array([0, 1, 12, 64]))
     assert np.bitwise_count(flips).tolist() == [0, 1, 12, 64]
+
+
+def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
+    """scale.py end to end at two tiny sizes, local and to the loopback S3 server: every
+    planted bad file, exact and near copy accounted for, and the JSON's fields (the 10k..1M
+    sizes stay out of CI)."""
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--sizes", "300,900",
+                        "--workers", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "  FAIL  " not in r.stdout and r.stdout.count("  PASS  ") == 4 * 5 and "ALL PASS" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["checks_passed"] and res["sizes"] == [300, 900]
+    assert [(x["n"], x["route"]) for x in res["runs"]] == [
+        (300, "local->local"), (300, "local->s3"), (900, "local->local"), (900, "local->s3")]
+    run = res["runs"][-2]
+    assert run["files"]["seen"] == 900 and run["peak_tree_pss"] > 0
+    assert {"walk", "inspect", "group", "write", "other"} <= set(run["phases"])
+    assert run["dedup"]["allpairs"] == "measured" and run["dedup"]["pairs"] >= 9  # the planted near copies
+    assert set(res["ratio"]) == {"local local->local", "local local->s3", "local local->local cpu",
+                                 "local local->s3 cpu"}
+    model = res["model"]["local"]
+    assert model["target"] == 10_000_000 and model["nodes"] == 16 and model["cluster_s"] > 0
+    assert model["memory_fit"]["terms"] == ["1", "n"]
+    assert model["fits"]["near-dup index"]["terms"] == ["1", "n^1.5"]
+    assert res["corpora"]["900"]["bad"] == 4 and res["corpora"]["900"]["near"] == 9
