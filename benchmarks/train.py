@@ -135,8 +135,8 @@ def bench_feed_rate(lake, size, limit, batch) -> dict:
     from brainmri.data.transforms import preprocess_many
     from brainmri.training.train import build_datasets
 
-    version, manifest = resolve_dataset(lake)
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
+    version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
     ds = build_datasets(cfg, version, manifest)["train"]
     ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
     rate = 0.0
@@ -175,8 +175,8 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
     from brainmri.training.engine import ShardBatches, evaluate, train_one_epoch
     from brainmri.training.train import class_weighted_loss, configure_optimizer
 
-    version, manifest = resolve_dataset(lake)
     cfg = TrainConfig(data=lake, batch_size=batch, epochs=epochs)
+    version, manifest = resolve_dataset(cfg.data, cfg.dataset)
     classes = manifest["classes"]
 
     def rows(split, n):
