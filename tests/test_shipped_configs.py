@@ -38,3 +38,22 @@ def test_tune_space_passes_the_space_loader(path):
     names = [model] if isinstance(model, str) else list(model or [])
     assert set(names) <= set(list_models())
     assert path.read_bytes() == before  # read-only
+
+
+def test_the_cpu_recipe_is_the_trainconfig_defaults_spelled_out():
+    """configs/cpu.yaml documents the defaults: a key there that differs from TrainConfig's
+    default would make `brainmri train` and `--config configs/cpu.yaml` two recipes."""
+    import yaml
+
+    import inspect
+
+    from brainmri.models import zoo
+
+    spelled = yaml.safe_load((CONFIGS / "cpu.yaml").read_text())
+    defaults = TrainConfig()
+    shape = spelled.pop("model_args")  # the default {} means the factory's own defaults
+    assert defaults.model_args == {}
+    factory = inspect.signature(zoo.brainnet).parameters
+    assert {k: factory[k].default for k in shape} == {k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in shape.items()}
+    assert {k: getattr(defaults, k) for k in spelled} == spelled

@@ -19,7 +19,9 @@ A local SOURCE or DEST must be visible to every node (one machine, or a shared f
 
 from __future__ import annotations
 
+import functools
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +46,8 @@ from .ingest import (
 from .walk import FileRecord
 
 BATCH = 32  # files per map_batches call
+IO_THREADS = 16  # reads in flight per task: an object store answers each GET in tens of ms,
+#                  so one-at-a-time reads would leave the CPUs idle on an s3:// SOURCE
 MAX_BLOCKS = 200
 # What a worker returns per file (the driver rebuilds an Inspected from it).
 _INFO = ("sha256", "phash", "height", "width", "mode", "format", "n_bytes", "thumb")
@@ -107,10 +111,13 @@ def inspect_on_ray(source: str, src: Location, records: list[FileRecord], cfg: I
 def inspect_batch(batch: dict, root_uri: str, limits: im.ImageLimits) -> dict:
     """Ray Data map_batches: read each file through the source's filesystem and inspect it
     (ingest.inspect_data); one output row per input row, whatever happens to the file."""
-    root = open_location(root_uri)
+    root = _location(root_uri)
+    jobs = [(str(rel), bool(m)) for rel, m in zip(batch["path"], batch["magic_only"], strict=True)]
+    with ThreadPoolExecutor(IO_THREADS) as pool:  # the reads overlap; inspection is CPU work
+        read = list(pool.map(lambda job: _read_one(root, *job, limits), jobs))
     out: dict[str, list] = {k: [] for k in ("i", "reason", "detail", "dicom") + _INFO}
-    for i, rel, magic_only in zip(batch["i"], batch["path"], batch["magic_only"], strict=True):
-        res = _inspect_one(root, str(rel), bool(magic_only), limits)
+    for i, (_, magic_only), data in zip(batch["i"], jobs, read, strict=True):
+        res = _inspect_read(data, magic_only, limits)
         info = res.scans[0].info if res.scans else None
         out["i"].append(int(i))
         out["reason"].append(res.reason)
@@ -127,12 +134,24 @@ _EMPTY = {"sha256": "", "phash": 0, "height": 0, "width": 0, "mode": "", "format
           "n_bytes": 0, "thumb": b""}
 
 
-def _inspect_one(root: Location, rel: str, magic_only: bool, limits: im.ImageLimits) -> Inspected:
+@functools.lru_cache(maxsize=4)
+def _location(uri: str) -> Location:
+    """One filesystem client per worker process and URI (an S3 client is not free to make)."""
+    return open_location(uri)
+
+
+def _read_one(root: Location, rel: str, magic_only: bool, limits: im.ImageLimits) -> bytes | OSError:
+    """The file's bytes (its first bytes when only the DICOM magic is wanted), or the error."""
     try:
         with root.fs.open_input_stream(posixpath.join(root.path, rel)) as f:
-            data = f.read(dicom.MAGIC_AT + 4 if magic_only else limits.max_bytes + 1)
+            return f.read(dicom.MAGIC_AT + 4 if magic_only else limits.max_bytes + 1)
     except (OSError, pa.ArrowException) as e:
-        return unreadable(e if isinstance(e, OSError) else OSError(str(e)))
+        return e if isinstance(e, OSError) else OSError(str(e))
+
+
+def _inspect_read(data: bytes | OSError, magic_only: bool, limits: im.ImageLimits) -> Inspected:
+    if isinstance(data, OSError):
+        return unreadable(data)
     if magic_only:  # outside the class folders: only whether it is a DICOM export
         return Inspected(dicom=dicom.has_magic(data))
     # DICOM is refused on the driver: no salt here, so its UIDs stay out of the result
@@ -176,10 +195,21 @@ def write_on_ray(src: Location, accepted: list[FileRecord], out: Location, cfg: 
 
 def _shard_task(rows: list[FileRecord], src_uri: str, split: str, index: int, out_uri: str,
                 cfg: IngestConfig) -> dict:
-    src, out = open_location(src_uri), open_location(out_uri)
+    src, out = _location(src_uri), open_location(out_uri)
 
-    def read(r: FileRecord) -> bytes:
+    def fetch(r: FileRecord) -> bytes:
         with src.fs.open_input_stream(posixpath.join(src.path, r.path)) as f:
-            return checked(f.read(), r)
+            return f.read()
 
-    return write_shard(rows, read, split, index, out, cfg)
+    # write_shard asks for the rows in order, once each: read them ahead, IO_THREADS at a
+    # time (a shard's bytes, shard_mb, is what this can hold in memory)
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        ahead = zip(rows, pool.map(fetch, rows), strict=True)
+
+        def read(r: FileRecord) -> bytes:
+            got, data = next(ahead)
+            if got is not r:
+                raise RuntimeError(f"shard {split}/{index}: rows read out of order at {r.path}")
+            return checked(data, r)
+
+        return write_shard(rows, read, split, index, out, cfg)
