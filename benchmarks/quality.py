@@ -185,11 +185,11 @@ def main(argv=None) -> int:
 
     keys = ["accuracy", "macro_f1"] + [k for k in rows[0] if k.startswith("recall_")] + ["accuracy_no_dup"]
     short = {k: k.replace("recall_", "rec_").replace("accuracy_", "acc_") for k in keys}
-    head = f"{'model':<10}{'data':<12}" + "".join(f"{short[k]:>14}" for k in keys) + \
+    head = f"{'model':<10}{'data':<12}" + "".join(f"{short[k]:>15}" for k in keys) + \
         f"{'train min':>11}{'img/s':>8}"
     print(head)
     for r in rows:
-        print(f"{r['model']:<10}{r['data']:<12}" + "".join(f"{r[k]:>14.4f}" for k in keys) +
+        print(f"{r['model']:<10}{r['data']:<12}" + "".join(f"{r[k]:>15.4f}" for k in keys) +
               f"{r['train_minutes']:>11.1f}{r['images_per_s']:>8.0f}")
     goals = goal_lines(rows)
     print("\n".join(goals))
