@@ -97,9 +97,16 @@ def train(store: str, dataset: str, recipe: str, model: str, budget: float, seed
     name = f"quality-{Path(recipe).stem}-{model}-{budget:g}min-s{seed}"
     run = open_location(store) / "runs" / name
     if not (reuse and (run / "summary.json").exists()):
-        extra = [] if model == "recipe" else ["--model", model, "--set", "model_args={}"]
+        if model != "recipe":
+            # the same recipe, only the network swapped; its shape arguments dropped (a
+            # `--set model_args={}` would merge into the recipe's, not replace them)
+            import yaml
+
+            doc = {**yaml.safe_load(Path(recipe).read_text()), "model": model, "model_args": {}}
+            recipe = str(log.parent / f"{name}.yaml")
+            Path(recipe).write_text(yaml.safe_dump(doc))
         brainmri("train", "--config", recipe, "--data", store, "--dataset", dataset, "--out", store,
-                 "--name", name, "--seed", str(seed), "--set", f"time_budget_min={budget}", *extra, log=log)
+                 "--name", name, "--seed", str(seed), "--set", f"time_budget_min={budget}", log=log)
     summary = (run / "summary.json").read_json()
     history = (run / "history.json").read_json()
     train_s = sum(h["epoch_seconds"] for h in history)
@@ -177,11 +184,12 @@ def main(argv=None) -> int:
             rows.append({"model": model, "data": data_name, **t, **row})
 
     keys = ["accuracy", "macro_f1"] + [k for k in rows[0] if k.startswith("recall_")] + ["accuracy_no_dup"]
-    head = f"{'model':<10}{'data':<12}" + "".join(f"{k.replace('recall_', 'rec_').replace('accuracy_', 'acc_'):>14}" for k in keys) + \
+    short = {k: k.replace("recall_", "rec_").replace("accuracy_", "acc_") for k in keys}
+    head = f"{'model':<10}{'data':<12}" + "".join(f"{short[k]:>15}" for k in keys) + \
         f"{'train min':>11}{'img/s':>8}"
     print(head)
     for r in rows:
-        print(f"{r['model']:<10}{r['data']:<12}" + "".join(f"{r[k]:>14.4f}" for k in keys) +
+        print(f"{r['model']:<10}{r['data']:<12}" + "".join(f"{r[k]:>15.4f}" for k in keys) +
               f"{r['train_minutes']:>11.1f}{r['images_per_s']:>8.0f}")
     goals = goal_lines(rows)
     print("\n".join(goals))

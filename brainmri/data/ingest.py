@@ -434,6 +434,13 @@ def plan_shards(rows: list[FileRecord], cfg: IngestConfig, seed: int) -> list[li
     return chunks
 
 
+def by_split(accepted: list[FileRecord], cfg: IngestConfig):
+    """(split, its rows, its plan_shards seed) in SPLITS order: the one order and seed both
+    engines cut shards by (their shards must come out alike)."""
+    for i, split in enumerate(SPLITS):
+        yield split, [r for r in accepted if r.split == split], cfg.seed + i
+
+
 def write_shard(rows: list[FileRecord], read, split: str, index: int, out: Location,
                 cfg: IngestConfig, bar=None) -> dict:
     """Stream `rows` (each image from `read(record)`) into out/split/part-<index>.parquet,
@@ -569,9 +576,8 @@ def _ingest(source: str, root: str, records: list[FileRecord], store: Location, 
     def write_all(accepted: list[FileRecord], out: Location) -> list[dict]:
         shards = []
         bar = tqdm(total=len(accepted), desc="write", unit="img", disable=None)
-        for i, split in enumerate(SPLITS):
-            rows = [r for r in accepted if r.split == split]
-            shards += _write_shards(root, rows, split, out, cfg, cfg.seed + i, bar, spool)
+        for split, rows, seed in by_split(accepted, cfg):
+            shards += _write_shards(root, rows, split, out, cfg, seed, bar, spool)
         bar.close()
         return shards
 

@@ -31,11 +31,11 @@ from ..config import ConfigError, IngestConfig
 from ..core.storage import Location, open_location
 from . import dicom
 from . import images as im
-from .datasets import SPLITS
 from .ingest import (
     IngestResult,
     Inspected,
     _keep,
+    by_split,
     checked,
     inspect_data,
     plan_shards,
@@ -177,9 +177,8 @@ def write_on_ray(src: Location, accepted: list[FileRecord], out: Location, cfg: 
 
     task = ray.remote(num_cpus=1)(_shard_task)
     refs = []
-    for i, split in enumerate(SPLITS):
-        rows = [r for r in accepted if r.split == split]
-        for k, chunk in enumerate(plan_shards(rows, cfg, cfg.seed + i)):
+    for split, rows, seed in by_split(accepted, cfg):
+        for k, chunk in enumerate(plan_shards(rows, cfg, seed)):
             for r in chunk:
                 r.info.thumb = b""  # pass 2 is done: the task needs no thumbnails
             refs.append(task.remote(chunk, src.uri, split, k, out.uri, cfg))
