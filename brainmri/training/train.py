@@ -309,8 +309,10 @@ def build_datasets(cfg: TrainConfig, version, manifest) -> dict:
         files = split_files(version, manifest, split)
         if not files:
             raise ConfigError(f"dataset {version.uri} has no {split} shards")
-        # only the two columns are read (the rest of a row is metadata the feed never uses)
-        d = ray.data.read_parquet(files, filesystem=version.fs, columns=["image", "label"])
+        # only the two columns are read (the rest of a row is metadata the feed never uses):
+        # Ray Data's projection pushdown hands select_columns to the Parquet scanner
+        # (read_parquet's columns= is deprecated and becomes this same select)
+        d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
         if limit:
             d = d.limit(limit)
         d = d.map_batches(preprocess_batch, fn_kwargs={"size": cfg.image_size},
