@@ -194,7 +194,8 @@ def test_weight_average_follows_the_steps_with_a_warming_decay():
     ema.update(net)
     d = min(0.99, 2 / 11)  # the first update's decay: warm-up, not 0.99
     assert torch.allclose(ema.module[0].weight, d * start["0.weight"] + (1 - d) * net[0].weight)
-    assert torch.allclose(ema.module[1].running_mean, d * start["1.running_mean"] + (1 - d) * net[1].running_mean)
+    assert torch.allclose(ema.module[1].running_mean,
+                          d * start["1.running_mean"] + (1 - d) * net[1].running_mean)
     assert ema.module[1].num_batches_tracked == net[1].num_batches_tracked  # copied, not averaged
     assert not any(p.requires_grad for p in ema.module.parameters())
     # a training epoch updates it once per step

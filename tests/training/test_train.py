@@ -27,8 +27,8 @@ from brainmri.training.train import prepare, run_training
 from support.data import REPO, real_subset
 
 # tiny runs of a few epochs test the mechanics, pinned (no weight averaging or mixing, the
-# regularisation "learns" was measured with) whatever the recipe's defaults (a deep average lags behind 20 steps of learning; those
-# knobs have tests of their own)
+# regularisation "learns" was measured with) whatever the recipe's defaults (a deep average
+# lags behind 20 steps of learning; those knobs have tests of their own)
 SMALL = dict(image_size=64, batch_size=16, lr=3e-3, warmup_epochs=0.5, patience=0,
              model_args={"width": 16}, num_workers=2, aug_strength=0.5, ema_decay=0.0, mix_prob=0.0,
              weight_decay=0.05, label_smoothing=0.1, class_weighting=True)
