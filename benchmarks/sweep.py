@@ -5,7 +5,7 @@ once, to choose the recipe's knobs at the length the recipe really trains (the R
     # here: the dataset version's train and val rows, preprocessed at the recipe's size
     .venv/bin/python benchmarks/sweep.py pack --store ./lake --out .sweep/pack.npz
     # on a bare GPU machine (PyTorch only): sample, train, rank on validation
-    python benchmarks/sweep.py run --pack .sweep/pack.npz --space configs/sweep-recipe.yaml \
+    python benchmarks/sweep.py run --pack .sweep/pack.npz --space configs/tune-sweep-recipe.yaml \
         --trials 40 --parallel 8 --reseed-top 4 --json $OUT/sweep.json
 
 Each trial is the CPU recipe's training with the project's own pieces (the space file's format
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import sys
@@ -63,7 +64,7 @@ def pack(store: str, dataset: str, size: int, out: str) -> dict:
         arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         arrays[f"{split}_labels"] = np.asarray(labels, np.int64)
     meta = {"version": manifest["version"], "size": size, "classes": manifest.get("classes"),
-            "rows": {s: int(len(arrays[f"{s}_labels"])) for s in ("train", "val")}}
+            "rows": {s: len(arrays[f"{s}_labels"]) for s in ("train", "val")}}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out}.tmp.npz"
@@ -82,7 +83,7 @@ def unpack(path: str) -> tuple[dict, dict]:
     for split in ("train", "val"):
         data, off = z[f"{split}_bytes"], z[f"{split}_offsets"]
         x = np.stack([np.asarray(Image.open(io.BytesIO(data[a:b].tobytes())).convert("L"))
-                      for a, b in zip(off[:-1], off[1:], strict=True)]) if len(off) > 1 else \
+                      for a, b in itertools.pairwise(off)]) if len(off) > 1 else \
             np.zeros((0, meta["size"], meta["size"]), np.uint8)
         out[split] = (x, z[f"{split}_labels"])
     return meta, out
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".sweep/pack.npz")
     r = sub.add_parser("run", help="train the sampled trials, rank them on validation")
     r.add_argument("--pack", default=".sweep/pack.npz")
-    r.add_argument("--space", default="configs/sweep-recipe.yaml")
+    r.add_argument("--space", default="configs/tune-sweep-recipe.yaml")
     r.add_argument("--trials", type=int, default=40)
     r.add_argument("--sample-seed", type=int, default=0)
     r.add_argument("--include-base", action="store_true", help="trial t000 = the space's base alone")
