@@ -141,15 +141,15 @@ class TrainConfig:
     image_size: int = flag(160, "square input side in pixels, after aspect-preserving fit")
     epochs: int = flag(40, "maximum epochs (early stopping may end sooner)")
     batch_size: int = flag(64, "batch size per worker")
-    lr: float = flag(3e-3, "peak AdamW learning rate (reached after warm-up)")
-    weight_decay: float = 0.02
-    warmup_epochs: float = 2.0
-    label_smoothing: float = 0.1
+    lr: float = flag(7.7e-3, "peak AdamW learning rate (reached after warm-up)")
+    weight_decay: float = 0.021
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.126
     class_weighting: bool = False  # inverse-frequency class weights in the loss
-    aug_strength: float = 0.8  # 0 disables random augmentation
-    ema_decay: float = 0.0  # exponential moving average of the weights, validated, checkpointed
+    aug_strength: float = 0.59  # 0 disables random augmentation
+    ema_decay: float = 0.99  # exponential moving average of the weights, validated, checkpointed
     #                         and published instead of the raw weights (0 = off)
-    mix_prob: float = 0.0  # share of training batches mixed with MixUp/CutMix (0 = off)
+    mix_prob: float = 0.2  # share of training batches mixed with MixUp/CutMix (0 = off)
     mix_alpha: float = 0.4  # lam ~ Beta(mix_alpha, mix_alpha)
     cutmix_share: float = 0.5  # of the mixed batches, the share mixed by CutMix (the rest MixUp)
     tta: bool = True  # test-time left-right flip averaging, recorded with the model (models.decision)

@@ -124,3 +124,36 @@ def test_train_benchmark_feed_and_default_sections_at_tiny_size(tmp_path):
     assert "brainnet 160px trains at 3961 img/s" in out and "CPUs of Ray Data per GPU" in out
     assert "[default]" in out and "ratio Ray/plain = " in out
     assert "[data]" not in out and "[trainer]" not in out and "[models]" not in out
+
+
+def test_sweep_pack_holds_train_and_val_only_and_a_trial_trains_from_it(tmp_path):
+    """The GPU sweep's pack: the dataset version's train and val rows (never test), each image
+    the recipe's preprocessing within JPEG error; a trial trains from it with the project's
+    own loop and reports its best validation epoch; seeds of a trial are averaged."""
+    s = load("sweep")
+    src = real_subset(tmp_path / "src", per_class=6)
+    ingest(str(src), str(tmp_path / "lake"), IngestConfig(val_fraction=0.25, test_fraction=0.25, workers=1))
+    meta = s.pack(str(tmp_path / "lake"), "brain-tumor-mri", 64, str(tmp_path / "pack.npz"))
+    manifest = json.loads(next((tmp_path / "lake").glob("datasets/*/*/manifest.json")).read_text())
+    assert meta["rows"] == {k: manifest["rows"][k] for k in ("train", "val")} and manifest["rows"]["test"] > 0
+    assert not list(tmp_path.glob("pack.npz.tmp*"))  # written atomically
+    meta2, splits = s.unpack(str(tmp_path / "pack.npz"))
+    assert meta2 == meta and splits["train"][0].shape == (meta["rows"]["train"], 64, 64)
+    # the first train row is a training image, preprocessed as training would
+    first = sorted(p for p in src.rglob("*.jpg"))
+    want = [preprocess(p.read_bytes(), 64).astype(float) for p in first]
+    got = splits["train"][0][0].astype(float)
+    assert min(np.abs(w - got).mean() for w in want) < 3.0
+    assert set(splits["val"][1].tolist()) <= {0, 1, 2, 3}
+
+    s._init(str(tmp_path / "pack.npz"), "cpu", 1)
+    base = {"model": "brainnet", "model_args": {"width": 8, "depth": [1]}, "image_size": 64,
+            "epochs": 2, "batch_size": 4, "num_workers": 2, "patience": 0, "ema_decay": 0.9, "mix_prob": 0.5}
+    r = s.run_trial({"trial": "t000", "params": {}, "config": {**base, "seed": 0}, "limit_train": 0})
+    assert r["epochs_run"] == 2 and r["best"]["epoch"] in (0, 1) and 0 <= r["best"]["val_macro_f1"] <= 1
+    assert r["config"]["ema_decay"] == 0.9 and r["config"]["image_size"] == 64
+    r2 = {**r, "seed": 1, "best": {**r["best"], "val_macro_f1": r["best"]["val_macro_f1"] + 0.1}}
+    other = {**r, "trial": "t001", "best": {**r["best"], "val_macro_f1": r["best"]["val_macro_f1"] + 0.06}}
+    rows = s.summarise([r, r2, other])
+    assert [x["trial"] for x in rows] == ["t001", "t000"]  # t000's mean is +0.05, t001's +0.06
+    assert rows[1]["seeds"] == 2 and abs(rows[1]["spread"] - 0.1) < 1e-9
