@@ -129,7 +129,7 @@ def latencies(files: list[Path], model_uri: str) -> tuple[np.ndarray, np.ndarray
     blobs = [f.read_bytes() for f in files]
     pred.predict([("warm-up", blobs[0])])
     lp, lf = [], []
-    for f, b in zip(files, blobs):
+    for f, b in zip(files, blobs, strict=True):
         t0 = time.perf_counter()
         pred.predict_paths([str(f)]).__next__()  # read from disk + checks + forward
         lp.append(time.perf_counter() - t0)

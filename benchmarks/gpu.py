@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     ys = torch.from_numpy(labels)
     print(f"sample: {len(data)} real scans ({sum(map(len, data)) / 1e6:.1f} MB encoded), "
           f"preprocessed at {sorted(by_size)} px in {time.time() - t0:.1f} s; backend {backend} on {device}"
-          + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})" if device.type == "cuda" else ""))
+          + (f" ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+             if device.type == "cuda" else ""))
 
     rows = []
     for m in models:

@@ -5,6 +5,16 @@
 2. Training throughput: TorchTrainer with 1 worker vs a plain single-process PyTorch loop,
    same model, data (in memory, preprocessed), batch size and threads; Ray overhead in %.
 3. Per registered model: parameter count and estimated epoch time (train steps timed).
+4. feed: `brainmri train`'s default recipe with the worker cache off (every epoch streams and
+   decodes: datasets larger than memory) vs on, epochs after the first, same script, ratio;
+   then the Ray Data feed alone on one CPU (images/s per CPU) and the CPUs a GPU needs to be
+   kept fed (its img/s from benchmarks/results/gpu-h200-*.json).
+5. default: `brainmri train`'s default (2 workers, full recipe with augmentation, cache on)
+   per epoch vs a plain single-process loop with the same recipe (same model, loss, AdamW,
+   schedule, augmentation, batch; data preprocessed in memory; torch threads = all cores);
+   the plain epochs run before and after the Ray run so load drift hits both.
+
+Ray is started here as `brainmri train` starts it: one logical CPU per core.
 
     python benchmarks/train.py --lake ./lake/datasets/brain-tumor-mri   # after `brainmri ingest ... ./lake`
 """
@@ -53,7 +63,7 @@ def bench_imagefolder(src: str, size: int, limit: int, batch: int, workers: int)
     idx = np.random.default_rng(0).permutation(len(ds))[:limit]
     dl = DataLoader(Subset(ds, idx.tolist()), batch_size=batch, num_workers=workers)
     t0, n = time.time(), 0
-    for x, y in dl:
+    for _x, y in dl:
         n += len(y)
     return n / (time.time() - t0)
 
@@ -91,6 +101,128 @@ def bench_torchtrainer(lake, model_name, size, batch, limit, epochs, threads) ->
     return float(np.median(rates))
 
 
+def _history(lake, out, name, limit, limit_val, epochs, batch, **kw) -> list[dict]:
+    """A `brainmri train` run with the default recipe (2 workers, augmentation) but `kw`."""
+    from brainmri.training.train import run_training
+
+    cfg = TrainConfig(data=lake, out=out, name=name, batch_size=batch, epochs=epochs, limit_train=limit,
+                      limit_val=limit_val, patience=0, publish=False, keep_checkpoints=1, **kw)
+    return run_training(cfg).history
+
+
+def bench_feed(lake, limit, limit_val, epochs, batch) -> dict:
+    """Per-epoch seconds (median of the epochs after the first: the first decodes in both)
+    with the worker cache on and off, and the consumers' summed wait for batches."""
+    out = tempfile.mkdtemp(prefix="bench-feed-")
+    res = {}
+    for cache in (True, False):
+        hist = _history(lake, out, f"feed-{int(cache)}", limit, limit_val, epochs, batch, cache=cache)
+        later = hist[1:] or hist
+        res["cached" if cache else "streamed"] = {
+            "epoch_s": float(np.median([h["epoch_seconds"] for h in later])),
+            "wait_s": float(np.median([h["train_feed_wait_seconds"] for h in later]))}
+    res["ratio"] = res["streamed"]["epoch_s"] / res["cached"]["epoch_s"]
+    return res
+
+
+def bench_feed_rate(lake, size, limit, batch) -> dict:
+    """The feed alone: Ray Data (Parquet -> decode/preprocess -> torch batches) held to one
+    CPU, images/s (second pass: a streamed epoch's steady state, its start-up included);
+    and the decode itself in this process, images per CPU-second."""
+    from ray.data import ExecutionResources
+
+    from brainmri.data.datasets import read_split
+    from brainmri.data.transforms import preprocess_many
+    from brainmri.training.train import build_datasets
+
+    cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
+    version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
+    ds = build_datasets(cfg, version, manifest)["train"]
+    ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
+    rate = 0.0
+    for _ in range(2):
+        t0, n = time.time(), 0
+        for b in ds.iter_torch_batches(batch_size=batch, dtypes={"x": torch.uint8, "label": torch.int64}):
+            n += len(b["label"])
+        rate = n / (time.time() - t0)
+    blobs = []
+    for b in read_split(version, manifest, "train", ["image"], 64):
+        blobs += b.column("image").to_pylist()
+        if len(blobs) >= min(limit, 512):
+            break
+    c0 = time.process_time()
+    preprocess_many(blobs, size)
+    return {"ray_data_1cpu": rate, "decode_per_cpu_s": len(blobs) / (time.process_time() - c0)}
+
+
+def gpu_rates() -> dict:
+    """Training img/s a GPU reached in benchmarks/results/gpu-*.json (benchmarks/gpu.py)."""
+    import glob
+    import json
+
+    rates = {}
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "results", "gpu-*.json"))):
+        for m in json.load(open(path)).get("models", []):
+            rates[(m["model"], m["image_size"])] = (m["images_per_s"], os.path.basename(path))
+    return rates
+
+
+def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
+    """`brainmri train`'s default per epoch vs a plain loop with the same recipe; the plain
+    epochs run before and after the Ray run (each side's first epoch is left out)."""
+    from brainmri.data.datasets import read_split
+    from brainmri.data.transforms import preprocess_many
+    from brainmri.training.engine import ShardBatches, evaluate, train_one_epoch
+    from brainmri.training.train import class_weighted_loss, configure_optimizer
+
+    cfg = TrainConfig(data=lake, batch_size=batch, epochs=epochs)
+    version, manifest = resolve_dataset(cfg.data, cfg.dataset)
+    classes = manifest["classes"]
+
+    def rows(split, n):
+        xs, ys = [], []
+        for b in read_split(version, manifest, split, ["image", "label"], 64):
+            xs.append(preprocess_many(b.column("image").to_pylist(), cfg.image_size))
+            ys.append(b.column("label").to_numpy().astype(np.int64))
+            if n and sum(map(len, ys)) >= n:
+                break
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        return torch.from_numpy(x[:n or None]), torch.from_numpy(y[:n or None])
+
+    xt, yt = rows("train", limit)
+    xv, yv = rows("val", limit_val)
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.model_args)
+    counts = np.bincount(yt.numpy(), minlength=len(classes)).tolist()
+    criterion = class_weighted_loss(cfg, counts, torch.device("cpu"))
+    optimizer, scheduler = configure_optimizer(cfg, model, max(1, len(yt) // batch))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = ShardBatches.from_tensors(xt, yt, batch, True, True, cfg.seed)
+    val = ShardBatches.from_tensors(xv, yv, batch, False, False, 0)
+
+    def plain_epochs(k, first):
+        times = []
+        for e in range(first, first + k):
+            t0 = time.perf_counter()
+            train_one_epoch(model, train.epoch(e), criterion, optimizer, scheduler, torch.device("cpu"),
+                            cfg.aug_strength, gen)
+            evaluate(model, val.epoch(e), len(classes), torch.device("cpu"))
+            times.append(time.perf_counter() - t0)
+        return times
+
+    plain = plain_epochs(2, 0)[1:]
+    hist = _history(lake, tempfile.mkdtemp(prefix="bench-default-"), "default", limit, limit_val, epochs,
+                    batch)
+    plain += plain_epochs(1, 2)
+    ray_s = float(np.median([h["epoch_seconds"] for h in hist[1:] or hist]))
+    return {"ray_s": ray_s, "plain_s": float(np.mean(plain)), "ratio": ray_s / float(np.mean(plain)),
+            "workers": TrainConfig().num_workers, "rows": len(yt)}
+
+
+SECTIONS = ["data", "trainer", "models", "feed", "default"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lake", default="./lake", help="store or dataset URI written by `brainmri ingest`")
@@ -102,15 +234,19 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1024, help="images for the pipeline benchmarks")
     ap.add_argument("--model", default="brainnet", help="model for the Ray-vs-plain comparison")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model in the model table")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["data", "trainer", "models"],
-                    help="sections to skip")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the feed and default runs")
+    ap.add_argument("--limit-val", type=int, default=64, help="validation images, feed and default runs")
+    ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
+    ap.add_argument("--only", nargs="*", default=[], choices=SECTIONS, help="run only these sections")
     a = ap.parse_args()
+    a.skip = [s for s in SECTIONS if s in a.skip or (a.only and s not in a.only)]
     threads = os.cpu_count() or 2
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads")
 
     import ray
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+    # a new local Ray (never one already running on this machine), as `brainmri train` starts it
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     if "data" not in a.skip:
         rd = bench_ray_data(a.lake, a.size, a.limit, a.batch)
@@ -134,6 +270,27 @@ def main() -> None:
             m = create_model(name, 4, 1, image_size=a.size)
             print(f"  {name:22s} {count_params(m) / 1e6:6.2f} M params  {rate:6.1f} img/s  "
                   f"epoch ~{n_train / rate / 60:5.1f} min")
+    if "feed" not in a.skip:
+        f = bench_feed(a.lake, a.limit, a.limit_val, a.epochs, a.batch)
+        c, st = f["cached"], f["streamed"]
+        print(f"[feed] default recipe, {a.limit} images, {a.size}px: cached epoch {c['epoch_s']:.1f} s; "
+              f"streamed (cache off) {st['epoch_s']:.1f} s (waiting for batches {st['wait_s']:.1f} s); "
+              f"ratio streamed/cached = {f['ratio']:.2f} (goal <= 1.3)")
+        r = bench_feed_rate(a.lake, a.size, a.limit, a.batch)
+        per_cpu = r["ray_data_1cpu"]
+        print(f"[feed] Ray Data feed on 1 CPU: {per_cpu:.0f} img/s per CPU (decode alone: "
+              f"{r['decode_per_cpu_s']:.0f} img per CPU-second) at {a.size}px")
+        for (model, size), (rate, src) in sorted(gpu_rates().items()):
+            if model in ("brainnet", "resnet50"):
+                note = "" if size == a.size else f" (decoded at {size}px costs more than at {a.size}px)"
+                print(f"[feed]   {model} {size}px trains at {rate:.0f} img/s on the GPU of {src} -> needs "
+                      f"{rate / per_cpu:.1f} CPUs of Ray Data per GPU{note}")
+    if "default" not in a.skip:
+        d = bench_default(a.lake, a.limit, a.limit_val, a.epochs, a.batch, threads)
+        print(f"[default] brainmri train default ({d['workers']} workers, augmentation, cache on), "
+              f"{d['rows']} images: {d['ray_s']:.1f} s/epoch; plain single-process loop, same recipe, "
+              f"{threads} threads: {d['plain_s']:.1f} s/epoch; ratio Ray/plain = {d['ratio']:.2f} "
+              "(goal <= 1.0)")
     ray.shutdown()
 
 

@@ -109,6 +109,23 @@ def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
     assert res["corpora"]["900"]["bad"] == 4 and res["corpora"]["900"]["near"] == 9
 
 
+def test_train_benchmark_feed_and_default_sections_at_tiny_size(tmp_path):
+    """benchmarks/train.py's feed (streamed vs cached, feed rate per CPU, CPUs per GPU) and
+    default (`brainmri train`'s default vs a plain loop) sections on a few dozen scans."""
+    src = real_subset(tmp_path / "src", per_class=10)
+    ingest(str(src), str(tmp_path / "lake"), IngestConfig(val_fraction=0.2, test_fraction=0.1, workers=1))
+    args = ["--lake", str(tmp_path / "lake"), "--only", "feed", "default", "--limit", "16",
+            "--limit-val", "4", "--batch", "4", "--epochs", "2", "--size", "64"]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), *args], capture_output=True,
+                       text=True, timeout=600, check=False, env=dict(os.environ, RAY_ADDRESS=""))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "ratio streamed/cached = " in out and "img/s per CPU" in out
+    assert "brainnet 160px trains at 3961 img/s" in out and "CPUs of Ray Data per GPU" in out
+    assert "[default]" in out and "ratio Ray/plain = " in out
+    assert "[data]" not in out and "[trainer]" not in out and "[models]" not in out
+
+
 def test_sweep_pack_holds_train_and_val_only_and_a_trial_trains_from_it(tmp_path):
     """The GPU sweep's pack: the dataset version's train and val rows (never test), each image
     the recipe's preprocessing within JPEG error; a trial trains from it with the project's

@@ -43,9 +43,9 @@ def test_tune_space_passes_the_space_loader(path):
 def test_the_cpu_recipe_is_the_trainconfig_defaults_spelled_out():
     """configs/cpu.yaml documents the defaults: a key there that differs from TrainConfig's
     default would make `brainmri train` and `--config configs/cpu.yaml` two recipes."""
-    import yaml
-
     import inspect
+
+    import yaml
 
     from brainmri.models import zoo
 

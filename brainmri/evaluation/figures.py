@@ -33,7 +33,7 @@ def confusion(cm: list, classes: list[str]) -> bytes:
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     fig = Figure(figsize=(10, 4.4))
     for ax, m, title, fmt in zip(fig.subplots(1, 2), (cm, norm), ("counts", "row-normalised (recall)"),
-                                 ("{:.0f}", "{:.2f}")):
+                                 ("{:.0f}", "{:.2f}"), strict=True):
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         for i in range(len(classes)):
             for j in range(len(classes)):
@@ -68,7 +68,8 @@ def reliability(before: dict, after: dict, temperature: float) -> bytes:
     edges = np.asarray(before["edges"])
     centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
     for ax, r, title in zip(fig.subplots(1, 2), (before, after),
-                            ("uncalibrated (T = 1)", f"temperature scaled (T = {temperature:.3f})")):
+                            ("uncalibrated (T = 1)", f"temperature scaled (T = {temperature:.3f})"),
+                            strict=True):
         count = np.asarray(r["count"])
         acc = np.where(count > 0, r["accuracy"], 0)
         ax.bar(centres, acc, width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
@@ -106,7 +107,7 @@ def gallery(images: list[np.ndarray], captions: list[str], title: str, cols: int
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, img, cap in zip(axes, images, captions):
+    for ax, img, cap in zip(axes, images, captions, strict=False):  # the grid's spare cells stay empty
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
         ax.set_title(cap, fontsize=7)
     if not images:
@@ -122,7 +123,7 @@ def history(hist: list[dict]) -> bytes | None:
     fig = Figure(figsize=(12, 3.6))
     panels = [("loss", ["train_loss", "val_loss"]), ("val accuracy", ["val_accuracy"]),
               ("val macro-F1", ["val_macro_f1"])]
-    for ax, (title, keys) in zip(fig.subplots(1, 3), panels):
+    for ax, (title, keys) in zip(fig.subplots(1, 3), panels, strict=True):
         for k in keys:
             if all(k in h for h in hist):
                 ax.plot(ep, [h[k] for h in hist], marker="o", ms=3, label=k)
@@ -185,4 +186,5 @@ def gradcam_overlays(model: torch.nn.Module, x_u8: np.ndarray, targets: list[int
     with GradCAM(model=model, target_layers=[last_conv(model)]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     rgb = np.repeat(x_u8[..., None], 3, axis=-1).astype(np.float32) / 255.0
-    return [show_cam_on_image(img, m, use_rgb=True, image_weight=0.55) for img, m in zip(rgb, maps)]
+    return [show_cam_on_image(img, m, use_rgb=True, image_weight=0.55)
+            for img, m in zip(rgb, maps, strict=True)]

@@ -16,12 +16,14 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;
 color:#1d2329;line-height:1.45;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #d0d7de;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;margin:.6em 0}
+td,th{border:1px solid #d0d7de;padding:.25em .6em;text-align:right}
 th{background:#f3f5f7}td:first-child,th:first-child{text-align:left}table.kv td{text-align:left}
 .kpi{display:inline-block;margin:.3em 1.2em .3em 0;padding:.5em .9em;border-radius:6px;background:#f3f5f7}
 .kpi b{display:block;font-size:1.4em}.note{color:#57606a;font-size:.92em}
 .warn{background:#fff4e5;border-left:4px solid #d97706;padding:.5em .9em}
-img{max-width:100%;border:1px solid #e5e7eb;margin:.4em 0}pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.85em}
+img{max-width:100%;border:1px solid #e5e7eb;margin:.4em 0}
+pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.85em}
 """
 
 
@@ -171,7 +173,8 @@ def render(m: dict, figs: dict[str, bytes | None], model_config: dict) -> str:
     if cal.get("fit"):
         f = cal["fit"]
         parts.append(f"<p class='note'>Fit on {f['n']} validation images: NLL {f['nll_before']:.4f} "
-                     f"&rarr; {f['nll_after']:.4f}, ECE {f['ece_before']:.4f} &rarr; {f['ece_after']:.4f}.</p>")
+                     f"&rarr; {f['nll_after']:.4f}, ECE {f['ece_before']:.4f} "
+                     f"&rarr; {f['ece_after']:.4f}.</p>")
     parts.append(img(figs.get("reliability"), "reliability diagram"))
 
     parts.append("<h2>Abstention (selective prediction)</h2>")

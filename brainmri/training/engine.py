@@ -170,6 +170,7 @@ class ShardBatches:
                  seed: int, pin: bool = False):
         self.it, self.kw, self.cache, self.shuffle, self.drop_last = it, loader_kw, cache, shuffle, drop_last
         self.seed, self.pin, self.x, self.y = seed, pin, None, None
+        self.wait = 0.0  # seconds the last epoch's consumer waited for its batches (feed stalls)
 
     @classmethod
     def from_tensors(cls, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
@@ -180,6 +181,15 @@ class ShardBatches:
         return s
 
     def epoch(self, epoch: int):
+        """The epoch's batches; `wait` counts the seconds spent getting them (not using them)."""
+        self.wait = 0.0
+        t = time.perf_counter()
+        for b in self._batches(epoch):
+            self.wait += time.perf_counter() - t
+            yield b
+            t = time.perf_counter()
+
+    def _batches(self, epoch: int):
         bs = self.kw["batch_size"]
         if self.x is None:
             xs, ys = [], []

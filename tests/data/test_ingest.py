@@ -234,7 +234,8 @@ def test_synthetic_tree_ingest(tree, tmp_path):
     # (the DICOM_* reasons are exercised by tests/data/test_ingest_dicom.py, pseudonymised)
     all_reasons = {getattr(im, n) for n in dir(im) if n.isupper() and isinstance(getattr(im, n), str)
                    and n not in ("FORMATS", "MODES") and not n.startswith("DICOM_")}
-    assert set(tree.rejected.values()) == all_reasons - {im.UNREADABLE, im.UNDECODABLE_NAME}  # root reads anything; names: own test
+    # the root reads anything; undecodable names have a test of their own
+    assert set(tree.rejected.values()) == all_reasons - {im.UNREADABLE, im.UNDECODABLE_NAME}
 
     rejects = list(csv.DictReader(io.StringIO((v / "rejects.csv").read_bytes().decode())))
     assert {r["path"]: r["reason"] for r in rejects} == tree.rejected

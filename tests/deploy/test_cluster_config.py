@@ -51,18 +51,21 @@ def test_cluster_shape(cluster):
     assert head["node_config"]["InstanceType"].startswith("m6i.")
     assert head.get("resources", {}).get("GPU", 0) == 0
     workers = {k: v for k, v in types.items() if k != cluster["head_node_type"]}
-    spot = [v for v in workers.values() if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    spot = [v for v in workers.values()
+            if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
     ondemand = [v for v in workers.values() if "InstanceMarketOptions" not in v["node_config"]]
     assert spot and ondemand
     for s in spot:
         assert s["resources"]["GPU"] >= 1
-        fallback = [o for o in ondemand if o["node_config"]["InstanceType"] == s["node_config"]["InstanceType"]]
+        fallback = [o for o in ondemand
+                    if o["node_config"]["InstanceType"] == s["node_config"]["InstanceType"]]
         assert fallback, "on-demand fallback must be the same instance type as the spot type"
         for o in fallback:
             assert o["priority"] < s["priority"] and o["max_workers"] <= s["max_workers"]
             assert o["resources"] == s["resources"]
     for t in types.values():
-        assert "Arn" in t["node_config"]["IamInstanceProfile"] or "Name" in t["node_config"]["IamInstanceProfile"]
+        profile = t["node_config"]["IamInstanceProfile"]
+        assert "Arn" in profile or "Name" in profile
 
 
 def test_cluster_images_and_commands(cluster):

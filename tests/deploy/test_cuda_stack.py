@@ -51,7 +51,7 @@ def _args(path: pathlib.Path) -> dict[str, str]:
 
 
 def _run_text(path: pathlib.Path) -> str:
-    lines = [l for l in path.read_text().splitlines() if not l.lstrip().startswith("#")]
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
     return "\n".join(lines).replace("\\\n", " ")
 
 
@@ -74,7 +74,8 @@ def cluster():
 def test_dockerfile_facts_agree(facts):
     # cu130 -> CUDA 13, and CUDA 13 -> driver >= 580
     assert facts["build_major"] == facts["cuda_major"], facts
-    assert facts["cuda_major"] in DRIVER_FLOOR, f"look up NVIDIA's driver floor for CUDA {facts['cuda_major']}"
+    assert facts["cuda_major"] in DRIVER_FLOOR, (
+        f"look up NVIDIA's driver floor for CUDA {facts['cuda_major']}")
     assert facts["driver_min"] == DRIVER_FLOOR[facts["cuda_major"]], (
         f"CUDA {facts['cuda_major']} needs NVIDIA driver >= {DRIVER_FLOOR[facts['cuda_major']]}, "
         f"Dockerfile.gpu says {facts['driver_min']}")
@@ -138,7 +139,8 @@ def test_documented_driver_floor_matches(facts):
     for name, path in docs.items():
         found = [int(x) for x in FLOOR_MENTION.findall(path.read_text())]
         assert found, f"{name} must state the NVIDIA driver requirement (NVIDIA driver >= {floor})"
-        assert set(found) == {floor}, f"{name} states NVIDIA driver >= {sorted(set(found))}, the stack needs >= {floor}"
+        assert set(found) == {floor}, (
+            f"{name} states NVIDIA driver >= {sorted(set(found))}, the stack needs >= {floor}")
     readme = (ROOT / "README.md").read_text()
     assert f"CUDA {facts['cuda_major']}" in readme and f"+{facts['torch_cuda']}" in readme
 

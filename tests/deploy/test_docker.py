@@ -63,8 +63,8 @@ def test_runs_as_non_root_and_installs_package(path):
 
 
 def test_dockerignore():
-    lines = {l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
-             if l.strip() and not l.startswith("#")}
+    lines = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
     for p in (".git", ".venv", "lake", "runs", ".pytest_cache", "*.parquet"):
         assert p in lines
     for p in ("pyproject.toml", "README.md", "brainmri", "!brainmri"):

@@ -52,7 +52,8 @@ def _rayjob_specs(doc):
 
 
 ALL = [(p, d) for p in MANIFESTS for d in _docs(p)]
-IDS = [f"{p.name}:{d.get('kind')}/{d.get('metadata', {}).get('name') or d.get('metadata', {}).get('generateName')}"
+IDS = [f"{p.name}:{d.get('kind')}/"
+       f"{d.get('metadata', {}).get('name') or d.get('metadata', {}).get('generateName')}"
        for p, d in ALL]
 
 
@@ -164,7 +165,8 @@ def test_cronjob_fallback():
                for r in role["rules"])
     (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
     assert binding["subjects"][0]["name"] == pod["serviceAccountName"] == binding["roleRef"]["name"]
-    assert {d["metadata"].get("name") for d in docs if d["kind"] == "ServiceAccount"} == {pod["serviceAccountName"]}
+    accounts = {d["metadata"].get("name") for d in docs if d["kind"] == "ServiceAccount"}
+    assert accounts == {pod["serviceAccountName"]}
     mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
     assert mounted <= {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
 

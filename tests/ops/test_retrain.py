@@ -115,7 +115,8 @@ def test_retrain_lifecycle(tmp_path, ray_local):
     assert sorted(p.name for p in (store / "runs").iterdir()) == runs_after_crash
     assert d5.record["challenger"]["run"].rsplit("/", 1)[-1] in runs_after_crash
     champ = (root / "champion.json").read_json()
-    assert champ["model"] == (d5.record["challenger"]["model"] if d5.action == "promoted" else champ1["model"])
+    assert champ["model"] == (d5.record["challenger"]["model"] if d5.action == "promoted"
+                              else champ1["model"])
 
 
 def test_a_running_retrain_keeps_the_next_one_out(tmp_path):

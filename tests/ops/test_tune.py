@@ -96,7 +96,8 @@ def test_sampling_is_seeded_and_conditional(tmp_path):
             assert p["lr"] == 1e-7  # the family's own value wins over the shared one
         assert 0.0 <= p["label_smoothing"] <= 0.1
     cfg = trial_config(base, a[0], TuneConfig(data="d", out="o", workers_per_trial=1), "run-1")
-    assert cfg.epochs == SPACE["base"]["epochs"] and cfg.publish is False and cfg.name == "run-1" and cfg.out == "o"
+    assert cfg.epochs == SPACE["base"]["epochs"] and cfg.publish is False
+    assert cfg.name == "run-1" and cfg.out == "o"
 
 
 def test_concurrency_leaves_a_cpu_per_trial_for_data():
@@ -111,7 +112,8 @@ def test_concurrency_leaves_a_cpu_per_trial_for_data():
     assert concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=64, gpus=8) == (4, 2.0, "")
     assert concurrency(TuneConfig(gpu=True, max_concurrent=8), cpus=16, gpus=4, max_gpus=4) == (4, 2.0, "")
     # a cluster whose autoscaler can never bring one trial's GPUs is refused before Ray Tune waits
-    with pytest.raises(ConfigError, match="needs 2 GPUs; the cluster has 1 and its autoscaler can bring at most 1"):
+    with pytest.raises(ConfigError,
+                       match="needs 2 GPUs; the cluster has 1 and its autoscaler can bring at most 1"):
         concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=16, gpus=1, max_gpus=1)
 
 

@@ -194,7 +194,8 @@ def test_weight_average_follows_the_steps_with_a_warming_decay():
     ema.update(net)
     d = min(0.99, 2 / 11)  # the first update's decay: warm-up, not 0.99
     assert torch.allclose(ema.module[0].weight, d * start["0.weight"] + (1 - d) * net[0].weight)
-    assert torch.allclose(ema.module[1].running_mean, d * start["1.running_mean"] + (1 - d) * net[1].running_mean)
+    assert torch.allclose(ema.module[1].running_mean,
+                          d * start["1.running_mean"] + (1 - d) * net[1].running_mean)
     assert ema.module[1].num_batches_tracked == net[1].num_batches_tracked  # copied, not averaged
     assert not any(p.requires_grad for p in ema.module.parameters())
     # a training epoch updates it once per step
@@ -255,3 +256,24 @@ def test_a_mixed_epoch_weights_the_loss_of_both_labels():
                            torch.Generator().manual_seed(0), mixer=Mixer(1.0, 0.4, 0.0, 3))
     assert len(seen) == 2 and torch.equal(seen[0], y) and not torch.equal(seen[1], y)
     assert sums[2] == 8
+
+
+def test_wait_counts_the_time_spent_getting_batches_not_using_them():
+    """`ShardBatches.wait`: a slow feed shows up there (train_feed_wait_seconds), a slow
+    consumer does not; it restarts every epoch, and the stream still passes every row."""
+    import time
+
+    class SlowStream:
+        def iter_torch_batches(self, **kw):
+            for i in range(3):
+                time.sleep(0.05)
+                yield {"x": torch.zeros(2, 4, 4, dtype=torch.uint8), "label": torch.full((2,), i)}
+
+    src = ShardBatches(SlowStream(), {"batch_size": 2}, cache=False, shuffle=False, drop_last=False, seed=0)
+    for epoch in range(2):
+        labels = []
+        for b in src.epoch(epoch):
+            time.sleep(0.3)  # the consumer's own time: 0.9 s an epoch, none of it waiting
+            labels += b["label"].tolist()
+        assert labels == [0, 0, 1, 1, 2, 2]
+        assert 0.15 <= src.wait < 0.6

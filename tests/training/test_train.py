@@ -27,8 +27,8 @@ from brainmri.training.train import prepare, run_training
 from support.data import REPO, real_subset
 
 # tiny runs of a few epochs test the mechanics, pinned (no weight averaging or mixing, the
-# regularisation "learns" was measured with) whatever the recipe's defaults (a deep average lags behind 20 steps of learning; those
-# knobs have tests of their own)
+# regularisation "learns" was measured with) whatever the recipe's defaults (a deep average
+# lags behind 20 steps of learning; those knobs have tests of their own)
 SMALL = dict(image_size=64, batch_size=16, lr=3e-3, warmup_epochs=0.5, patience=0,
              model_args={"width": 16}, num_workers=2, aug_strength=0.5, ema_decay=0.0, mix_prob=0.0,
              weight_decay=0.05, label_smoothing=0.1, class_weighting=True)
@@ -304,3 +304,24 @@ def test_more_workers_than_validation_batches(tiny_val_lake, ray_local, workers,
 def test_too_many_workers_for_the_training_rows_fail_before_ray(tiny_val_lake, tmp_path):
     with pytest.raises(ConfigError, match="leave each fewer than one batch of 16"):
         prepare(TrainConfig(data=str(tiny_val_lake), out=str(tmp_path), num_workers=4, batch_size=16))
+
+
+def test_streamed_epochs_come_in_small_blocks_with_every_row(small_lake, ray_local, monkeypatch):
+    """With the worker cache off every epoch streams: the feed is cut into blocks of about
+    FEED_BLOCK_BYTES (one block per file or split would decode a whole epoch before its first
+    batch), and each epoch still trains on the same equal shards and validates every row."""
+    from brainmri.training import train as T
+
+    version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
+    monkeypatch.setattr(T, "FEED_BLOCK_BYTES", 200_000)  # a handful of encoded scans
+    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-stream", epochs=2, cache=False,
+                      **SMALL)
+    ds = T.build_datasets(cfg, version, manifest)["train"].materialize()
+    rows = manifest["rows"]["train"]
+    # 128 rows x 64 x 64 bytes decoded: >= 3 blocks of <= 200 kB (Ray's default: one a file)
+    assert ds.count() == rows and ds.num_blocks() >= rows * 64 * 64 // 200_000 + 1
+    res = run_training(cfg)
+    per_rank = rows // 2 // SMALL["batch_size"] * SMALL["batch_size"]
+    for e in res.history:
+        assert e["train_images"] == 2 * per_rank and e["val_n"] == manifest["rows"]["val"]
+        assert 0 <= e["train_feed_wait_seconds"] <= e["train_seconds"] <= e["epoch_seconds"]
