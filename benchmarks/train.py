@@ -95,6 +95,7 @@ def bench_torchtrainer(lake, model_name, size, batch, limit, epochs, threads) ->
     cfg = TrainConfig(data=lake, out=out, name="bench", model=model_name, image_size=size,
                       batch_size=batch, epochs=epochs, limit_train=limit, limit_val=64,
                       num_workers=1, threads_per_worker=threads, aug_strength=0.0,
+                      ema_decay=0.0, mix_prob=0.0,  # the plain loop's bare step: no average, no mixing
                       patience=0, publish=False, keep_checkpoints=1)
     res = run_training(cfg)
     rates = [h["train_images_per_s"] for h in res.history[1:]]  # epoch 0 also decodes
@@ -172,7 +173,7 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
     epochs run before and after the Ray run (each side's first epoch is left out)."""
     from brainmri.data.datasets import read_split
     from brainmri.data.transforms import preprocess_many
-    from brainmri.training.engine import ShardBatches, evaluate, train_one_epoch
+    from brainmri.training.engine import EMA, Mixer, ShardBatches, evaluate, train_one_epoch
     from brainmri.training.train import class_weighted_loss, configure_optimizer
 
     cfg = TrainConfig(data=lake, batch_size=batch, epochs=epochs)
@@ -198,6 +199,9 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
     criterion = class_weighted_loss(cfg, counts, torch.device("cpu"))
     optimizer, scheduler = configure_optimizer(cfg, model, max(1, len(yt) // batch))
     gen = torch.Generator().manual_seed(cfg.seed)
+    # the recipe's weight average and mixing too: the Ray side runs them (TrainConfig defaults)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    mixer = Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed) if cfg.mix_prob > 0 else None
     train = ShardBatches.from_tensors(xt, yt, batch, True, True, cfg.seed)
     val = ShardBatches.from_tensors(xv, yv, batch, False, False, 0)
 
@@ -206,8 +210,8 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
         for e in range(first, first + k):
             t0 = time.perf_counter()
             train_one_epoch(model, train.epoch(e), criterion, optimizer, scheduler, torch.device("cpu"),
-                            cfg.aug_strength, gen)
-            evaluate(model, val.epoch(e), len(classes), torch.device("cpu"))
+                            cfg.aug_strength, gen, ema=ema, mixer=mixer)
+            evaluate(ema.module if ema else model, val.epoch(e), len(classes), torch.device("cpu"))
             times.append(time.perf_counter() - t0)
         return times
 
@@ -273,7 +277,7 @@ def main() -> None:
     if "feed" not in a.skip:
         f = bench_feed(a.lake, a.limit, a.limit_val, a.epochs, a.batch)
         c, st = f["cached"], f["streamed"]
-        print(f"[feed] default recipe, {a.limit} images, {a.size}px: cached epoch {c['epoch_s']:.1f} s; "
+        print(f"[feed] default recipe, {a.limit or 'all'} images, {a.size}px: cached epoch {c['epoch_s']:.1f} s; "
               f"streamed (cache off) {st['epoch_s']:.1f} s (waiting for batches {st['wait_s']:.1f} s); "
               f"ratio streamed/cached = {f['ratio']:.2f} (goal <= 1.3)")
         r = bench_feed_rate(a.lake, a.size, a.limit, a.batch)
