@@ -121,7 +121,9 @@ def test_train_benchmark_feed_and_default_sections_at_tiny_size(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "ratio streamed/cached = " in out and "img/s per CPU" in out
-    assert "brainnet 160px trains at 3961 img/s" in out and "CPUs of Ray Data per GPU" in out
+    # the GPU's rate comes from the committed benchmarks/results/gpu-*.json (whichever they say)
+    rate = load("train").gpu_rates()[("brainnet", 160)][0]
+    assert f"brainnet 160px trains at {rate:.0f} img/s" in out and "CPUs of Ray Data per GPU" in out
     assert "[default]" in out and "ratio Ray/plain = " in out
     assert "[data]" not in out and "[trainer]" not in out and "[models]" not in out
 
