@@ -277,7 +277,8 @@ def main() -> None:
     if "feed" not in a.skip:
         f = bench_feed(a.lake, a.limit, a.limit_val, a.epochs, a.batch)
         c, st = f["cached"], f["streamed"]
-        print(f"[feed] default recipe, {a.limit or 'all'} images, {a.size}px: cached epoch {c['epoch_s']:.1f} s; "
+        print(f"[feed] default recipe, {a.limit or 'all'} images, {a.size}px: "
+              f"cached epoch {c['epoch_s']:.1f} s; "
               f"streamed (cache off) {st['epoch_s']:.1f} s (waiting for batches {st['wait_s']:.1f} s); "
               f"ratio streamed/cached = {f['ratio']:.2f} (goal <= 1.3)")
         r = bench_feed_rate(a.lake, a.size, a.limit, a.batch)
