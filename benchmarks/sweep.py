@@ -111,16 +111,8 @@ def run_trial(job: dict) -> dict:
     from brainmri.core.metrics import from_confusion
     from brainmri.models.zoo import create_model
     from brainmri.ops.tune import _nest
-    from brainmri.training.engine import (
-        EMA,
-        Mixer,
-        ShardBatches,
-        Stopwatch,
-        evaluate,
-        to_channels_last,
-        train_one_epoch,
-    )
-    from brainmri.training.train import class_weighted_loss, configure_optimizer
+    from brainmri.training.engine import ShardBatches, Stopwatch, evaluate, to_channels_last, train_one_epoch
+    from brainmri.training.train import recipe_parts
 
     cfg = from_dict(TrainConfig, _nest(job["config"]))
     dev, meta = _DATA["device"], _DATA["meta"]
@@ -136,12 +128,8 @@ def run_trial(job: dict) -> dict:
     if cuda:
         model = to_channels_last(model)
     counts = torch.bincount(yt, minlength=len(classes)).tolist()
-    criterion = class_weighted_loss(cfg, counts, dev)
     steps = max(1, len(yt) // batch)
-    optimizer, scheduler = configure_optimizer(cfg, model, steps)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    mixer = Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed * 1000) \
-        if cfg.mix_prob > 0 else None
+    criterion, optimizer, scheduler, ema, mixer = recipe_parts(cfg, model, counts, dev, steps)
     train_src = ShardBatches.from_tensors(xt, yt, batch, True, True, cfg.seed * 7919)
     val_src = ShardBatches.from_tensors(xv, yv, 256, False, False, 0)
     clock = Stopwatch(dev)

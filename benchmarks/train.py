@@ -173,8 +173,8 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
     epochs run before and after the Ray run (each side's first epoch is left out)."""
     from brainmri.data.datasets import read_split
     from brainmri.data.transforms import preprocess_many
-    from brainmri.training.engine import EMA, Mixer, ShardBatches, evaluate, train_one_epoch
-    from brainmri.training.train import class_weighted_loss, configure_optimizer
+    from brainmri.training.engine import ShardBatches, evaluate, train_one_epoch
+    from brainmri.training.train import recipe_parts
 
     cfg = TrainConfig(data=lake, batch_size=batch, epochs=epochs)
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)
@@ -196,12 +196,10 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.model_args)
     counts = np.bincount(yt.numpy(), minlength=len(classes)).tolist()
-    criterion = class_weighted_loss(cfg, counts, torch.device("cpu"))
-    optimizer, scheduler = configure_optimizer(cfg, model, max(1, len(yt) // batch))
+    # the recipe's loss, optimiser, weight average and mixing, as a Ray worker builds them
+    criterion, optimizer, scheduler, ema, mixer = recipe_parts(cfg, model, counts, torch.device("cpu"),
+                                                               max(1, len(yt) // batch))
     gen = torch.Generator().manual_seed(cfg.seed)
-    # the recipe's weight average and mixing too: the Ray side runs them (TrainConfig defaults)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    mixer = Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed) if cfg.mix_prob > 0 else None
     train = ShardBatches.from_tensors(xt, yt, batch, True, True, cfg.seed)
     val = ShardBatches.from_tensors(xv, yv, batch, False, False, 0)
 

@@ -107,6 +107,19 @@ def class_weighted_loss(cfg: TrainConfig, train_counts: list[int], device) -> nn
                                label_smoothing=cfg.label_smoothing)
 
 
+def recipe_parts(cfg: TrainConfig, raw: nn.Module, train_counts: list[int], device, steps_per_epoch: int,
+                 rank: int = 0):
+    """-> (loss, optimizer, scheduler, weight average or None, mixer or None): what the recipe
+    trains `raw` (the unwrapped module) with. One place for a worker and for the benchmarks that
+    train the recipe without Ray (sweep.py, train.py)."""
+    criterion = class_weighted_loss(cfg, train_counts, device)
+    optimizer, scheduler = configure_optimizer(cfg, raw, steps_per_epoch)
+    ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    mixer = Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed * 1000 + rank) \
+        if cfg.mix_prob > 0 else None
+    return criterion, optimizer, scheduler, ema, mixer
+
+
 @dataclass
 class RunState:
     """What a run carries from epoch to epoch (and across resumes, in the checkpoint)."""
@@ -195,12 +208,9 @@ def train_loop_per_worker(config: dict) -> None:
         model = to_channels_last(model)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model  # evaluation runs this one
-    criterion = class_weighted_loss(cfg, config["train_counts"], device)
     steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
-    optimizer, scheduler = configure_optimizer(cfg, raw, steps)
-    ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    mixer = Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed * 1000 + rank) \
-        if cfg.mix_prob > 0 else None
+    criterion, optimizer, scheduler, ema, mixer = recipe_parts(cfg, raw, config["train_counts"], device,
+                                                               steps, rank)
     run = resume(raw, optimizer, scheduler, ema, steps)  # the driver says so (progress.EpochLines)
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
