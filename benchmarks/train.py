@@ -2,8 +2,10 @@
 
 1. Data pipeline alone: Ray Data (Parquet -> decode/preprocess -> torch batches) vs a plain
    torchvision ImageFolder + DataLoader over the JPEG folder, same preprocessing, images/s.
-2. Training throughput: TorchTrainer with 1 worker vs a plain single-process PyTorch loop,
-   same model, data (in memory, preprocessed), batch size and threads; Ray overhead in %.
+2. trainer: TorchTrainer with 1 worker vs the same loop without Ray (`recipe_parts` +
+   `train_one_epoch` on the same rows, preprocessed once, in memory as the worker's cache
+   holds them), same model, batch, threads; taking turns for --rounds rounds; Ray overhead
+   in % and every epoch's rate (the scatter tells whether a difference is real).
 3. Per registered model: parameter count and estimated epoch time (train steps timed).
 4. feed: `brainmri train`'s default recipe with the worker cache off (every epoch streams and
    decodes: datasets larger than memory) vs on, epochs after the first, same script, ratio;
@@ -26,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from brainmri.config import TrainConfig  # noqa: E402
 from brainmri.data.datasets import resolve_dataset  # noqa: E402
-from brainmri.data.transforms import preprocess, to_model_input  # noqa: E402
+from brainmri.data.transforms import preprocess  # noqa: E402
 from brainmri.models.zoo import count_params, create_model, list_models  # noqa: E402
 
 
@@ -68,38 +71,82 @@ def bench_imagefolder(src: str, size: int, limit: int, batch: int, workers: int)
     return n / (time.time() - t0)
 
 
-def bench_plain_loop(model_name, size, batch, steps, threads) -> float:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    m = create_model(model_name, 4, 1, image_size=size)
-    opt = torch.optim.AdamW(m.parameters(), 1e-3)
-    x = torch.randint(0, 255, (batch * 4, size, size), dtype=torch.uint8)
-    y = torch.randint(0, 4, (batch * 4,))
-    m.train()
-    for i in range(steps + 2):
-        if i == 2:
-            t0 = time.time()
-        j = (i % 4) * batch
-        loss = torch.nn.functional.cross_entropy(m(to_model_input(x[j:j + batch])), y[j:j + batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return steps * batch / (time.time() - t0)
-
-
-def bench_torchtrainer(lake, model_name, size, batch, limit, epochs, threads) -> float:
-    """1 worker, cached data: epochs after the first run from memory like the plain loop."""
+def bench_trainer(lake, model_name, size, batch, limit, epochs, threads, rounds) -> dict:
+    """TorchTrainer with 1 worker vs the same loop without Ray: the same rows (preprocessed once,
+    in memory: the worker's cache after its first epoch), model, loss, AdamW + schedule, batch
+    and torch threads, augmentation, weight averaging and mixing off (the bare step, where a
+    fixed cost shows most). The two take turns for `rounds` rounds so load drift hits both;
+    training images/s per epoch (not validation), each run's first epoch left out."""
     from brainmri.training.train import run_training
 
-    out = tempfile.mkdtemp(prefix="bench-train-")
-    cfg = TrainConfig(data=lake, out=out, name="bench", model=model_name, image_size=size,
-                      batch_size=batch, epochs=epochs, limit_train=limit, limit_val=64,
-                      num_workers=1, threads_per_worker=threads, aug_strength=0.0,
-                      ema_decay=0.0, mix_prob=0.0,  # the plain loop's bare step: no average, no mixing
-                      patience=0, publish=False, keep_checkpoints=1)
-    res = run_training(cfg)
-    rates = [h["train_images_per_s"] for h in res.history[1:]]  # epoch 0 also decodes
-    return float(np.median(rates))
+    kw = dict(model=model_name, image_size=size, batch_size=batch, epochs=epochs + 1, limit_train=limit,
+              limit_val=64, aug_strength=0.0, ema_decay=0.0, mix_prob=0.0)
+    plain = PlainRecipe(TrainConfig(data=lake, **kw), threads)
+    cfg = TrainConfig(data=lake, out=tempfile.mkdtemp(prefix="bench-train-"), num_workers=1,
+                      threads_per_worker=threads, patience=0, publish=False, keep_checkpoints=1, **kw)
+    p_rates, t_rates = [], []
+    for r in range(rounds):
+        p_rates += [len(plain.yt) / s for s in plain.epochs(epochs, train_only=True)]
+        hist = run_training(replace(cfg, name=f"bench-{r}")).history
+        t_rates += [h["train_images_per_s"] for h in hist[1:]]  # epoch 0 also decodes
+    p, t = float(np.median(p_rates)), float(np.median(t_rates))
+    return {"plain": p, "trainer": t, "overhead": 1 - t / p, "plain_rates": p_rates, "trainer_rates": t_rates}
+
+
+class PlainRecipe:
+    """The recipe of `cfg` trained in this process without Ray, on the dataset's rows read and
+    preprocessed once (as a worker's cache holds them), with the recipe's own parts
+    (`recipe_parts`) and loops (`train_one_epoch`, `evaluate`)."""
+
+    def __init__(self, cfg: TrainConfig, threads: int):
+        from brainmri.data.datasets import read_split
+        from brainmri.data.transforms import preprocess_many
+        from brainmri.training.engine import ShardBatches
+        from brainmri.training.train import recipe_parts
+
+        version, manifest = resolve_dataset(cfg.data, cfg.dataset)
+        self.classes = manifest["classes"]
+
+        def rows(split, n):
+            xs, ys = [], []
+            for b in read_split(version, manifest, split, ["image", "label"], 64):
+                xs.append(preprocess_many(b.column("image").to_pylist(), cfg.image_size))
+                ys.append(b.column("label").to_numpy().astype(np.int64))
+                if n and sum(map(len, ys)) >= n:
+                    break
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            return torch.from_numpy(x[:n or None]), torch.from_numpy(y[:n or None])
+
+        self.xt, self.yt = rows("train", cfg.limit_train)
+        xv, yv = rows("val", cfg.limit_val)
+        torch.set_num_threads(threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.done = cfg, 0
+        self.model = create_model(cfg.model, len(self.classes), 1, image_size=cfg.image_size,
+                                  **cfg.model_args)
+        counts = np.bincount(self.yt.numpy(), minlength=len(self.classes)).tolist()
+        # the recipe's loss, optimiser, weight average and mixing, as a Ray worker builds them
+        self.parts = recipe_parts(cfg, self.model, counts, torch.device("cpu"),
+                                  max(1, len(self.yt) // cfg.batch_size))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.train = ShardBatches.from_tensors(self.xt, self.yt, cfg.batch_size, True, True, cfg.seed)
+        self.val = ShardBatches.from_tensors(xv, yv, cfg.batch_size, False, False, 0)
+
+    def epochs(self, k: int, train_only: bool = False) -> list[float]:
+        """Seconds of each of `k` more epochs (training and validation, or training only)."""
+        from brainmri.training.engine import evaluate, train_one_epoch
+
+        criterion, optimizer, scheduler, ema, mixer = self.parts
+        cpu, times = torch.device("cpu"), []
+        for e in range(self.done, self.done + k):
+            t0 = time.perf_counter()
+            train_one_epoch(self.model, self.train.epoch(e), criterion, optimizer, scheduler, cpu,
+                            self.cfg.aug_strength, self.gen, ema=ema, mixer=mixer)
+            if not train_only:
+                evaluate(ema.module if ema else self.model, self.val.epoch(e), len(self.classes), cpu)
+            times.append(time.perf_counter() - t0)
+        self.done += k
+        return times
 
 
 def _history(lake, out, name, limit, limit_val, epochs, batch, **kw) -> list[dict]:
@@ -171,55 +218,15 @@ def gpu_rates() -> dict:
 def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
     """`brainmri train`'s default per epoch vs a plain loop with the same recipe; the plain
     epochs run before and after the Ray run (each side's first epoch is left out)."""
-    from brainmri.data.datasets import read_split
-    from brainmri.data.transforms import preprocess_many
-    from brainmri.training.engine import ShardBatches, evaluate, train_one_epoch
-    from brainmri.training.train import recipe_parts
-
-    cfg = TrainConfig(data=lake, batch_size=batch, epochs=epochs)
-    version, manifest = resolve_dataset(cfg.data, cfg.dataset)
-    classes = manifest["classes"]
-
-    def rows(split, n):
-        xs, ys = [], []
-        for b in read_split(version, manifest, split, ["image", "label"], 64):
-            xs.append(preprocess_many(b.column("image").to_pylist(), cfg.image_size))
-            ys.append(b.column("label").to_numpy().astype(np.int64))
-            if n and sum(map(len, ys)) >= n:
-                break
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        return torch.from_numpy(x[:n or None]), torch.from_numpy(y[:n or None])
-
-    xt, yt = rows("train", limit)
-    xv, yv = rows("val", limit_val)
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.model_args)
-    counts = np.bincount(yt.numpy(), minlength=len(classes)).tolist()
-    # the recipe's loss, optimiser, weight average and mixing, as a Ray worker builds them
-    criterion, optimizer, scheduler, ema, mixer = recipe_parts(cfg, model, counts, torch.device("cpu"),
-                                                               max(1, len(yt) // batch))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train = ShardBatches.from_tensors(xt, yt, batch, True, True, cfg.seed)
-    val = ShardBatches.from_tensors(xv, yv, batch, False, False, 0)
-
-    def plain_epochs(k, first):
-        times = []
-        for e in range(first, first + k):
-            t0 = time.perf_counter()
-            train_one_epoch(model, train.epoch(e), criterion, optimizer, scheduler, torch.device("cpu"),
-                            cfg.aug_strength, gen, ema=ema, mixer=mixer)
-            evaluate(ema.module if ema else model, val.epoch(e), len(classes), torch.device("cpu"))
-            times.append(time.perf_counter() - t0)
-        return times
-
-    plain = plain_epochs(2, 0)[1:]
+    plain_run = PlainRecipe(TrainConfig(data=lake, batch_size=batch, epochs=epochs, limit_train=limit,
+                                        limit_val=limit_val), threads)
+    plain = plain_run.epochs(2)[1:]
     hist = _history(lake, tempfile.mkdtemp(prefix="bench-default-"), "default", limit, limit_val, epochs,
                     batch)
-    plain += plain_epochs(1, 2)
+    plain += plain_run.epochs(1)
     ray_s = float(np.median([h["epoch_seconds"] for h in hist[1:] or hist]))
     return {"ray_s": ray_s, "plain_s": float(np.mean(plain)), "ratio": ray_s / float(np.mean(plain)),
-            "workers": TrainConfig().num_workers, "rows": len(yt)}
+            "workers": TrainConfig().num_workers, "rows": len(plain_run.yt)}
 
 
 SECTIONS = ["data", "trainer", "models", "feed", "default"]
@@ -237,6 +244,7 @@ def main() -> None:
     ap.add_argument("--model", default="brainnet", help="model for the Ray-vs-plain comparison")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model in the model table")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the feed and default runs")
+    ap.add_argument("--rounds", type=int, default=3, help="turns of the trainer section's two sides")
     ap.add_argument("--limit-val", type=int, default=64, help="validation images, feed and default runs")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     ap.add_argument("--only", nargs="*", default=[], choices=SECTIONS, help="run only these sections")
@@ -256,10 +264,12 @@ def main() -> None:
         print(f"[data] Ray Data Parquet->batches: {rd:.0f} img/s; ImageFolder+DataLoader(2 workers): "
               f"{il:.0f} img/s; ratio Ray/plain = {rd / il:.2f}")
     if "trainer" not in a.skip:
-        plain = bench_plain_loop(a.model, a.size, a.batch, a.steps * 2, threads)
-        tt = bench_torchtrainer(a.lake, a.model, a.size, a.batch, a.limit, 3, threads)
-        print(f"[trainer] {a.model} {a.size}px batch {a.batch}: plain loop {plain:.1f} img/s; "
-              f"TorchTrainer 1 worker {tt:.1f} img/s; Ray overhead {100 * (1 - tt / plain):.1f}%")
+        t = bench_trainer(a.lake, a.model, a.size, a.batch, a.limit, a.epochs, threads, a.rounds)
+        print(f"[trainer] {a.model} {a.size}px batch {a.batch}, {a.limit or 'all'} images, {a.rounds} rounds "
+              f"x {a.epochs} epochs: plain loop {t['plain']:.1f} img/s; TorchTrainer 1 worker "
+              f"{t['trainer']:.1f} img/s; Ray overhead {100 * t['overhead']:.1f}% (goal <= 5%)")
+        print("[trainer]   per epoch, plain: " + " ".join(f"{r:.0f}" for r in t["plain_rates"])
+              + "; TorchTrainer: " + " ".join(f"{r:.0f}" for r in t["trainer_rates"]))
     if "models" not in a.skip:
         n_train = resolve_dataset(a.lake)[1]["rows"]["train"]
         print(f"[models] est. epoch time over {n_train} training images at {a.size}px, batch 32:")

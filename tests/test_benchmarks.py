@@ -109,13 +109,14 @@ def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
     assert res["corpora"]["900"]["bad"] == 4 and res["corpora"]["900"]["near"] == 9
 
 
-def test_train_benchmark_feed_and_default_sections_at_tiny_size(tmp_path):
-    """benchmarks/train.py's feed (streamed vs cached, feed rate per CPU, CPUs per GPU) and
-    default (`brainmri train`'s default vs a plain loop) sections on a few dozen scans."""
+def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
+    """benchmarks/train.py's feed (streamed vs cached, feed rate per CPU, CPUs per GPU), default
+    (`brainmri train`'s default vs a plain loop) and trainer (1-worker TorchTrainer vs the same
+    loop without Ray) sections on a few dozen scans."""
     src = real_subset(tmp_path / "src", per_class=10)
     ingest(str(src), str(tmp_path / "lake"), IngestConfig(val_fraction=0.2, test_fraction=0.1, workers=1))
-    args = ["--lake", str(tmp_path / "lake"), "--only", "feed", "default", "--limit", "16",
-            "--limit-val", "4", "--batch", "4", "--epochs", "2", "--size", "64"]
+    args = ["--lake", str(tmp_path / "lake"), "--only", "feed", "default", "trainer", "--limit", "16",
+            "--limit-val", "4", "--batch", "4", "--epochs", "2", "--size", "64", "--rounds", "1"]
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), *args], capture_output=True,
                        text=True, timeout=600, check=False, env=dict(os.environ, RAY_ADDRESS=""))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -125,7 +126,12 @@ def test_train_benchmark_feed_and_default_sections_at_tiny_size(tmp_path):
     rate = load("train").gpu_rates()[("brainnet", 160)][0]
     assert f"brainnet 160px trains at {rate:.0f} img/s" in out and "CPUs of Ray Data per GPU" in out
     assert "[default]" in out and "ratio Ray/plain = " in out
-    assert "[data]" not in out and "[trainer]" not in out and "[models]" not in out
+    # trainer: one round, 2 timed epochs a side (4 batches of 4 each), every epoch's rate printed
+    assert "TorchTrainer 1 worker" in out and "Ray overhead" in out
+    per_epoch = out.split("[trainer]   per epoch, plain: ")[1].splitlines()[0]
+    plain_rates, trainer_rates = per_epoch.split("; TorchTrainer: ")
+    assert len(plain_rates.split()) == 2 and len(trainer_rates.split()) == 2
+    assert "[data]" not in out and "[models]" not in out
 
 
 def test_sweep_pack_holds_train_and_val_only_and_a_trial_trains_from_it(tmp_path):
