@@ -36,8 +36,8 @@ from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, read_split, resolve_dataset, split_files, verify_shards
-from ..data.preprocess import preprocess_batch  # torch-free: what Ray Data's decode workers import
-from ..data.transforms import preprocess_many, to_model_input
+from ..data.preprocess import preprocess_batch, preprocess_many  # torch-free (Ray Data's decode workers)
+from ..data.transforms import to_model_input
 from ..models.checkpoints import (
     CKPT_FILE,
     META_FILE,

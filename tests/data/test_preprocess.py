@@ -15,11 +15,11 @@ def test_preprocessing_imports_without_torch_and_is_what_the_feed_maps():
     assert r.stdout.strip() == "brainmri.data.preprocess"
 
     # the training feed maps this function (Ray pickles it by module: the worker imports only that)
-    from brainmri.data import transforms
+    from brainmri.data import preprocess, transforms
     from brainmri.training import train
 
     assert train.preprocess_batch.__module__ == "brainmri.data.preprocess"
-    assert transforms.preprocess is __import__("brainmri.data.preprocess", fromlist=["x"]).preprocess
+    assert transforms.preprocess is preprocess.preprocess
 
 
 def test_preprocess_batch_shapes_and_labels():
