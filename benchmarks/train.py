@@ -7,10 +7,11 @@
    holds them), same model, batch, threads; taking turns for --rounds rounds; Ray overhead
    in % and every epoch's rate (the scatter tells whether a difference is real).
 3. Per registered model: parameter count and estimated epoch time (train steps timed).
-4. feed: `brainmri train`'s default recipe with the worker cache off (every epoch streams and
-   decodes: datasets larger than memory) vs on, epochs after the first, same script, ratio;
-   then the Ray Data feed alone on one CPU (images/s per CPU) and the CPUs a GPU needs to be
-   kept fed (its img/s from benchmarks/results/gpu-h200-*.json).
+4. feed: `brainmri train`'s default recipe with the worker cache off (every epoch streams
+   the pixel shards, data.pixels: datasets larger than memory) vs on, epochs after the first,
+   same script, ratio; then the one-time pixel-shard build, the Ray Data feeds alone on one
+   CPU (pixel shards; decoding JPEGs), images/s per CPU, and the CPUs a GPU needs to be kept
+   fed (its img/s from benchmarks/results/gpu-h200-*.json).
 5. default: `brainmri train`'s default (2 workers, full recipe with augmentation, cache on)
    per epoch vs a plain single-process loop with the same recipe (same model, loss, AdamW,
    schedule, augmentation, batch; data preprocessed in memory; torch threads = all cores);
@@ -174,33 +175,40 @@ def bench_feed(lake, limit, limit_val, epochs, batch) -> dict:
 
 
 def bench_feed_rate(lake, size, limit, batch) -> dict:
-    """The feed alone: Ray Data (Parquet -> decode/preprocess -> torch batches) held to one
-    CPU, images/s (second pass: a streamed epoch's steady state, its start-up included);
-    and the decode itself in this process, images per CPU-second."""
+    """The feeds alone, each held to one CPU, images/s (second pass: a streamed epoch's
+    steady state, its start-up included): Ray Data decoding the version's JPEGs (what the
+    cached first epoch and a pixel-shard build do) and Ray Data reading pixel shards (what a
+    streamed epoch does); the decode itself in this process, images per CPU-second; and the
+    one-time pixel-shard build of train + val on all CPUs."""
     from ray.data import ExecutionResources
 
     from brainmri.data.datasets import read_split
+    from brainmri.data.pixels import build_pixels, pixels_root
     from brainmri.data.transforms import preprocess_many
     from brainmri.training.train import build_datasets
 
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
-    ds = build_datasets(cfg, version, manifest)["train"]
-    ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
-    rate = 0.0
-    for _ in range(2):
-        t0, n = time.time(), 0
-        for b in ds.iter_torch_batches(batch_size=batch, dtypes={"x": torch.uint8, "label": torch.int64}):
-            n += len(b["label"])
-        rate = n / (time.time() - t0)
+    t0 = time.time()
+    pix = build_pixels(version, manifest, size)  # a fresh build (a new attempt; same rows)
+    out = {"pixels_build_s": time.time() - t0, "pixels_rows": sum(s["rows"] for s in pix["shards"])}
+    for key, pixels in (("ray_data_1cpu", None), ("pixels_1cpu", (pixels_root(version, size), pix))):
+        ds = build_datasets(cfg, version, manifest, pixels)["train"]
+        ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
+        for _ in range(2):
+            t0, n = time.time(), 0
+            for b in ds.iter_torch_batches(batch_size=batch, dtypes={"x": torch.uint8, "label": torch.int64}):
+                n += len(b["label"])
+            out[key] = n / (time.time() - t0)
     blobs = []
     for b in read_split(version, manifest, "train", ["image"], 64):
         blobs += b.column("image").to_pylist()
-        if len(blobs) >= min(limit, 512):
+        if len(blobs) >= min(limit or 512, 512):
             break
     c0 = time.process_time()
     preprocess_many(blobs, size)
-    return {"ray_data_1cpu": rate, "decode_per_cpu_s": len(blobs) / (time.process_time() - c0)}
+    out["decode_per_cpu_s"] = len(blobs) / (time.process_time() - c0)
+    return out
 
 
 def gpu_rates() -> dict:
@@ -290,14 +298,19 @@ def main() -> None:
               f"streamed (cache off) {st['epoch_s']:.1f} s (waiting for batches {st['wait_s']:.1f} s); "
               f"ratio streamed/cached = {f['ratio']:.2f} (goal <= 1.3)")
         r = bench_feed_rate(a.lake, a.size, a.limit, a.batch)
-        per_cpu = r["ray_data_1cpu"]
-        print(f"[feed] Ray Data feed on 1 CPU: {per_cpu:.0f} img/s per CPU (decode alone: "
-              f"{r['decode_per_cpu_s']:.0f} img per CPU-second) at {a.size}px")
+        print(f"[feed] pixel shards (data.pixels), built once: {r['pixels_rows']} images in "
+              f"{r['pixels_build_s']:.1f} s on {os.cpu_count()} CPUs")
+        print(f"[feed] Ray Data on 1 CPU, {a.size}px: pixel shards (a streamed epoch) "
+              f"{r['pixels_1cpu']:.0f} img/s per CPU; decoding JPEGs (a build, a cached first epoch) "
+              f"{r['ray_data_1cpu']:.0f} img/s per CPU (decode alone: {r['decode_per_cpu_s']:.0f} img "
+              "per CPU-second)")
         for (model, size), (rate, src) in sorted(gpu_rates().items()):
             if model in ("brainnet", "resnet50"):
-                note = "" if size == a.size else f" (decoded at {size}px costs more than at {a.size}px)"
+                note = "" if size == a.size else \
+                    f" (at {size}px a row is {(size / a.size) ** 2:.1f}x the bytes)"
                 print(f"[feed]   {model} {size}px trains at {rate:.0f} img/s on the GPU of {src} -> needs "
-                      f"{rate / per_cpu:.1f} CPUs of Ray Data per GPU{note}")
+                      f"{rate / r['pixels_1cpu']:.1f} CPUs of pixel-shard feed per GPU streaming, "
+                      f"{rate / r['ray_data_1cpu']:.1f} decoding{note}")
     if "default" not in a.skip:
         d = bench_default(a.lake, a.limit, a.limit_val, a.epochs, a.batch, threads)
         print(f"[default] brainmri train default ({d['workers']} workers, augmentation, cache on), "

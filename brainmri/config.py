@@ -166,7 +166,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # top-k by val macro-F1 (the latest is always kept too)
     limit_train: int = flag(0, "use only the first N training images (quick runs, tests); 0 = all")
     limit_val: int = flag(0, "use only the first N validation images; 0 = all")
-    cache: bool = True  # workers keep their preprocessed shard in memory after epoch 1
+    cache: bool = True  # workers keep their preprocessed shard in memory after epoch 1; off (data
+    #                     larger than memory): every epoch streams pixel shards (data.pixels)
     publish: bool = True  # publish the best checkpoint as models/<model>/<version>/
     candidate: bool = False  # publish it as a candidate (retrain's challengers): models/<model>
     #                          resolves to it only once retrain promotes it

@@ -124,7 +124,8 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     assert "ratio streamed/cached = " in out and "img/s per CPU" in out
     # the GPU's rate comes from the committed benchmarks/results/gpu-*.json (whichever they say)
     rate = load("train").gpu_rates()[("brainnet", 160)][0]
-    assert f"brainnet 160px trains at {rate:.0f} img/s" in out and "CPUs of Ray Data per GPU" in out
+    assert f"brainnet 160px trains at {rate:.0f} img/s" in out and "CPUs of pixel-shard feed per GPU" in out
+    assert "pixel shards (data.pixels), built once: " in out
     assert "[default]" in out and "ratio Ray/plain = " in out
     # trainer: one round, 2 timed epochs a side (4 batches of 4 each), every epoch's rate printed
     assert "TorchTrainer 1 worker" in out and "Ray overhead" in out

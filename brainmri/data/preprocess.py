@@ -16,6 +16,10 @@ from PIL import Image
 
 from .images import decode_grey
 
+# Names this rule. Change it whenever a change here changes any output pixel: data prepared
+# under another id (pixel shards, data.pixels) is then built again, never reused.
+PREPROCESS_ID = "grey-draft-fit-bilinear-p0.5-99.5/1"
+
 # Percentiles of each image stretched to 0 and 255 (robust to a few hot or dead pixels).
 LO_PCT, HI_PCT = 0.5, 99.5
 

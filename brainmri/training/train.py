@@ -36,6 +36,7 @@ from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, read_split, resolve_dataset, split_files, verify_shards
+from ..data.pixels import ensure_pixels, from_pixels, pixel_files
 from ..data.preprocess import preprocess_batch, preprocess_many  # torch-free (Ray Data's decode workers)
 from ..data.transforms import to_model_input
 from ..models.checkpoints import (
@@ -311,12 +312,25 @@ def _data_config():
 FEED_BLOCK_BYTES = 4 << 20
 
 
-def build_datasets(cfg: TrainConfig, version, manifest) -> dict:
+def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
+    """Ray Data's train and val feeds: {'x': uint8 [B, S, S], 'label'} rows. From the
+    version's shards (decoding each image), or with `pixels` = (root, pixels.json) from
+    `data.pixels.ensure_pixels` from pixel shards already preprocessed at cfg.image_size."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # logs, not bars, in jobs
     ds = {}
     for split, limit in (("train", cfg.limit_train), ("val", cfg.limit_val)):
+        if pixels:
+            root, pix = pixels
+            d = ray.data.read_parquet(pixel_files(root, pix, split), filesystem=root.fs)
+            if limit:
+                d = d.limit(limit)
+            d = d.map_batches(from_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=None,
+                              batch_format="pyarrow")
+            d.context.target_max_block_size = FEED_BLOCK_BYTES
+            ds[split] = d
+            continue
         files = split_files(version, manifest, split)
         if not files:
             raise ConfigError(f"dataset {version.uri} has no {split} shards")
@@ -404,6 +418,11 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
                         {**to_dict(cfg), "dataset": dataset_info},
                         {"brainmri.dataset_version": manifest["version"]})
     init_ray()
+    # streaming every epoch (cache off): decode once into pixel shards beside the version,
+    # not once an epoch (data.pixels); the cached feed decodes once in the workers anyway
+    pixels = None if cfg.cache else ensure_pixels(version, manifest, cfg.image_size)
+    if pixels:
+        dataset_info["pixels"] = pixels[0].uri
     (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -412,7 +431,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
                            "versions": library_versions(), "run_uri": run.uri},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpu,
                                      resources_per_worker=_resources(cfg)),
-        datasets=build_datasets(cfg, version, manifest),
+        datasets=build_datasets(cfg, version, manifest, pixels),
         dataset_config=_data_config(),
         run_config=RunConfig(
             name=name, storage_path=runs.path, storage_filesystem=runs.fs,

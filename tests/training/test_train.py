@@ -130,11 +130,16 @@ def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake
 
 
 def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path):
-    """Dataset read from and checkpoints/model written to a loopback S3 server."""
+    """Dataset read from and checkpoints/model written to a loopback S3 server; with the
+    worker cache off, so Ray Data tasks also build the pixel shards in the bucket and every
+    epoch streams them from it."""
     lake = f"s3://{s3_bucket}/lake"
     ingest(str(real_subset(tmp_path / "src", per_class=20)), lake,
            IngestConfig(val_fraction=0.25, test_fraction=0.1, workers=1))
-    res = run_training(TrainConfig(data=lake, out=lake, name="t-s3", epochs=2, **SMALL))
+    res = run_training(TrainConfig(data=lake, out=lake, name="t-s3", epochs=2, cache=False, **SMALL))
+    pixels = open_location(res.run_uri + "/config.json").read_json()["dataset"]["pixels"]
+    assert pixels.startswith(f"s3://{s3_bucket}/lake/datasets/")
+    assert open_location(pixels + "/pixels.json").exists()
     assert res.run_uri.startswith("s3://") and res.model_uri.startswith(f"s3://{s3_bucket}/lake/models/")
     run = open_location(res.run_uri)
     assert len(run.listdir()) >= 3  # checkpoint(s), history, config
@@ -320,7 +325,8 @@ def test_streamed_epochs_come_in_small_blocks_with_every_row(small_lake, ray_loc
     rows = manifest["rows"]["train"]
     # 128 rows x 64 x 64 bytes decoded: >= 3 blocks of <= 200 kB (Ray's default: one a file)
     assert ds.count() == rows and ds.num_blocks() >= rows * 64 * 64 // 200_000 + 1
-    res = run_training(cfg)
+    res = run_training(cfg)  # streams pixel shards (data.pixels), built before the workers start
+    assert "/pixels/64px-" in open_location(res.run_uri + "/config.json").read_json()["dataset"]["pixels"]
     per_rank = rows // 2 // SMALL["batch_size"] * SMALL["batch_size"]
     for e in res.history:
         assert e["train_images"] == 2 * per_rank and e["val_n"] == manifest["rows"]["val"]

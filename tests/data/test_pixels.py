@@ -1,0 +1,141 @@
+"""Pixel shards (data.pixels): a version's splits preprocessed once, stored beside it, verified
+when read, and fed to training exactly as the decoding feed would have fed it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from brainmri.config import IngestConfig, TrainConfig
+from brainmri.core.storage import StorageError
+from brainmri.data import pixels as P
+from brainmri.data.datasets import read_split, resolve_dataset
+from brainmri.data.ingest import ingest
+from brainmri.data.preprocess import preprocess_many
+from brainmri.training.train import build_datasets
+
+from support.data import real_subset
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pixels")
+    src = real_subset(tmp / "src", per_class=12)
+    ingest(str(src), str(tmp / "lake"), IngestConfig(val_fraction=0.25, test_fraction=0.1, workers=1))
+    return tmp / "lake"
+
+
+def _source(version, manifest, split):
+    blobs, labels = [], []
+    for b in read_split(version, manifest, split, ["image", "label"]):
+        blobs += b.column("image").to_pylist()
+        labels += b.column("label").to_pylist()
+    return preprocess_many(blobs, SIZE), np.asarray(labels)
+
+
+def _rows(x, y) -> list[tuple[int, bytes]]:
+    return [(int(label), img.tobytes()) for img, label in zip(x, y, strict=True)]
+
+
+def _feed(version, manifest, pixels, split):
+    cfg = TrainConfig(data=str(version.uri), image_size=SIZE, cache=False)
+    xs, ys = [], []
+    for b in build_datasets(cfg, version, manifest, pixels)[split].iter_batches(batch_size=7,
+                                                                                batch_format="numpy"):
+        xs.append(b["x"])
+        ys.append(b["label"])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatch):
+    """Several shard files a split (uneven last one), every row once, in the source order,
+    bit-identical to the preprocessing rule; the manifest lands last and names every file."""
+    monkeypatch.setattr(P, "SHARD_ROWS", 5)
+    version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
+    pix = P.build_pixels(version, manifest, SIZE)
+    root = P.pixels_root(version, SIZE)
+    assert (root / P.PIXELS_MANIFEST).read_json() == pix and pix["image_size"] == SIZE
+    for split in ("train", "val"):
+        n = manifest["rows"][split]
+        shards = [s for s in pix["shards"] if s["split"] == split]
+        assert sum(s["rows"] for s in shards) == n and len(shards) == -(-n // 5)
+        x, y = _feed(version, manifest, (root, pix), split)
+        ref_x, ref_y = _source(version, manifest, split)
+        assert x.dtype == np.uint8 and x.shape == (n, SIZE, SIZE)
+        # the feed's order is Ray Data's (training shuffles anyway): the same rows, as a set
+        assert sorted(_rows(x, y)) == sorted(_rows(ref_x, ref_y))
+        # the shards themselves, read in the manifest's order, are the source's order
+        stored = pa.concat_tables([pq.read_table(p, filesystem=root.fs)
+                                   for p in P.pixel_files(root, pix, split)])
+        got = P.from_pixels(stored, SIZE)
+        assert np.array_equal(got["x"], ref_x) and np.array_equal(got["label"], ref_y)
+    # nothing else under the attempt: every written file is listed
+    listed = {s["path"] for s in pix["shards"]}
+    on_disk = {f.path[len(root.path) + 1:] for f in root.files(".parquet")}
+    assert listed <= on_disk
+    # a second call reuses (and verifies) them: no new attempt
+    again = P.ensure_pixels(version, manifest, SIZE)[1]
+    assert again["shards"] == pix["shards"]
+
+
+def test_another_size_or_dataset_version_is_another_set(lake, ray_local):
+    version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
+    P.ensure_pixels(version, manifest, SIZE)
+    assert P.pixels_root(version, SIZE).uri != P.pixels_root(version, SIZE + 16).uri
+    assert P.load_pixels(version, manifest, SIZE + 16) is None
+    changed = {**manifest, "version": "something-else"}
+    assert P.load_pixels(version, changed, SIZE) is None  # stale for another manifest: never reused
+    assert P.load_pixels(version, manifest, SIZE, ("train", "val", "test")) is None  # test not built
+
+
+def test_damaged_pixel_shard_is_refused_then_rebuilt(lake, ray_local, tmp_path):
+    import shutil
+
+    copy = tmp_path / "lake"
+    shutil.copytree(lake, copy)
+    version, manifest = resolve_dataset(str(copy), "brain-tumor-mri")
+    root, pix = P.ensure_pixels(version, manifest, SIZE)
+    shard = Path(root.path) / pix["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match=r"pixel.*sha256|sha256.*manifest records"):
+        P.load_pixels(version, manifest, SIZE)
+    lines = []
+    root2, pix2 = P.ensure_pixels(version, manifest, SIZE, log=lines.append)
+    assert "fail verification" in lines[0] and "preprocessed" in lines[1]
+    assert pix2["shards"][0]["path"] != pix["shards"][0]["path"]  # a new attempt, verified
+    assert P.load_pixels(version, manifest, SIZE) == pix2
+
+
+def test_a_build_that_loses_rows_records_nothing(lake, ray_local, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "lake"
+    shutil.copytree(lake, copy)
+    version, manifest = resolve_dataset(str(copy), "brain-tumor-mri")
+    shutil.rmtree(Path(version.path) / "pixels", ignore_errors=True)  # whatever other tests built
+    real = P._write_part
+
+    def drops_one(batch, **kw):  # a writer that loses a row
+        return real({k: v[1:] for k, v in batch.items()}, **kw)
+
+    monkeypatch.setattr(P, "_write_part", drops_one)
+    with pytest.raises(StorageError, match="pixel shards of train hold .* rows, dataset .* has"):
+        P.build_pixels(version, manifest, SIZE)
+    assert not (P.pixels_root(version, SIZE) / P.PIXELS_MANIFEST).exists()
+
+
+def test_manifest_records_the_rule(lake, ray_local):
+    version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
+    root, pix = P.ensure_pixels(version, manifest, SIZE)
+    stored = json.loads(Path(root.path, P.PIXELS_MANIFEST).read_text())
+    assert stored["preprocess"] == P.PREPROCESS_ID and stored["rule_key"] == P.rule_key(SIZE)
+    assert stored["dataset_version"] == manifest["version"] and root.name.startswith(f"{SIZE}px-")
