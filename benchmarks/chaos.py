@@ -13,7 +13,8 @@ failure can be replayed alone with --only i.
 
 What is checked, after each kill and after each re-run:
   datasets   every version with a manifest verifies (shard sizes and sha256); latest_version
-             resolves only to such a version; a re-run publishes every accepted image
+             resolves only to such a version; a re-run publishes every accepted image; every
+             pixel-shard set with a pixels.json verifies (every other train trial streams)
   runs       every checkpoint Ray registered loads (weights_only); after a re-run the run
              resumed from its last persisted epoch (no completed epoch is trained again)
   models     every version with metadata.json has a model.pt that matches its sha256;
@@ -97,9 +98,12 @@ class Chaos:
     def ingest_cmd(self, seed: int) -> list[str]:
         return self.cmd("ingest", str(self.src), str(self.lake), "--name", NAME, "--seed", str(seed))
 
-    def train_cmd(self, name: str) -> list[str]:
+    def train_cmd(self, name: str, stream: bool = False) -> list[str]:
+        """`stream`: the worker cache off, so the run first builds the version's pixel shards
+        (a kill can land in that build) and streams them every epoch."""
         return self.cmd("train", "--data", str(self.lake), "--dataset", NAME, "--out", str(self.lake),
-                        "--name", name, "--epochs", str(EPOCHS), *TINY)
+                        "--name", name, "--epochs", str(EPOCHS), *TINY,
+                        *(["--set", "cache=false"] if stream else []))
 
     def retrain_cmd(self, bad: bool) -> list[str]:
         train = ["--train", "epochs=2", "--train", "image_size=64", "--train", "batch_size=16",
@@ -112,6 +116,7 @@ class Chaos:
     def check_store(self, when: str) -> None:
         from brainmri.core.storage import open_location
         from brainmri.data.datasets import dataset_root, latest_version, load_manifest, verify_shards
+        from brainmri.data.pixels import PIXELS_MANIFEST, load_pixels
         from brainmri.evaluation.inference import open_model
         from brainmri.models.checkpoints import CKPT_FILE, META_FILE, load_state, model_file
 
@@ -124,6 +129,14 @@ class Chaos:
                     verify_shards(loc, load_manifest(loc))
                 except Exception as e:  # noqa: BLE001 -- every failure is a finding
                     self.must(False, f"{when}: complete dataset {v} does not verify: {e}")
+                for key in (loc / "pixels").listdir():  # every recorded pixel-shard set verifies
+                    if (loc / "pixels" / key / PIXELS_MANIFEST).exists():
+                        try:
+                            pix = (loc / "pixels" / key / PIXELS_MANIFEST).read_json()
+                            self.must(load_pixels(loc, load_manifest(loc), pix["image_size"], pix["splits"])
+                                      is not None, f"{when}: pixel shards {v}/{key} are not this version's")
+                        except Exception as e:  # noqa: BLE001
+                            self.must(False, f"{when}: pixel shards {v}/{key} do not verify: {e}")
         if any((root / v / "manifest.json").exists() for v in root.listdir()):
             latest = latest_version(store, NAME)
             self.must((latest / "manifest.json").exists(), f"{when}: latest_version is incomplete")
@@ -222,11 +235,13 @@ class Chaos:
         from brainmri.models.checkpoints import CKPT_FILE, load_state
 
         name = f"chaos-train-{i}"
-        args = self.train_cmd(name)
+        stream = (i // 3) % 2 == 0  # every other train trial streams pixel shards, the first one too
+        args = self.train_cmd(name, stream)
         rc, t = self.run(args, kill_after=delay)
         run = open_location(str(self.lake)) / "runs" / name
         done = len((run / "history.json").read_json()) if (run / "history.json").exists() else 0
-        print(f"  train   killed={rc is None} after {t:.1f}s, {done} epochs persisted", flush=True)
+        print(f"  train   killed={rc is None} after {t:.1f}s, {done} epochs persisted"
+              f"{' (streaming pixel shards)' if stream else ''}", flush=True)
         self.check_store(f"trial {i} train after kill")
         rc, _ = self.run(args)
         self.must(rc == 0, f"trial {i} train re-run exited {rc}: {self.tail()}")

@@ -102,7 +102,7 @@ class PlainRecipe:
     def __init__(self, cfg: TrainConfig, threads: int):
         from brainmri.data.datasets import read_split
         from brainmri.data.transforms import preprocess_many
-        from brainmri.training.engine import ShardBatches
+        from brainmri.training.engine import ShardBatches, to_channels_last
         from brainmri.training.train import recipe_parts
 
         version, manifest = resolve_dataset(cfg.data, cfg.dataset)
@@ -123,8 +123,9 @@ class PlainRecipe:
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
         self.cfg, self.done = cfg, 0
-        self.model = create_model(cfg.model, len(self.classes), 1, image_size=cfg.image_size,
-                                  **cfg.model_args)
+        # channels-last, as a Ray worker runs it (train_loop_per_worker)
+        self.model = to_channels_last(create_model(cfg.model, len(self.classes), 1,
+                                                   image_size=cfg.image_size, **cfg.model_args))
         counts = np.bincount(self.yt.numpy(), minlength=len(self.classes)).tolist()
         # the recipe's loss, optimiser, weight average and mixing, as a Ray worker builds them
         self.parts = recipe_parts(cfg, self.model, counts, torch.device("cpu"),
@@ -142,9 +143,10 @@ class PlainRecipe:
         for e in range(self.done, self.done + k):
             t0 = time.perf_counter()
             train_one_epoch(self.model, self.train.epoch(e), criterion, optimizer, scheduler, cpu,
-                            self.cfg.aug_strength, self.gen, ema=ema, mixer=mixer)
+                            self.cfg.aug_strength, self.gen, ema=ema, mixer=mixer, channels_last=True)
             if not train_only:
-                evaluate(ema.module if ema else self.model, self.val.epoch(e), len(self.classes), cpu)
+                evaluate(ema.module if ema else self.model, self.val.epoch(e), len(self.classes), cpu,
+                         channels_last=True)
             times.append(time.perf_counter() - t0)
         self.done += k
         return times

@@ -167,7 +167,8 @@ class TrainConfig:
     limit_train: int = flag(0, "use only the first N training images (quick runs, tests); 0 = all")
     limit_val: int = flag(0, "use only the first N validation images; 0 = all")
     cache: bool = True  # workers keep their preprocessed shard in memory after epoch 1; off (data
-    #                     larger than memory): every epoch streams pixel shards (data.pixels)
+    #                     larger than memory): every epoch streams pixel shards (data.pixels),
+    #                     or, with a limit_* set, decodes those first rows again
     publish: bool = True  # publish the best checkpoint as models/<model>/<version>/
     candidate: bool = False  # publish it as a candidate (retrain's challengers): models/<model>
     #                          resolves to it only once retrain promotes it

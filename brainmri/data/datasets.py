@@ -86,11 +86,13 @@ def read_split(version: Location, manifest: dict, split: str, columns: list[str]
 _VERIFIED: set[tuple] = set()  # (shard uri, recorded sha256, size, mtime) hashed in this process
 
 
-def verify_shards(version: Location, manifest: dict, splits=SPLITS, chunk: int = 8 << 20) -> int:
+def verify_shards(version: Location, manifest: dict, splits=SPLITS, chunk: int = 8 << 20,
+                  what: str = "dataset") -> int:
     """Check every shard of `splits` against the manifest's recorded size and sha256, streaming
     each file through sha256 in `chunk`-byte reads (never whole in memory). Raises a one-line
     StorageError naming the first shard that is missing or differs; returns the bytes hashed.
-    A shard already verified in this process with unchanged size and mtime is not hashed again."""
+    A shard already verified in this process with unchanged size and mtime is not hashed again.
+    `what` names the set in messages (the same record serves data.pixels' shards)."""
     import pyarrow.fs as pafs
 
     for s in splits:
@@ -101,7 +103,7 @@ def verify_shards(version: Location, manifest: dict, splits=SPLITS, chunk: int =
         if shard["split"] not in splits:
             continue
         loc = version / shard["path"]
-        where = f"shard {shard['path']} of dataset {version.uri}"
+        where = f"shard {shard['path']} of {what} {version.uri}"
         info = version.fs.get_file_info(loc.path)
         if info.type != pafs.FileType.File:
             raise StorageError(f"{where} is missing")
@@ -118,6 +120,6 @@ def verify_shards(version: Location, manifest: dict, splits=SPLITS, chunk: int =
                 hashed += len(block)
         if sha.hexdigest() != shard["sha256"]:
             raise StorageError(f"{where} has sha256 {sha.hexdigest()[:16]}..., the manifest records "
-                               f"{shard['sha256'][:16]}...: its content changed after ingest")
+                               f"{shard['sha256'][:16]}...: its content changed after it was written")
         _VERIFIED.add(key)
     return hashed

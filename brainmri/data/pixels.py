@@ -12,16 +12,22 @@ Layout, beside the version's own shards (which it never touches):
 
     <version>/pixels/<S>px-<key>/<attempt>/<split>/part-*.parquet   columns x (S*S bytes), label
     <version>/pixels/<S>px-<key>/pixels.json                         written last
+    <version>/pixels/<S>px-<key>/build.lease                         one builder at a time
 
 pixels.json lists every shard with its split, rows, size and sha256 (the record the
-version's manifest keeps, checked by the same `verify_shards`), and the manifest hash of the
-version it was built from. A build that dies leaves an attempt folder that no pixels.json
-names: no reader ever sees it. <key> names the rule (preprocess.PREPROCESS_ID, the size,
-Pillow's version): a changed rule or decoder gets a new folder, never stale pixels.
+version's manifest keeps, checked by the same `verify_shards`, after the build and before
+every use), and the manifest hash of the version it was built from. A build that dies leaves
+an attempt folder that no pixels.json names: no reader ever sees it, and a later build
+deletes it once it is STALE_S old. Concurrent trainings (tune trials) wait on the lease and
+reuse the first one's build; correctness never depends on the lease (two builds that both
+run write separate attempts, and the last pixels.json wins). <key> names the rule
+(preprocess.PREPROCESS_ID, the size, Pillow's version): a changed rule or decoder gets a
+new folder, never stale pixels.
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import io
 import time
@@ -29,14 +35,24 @@ import uuid
 
 import numpy as np
 
+from ..core.lock import Lease
 from ..core.storage import Location, StorageError
 from .datasets import manifest_hash, split_files, verify_shards
 from .preprocess import PREPROCESS_ID, preprocess_batch
 
 PIXELS_MANIFEST = "pixels.json"
-# rows a shard file: 26 MB at 160 px, before compression; a split decodes on at most as many
-# CPUs as it has source files, and streams from at most as many readers as it has these
-SHARD_ROWS = 1024
+LEASE = "build.lease"
+# a shard file holds about this many bytes of pixels before compression (1310 rows at 160 px,
+# 128 at 512 px): one task's memory, and a split streams from at most as many readers
+SHARD_BYTES = 32 << 20
+STALE_S = 6 * 3600  # unreferenced attempts older than this are a dead build's: deleted
+LEASE_TTL_S = 120.0
+BUILD_WAIT_S = 24 * 3600.0  # a trial waits this long for another's build before giving up
+ATTEMPT_TIME = "%Y%m%d-%H%M%S"  # UTC, the start of each attempt's name
+
+
+def shard_rows(size: int) -> int:
+    return max(1, SHARD_BYTES // (size * size))
 
 
 def rule_key(size: int) -> str:
@@ -60,6 +76,10 @@ def from_pixels(batch, size: int) -> dict:
     {'x': uint8 [B, S, S], 'label': int64 [B]}, without copying the pixels one row at a time."""
     col = batch.column("x").combine_chunks()
     n = len(col)
+    if n == 0:
+        return {"x": np.zeros((0, size, size), np.uint8), "label": np.zeros(0, np.int64)}
+    if col.type.byte_width != size * size:
+        raise StorageError(f"pixel rows of {col.type.byte_width} bytes are not {size}x{size} images")
     x = np.frombuffer(col.buffers()[1], np.uint8, count=n * size * size, offset=col.offset * size * size)
     return {"x": x.reshape(n, size, size), "label": batch.column("label").to_numpy().astype(np.int64)}
 
@@ -73,7 +93,11 @@ def _write_part(batch: dict, folder: Location, split: str, size: int) -> dict:
     x = np.ascontiguousarray(batch["x"], np.uint8)
     n = len(x)
     if n == 0:
-        return {k: np.array([], dtype=object) for k in ("split", "path", "rows", "bytes", "sha256")}
+        return {"split": np.array([], dtype=object), "path": np.array([], dtype=object),
+                "rows": np.zeros(0, np.int64), "bytes": np.zeros(0, np.int64),
+                "sha256": np.array([], dtype=object)}
+    if x.shape != (n, size, size):
+        raise ValueError(f"preprocessed rows of shape {x.shape[1:]}, expected ({size}, {size})")
     col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size * size), n, [None, pa.py_buffer(x)])
     table = pa.table({"x": col, "label": pa.array(np.asarray(batch["label"], np.int64))})
     buf = io.BytesIO()
@@ -93,8 +117,9 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
     row count raises, and no pixels.json is written."""
     import ray.data
 
+    verify_shards(version, manifest, splits)  # the source, as every reader of it does (cached)
     root = pixels_root(version, size)
-    attempt = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
+    attempt = time.strftime(ATTEMPT_TIME, time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     shards = []
     for split in splits:
         files = split_files(version, manifest, split)
@@ -104,8 +129,9 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
             d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
             d = d.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=32, batch_format="numpy")
             d = d.map_batches(_write_part, fn_kwargs={"folder": folder, "split": split, "size": size},
-                              batch_size=SHARD_ROWS, batch_format="numpy")
-            # the shards keep the source order: `limit_train`/`limit_val` mean the same rows
+                              batch_size=shard_rows(size), batch_format="numpy")
+            # the manifest lists the shards in the source's order (reproducible; the feed
+            # itself reads them in whatever order Ray Data's tasks finish)
             d.context.execution_options.preserve_order = True
             recs = d.take_all()
             shards += [{"split": split, "path": f"{attempt}/{split}/{r['path']}", "rows": int(r["rows"]),
@@ -118,8 +144,30 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
            "image_size": int(size), "preprocess": PREPROCESS_ID, "rule_key": rule_key(size),
            "splits": list(splits), "rows": {s: manifest["rows"][s] for s in splits},
            "created_unix": time.time(), "shards": shards}
+    verify_shards(root, pix, splits, what="pixel shards")  # what landed, not what was sent
     (root / PIXELS_MANIFEST).write_json(pix)
+    _tidy(root, attempt)
     return pix
+
+
+def _tidy(root: Location, keep: str) -> None:
+    """Delete the attempts no pixels.json names (a dead build's, a damaged set's, a
+    concurrent loser's) once STALE_S old by the UTC time in their name: a younger one may be
+    a build still running."""
+    try:
+        named = {s["path"].split("/")[0] for s in (root / PIXELS_MANIFEST).read_json()["shards"]}
+    except (StorageError, OSError, ValueError, KeyError):
+        return
+    now = time.time()
+    for name in root.listdir():
+        if name in named or name == keep or name == PIXELS_MANIFEST or name.startswith((LEASE, ".")):
+            continue
+        try:
+            started = calendar.timegm(time.strptime(name[:15], ATTEMPT_TIME))
+        except ValueError:
+            continue  # not an attempt of ours: left alone
+        if now - started > STALE_S:
+            (root / name).delete()
 
 
 def load_pixels(version: Location, manifest: dict, size: int, splits=("train", "val")) -> dict | None:
@@ -129,7 +177,14 @@ def load_pixels(version: Location, manifest: dict, size: int, splits=("train", "
     m = pixels_root(version, size) / PIXELS_MANIFEST
     if not m.exists():
         return None
-    pix = m.read_json()
+    try:
+        pix = m.read_json()
+    except ValueError as e:
+        raise StorageError(f"{m.uri} is not readable JSON ({e})") from None
+    if not isinstance(pix, dict) or not isinstance(pix.get("shards"), list) or not all(
+            isinstance(r, dict) and {"split", "path", "rows", "bytes", "sha256"} <= r.keys()
+            for r in pix["shards"]):
+        raise StorageError(f"{m.uri} is not a pixel manifest (no complete shard list)")
     if (pix.get("dataset_manifest_hash") != manifest_hash(manifest) or pix.get("rule_key") != rule_key(size)
             or any(s not in pix.get("splits", []) for s in splits)):
         return None
@@ -138,24 +193,38 @@ def load_pixels(version: Location, manifest: dict, size: int, splits=("train", "
         if got != manifest["rows"][s]:
             raise StorageError(f"pixel shards {m.uri} list {got} {s} rows, the dataset has "
                                f"{manifest['rows'][s]}")
-    verify_shards(pixels_root(version, size), pix, splits)
+    verify_shards(pixels_root(version, size), pix, splits, what="pixel shards")
     return pix
 
 
 def ensure_pixels(version: Location, manifest: dict, size: int, splits=("train", "val"),
                   log=print) -> tuple[Location, dict]:
     """The verified pixel shards, built first if there are none (or only damaged ones:
-    those are left where they are, unreferenced once the rebuild's pixels.json lands)."""
+    those are left where they are, unreferenced once the rebuild's pixels.json lands). One
+    builder at a time: another caller waits for the lease, then finds its build."""
     root = pixels_root(version, size)
+
+    def usable(say: bool):
+        try:
+            return load_pixels(version, manifest, size, splits)
+        except StorageError as e:
+            if say:
+                log(f"brainmri: pixel shards under {root.uri} fail verification ({e}); building them again")
+            return None
+
+    pix = usable(True)
+    if pix is not None:
+        return root, pix
+    lease = Lease(root / LEASE, LEASE_TTL_S, "pixel shards build").acquire(wait_s=BUILD_WAIT_S, poll_s=5.0)
+    lease.start_heartbeat(interrupt_main=False)  # losing it only risks a duplicate build
     try:
-        pix = load_pixels(version, manifest, size, splits)
-    except StorageError as e:
-        log(f"brainmri: pixel shards under {root.uri} fail verification ({e}); building them again")
-        pix = None
-    if pix is None:
-        t0 = time.time()
-        pix = build_pixels(version, manifest, size, splits)
-        n = sum(s["rows"] for s in pix["shards"])
-        log(f"brainmri: preprocessed {n} images into pixel shards at {size} px in "
-            f"{time.time() - t0:.1f} s ({root.uri})")
+        pix = usable(False)  # built while we waited?
+        if pix is None:
+            t0 = time.time()
+            pix = build_pixels(version, manifest, size, splits)
+            n = sum(s["rows"] for s in pix["shards"])
+            log(f"brainmri: preprocessed {n} images into pixel shards at {size} px in "
+                f"{time.time() - t0:.1f} s ({root.uri})")
+    finally:
+        lease.release()
     return root, pix

@@ -324,6 +324,8 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
     for split, limit in (("train", cfg.limit_train), ("val", cfg.limit_val)):
         if pixels:
             root, pix = pixels
+            if pix["image_size"] != cfg.image_size or not pixel_files(root, pix, split):
+                raise ConfigError(f"pixel shards {root.uri} hold no {split} rows at {cfg.image_size} px")
             d = ray.data.read_parquet(pixel_files(root, pix, split), filesystem=root.fs)
             if limit:
                 d = d.limit(limit)
@@ -354,6 +356,9 @@ def prepare(cfg: TrainConfig):
     check_model_name(cfg.model)
     name = check_name(cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)
+    for split in ("train", "val"):
+        if not split_files(version, manifest, split):
+            raise ConfigError(f"dataset {version.uri} has no {split} shards")
     verify_shards(version, manifest, ("train", "val"))  # before any worker reads a row
     out = open_location(cfg.out, check=True)
     try:  # builds the network once on the driver: bad model_args fail here, not in workers
@@ -420,9 +425,12 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
                         {"brainmri.dataset_version": manifest["version"]})
     init_ray()
     # streaming every epoch (cache off): decode once into pixel shards beside the version,
-    # not once an epoch (data.pixels); the cached feed decodes once in the workers anyway
-    pixels = None if cfg.cache else ensure_pixels(version, manifest, cfg.image_size)
-    if pixels:
+    # not once an epoch (data.pixels); the cached feed decodes once in the workers anyway, and
+    # a quick run on the first N rows (limit_*) decodes just those rather than the version
+    pixels = None
+    if not (cfg.cache or cfg.limit_train or cfg.limit_val):
+        with failing(tracked):
+            pixels = ensure_pixels(version, manifest, cfg.image_size)
         dataset_info["pixels"] = pixels[0].uri
     (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info})
     trainer = TorchTrainer(

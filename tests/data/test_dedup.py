@@ -206,3 +206,24 @@ def test_the_planner_indexes_large_sets_and_scans_tiny_ones():
     assert index.compared < 0.1 * len(h) ** 2 / 2  # it compares under a tenth of all pairs
     assert dedup.choose_tables(h[:40], D) == 0  # 780 pairs: nothing to gain
     assert dedup.choose_tables(h, 64) == 0  # every pair is within 64: only the scan is sane
+
+
+def test_thumbnail_check_is_the_whole_matrix_formula_batch_by_batch():
+    """_confirmed normalises only each batch's rows; the pairs it keeps are exactly those of
+    normalising every thumbnail at once (the rule as first written), thresholds on the edge
+    included."""
+    from brainmri.data.dedup import _confirmed
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (60, 1024)).astype(np.int16)
+    thumbs = np.clip(np.concatenate([base, base[:30] + rng.integers(-40, 40, (30, 1024))]), 0, 255)
+    thumbs = thumbs.astype(np.uint8)
+    ii, jj = np.triu_indices(len(thumbs), 1)
+    t = thumbs.astype(np.float32)
+    t -= t.mean(axis=1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True) + 1e-6
+    sims = np.einsum("ij,ij->i", t[ii], t[jj])
+    for thr in (0.5, float(np.sort(sims)[-30])):  # the 30th best similarity: on the edge
+        want = sorted(zip(ii[sims >= thr].tolist(), jj[sims >= thr].tolist(), strict=True))
+        assert _confirmed(iter([(ii, jj)]), thumbs, thr, batch=97) == want
+        assert len(want) >= 30

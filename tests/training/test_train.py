@@ -306,6 +306,15 @@ def test_more_workers_than_validation_batches(tiny_val_lake, ray_local, workers,
     assert again["val_loss"] == pytest.approx(reported["val_loss"], rel=1e-4)
 
 
+def test_a_version_without_validation_rows_fails_before_ray(tmp_path):
+    """val_fraction=0 is a valid ingest; training on it stops in prepare, in one line, before
+    Ray, a pixel-shard build or a worker starts."""
+    src = real_subset(tmp_path / "src", per_class=3)
+    ingest(str(src), str(tmp_path / "lake"), IngestConfig(val_fraction=0.0, test_fraction=0.0, workers=1))
+    with pytest.raises(ConfigError, match="has no val shards"):
+        prepare(TrainConfig(data=str(tmp_path / "lake"), out=str(tmp_path), cache=False))
+
+
 def test_too_many_workers_for_the_training_rows_fail_before_ray(tiny_val_lake, tmp_path):
     with pytest.raises(ConfigError, match="leave each fewer than one batch of 16"):
         prepare(TrainConfig(data=str(tiny_val_lake), out=str(tmp_path), num_workers=4, batch_size=16))
