@@ -16,6 +16,8 @@
    per epoch vs a plain single-process loop with the same recipe (same model, loss, AdamW,
    schedule, augmentation, batch; data preprocessed in memory; torch threads = all cores);
    the plain epochs run before and after the Ray run so load drift hits both.
+6. layout: the recipe's network's training step on one thread, contiguous vs channels-last
+   (what every worker runs), alternating rounds.
 
 Ray is started here as `brainmri train` starts it: one logical CPU per core.
 
@@ -239,7 +241,7 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
             "workers": TrainConfig().num_workers, "rows": len(plain_run.yt)}
 
 
-SECTIONS = ["data", "trainer", "models", "feed", "default"]
+SECTIONS = ["data", "trainer", "models", "feed", "default", "layout"]
 
 
 def main() -> None:
@@ -319,14 +321,26 @@ def main() -> None:
               f"{d['rows']} images: {d['ray_s']:.1f} s/epoch; plain single-process loop, same recipe, "
               f"{threads} threads: {d['plain_s']:.1f} s/epoch; ratio Ray/plain = {d['ratio']:.2f} "
               "(goal <= 1.0)")
+    if "layout" not in a.skip:
+        lay = bench_layout(a.size, a.batch, a.steps, a.rounds)
+        print(f"[layout] {TrainConfig().model} {a.size}px batch {a.batch}, training step on 1 thread, "
+              f"{a.rounds} rounds: contiguous {lay['contiguous']:.1f} img/s; channels-last "
+              f"{lay['channels_last']:.1f} img/s; ratio {lay['channels_last'] / lay['contiguous']:.2f}")
     ray.shutdown()
 
 
-def _model_rate(name, size, steps, threads) -> float:
+def _model_rate(name, size, steps, threads, batch: int = 32, channels_last: bool = False,
+                **model_args) -> float:
+    """Training steps (forward, loss, backward, AdamW) on random tensors, images/s."""
+    from brainmri.training.engine import to_channels_last
+
     torch.set_num_threads(threads)
-    m = create_model(name, 4, 1, image_size=size)
+    torch.manual_seed(0)
+    m = create_model(name, 4, 1, image_size=size, **model_args)
+    x, y = torch.randn(batch, 1, size, size), torch.randint(0, 4, (batch,))
+    if channels_last:
+        m, x = to_channels_last(m), x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(m.parameters(), 1e-3)
-    x, y = torch.randn(32, 1, size, size), torch.randint(0, 4, (32,))
     for i in range(steps + 1):
         if i == 1:
             t0 = time.time()
@@ -334,7 +348,18 @@ def _model_rate(name, size, steps, threads) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return steps * 32 / (time.time() - t0)
+    return steps * batch / (time.time() - t0)
+
+
+def bench_layout(size, batch, steps, rounds) -> dict:
+    """The recipe's network (TrainConfig's model and model_args) trained a step at a time on one
+    thread, contiguous (NCHW) vs channels-last, taking turns for `rounds` rounds: medians."""
+    cfg = TrainConfig()
+    rates = {False: [], True: []}
+    for _ in range(rounds):
+        for cl in (False, True):
+            rates[cl].append(_model_rate(cfg.model, size, steps, 1, batch, cl, **cfg.model_args))
+    return {"contiguous": float(np.median(rates[False])), "channels_last": float(np.median(rates[True]))}
 
 
 if __name__ == "__main__":

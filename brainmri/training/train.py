@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.model_args,
                          pretrained=cfg.pretrained or None)
     # channels-last on every device: cuDNN's and oneDNN's convolutions both prefer it (CPU:
-    # 78 -> 100 img/s a thread for brainnet's training step at 160 px, benchmarks/train.py)
+    # brainnet's training step at 160 px ~1.3x on one thread, benchmarks/train.py --only layout)
     model = to_channels_last(model)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model  # evaluation runs this one
