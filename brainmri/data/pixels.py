@@ -66,6 +66,10 @@ def pixels_root(version: Location, size: int) -> Location:
     return version / "pixels" / f"{int(size)}px-{rule_key(size)}"
 
 
+def split_rows(shards: list[dict], split: str) -> int:
+    return sum(s["rows"] for s in shards if s["split"] == split)
+
+
 def pixel_files(root: Location, pix: dict, split: str) -> list[str]:
     """Paths (for root.fs) of the split's pixel shards, in the order they were built."""
     return [(root / s["path"]).path for s in pix["shards"] if s["split"] == split]
@@ -136,7 +140,7 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
             recs = d.take_all()
             shards += [{"split": split, "path": f"{attempt}/{split}/{r['path']}", "rows": int(r["rows"]),
                         "bytes": int(r["bytes"]), "sha256": str(r["sha256"])} for r in recs]
-        got = sum(s["rows"] for s in shards if s["split"] == split)
+        got = split_rows(shards, split)
         if got != expected:
             raise StorageError(f"pixel shards of {split} hold {got} rows, dataset {version.uri} has "
                                f"{expected}: not recorded (attempt {attempt} left unreferenced)")
@@ -189,7 +193,7 @@ def load_pixels(version: Location, manifest: dict, size: int, splits=("train", "
             or any(s not in pix.get("splits", []) for s in splits)):
         return None
     for s in splits:
-        got = sum(r["rows"] for r in pix["shards"] if r["split"] == s)
+        got = split_rows(pix["shards"], s)
         if got != manifest["rows"][s]:
             raise StorageError(f"pixel shards {m.uri} list {got} {s} rows, the dataset has "
                                f"{manifest['rows'][s]}")

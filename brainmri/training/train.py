@@ -322,29 +322,27 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False  # logs, not bars, in jobs
     ds = {}
     for split, limit in (("train", cfg.limit_train), ("val", cfg.limit_val)):
-        if pixels:
+        if pixels:  # preprocessed already: only the stored bytes to reshape
             root, pix = pixels
-            if pix["image_size"] != cfg.image_size or not pixel_files(root, pix, split):
-                raise ConfigError(f"pixel shards {root.uri} hold no {split} rows at {cfg.image_size} px")
-            d = ray.data.read_parquet(pixel_files(root, pix, split), filesystem=root.fs)
-            if limit:
-                d = d.limit(limit)
-            d = d.map_batches(from_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=None,
-                              batch_format="pyarrow")
-            d.context.target_max_block_size = FEED_BLOCK_BYTES
-            ds[split] = d
-            continue
-        files = split_files(version, manifest, split)
+            if pix["image_size"] != cfg.image_size:
+                raise ConfigError(f"pixel shards {root.uri} are {pix['image_size']} px, "
+                                  f"not {cfg.image_size}")
+            files, fs, where = pixel_files(root, pix, split), root.fs, f"pixel shards {root.uri}"
+            columns = ["x", "label"]
+            decode = dict(fn=from_pixels, batch_size=None, batch_format="pyarrow")
+        else:
+            files, fs, where = split_files(version, manifest, split), version.fs, f"dataset {version.uri}"
+            columns = ["image", "label"]
+            decode = dict(fn=preprocess_batch, batch_size=32, batch_format="numpy")
         if not files:
-            raise ConfigError(f"dataset {version.uri} has no {split} shards")
+            raise ConfigError(f"{where} has no {split} shards")
         # only the two columns are read (the rest of a row is metadata the feed never uses):
         # Ray Data's projection pushdown hands select_columns to the Parquet scanner
         # (read_parquet's columns= is deprecated and becomes this same select)
-        d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
+        d = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
         if limit:
             d = d.limit(limit)
-        d = d.map_batches(preprocess_batch, fn_kwargs={"size": cfg.image_size},
-                          batch_size=32, batch_format="numpy")
+        d = d.map_batches(fn_kwargs={"size": cfg.image_size}, **decode)
         d.context.target_max_block_size = FEED_BLOCK_BYTES
         ds[split] = d
     return ds
