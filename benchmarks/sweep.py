@@ -110,11 +110,11 @@ def run_trial(job: dict) -> dict:
     from brainmri.config import TrainConfig, from_dict, to_dict
     from brainmri.core.metrics import from_confusion
     from brainmri.models.zoo import create_model
-    from brainmri.ops.tune import _nest
+    from brainmri.ops.tune import nest_params
     from brainmri.training.engine import ShardBatches, Stopwatch, evaluate, to_channels_last, train_one_epoch
     from brainmri.training.train import recipe_parts
 
-    cfg = from_dict(TrainConfig, _nest(job["config"]))
+    cfg = from_dict(TrainConfig, nest_params(job["config"]))
     dev, meta = _DATA["device"], _DATA["meta"]
     classes = meta["classes"]
     (xt, yt), (xv, yv) = _DATA["train"], _DATA["val"]

@@ -128,11 +128,12 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     assert f"brainnet 160px trains at {rate:.0f} img/s" in out and "CPUs of pixel-shard feed per GPU" in out
     assert "pixel shards (data.pixels), built once: " in out
     assert "[default]" in out and "ratio Ray/plain = " in out
-    # trainer: one round, 2 timed epochs a side (4 batches of 4 each), every epoch's rate printed
-    assert "TorchTrainer 1 worker" in out and "Ray overhead" in out
+    # trainer: one round, the Ray run between two plain runs, 2 timed epochs each (4 batches of
+    # 4), every epoch's rate printed, the overhead the median of the rounds' bracketed ones
+    assert "TorchTrainer 1 worker" in out and "Ray overhead" in out and "the median of the rounds'" in out
     per_epoch = out.split("[trainer]   per epoch, plain: ")[1].splitlines()[0]
     plain_rates, trainer_rates = per_epoch.split("; TorchTrainer: ")
-    assert len(plain_rates.split()) == 2 and len(trainer_rates.split()) == 2
+    assert len(plain_rates.split()) == 4 and len(trainer_rates.split()) == 2
     assert "[data]" not in out and "[models]" not in out
     assert "[layout] " in out and "channels-last" in out
 

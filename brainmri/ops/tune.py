@@ -73,7 +73,7 @@ def load_space(uri: str) -> tuple[dict, dict]:
         else:
             _check_key(key, known, "space")
             _check_domain(dom, f"space.{key}")
-    from_dict(TrainConfig, _nest({k: v for k, v in base.items() if k not in FIXED}))
+    from_dict(TrainConfig, nest_params({k: v for k, v in base.items() if k not in FIXED}))
     return base, space
 
 
@@ -152,7 +152,9 @@ def _draw(dom, rng: random.Random):
     return rng.randrange(int(lo), int(hi))  # randint: [low, high)
 
 
-def _nest(flat: dict) -> dict:
+def nest_params(flat: dict) -> dict:
+    """A trial's flat parameters (`model_args.width`, as the search space names them) -> the
+    nesting TrainConfig has (`model_args: {width: ...}`). Used by the GPU sweep too."""
     out: dict = {}
     for key, v in flat.items():
         if key.startswith("model_args."):
@@ -191,7 +193,7 @@ def trial_config(base: dict, params: dict, settings: TuneConfig, run_name: str) 
     """The TrainConfig a trial trains with: defaults <- space base <- command line <- params."""
     d = {k: v for k, v in base.items() if k not in FIXED}
     d.update(params)
-    d = _nest(d)
+    d = nest_params(d)
     d.update(data=settings.data, dataset=settings.dataset, out=settings.out, name=run_name,
              publish=False, num_workers=settings.workers_per_trial, gpu=settings.gpu,
              limit_train=settings.limit_train, limit_val=settings.limit_val)
