@@ -4,8 +4,9 @@
    torchvision ImageFolder + DataLoader over the JPEG folder, same preprocessing, images/s.
 2. trainer: TorchTrainer with 1 worker vs the same loop without Ray (`recipe_parts` +
    `train_one_epoch` on the same rows, preprocessed once, in memory as the worker's cache
-   holds them), same model, batch, threads; taking turns for --rounds rounds; Ray overhead
-   in % and every epoch's rate (the scatter tells whether a difference is real).
+   holds them), same model, batch, threads; each of --rounds Ray runs (default 9) between two
+   plain runs; Ray overhead in % (the median of the rounds') and every epoch's rate (the
+   scatter tells whether a difference is real).
 3. Per registered model: parameter count and estimated epoch time (train steps timed).
 4. feed: `brainmri train`'s default recipe with the worker cache off (every epoch streams
    the pixel shards, data.pixels: datasets larger than memory) vs on, epochs after the first,
@@ -268,7 +269,9 @@ def main() -> None:
     ap.add_argument("--model", default="brainnet", help="model for the Ray-vs-plain comparison")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model in the model table")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the feed and default runs")
-    ap.add_argument("--rounds", type=int, default=3, help="turns of the trainer section's two sides")
+    ap.add_argument("--rounds", type=int, default=9,
+                    help="trainer: Ray runs, each between two plain runs (one round scatters +-5 points); "
+                         "layout: alternating rounds")
     ap.add_argument("--limit-val", type=int, default=64, help="validation images, feed and default runs")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     ap.add_argument("--only", nargs="*", default=[], choices=SECTIONS, help="run only these sections")

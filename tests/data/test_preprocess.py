@@ -1,4 +1,5 @@
-"""The deterministic preprocessing stays free of torch: Ray Data's decode workers import it."""
+"""The deterministic preprocessing stays free of torch (Ray Data's decode workers import it), and
+its id changes whenever its output does (pixel shards are keyed by it)."""
 
 import subprocess
 import sys
@@ -37,3 +38,50 @@ def test_preprocess_batch_shapes_and_labels():
     out = preprocess_batch({"image": np.array(blobs, dtype=object), "label": np.array([0, 2, 1])}, 32)
     assert out["x"].shape == (3, 32, 32) and out["x"].dtype == np.uint8
     assert out["label"].tolist() == [0, 2, 1] and out["label"].dtype == np.int64
+
+
+# sha256 of the rule's output on the images of `_golden_inputs`, per (PREPROCESS_ID, Pillow):
+# pixel shards (data.pixels) are keyed by the id, so a change to the rule that keeps the id
+# would serve stale pixels. Pillow is pinned (pyproject.toml); its decoders are part of the rule.
+GOLDEN = {
+    ("grey-draft-fit-bilinear-p0.5-99.5/1", "13.0.0"):
+        "4359c0eef0fa73aff14e1b26d887d4f47c3fad4c3f9053b3ca7cfd478424380b",
+}
+
+
+def _golden_inputs() -> list[bytes]:
+    """A wide grey PNG, a large RGB JPEG (the draft-mode decode path), a tiny tall PNG."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:200, 0:300]
+    wide = ((xx + yy) % 256 + rng.integers(0, 20, (200, 300))).clip(0, 255).astype(np.uint8)
+    big = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8).repeat(40, 0).repeat(40, 1)
+    tall = rng.integers(0, 256, (91, 37), dtype=np.uint8)
+    out = []
+    for arr, fmt in ((wide, "PNG"), (big, "JPEG"), (tall, "PNG")):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        out.append(buf.getvalue())
+    return out
+
+
+def test_the_rule_id_names_the_rules_output():
+    """Changing a pixel of the rule's output needs a new PREPROCESS_ID (and its digest here)."""
+    import hashlib
+
+    import PIL
+
+    from brainmri.data.preprocess import PREPROCESS_ID, preprocess
+
+    h = hashlib.sha256()
+    for size in (64, 160):
+        for data in _golden_inputs():
+            h.update(preprocess(data, size).tobytes())
+    key = (PREPROCESS_ID, PIL.__version__)
+    assert key in GOLDEN, f"no digest recorded for {key}: record {h.hexdigest()} in GOLDEN"
+    assert h.hexdigest() == GOLDEN[key], (
+        f"the preprocessing's output changed under the same id {PREPROCESS_ID!r}: give the rule a "
+        f"new PREPROCESS_ID and record its digest {h.hexdigest()} here")
