@@ -46,20 +46,19 @@ def pack(store: str, dataset: str, size: int, out: str) -> dict:
     from PIL import Image
 
     from brainmri.core.storage import open_location
-    from brainmri.data.datasets import latest_version, load_manifest, read_split
-    from brainmri.data.transforms import preprocess
+    from brainmri.data.datasets import latest_version, load_manifest, split_arrays
 
     version = latest_version(open_location(store), dataset)
     manifest = load_manifest(version)
     arrays: dict[str, np.ndarray] = {}
     for split in ("train", "val"):
         blobs, labels = [], []
-        for b in read_split(version, manifest, split, ["image", "label"]):
-            for data, label in zip(b.column("image").to_pylist(), b.column("label").to_pylist(), strict=True):
+        for xs, ys in split_arrays(version, manifest, split, size):
+            for x in xs:
                 buf = io.BytesIO()
-                Image.fromarray(preprocess(data, size)).save(buf, "JPEG", quality=JPEG_QUALITY)
+                Image.fromarray(x).save(buf, "JPEG", quality=JPEG_QUALITY)
                 blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
-                labels.append(label)
+            labels += ys.tolist()
         arrays[f"{split}_bytes"] = np.concatenate(blobs)
         arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         arrays[f"{split}_labels"] = np.asarray(labels, np.int64)

@@ -115,8 +115,7 @@ class PlainRecipe:
     (`recipe_parts`) and loops (`train_one_epoch`, `evaluate`)."""
 
     def __init__(self, cfg: TrainConfig, threads: int):
-        from brainmri.data.datasets import read_split
-        from brainmri.data.transforms import preprocess_many
+        from brainmri.data.datasets import split_arrays
         from brainmri.training.engine import ShardBatches, to_channels_last
         from brainmri.training.train import recipe_parts
 
@@ -124,14 +123,8 @@ class PlainRecipe:
         self.classes = manifest["classes"]
 
         def rows(split, n):
-            xs, ys = [], []
-            for b in read_split(version, manifest, split, ["image", "label"], 64):
-                xs.append(preprocess_many(b.column("image").to_pylist(), cfg.image_size))
-                ys.append(b.column("label").to_numpy().astype(np.int64))
-                if n and sum(map(len, ys)) >= n:
-                    break
-            x, y = np.concatenate(xs), np.concatenate(ys)
-            return torch.from_numpy(x[:n or None]), torch.from_numpy(y[:n or None])
+            xs, ys = zip(*split_arrays(version, manifest, split, cfg.image_size, n), strict=True)
+            return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
         self.xt, self.yt = rows("train", cfg.limit_train)
         xv, yv = rows("val", cfg.limit_val)

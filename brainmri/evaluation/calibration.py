@@ -17,8 +17,7 @@ import torch
 from ..config import ConfigError
 from ..core.metrics import ECE_BINS, ece, nll, reliability  # noqa: F401 (re-exported)
 from ..core.storage import open_location
-from ..data.datasets import load_manifest, read_split
-from ..data.transforms import preprocess_many
+from ..data.datasets import load_manifest, split_arrays
 from .inference import ModelRef, forward_logits, load_network, open_model, softmax
 
 
@@ -75,10 +74,9 @@ def val_logits(ref: ModelRef, batch_size: int = 64, runtime: str = "torch") -> t
     version, manifest = training_dataset(ref)
     model = load_network(*ref.runtime_file(runtime), runtime=runtime)
     logits, labels = [], []
-    for batch in read_split(version, manifest, "val", ["image", "label"], batch_size):
-        x = preprocess_many(batch.column("image").to_pylist(), ref.image_size)
+    for x, y in split_arrays(version, manifest, "val", ref.image_size, batch_size=batch_size):
         logits.append(forward_logits(model, x))
-        labels.append(np.asarray(batch.column("label"), dtype=np.int64))
+        labels.append(y)
     k = len(ref.classes)
     return (np.concatenate(logits) if logits else np.zeros((0, k), np.float32),
             np.concatenate(labels) if labels else np.zeros(0, np.int64))

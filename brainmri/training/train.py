@@ -35,9 +35,9 @@ from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
-from ..data.datasets import manifest_hash, read_split, resolve_dataset, split_files, verify_shards
+from ..data.datasets import manifest_hash, resolve_dataset, split_arrays, split_files, verify_shards
 from ..data.pixels import ensure_pixels, from_pixels, pixel_files
-from ..data.preprocess import preprocess_batch, preprocess_many  # torch-free (Ray Data's decode workers)
+from ..data.preprocess import preprocess_batch  # torch-free (Ray Data's decode workers)
 from ..data.transforms import to_model_input
 from ..models.checkpoints import (
     CKPT_FILE,
@@ -379,15 +379,10 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict) -> d
     checkpoint as it will be served (with its flips): the glioma logit bias
     (models.decision.choose_logit_bias). One process, on the driver: a few hundred images."""
     net = build_model({**state, "inference": inference_record(cfg.tta)})
-    logits, labels, seen = [], [], 0
-    for b in read_split(version, manifest, "val", ["image", "label"], 64):
-        if cfg.limit_val and seen >= cfg.limit_val:
-            break
-        b = b.slice(0, cfg.limit_val - seen) if cfg.limit_val else b
-        seen += b.num_rows
-        x = to_model_input(torch.from_numpy(preprocess_many(b.column("image").to_pylist(), cfg.image_size)))
-        logits.append(net(x).float().numpy())
-        labels.append(b.column("label").to_numpy().astype(np.int64))
+    logits, labels = [], []
+    for x, y in split_arrays(version, manifest, "val", cfg.image_size, cfg.limit_val):
+        logits.append(net(to_model_input(torch.from_numpy(x))).float().numpy())
+        labels.append(y)
     if not labels:
         raise ConfigError("decision_rule needs validation rows to choose on, and there are none")
     bias, chosen = choose_logit_bias(np.concatenate(logits), np.concatenate(labels), state["classes"],

@@ -124,3 +124,24 @@ def test_shards_carry_parquet_page_checksums(version, tmp_path):
     _flip_image_bytes(v)
     with pytest.raises(OSError, match="(?i)checksum"):
         pq.read_table(shard, columns=["image"], page_checksum_verification=True)
+
+
+@pytest.mark.parametrize("limit", [0, 5, 7, 100])
+def test_split_arrays_are_the_rule_on_the_rows_in_order_up_to_the_limit(version, limit):
+    """The one reader of preprocessed rows a process feeds a network itself: batches of 3 cut
+    at the limit (across a batch boundary, on one, past the end), rows in shard order."""
+    import numpy as np
+
+    from brainmri.data.datasets import read_split, split_arrays
+    from brainmri.data.preprocess import preprocess
+
+    loc = open_location(str(version))
+    manifest = load_manifest(loc)
+    rows = [(img, lab) for b in read_split(loc, manifest, "train", ["image", "label"])
+            for img, lab in zip(b.column("image").to_pylist(), b.column("label").to_pylist(), strict=True)]
+    want = rows[:limit] if limit else rows
+    got = list(split_arrays(loc, manifest, "train", 32, limit, batch_size=3))
+    assert all(len(x) <= 3 and x.dtype == np.uint8 and y.dtype == np.int64 for x, y in got)
+    x, y = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+    assert y.tolist() == [lab for _, lab in want]
+    assert np.array_equal(x, np.stack([preprocess(img, 32) for img, _ in want]))
