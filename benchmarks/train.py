@@ -263,7 +263,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model in the model table")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the feed and default runs")
     ap.add_argument("--rounds", type=int, default=9,
-                    help="trainer: Ray runs, each between two plain runs (one round scatters +-5 points); "
+                    help="trainer: Ray runs, each between two plain runs (a round alone: -8..+14 %%); "
                          "layout: alternating rounds")
     ap.add_argument("--limit-val", type=int, default=64, help="validation images, feed and default runs")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")

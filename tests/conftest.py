@@ -65,9 +65,12 @@ def ray_local(s3_server):
     cluster's processes inherit its credentials, as a real cluster's nodes have theirs."""
     import ray
 
-    # address="local": always a new cluster, never one a `ray start` left on this machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, ignore_reinit_error=True)
+    from brainmri.core.cluster import local_ray_kwargs
+
+    # address="local": always a new cluster, never one a `ray start` left on this machine; lean
+    # as the Ray a command starts for itself (core.cluster)
+    ray.init(address="local", num_cpus=4, log_to_driver=False, configure_logging=False,
+             ignore_reinit_error=True, **local_ray_kwargs())
     yield ray
     ray.shutdown()
 

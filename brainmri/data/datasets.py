@@ -83,7 +83,6 @@ def read_split(version: Location, manifest: dict, split: str, columns: list[str]
         yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
-
 def split_arrays(version: Location, manifest: dict, split: str, size: int, limit: int = 0,
                  batch_size: int = 64):
     """The split's first `limit` rows (all with 0), preprocessed with the one rule at `size`:
@@ -95,13 +94,13 @@ def split_arrays(version: Location, manifest: dict, split: str, size: int, limit
 
     seen = 0
     for b in read_split(version, manifest, split, ["image", "label"], batch_size):
-        if limit:
-            if seen >= limit:
-                return
-            b = b.slice(0, limit - seen)
+        b = b.slice(0, limit - seen) if limit else b
         seen += b.num_rows
         yield (preprocess_many(b.column("image").to_pylist(), size),
                b.column("label").to_numpy().astype(np.int64))
+        if limit and seen >= limit:
+            return
+
 
 _VERIFIED: set[tuple] = set()  # (shard uri, recorded sha256, size, mtime) hashed in this process
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from brainmri.core.cluster import LOCAL_RAY_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +32,8 @@ ray.shutdown()
 """
 
 
+@pytest.mark.slow  # starts a Ray of its own
+@pytest.mark.ray
 def test_a_ray_started_here_is_lean_and_the_users_values_win():
     env = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV and k != "RAY_ADDRESS"}
     env["RAY_TRAIN_METRICS_ENABLED"] = "1"  # the user's own choice
@@ -39,3 +43,13 @@ def test_a_ray_started_here_is_lean_and_the_users_values_win():
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["worker"] == dict(LOCAL_RAY_ENV, RAY_TRAIN_METRICS_ENABLED="1")
     assert not got["webui"]  # no dashboard server (Ray keeps a headless process for its own use)
+
+
+def test_a_ray_named_by_ray_address_is_joined_not_started(monkeypatch):
+    """RAY_ADDRESS (ray job submit) means join: nothing of LOCAL_RAY_ENV or the dashboard
+    choice is applied to someone else's Ray; address="local" always starts one."""
+    from brainmri.core.cluster import starts_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not starts_ray()
+    assert starts_ray("local")

@@ -126,7 +126,7 @@ def test_shards_carry_parquet_page_checksums(version, tmp_path):
         pq.read_table(shard, columns=["image"], page_checksum_verification=True)
 
 
-@pytest.mark.parametrize("limit", [0, 5, 7, 100])
+@pytest.mark.parametrize("limit", [0, 5, 6, 7, 100])
 def test_split_arrays_are_the_rule_on_the_rows_in_order_up_to_the_limit(version, limit):
     """The one reader of preprocessed rows a process feeds a network itself: batches of 3 cut
     at the limit (across a batch boundary, on one, past the end), rows in shard order."""
@@ -139,6 +139,7 @@ def test_split_arrays_are_the_rule_on_the_rows_in_order_up_to_the_limit(version,
     manifest = load_manifest(loc)
     rows = [(img, lab) for b in read_split(loc, manifest, "train", ["image", "label"])
             for img, lab in zip(b.column("image").to_pylist(), b.column("label").to_pylist(), strict=True)]
+    assert len(rows) > 7  # 5 and 7 cut a batch of 3, 6 ends on one, 100 is past the end
     want = rows[:limit] if limit else rows
     got = list(split_arrays(loc, manifest, "train", 32, limit, batch_size=3))
     assert all(len(x) <= 3 and x.dtype == np.uint8 and y.dtype == np.int64 for x, y in got)
