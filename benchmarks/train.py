@@ -101,8 +101,8 @@ def bench_trainer(lake, model_name, size, batch, limit, epochs, threads, rounds)
         hist = run_training(replace(cfg, name=f"bench-{r}")).history
         t_runs.append([h["train_images_per_s"] for h in hist[1:]])  # epoch 0 also decodes
         p_runs.append(plain_run())
-    med = [float(np.median(x)) for x in p_runs], [float(np.median(x)) for x in t_runs]
-    per_round = [1 - t / ((med[0][r] + med[0][r + 1]) / 2) for r, t in enumerate(med[1])]
+    p_med, t_med = ([float(np.median(x)) for x in runs] for runs in (p_runs, t_runs))
+    per_round = [1 - t / ((p_med[r] + p_med[r + 1]) / 2) for r, t in enumerate(t_med)]
     p_rates, t_rates = sum(p_runs, []), sum(t_runs, [])
     p, t = float(np.median(p_rates)), float(np.median(t_rates))
     return {"plain": p, "trainer": t, "overhead": float(np.median(per_round)), "per_round": per_round,
