@@ -138,7 +138,7 @@ def run_trial(job: dict) -> dict:
         tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler, dev,
                              cfg.aug_strength, gen, amp=cuda, channels_last=cuda, ema=ema, mixer=mixer)
         cm, _ = evaluate(ema.module if ema else model, val_src.epoch(epoch), len(classes), dev,
-                         amp=cuda, channels_last=cuda)
+                         amp=cuda, channels_last=cuda, tta=cfg.tta)
         vm = from_confusion(cm.numpy(), classes)
         row = {"epoch": epoch, "train_loss": float(tr[0] / max(1, tr[2])),
                **{f"val_{k}": v for k, v in vm.items() if not isinstance(v, (list, dict))}}

@@ -154,7 +154,7 @@ class PlainRecipe:
                             self.cfg.aug_strength, self.gen, ema=ema, mixer=mixer, channels_last=True)
             if not train_only:
                 evaluate(ema.module if ema else self.model, self.val.epoch(e), len(self.classes), cpu,
-                         channels_last=True)
+                         channels_last=True, tta=self.cfg.tta)
             times.append(time.perf_counter() - t0)
         self.done += k
         return times

@@ -153,6 +153,7 @@ class TrainConfig:
     mix_alpha: float = 0.4  # lam ~ Beta(mix_alpha, mix_alpha)
     cutmix_share: float = 0.5  # of the mixed batches, the share mixed by CutMix (the rest MixUp)
     tta: bool = True  # test-time left-right flip averaging, recorded with the model (models.decision)
+    #                   and used by validation during training: the best epoch is the best served
     decision_rule: str = "glioma_recall"  # a glioma logit bias chosen on validation ("argmax": none)
     decision_max_f1_drop: float = 0.005  # ...that may cost at most this much validation macro-F1
     patience: int = 10  # early stopping: epochs without val macro-F1 gain (0 = off)

@@ -233,7 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
                              ema=ema, mixer=mixer).cpu()
         t_train = clock.now() - t0
         cm, vloss = evaluate(ema.module if ema else raw, val_src.epoch(epoch), len(classes), device,
-                             amp=cfg.gpu, channels_last=True)
+                             amp=cfg.gpu, channels_last=True, tta=cfg.tta)
         metrics = epoch_metrics(epoch, tr, cm, vloss, classes, scheduler.get_last_lr()[0],
                                 clock.now() - t0, t_train, len(run.resumes), train_src.wait)
         improved = metrics[METRIC] > run.best

@@ -90,6 +90,29 @@ def test_evaluate_refuses_the_ddp_wrapper(gloo_group):
         evaluate(ddp, [], K, torch.device("cpu"))
 
 
+def test_validation_scores_the_network_as_served_with_its_flips():
+    """With tta, evaluate's confusion matrix and loss are those of the published network
+    (models.decision's InferenceNet: the mean of the image's and its mirror's logits), not of
+    the bare network; without, the bare network's."""
+    from brainmri.data.transforms import to_model_input
+    from brainmri.models.decision import wrap
+
+    x, y = _data(24, seed=3)
+    torch.manual_seed(3)  # a linear map of the pixels: far from mirror-symmetric
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, K)).eval()
+    with torch.no_grad():
+        bare = net(to_model_input(x))
+        served = wrap(net, {"tta": True})(to_model_input(x))
+    assert not torch.equal(bare.argmax(1), served.argmax(1))
+    ce = torch.nn.CrossEntropyLoss(reduction="sum")
+    for tta, logits in [(False, bare), (True, served)]:
+        cm, loss = evaluate(net, ShardBatches.from_tensors(x, y, 5, False, False, 0).epoch(0), K,
+                            torch.device("cpu"), tta=tta)
+        want = torch.bincount(y * K + logits.argmax(1), minlength=K * K).view(K, K)
+        assert cm.long().tolist() == want.tolist()
+        assert loss.item() == pytest.approx(ce(logits, y).item(), rel=1e-5)
+
+
 def _rank(rank: int, world: int, port: int, rows: list[int], out):
     """A real gloo rank: wraps the model in DDP (as Ray's prepare_model does), evaluates its
     own rows through the plain module and puts the summed stats in `out`."""
