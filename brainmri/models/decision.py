@@ -5,8 +5,8 @@ the other classes for glioma recall, the costly miss).
 Both travel with the model: `make_checkpoint` records them under "inference", and
 `checkpoints.build_model` wraps the network in `InferenceNet`, so evaluate, predict, serving
 and the TorchScript/ONNX exports all apply exactly the same rule -- nobody re-implements it.
-Training's own validation runs the bare network (the rule is chosen after training, on the
-best checkpoint).
+Training's own validation runs the network with its flips (engine.evaluate's `tta`), so the
+best epoch is the best served network; the bias is chosen after training, on that checkpoint.
 """
 
 from __future__ import annotations
