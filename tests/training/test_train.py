@@ -22,6 +22,7 @@ from brainmri.data.datasets import resolve_dataset, split_files
 from brainmri.data.ingest import ingest
 from brainmri.data.transforms import preprocess_many, to_model_input
 from brainmri.models.checkpoints import CKPT_FILE, build_model, load_model_state
+from brainmri.models.decision import inference_record
 from brainmri.training.train import prepare, run_training
 
 from support.data import REPO, real_subset
@@ -43,12 +44,15 @@ def small_lake(tmp_path_factory):
     return root / "lake"
 
 
-def _predict(state, version, manifest, split="val", bare=False):
-    """Evaluate a loaded model with plain PyTorch (no Ray): the round-trip check. `bare`: the
-    network alone, without its decision rule (what training's validation runs)."""
+def _predict(state, version, manifest, split="val", as_validated=False):
+    """Evaluate a loaded model with plain PyTorch (no Ray): the round-trip check.
+    `as_validated`: the network as training's validation scores it, with its flips (when the
+    recipe has tta) and without the decision rule's bias, chosen after training."""
     import pyarrow.parquet as pq
 
-    model = build_model(state, bare=bare)
+    if as_validated:
+        state = {**state, "inference": inference_record(state["config"]["tta"])}
+    model = build_model(state)
     size = state["config"]["image_size"]
     t = pq.ParquetFile(version.fs.open_input_file(split_files(version, manifest, split)[0])).read(
         columns=["image", "label"])
@@ -90,7 +94,7 @@ def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_loca
     assert state["config"]["model"] == "brainnet" and state["classes"][0] == "glioma"
     assert state["dataset"]["version"] and "optimizer" not in state
     version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
-    again = _predict(state, version, manifest, bare=True)  # validation runs the bare network
+    again = _predict(state, version, manifest, as_validated=True)
     assert again["n"] == res.best["val_n"]
     assert again["accuracy"] == pytest.approx(res.best["val_accuracy"])
     assert again["macro_f1"] == pytest.approx(res.best["val_macro_f1"])
@@ -105,9 +109,9 @@ def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake
     res = run_training(cfg)
     state = load_model_state(res.model_uri)
     version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
-    # validation ran the averaged weights, bare: the published weights reproduce it
-    bare = _predict(state, version, manifest, bare=True)
-    assert bare["macro_f1"] == pytest.approx(res.best["val_macro_f1"])
+    # validation ran the averaged weights with their flips: the published weights reproduce it
+    validated = _predict(state, version, manifest, as_validated=True)
+    assert validated["macro_f1"] == pytest.approx(res.best["val_macro_f1"])
     # the rule was chosen on validation and is what inference now applies
     inf = state["inference"]
     assert inf["tta"] and len(inf["logit_bias"]) == 4 and inf["logit_bias"][1:] == [0.0, 0.0, 0.0]
@@ -270,7 +274,7 @@ def _evaluate_in_process(state, version, manifest) -> dict:
     """The published weights on every validation row, one process, no Ray, no collective."""
     from brainmri.training.engine import ShardBatches, evaluate
 
-    model = build_model(state, bare=True)  # what training's validation runs
+    model = build_model(state, bare=True)  # evaluate applies the recipe's flips itself
     size = state["config"]["image_size"]
     xs, ys = [], []
     for f in split_files(version, manifest, "val"):
@@ -279,7 +283,7 @@ def _evaluate_in_process(state, version, manifest) -> dict:
         ys += t.column("label").to_pylist()
     x = torch.from_numpy(np.concatenate(xs))
     src = ShardBatches.from_tensors(x, torch.tensor(ys), 1000, False, False, 0)
-    cm, loss = evaluate(model, src.epoch(0), 4, torch.device("cpu"))
+    cm, loss = evaluate(model, src.epoch(0), 4, torch.device("cpu"), tta=state["config"]["tta"])
     return {**{f"val_{k}": v for k, v in from_confusion(cm.numpy(), state["classes"]).items()},
             "val_loss": loss.item() / len(ys)}
 
