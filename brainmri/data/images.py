@@ -70,6 +70,10 @@ class ImageInfo:
     format: str
     n_bytes: int
     thumb: bytes  # 32x32 greyscale, to confirm near-duplicate candidates (see dedup.py)
+    # pHash of the left-right mirror image: the public data holds mirrored copies of scans
+    # (about half of a random test split has one in training), which training's flips make
+    # the same image (dedup.py)
+    phash_mirror: int
 
 
 @dataclass
@@ -141,6 +145,7 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
     return ImageInfo(
         sha256=sha,
         phash=_phash(grey),
+        phash_mirror=_phash(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
         thumb=grey.resize((THUMB, THUMB), Image.BILINEAR).tobytes(),
         height=h,
         width=w,

@@ -65,6 +65,7 @@ SCHEMA = pa.schema([
     ("class_name", pa.string()),
     ("sha256", pa.string()),
     ("phash", pa.int64()),
+    ("phash_mirror", pa.int64()),  # of the left-right mirror image (leakage checks, dedup.py)
     ("height", pa.int32()),
     ("width", pa.int32()),
     ("mode", pa.string()),
@@ -295,9 +296,11 @@ def _duplicate_groups(kept: list[FileRecord], cfg: IngestConfig):
     pairs). Sets each m.group."""
     uf = UnionFind(len(kept))
     phash = np.array([r.info.phash for r in kept], dtype=np.int64)
+    mirror = np.array([r.info.phash_mirror for r in kept], dtype=np.int64)
     thumbs = np.frombuffer(b"".join(r.info.thumb for r in kept), dtype=np.uint8).reshape(
         len(kept), -1) if kept else np.zeros((0, im.THUMB * im.THUMB), np.uint8)
-    near_pairs = near_duplicate_pairs(phash, thumbs, cfg.phash_distance, cfg.near_dup_similarity)
+    near_pairs = near_duplicate_pairs(phash, thumbs, cfg.phash_distance, cfg.near_dup_similarity,
+                                      phash_mirror=mirror)
     for a, b in near_pairs:
         uf.union(a, b)
     _union_series(kept, uf)
@@ -454,7 +457,8 @@ def write_shard(rows: list[FileRecord], read, split: str, index: int, out: Locat
         for r in rows:
             data, i = read(r), r.info
             batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
-                              sha256=i.sha256, phash=i.phash, height=i.height, width=i.width,
+                              sha256=i.sha256, phash=i.phash, phash_mirror=i.phash_mirror,
+                              height=i.height, width=i.width,
                               mode=i.mode, format=i.format, path=r.path,
                               source_split=r.source_split, group=r.group, frame=r.frame,
                               dicom=r.scan.dicom if r.scan is not None else None))

@@ -50,7 +50,7 @@ IO_THREADS = 16  # reads in flight per task: an object store answers each GET in
 #                  so one-at-a-time reads would leave the CPUs idle on an s3:// SOURCE
 MAX_BLOCKS = 200
 # What a worker returns per file (the driver rebuilds an Inspected from it).
-_INFO = ("sha256", "phash", "height", "width", "mode", "format", "n_bytes", "thumb")
+_INFO = ("sha256", "phash", "phash_mirror", "height", "width", "mode", "format", "n_bytes", "thumb")
 
 
 class DicomOnRay(ConfigError):
@@ -125,12 +125,12 @@ def inspect_batch(batch: dict, root_uri: str, limits: im.ImageLimits) -> dict:
         out["dicom"].append(res.dicom)
         for k in _INFO:
             out[k].append(getattr(info, k) if info is not None else _EMPTY[k])
-    types = {"i": np.int64, "dicom": bool, "phash": np.int64, "height": np.int32,
+    types = {"i": np.int64, "dicom": bool, "phash": np.int64, "phash_mirror": np.int64, "height": np.int32,
              "width": np.int32, "n_bytes": np.int64}
     return {k: np.asarray(v, dtype=types.get(k, object)) for k, v in out.items()}
 
 
-_EMPTY = {"sha256": "", "phash": 0, "height": 0, "width": 0, "mode": "", "format": "",
+_EMPTY = {"sha256": "", "phash": 0, "phash_mirror": 0, "height": 0, "width": 0, "mode": "", "format": "",
           "n_bytes": 0, "thumb": b""}
 
 
@@ -164,6 +164,7 @@ def _result(b: dict, k: int) -> Inspected:
     if b["reason"][k]:
         return Inspected(reason=str(b["reason"][k]), detail=str(b["detail"][k]))
     info = im.ImageInfo(sha256=str(b["sha256"][k]), phash=int(b["phash"][k]),
+                        phash_mirror=int(b["phash_mirror"][k]),
                         height=int(b["height"][k]), width=int(b["width"][k]),
                         mode=str(b["mode"][k]), format=str(b["format"][k]),
                         n_bytes=int(b["n_bytes"][k]), thumb=bytes(b["thumb"][k]))

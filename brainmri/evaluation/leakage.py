@@ -5,7 +5,9 @@ Compared with the sha256 and 64-bit pHash columns of the model's training datase
 unseen either). Only hashes are read, never image bytes, so this stays cheap on S3.
 
 - exact duplicate: identical bytes (same sha256).
-- near duplicate: pHash Hamming distance <= NEAR_DISTANCE (default 4). Ingest uses a looser
+- near duplicate: pHash Hamming distance <= NEAR_DISTANCE (default 4) to a training image or
+  to its left-right mirror (a version ingested with `phash_mirror`: the public data holds
+  mirrored copies, and training flips images, so a mirrored copy was seen; dedup.py). Ingest uses a looser
   pHash radius (12) but confirms candidates with 32x32 thumbnail correlation; the training
   shards do not store thumbnails, so here pHash alone must be stricter. Measured on the
   shared data's default ingest (552 test vs 4402 train images), nearest training image:
@@ -33,20 +35,28 @@ from ..data.dedup import as_u64, nearest_within
 NEAR_DISTANCE = EvaluateConfig.near_dup_distance  # the default lives with evaluate's options
 
 
-def training_hashes(dataset_uri: str, splits: list[str]) -> tuple[set[str], np.ndarray]:
-    """sha256 set and pHash array (uint64) of the given splits of a dataset version."""
+def training_hashes(dataset_uri: str, splits: list[str]) -> tuple[set[str], np.ndarray, int, bool]:
+    """(sha256 set, pHash array (uint64), images, mirrors) of the given splits of a dataset
+    version. The array holds each image's pHash and, when the version stores them
+    (`mirrors`), its mirror's too: the distance to the nearest of either is the distance to
+    a training image seen either way round."""
     version = open_location(dataset_uri)
     manifest = load_manifest(version)
     verify_shards(version, manifest, tuple(splits))
     shas: set[str] = set()
-    hashes = []
+    hashes, mirrors, n, mirrored = [], [], 0, True
     for split in splits:
         for path in split_files(version, manifest, split):
-            t = pq.ParquetFile(version.fs.open_input_file(path)).read(columns=["sha256", "phash"])
+            f = pq.ParquetFile(version.fs.open_input_file(path))
+            has = "phash_mirror" in f.schema_arrow.names  # versions before 2026-11-29 lack it
+            t = f.read(columns=["sha256", "phash"] + (["phash_mirror"] if has else []))
             shas.update(t.column("sha256").to_pylist())
             hashes.append(np.asarray(t.column("phash"), dtype=np.int64))
-    ph = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)
-    return shas, ph.view(np.uint64)
+            if has:
+                mirrors.append(np.asarray(t.column("phash_mirror"), dtype=np.int64))
+            mirrored, n = mirrored and has, n + t.num_rows
+    ph = np.concatenate(hashes + (mirrors if mirrored else [])) if hashes else np.zeros(0, np.int64)
+    return shas, ph.view(np.uint64), n, bool(mirrored and n)
 
 
 def nearest_distance(phash: np.ndarray, reference: np.ndarray, cap: int) -> np.ndarray:
@@ -62,13 +72,14 @@ def flag(sha256: list[str], phash: np.ndarray, dataset_uri: str, splits: list[st
          near_distance: int = NEAR_DISTANCE) -> dict:
     """Per-image flags (exact, near, distance: nearest training pHash distance, 65 beyond
     near_distance) and a JSON-ready summary."""
-    shas, ref = training_hashes(dataset_uri, splits)
+    shas, ref, n_train, mirrors = training_hashes(dataset_uri, splits)
     exact = np.array([s in shas for s in sha256], dtype=bool)
     dist = nearest_distance(phash, ref, near_distance)  # only "within near_distance" is used
     near = (dist <= near_distance) & ~exact
     return {"exact": exact, "near": near, "distance": dist,
             "summary": {"training_dataset": dataset_uri, "compared_with_splits": splits,
                         "near_duplicate_max_phash_distance": near_distance,
-                        "training_images": int(len(ref)), "exact_duplicates": int(exact.sum()),
+                        "training_images": n_train, "mirrors_compared": mirrors,
+                        "exact_duplicates": int(exact.sum()),
                         "near_duplicates": int(near.sum()),
                         "removed": int((exact | near).sum())}}

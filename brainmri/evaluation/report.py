@@ -157,7 +157,9 @@ def render(m: dict, figs: dict[str, bytes | None], model_config: dict) -> str:
             f"dataset <code>{e(leak['training_dataset'])}</code> ({leak['training_images']} images): "
             f"<b>{leak['exact_duplicates']}</b> exact duplicates (same sha256), "
             f"<b>{leak['near_duplicates']}</b> near duplicates (pHash distance &le; "
-            f"{leak['near_duplicate_max_phash_distance']}); <b>{leak['removed']}</b> removed below.</p>")
+            f"{leak['near_duplicate_max_phash_distance']}"
+            f"{', to an image or its mirror' if leak.get('mirrors_compared') else ''}); "
+            f"<b>{leak['removed']}</b> removed below.</p>")
         if leak["removed"]:
             parts.append("<p class='warn'>Some evaluated images were (nearly) seen in training: "
                          "prefer the de-duplicated column.</p>")

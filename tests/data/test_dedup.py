@@ -109,6 +109,52 @@ def test_planted_copies_and_random_hashes_same_pairs_as_allpairs():
         assert pair_set(hamming_pairs(h, D, tables=m)) == candidates
 
 
+def test_mirrored_copies_are_near_duplicates_through_the_mirrors_pHash():
+    """A scan mirrored left-right (and re-encoded, or resized too) is the same image to a
+    network trained with flips: paired through `phash_mirror`, by the index and the scan
+    alike; without the mirrors' hashes it is not found (the old rule). An image is never
+    paired with its own mirror, and the plain pairs stay what they were."""
+    files = [sorted((SHARED_DATA / "Training" / c).iterdir())[700:703] for c in CLASSES
+             if (SHARED_DATA / "Training" / c).is_dir()]
+    if not files:
+        pytest.skip("shared data not found")
+    infos, planted = [], []
+    for f in [f for fs in files for f in fs]:
+        orig = len(infos)
+        infos.append(im.inspect_image(f.read_bytes()))
+        img = Image.open(io.BytesIO(f.read_bytes())).convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for copy in (encode(img, quality=80),
+                     encode(img.resize((img.width * 2 // 3, img.height * 2 // 3)), quality=90)):
+            planted.append((orig, len(infos)))
+            infos.append(im.inspect_image(copy))
+    phash = np.array([i.phash for i in infos], dtype=np.int64)
+    mirror = np.array([i.phash_mirror for i in infos], dtype=np.int64)
+    thumbs = np.frombuffer(b"".join(i.thumb for i in infos), np.uint8).reshape(len(infos), -1)
+    plain = near_duplicate_pairs_allpairs(phash, thumbs, D, SIM)
+    assert not set(planted) & set(plain)  # the plain rule misses every mirrored copy
+    want = near_duplicate_pairs_allpairs(phash, thumbs, D, SIM, phash_mirror=mirror)
+    assert set(planted) <= set(want) and set(plain) <= set(want)
+    assert all(i < j for i, j in want)  # no image with itself
+    # the two copies of one scan pair plainly (both mirrored); nothing else joins
+    copies = {(a + 1, a + 2) for a, _ in planted[::2]}
+    assert set(want) == set(planted) | copies
+    for m in (None, 3, 5):
+        assert near_duplicate_pairs(phash, thumbs, D, SIM, tables=m, phash_mirror=mirror) == want
+
+
+def test_mirror_of_a_thumbnail_is_the_thumbnail_of_the_mirror():
+    """The confirmation mirrors the stored 32x32 thumbnail instead of re-reading the image:
+    the bilinear resize commutes with the flip."""
+    f = next((SHARED_DATA / "Training" / "glioma").iterdir(), None) if SHARED_DATA.is_dir() else None
+    if f is None:
+        pytest.skip("shared data not found")
+    img = Image.open(f).convert("L")
+    a = np.asarray(img.resize((im.THUMB, im.THUMB), Image.BILINEAR))[:, ::-1]
+    flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    b = np.asarray(flipped.resize((im.THUMB, im.THUMB), Image.BILINEAR))
+    assert np.abs(a.astype(int) - b).max() <= 1
+
+
 def _flips(rng, n: int, k) -> np.ndarray:
     """n masks with k[i] random bits set."""
     k = np.broadcast_to(k, n)
@@ -225,5 +271,5 @@ def test_thumbnail_check_is_the_whole_matrix_formula_batch_by_batch():
     sims = np.einsum("ij,ij->i", t[ii], t[jj])
     for thr in (0.5, float(np.sort(sims)[-30])):  # the 30th best similarity: on the edge
         want = sorted(zip(ii[sims >= thr].tolist(), jj[sims >= thr].tolist(), strict=True))
-        assert _confirmed(iter([(ii, jj)]), thumbs, thr, batch=97) == want
+        assert _confirmed(iter([(ii, jj)]), thumbs, thr, len(thumbs), batch=97) == want
         assert len(want) >= 30

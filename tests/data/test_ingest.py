@@ -369,6 +369,31 @@ def test_source_without_testing_folder_gets_a_test_split(tmp_path):
     _check_groups_and_counts(rows, m)
 
 
+def test_a_mirrored_copy_lands_in_its_originals_group_and_split(tmp_path):
+    """The public data holds left-right mirrored copies of scans; training flips images, so
+    a copy on the other side of a split would be a test image the network has seen. Ingest
+    groups each mirrored copy (re-encoded) with its original, and records every row's
+    mirror pHash for the leakage check."""
+    src = real_subset(tmp_path / "src", per_class=6, offset=500)
+    mirrored = {}
+    for c in CLASSES:
+        for f in sorted((src / "Training" / c).iterdir())[:3]:
+            img = Image.open(f).convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=85)
+            (src / "Training" / c / f"mirror-{f.name}").write_bytes(buf.getvalue())
+            mirrored[f"Training/{c}/mirror-{f.name}"] = f"Training/{c}/{f.name}"
+    res = ingest(str(src), str(tmp_path / "lake"),
+                 IngestConfig(val_fraction=0.3, test_fraction=0.3, workers=1))
+    rows = {r["path"]: r for r in _read_rows(res.location, res.manifest)}
+    assert len(rows) == 4 * 9
+    for copy, orig in mirrored.items():
+        assert (rows[copy]["group"], rows[copy]["split"]) == (rows[orig]["group"], rows[orig]["split"])
+        assert rows[copy]["phash_mirror"] != rows[copy]["phash"]
+    assert res.manifest["duplicates"]["near_duplicate_pairs"] >= len(mirrored)
+    _check_groups_and_counts(list(rows.values()), res.manifest)
+
+
 def test_missing_source_and_bad_name(tmp_path):
     with pytest.raises(FileNotFoundError):
         ingest(str(tmp_path / "nope"), str(tmp_path / "lake"))

@@ -111,7 +111,7 @@ def test_engine_choice_and_settings():
 
 def test_plan_shards_cuts_by_image_bytes_in_shuffled_order():
     def rec(k, n):
-        return FileRecord(path=f"p{k}", info=im.ImageInfo("", 0, 1, 1, "L", "JPEG", n, b""))
+        return FileRecord(path=f"p{k}", info=im.ImageInfo("", 0, 1, 1, "L", "JPEG", n, b"", 0))
 
     rows = [rec(k, 400 * 1024) for k in range(7)]
     chunks = plan_shards(rows, IngestConfig(shard_mb=1), seed=3)

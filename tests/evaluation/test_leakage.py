@@ -39,7 +39,8 @@ def test_flag_reads_the_training_hashes_and_marks_copies_and_near_copies(tmp_pat
     src = real_subset(tmp_path / "src", per_class=6)
     cfg = IngestConfig(workers=1, val_fraction=0.25, test_fraction=0.25)
     res = ingest(str(src), str(tmp_path / "lake"), cfg)
-    shas, ref = leakage.training_hashes(res.location.uri, ["train", "val"])
+    shas, ref, n_train, mirrors = leakage.training_hashes(res.location.uri, ["train", "val"])
+    assert mirrors and len(ref) == 2 * n_train  # each training image's pHash and its mirror's
     first = split_files(res.location, load_manifest(res.location), "train")[0]
     row = pq.read_table(res.location.fs.open_input_file(first), columns=["sha256", "phash"]).slice(0, 1)
     t0, h0 = row.column("sha256")[0].as_py(), np.int64(row.column("phash")[0].as_py()).view(np.uint64)
@@ -53,4 +54,5 @@ def test_flag_reads_the_training_hashes_and_marks_copies_and_near_copies(tmp_pat
     assert out["near"].tolist() == ((every <= 4) & ~out["exact"]).tolist()
     assert out["near"][1] and not out["near"][0]  # an exact copy is counted once, as exact
     rows = res.manifest["rows"]
-    assert out["summary"]["training_images"] == len(ref) == rows["train"] + rows["val"]
+    assert out["summary"]["training_images"] == n_train == rows["train"] + rows["val"]
+    assert out["summary"]["mirrors_compared"]
