@@ -76,9 +76,10 @@ def _reexports(data: bytes) -> list[bytes]:
             encode(img, quality=55), encode(windowed, quality=90)]
 
 
-def test_planted_copies_and_random_hashes_same_pairs_as_allpairs():
-    rng = np.random.default_rng(3)
-    files = [sorted((SHARED_DATA / "Training" / c).iterdir())[900:904] for c in CLASSES
+def _with_copies(offset: int, per_class: int, copies) -> tuple[list, list[tuple[int, int]]]:
+    """ImageInfo of real scans and of `copies(bytes)` of each, and the planted (original,
+    copy) index pairs."""
+    files = [sorted((SHARED_DATA / "Training" / c).iterdir())[offset:offset + per_class] for c in CLASSES
              if (SHARED_DATA / "Training" / c).is_dir()]
     if not files:
         pytest.skip("shared data not found")
@@ -86,9 +87,22 @@ def test_planted_copies_and_random_hashes_same_pairs_as_allpairs():
     for f in [f for fs in files for f in fs]:
         orig = len(infos)
         infos.append(im.inspect_image(f.read_bytes()))
-        for copy in _reexports(f.read_bytes()):
+        for copy in copies(f.read_bytes()):
             planted.append((orig, len(infos)))
             infos.append(im.inspect_image(copy))
+    return infos, planted
+
+
+def _mirrored(data: bytes) -> list[bytes]:
+    """The scan mirrored left-right, re-encoded; and mirrored, resized and re-encoded."""
+    img = Image.open(io.BytesIO(data)).convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    small = img.resize((img.width * 2 // 3, img.height * 2 // 3))
+    return [encode(img, quality=80), encode(small, quality=90)]
+
+
+def test_planted_copies_and_random_hashes_same_pairs_as_allpairs():
+    rng = np.random.default_rng(3)
+    infos, planted = _with_copies(900, 4, _reexports)
     phash = np.array([i.phash for i in infos], dtype=np.int64)
     thumbs = np.frombuffer(b"".join(i.thumb for i in infos), np.uint8).reshape(len(infos), -1)
     # random hashes, some a few bits from a real scan's (pHash candidates that the random
@@ -114,19 +128,7 @@ def test_mirrored_copies_are_near_duplicates_through_the_mirrors_pHash():
     network trained with flips: paired through `phash_mirror`, by the index and the scan
     alike; without the mirrors' hashes it is not found (the old rule). An image is never
     paired with its own mirror, and the plain pairs stay what they were."""
-    files = [sorted((SHARED_DATA / "Training" / c).iterdir())[700:703] for c in CLASSES
-             if (SHARED_DATA / "Training" / c).is_dir()]
-    if not files:
-        pytest.skip("shared data not found")
-    infos, planted = [], []
-    for f in [f for fs in files for f in fs]:
-        orig = len(infos)
-        infos.append(im.inspect_image(f.read_bytes()))
-        img = Image.open(io.BytesIO(f.read_bytes())).convert("L").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        for copy in (encode(img, quality=80),
-                     encode(img.resize((img.width * 2 // 3, img.height * 2 // 3)), quality=90)):
-            planted.append((orig, len(infos)))
-            infos.append(im.inspect_image(copy))
+    infos, planted = _with_copies(700, 3, _mirrored)
     phash = np.array([i.phash for i in infos], dtype=np.int64)
     mirror = np.array([i.phash_mirror for i in infos], dtype=np.int64)
     thumbs = np.frombuffer(b"".join(i.thumb for i in infos), np.uint8).reshape(len(infos), -1)
