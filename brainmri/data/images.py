@@ -98,12 +98,20 @@ class RejectedImage(ValueError):
         self.dicom = False  # set when the file is DICOM by content
 
 
-def _phash(grey: Image.Image) -> int:
+def _phashes(grey: Image.Image) -> tuple[int, int]:
+    """pHash of the image and of its left-right mirror. imagehash.phash first resizes to
+    32x32 (LANCZOS); that resize is done once here and the mirror taken of it (a resize to the
+    size an image already has is a copy, so the image's hash is exactly imagehash's)."""
     # imported here: decoding for training and inference (transforms.preprocess) needs no
     # hashing library, so a bare GPU machine with only PyTorch and Pillow can run it
     import imagehash
 
-    return _to_int64(imagehash.phash(grey))
+    small = grey.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS)
+    return (_to_int64(imagehash.phash(small)),
+            _to_int64(imagehash.phash(small.transpose(Image.Transpose.FLIP_LEFT_RIGHT))))
+
+
+PHASH_SIDE = 32  # imagehash.phash's own resize: hash_size 8 x highfreq_factor 4
 
 
 def _to_int64(h) -> int:
@@ -142,10 +150,11 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
         raise RejectedImage(TOO_LARGE, str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise RejectedImage(CORRUPT, str(e)) from None
+    phash, phash_mirror = _phashes(grey)
     return ImageInfo(
         sha256=sha,
-        phash=_phash(grey),
-        phash_mirror=_phash(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+        phash=phash,
+        phash_mirror=phash_mirror,
         thumb=grey.resize((THUMB, THUMB), Image.BILINEAR).tobytes(),
         height=h,
         width=w,

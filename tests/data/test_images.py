@@ -182,3 +182,24 @@ def test_not_an_image_detail_has_no_memory_address():
         im.inspect_image(b"this is not an image at all", im.ImageLimits())
     assert e.value.reason == im.NOT_IMAGE
     assert "0x" not in e.value.detail and e.value.detail == "cannot identify image file"
+
+
+def test_phash_is_imagehashs_and_the_mirror_hash_that_of_the_mirror():
+    """inspect_image resizes once for both hashes: the image's pHash is exactly
+    imagehash.phash of the image, the mirror's within 2 bits of imagehash.phash of the
+    mirrored image (the resize of a mirror is the mirror of the resize, up to rounding)."""
+    import imagehash
+
+    from support.data import SHARED_DATA
+
+    files = sorted((SHARED_DATA / "Training" / "meningioma").glob("*.jpg"))[:40:4]
+    if not files:
+        pytest.skip("shared data not found")
+    as_int = im._to_int64
+    for f in files:
+        info = im.inspect_image(f.read_bytes())
+        grey = im.to_grey_u8(Image.open(f))
+        assert info.phash == as_int(imagehash.phash(grey))
+        want = as_int(imagehash.phash(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+        assert bin((info.phash_mirror ^ want) & (2**64 - 1)).count("1") <= 2
+        assert info.phash_mirror != info.phash
