@@ -78,12 +78,14 @@ def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
 
 
 def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_local):
-    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-local", epochs=6, **SMALL)
+    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-local", epochs=8, **SMALL)
     res = run_training(cfg)
     h = res.history
-    assert [e["epoch"] for e in h] == list(range(6))
+    assert [e["epoch"] for e in h] == list(range(cfg.epochs))
     assert h[-1]["train_loss"] < h[0]["train_loss"]
-    assert res.best["val_accuracy"] > 0.4  # chance is 0.25 with balanced classes
+    # chance is 0.25 with balanced classes; on this split (mirrored copies grouped) the first
+    # four epochs predict one class, 8 epochs reach ~0.7 (6 reached 0.375-0.417)
+    assert res.best["val_accuracy"] > 0.4
     assert all(e["train_images"] == h[0]["train_images"] for e in h)  # both workers, every epoch
     # checkpoints in the run folder: top-k kept, each self-sufficient and weights_only-loadable
     run = open_location(res.run_uri)
