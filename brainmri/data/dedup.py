@@ -82,6 +82,8 @@ def near_duplicate_pairs_allpairs(phash: np.ndarray, thumbs: np.ndarray, max_dis
 def _with_mirrors(phash: np.ndarray, phash_mirror: np.ndarray | None) -> np.ndarray:
     """The hashes the self-join runs over: the images' (rows 0..n-1), then their mirrors'."""
     h = as_u64(phash)
+    if phash_mirror is not None and len(phash_mirror) != len(h):
+        raise ValueError(f"{len(phash_mirror)} mirror hashes for {len(h)} images")
     return h if phash_mirror is None else np.concatenate([h, as_u64(phash_mirror)])
 
 
@@ -89,8 +91,9 @@ def _confirmed(blocks: Iterator[tuple[np.ndarray, np.ndarray]], thumbs: np.ndarr
                min_similarity: float, n: int, batch: int = 4096) -> list[tuple[int, int]]:
     """The candidate pairs whose thumbnails correlate >= min_similarity. Rows >= n of the
     candidates are mirrors (`_with_mirrors`): image i against image j's mirror compares i's
-    thumbnail with j's mirrored; a mirror against a mirror repeats the plain pair, and an
-    image against its own mirror is no pair. Only the rows of a batch of pairs are
+    thumbnail with j's mirrored; a mirror against a mirror is not used (the plain pair
+    stands for it: the plain rule is unchanged), and an image against its own mirror is no
+    pair. Only the rows of a batch of pairs are
     normalised (float32, row by row, so the same numbers): a normalised copy of every
     thumbnail would be 4 KB a scan on the driver, 4x the thumbnails."""
     pairs = set()

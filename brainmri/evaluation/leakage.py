@@ -10,7 +10,8 @@ unseen either). Only hashes are read, never image bytes, so this stays cheap on 
   mirrored copies, and training flips images, so a mirrored copy was seen; dedup.py). Ingest uses a looser
   pHash radius (12) but confirms candidates with 32x32 thumbnail correlation; the training
   shards do not store thumbnails, so here pHash alone must be stricter. Measured on the
-  shared data's default ingest (552 test vs 4402 train images), nearest training image:
+  shared data's default ingest before mirrors were compared (version a5e68a2ad0981af4, 552
+  test vs 4402 train images, the training hashes alone), nearest training image:
   distance <= 2: 13 test images (all same class); <= 4: 52 (51 same class, likely
   neighbouring slices of one scan); exactly 6: 102 (84% same class); 8: 75%; 12: 41%.
   Dedup.py found different-class pairs already at 4, so beyond 4 pHash alone cannot tell a

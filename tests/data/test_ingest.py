@@ -394,6 +394,26 @@ def test_a_mirrored_copy_lands_in_its_originals_group_and_split(tmp_path):
     _check_groups_and_counts(list(rows.values()), res.manifest)
 
 
+def test_a_version_from_before_mirror_hashes_is_returned_with_a_warning(tmp_path, capsys):
+    """Re-ingesting content whose splits the mirror rule does not move gives the same version
+    id; if that version was written before `phash_mirror` existed, it is returned as it is,
+    and the user is told that its leakage check goes without mirrors."""
+    src = tmp_path / "src"
+    for i, c in enumerate(CLASSES):
+        (src / "Training" / c).mkdir(parents=True)
+        for k in range(3):
+            (src / "Training" / c / f"{k}.jpg").write_bytes(synth_jpeg(8100 + 10 * i + k))
+    cfg = IngestConfig(val_fraction=0.3, test_fraction=0.3, workers=1)
+    first = ingest(str(src), str(tmp_path / "lake"), cfg)
+    assert "written before mirror hashes" not in capsys.readouterr().err
+    for s in first.manifest["shards"]:  # as an older ingest wrote it: no mirror hashes
+        path = (first.location / s["path"]).path
+        pq.write_table(pq.read_table(path).drop_columns(["phash_mirror"]), path)
+    again = ingest(str(src), str(tmp_path / "lake"), cfg)
+    assert again.version == first.version and not again.created
+    assert "written before mirror hashes" in capsys.readouterr().err
+
+
 def test_missing_source_and_bad_name(tmp_path):
     with pytest.raises(FileNotFoundError):
         ingest(str(tmp_path / "nope"), str(tmp_path / "lake"))
