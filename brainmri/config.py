@@ -156,6 +156,8 @@ class TrainConfig:
     #                   and used by validation during training: the best epoch is the best served
     decision_rule: str = "glioma_recall"  # a glioma logit bias chosen on validation ("argmax": none)
     decision_max_f1_drop: float = 0.005  # ...that may cost at most this much validation macro-F1
+    decision_max_accuracy_cost: float = 0.0  # ...kept only if, chosen on half the validation
+    #                                 images, it costs at most this much accuracy on the other half
     patience: int = 10  # early stopping: epochs without val macro-F1 gain (0 = off)
     time_budget_min: float = 0.0  # stop after the epoch that crosses this many minutes (0 = off)
     seed: int = flag(0, "random seed")
@@ -193,6 +195,8 @@ class TrainConfig:
             raise ConfigError(f"decision_rule must be one of {DECISION_RULES}")
         if not 0.0 <= self.decision_max_f1_drop <= 0.1:
             raise ConfigError("decision_max_f1_drop must be in [0, 0.1]")
+        if not 0.0 <= self.decision_max_accuracy_cost <= 0.1:
+            raise ConfigError("decision_max_accuracy_cost must be in [0, 0.1]")
 
 
 @dataclass

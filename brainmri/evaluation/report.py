@@ -108,6 +108,11 @@ def card_section(mod: dict, allm: dict, clean: dict | None) -> str:
     if dec.get("logit_bias") and any(dec["logit_bias"]):
         rule = "logit bias " + ", ".join(f"{c} {b:+.2f}" for c, b in zip(mod["classes"], dec["logit_bias"],
                                                                           strict=False) if b)
+    chosen = dec.get("decision") or {}
+    if chosen.get("adopted") is False and chosen.get("fitted", {}).get("bias"):
+        rule += (f" (a {chosen['target']} logit bias of {chosen['fitted']['bias']:+.2f} fitted on validation "
+                 "was not kept: chosen on half the validation images, it cost "
+                 f"{-chosen['held_out']['accuracy_change']:.4f} accuracy on the other half)")
     rule += " + left-right flip averaging" if dec.get("tta") else ""
     parts = ["<h2>Model card</h2>",
              f"<p><b>Intended use.</b> {e(card.get('intended_use', INTENDED_USE))}</p>",

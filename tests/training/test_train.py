@@ -116,9 +116,12 @@ def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake
     assert validated["macro_f1"] == pytest.approx(res.best["val_macro_f1"])
     # the rule was chosen on validation and is what inference now applies
     inf = state["inference"]
-    assert inf["tta"] and len(inf["logit_bias"]) == 4 and inf["logit_bias"][1:] == [0.0, 0.0, 0.0]
     chosen = inf["decision"]
+    bias = inf["logit_bias"] or [0.0] * 4  # none when the half-split check refused the bias
+    assert inf["tta"] and len(bias) == 4 and bias[1:] == [0.0, 0.0, 0.0]
+    assert bias[0] == chosen["after"]["bias"] and chosen["adopted"] == (bias[0] > 0)
     assert chosen["chosen_on"] == "val" and chosen["n"] == res.best["val_n"]
+    assert chosen["held_out"]["max_accuracy_cost"] == 0.0  # the default
     assert chosen["after"]["recall"] >= chosen["before"]["recall"]
     assert chosen["after"]["macro_f1"] >= chosen["before"]["macro_f1"] - 0.05
     served = _predict(state, version, manifest)
@@ -128,7 +131,7 @@ def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake
     assert "train_model" not in state
     assert state["config"]["mix_prob"] == 0.5  # the recipe travels with the weights
     meta = (open_location(res.model_uri) / "metadata.json").read_json()
-    assert meta["inference"]["decision"]["after"]["bias"] == inf["logit_bias"][0]
+    assert meta["inference"]["decision"] == chosen and meta["inference"]["logit_bias"] == inf["logit_bias"]
     run = open_location(res.run_uri)
     ck = next(d for d in run.listdir() if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists())
     raw = load_model_state((run / ck).uri)
