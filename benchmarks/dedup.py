@@ -4,7 +4,8 @@
         [--kinds uniform,phash] [--distance 12] [--swaps 4] [--cache FILE] [--skip-real]
 
 real     the shared Training set (5712 scans) hashed by ingest's own code (inspect_image;
-         cached in --cache, default in the temp folder): near_duplicate_pairs (index) and
+         cached in --cache, default in the temp folder), each image's pHash and its mirror's
+         joined as ingest joins them: near_duplicate_pairs (index) and
          near_duplicate_pairs_allpairs (scan) with ingest's thresholds must give the same
          pairs and the same groups; both timed.
 uniform  n random 64-bit hashes, 5% of them planted copies of an earlier hash with 0..14
@@ -14,6 +15,9 @@ phash    hashes drawn like real pHashes: a real pHash of the shared set picked a
          always is), plus the same 5% planted copies. It keeps the real skew (a constant DC
          bit, biased and correlated bits), which makes candidates far more frequent than for
          uniform hashes; the script prints the fraction of pairs within the distance.
+
+Sizes count hashes joined: ingest joins two per image (its pHash and its mirror's), so a
+row at n hashes is the search ingest runs for n/2 images.
 
 For each size: the planner's choice of substrings, pairs found within --distance, candidate
 pairs compared, CPU and wall seconds, and the same for the scan up to --scan-max (whose pair
@@ -42,11 +46,13 @@ from brainmri.data import dedup  # noqa: E402
 SHARED = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
 
 
-def real_hashes(cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """pHash and thumbnails of every shared Training scan, by ingest's inspect_image."""
+def real_hashes(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pHash, the mirror's pHash and thumbnails of every shared Training scan, by ingest's
+    inspect_image (a cache from before mirror hashes is rebuilt)."""
     if cache.exists():
         z = np.load(cache)
-        return z["phash"], z["thumbs"]
+        if "phash_mirror" in z:
+            return z["phash"], z["phash_mirror"], z["thumbs"]
     from brainmri.data import images as im
 
     files = sorted(p for c in sorted(SHARED.iterdir()) for p in sorted(c.iterdir()))
@@ -54,9 +60,10 @@ def real_hashes(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     infos = [im.inspect_image(f.read_bytes()) for f in files]
     print(f"hashed {len(files)} real scans in {time.perf_counter() - t:.0f} s (cached in {cache})")
     phash = np.array([i.phash for i in infos], dtype=np.int64)
+    mirror = np.array([i.phash_mirror for i in infos], dtype=np.int64)
     thumbs = np.frombuffer(b"".join(i.thumb for i in infos), np.uint8).reshape(len(infos), -1)
-    np.savez(cache, phash=phash, thumbs=thumbs)
-    return phash, thumbs
+    np.savez(cache, phash=phash, phash_mirror=mirror, thumbs=thumbs)
+    return phash, mirror, thumbs
 
 
 # -- synthetic hashes ------------------------------------------------------------------------
@@ -165,19 +172,22 @@ def print_row(r: dict) -> None:
     print(line, flush=True)
 
 
-def bench_real(phash: np.ndarray, thumbs: np.ndarray) -> None:
+def bench_real(phash: np.ndarray, mirror: np.ndarray, thumbs: np.ndarray) -> None:
+    """As ingest runs it: every image's pHash and its mirror's joined (2n hashes)."""
     cfg = IngestConfig()
+    d, sim = cfg.phash_distance, cfg.near_dup_similarity
     c0 = time.process_time()
-    ref = dedup.near_duplicate_pairs_allpairs(phash, thumbs, cfg.phash_distance, cfg.near_dup_similarity)
+    ref = dedup.near_duplicate_pairs_allpairs(phash, thumbs, d, sim, phash_mirror=mirror)
     c1 = time.process_time()
-    got = dedup.near_duplicate_pairs(phash, thumbs, cfg.phash_distance, cfg.near_dup_similarity)
+    got = dedup.near_duplicate_pairs(phash, thumbs, d, sim, phash_mirror=mirror)
     c2 = time.process_time()
-    candidates = sum(len(i) for i, _ in dedup.scan_pairs(dedup.as_u64(phash), cfg.phash_distance))
-    print(f"real     n={len(phash)}: pHash pairs <= {cfg.phash_distance}: {candidates} "
-          f"({candidates / (len(phash) * (len(phash) - 1) / 2):.2e} of all), confirmed near duplicates: "
-          f"index {len(got)}, all-pairs {len(ref)}; same pairs: {got == ref}; same groups: "
+    both = dedup.as_u64(np.concatenate([phash, mirror]))
+    candidates = sum(len(i) for i, _ in dedup.scan_pairs(both, d))
+    print(f"real     n={len(phash)} images, {len(both)} hashes with their mirrors: pHash pairs <= {d}: "
+          f"{candidates} ({candidates / (len(both) * (len(both) - 1) / 2):.2e} of all), confirmed near "
+          f"duplicates: index {len(got)}, all-pairs {len(ref)}; same pairs: {got == ref}; same groups: "
           f"{groups(got, len(phash)) == groups(ref, len(phash))}; planner: "
-          f"{dedup.choose_tables(dedup.as_u64(phash), cfg.phash_distance)} tables; "
+          f"{dedup.choose_tables(both, d)} tables; "
           f"CPU index {c2 - c1:.2f} s, all-pairs {c1 - c0:.2f} s (thumbnail check included)")
     assert got == ref
 
@@ -208,10 +218,10 @@ def main() -> None:
           f"(a shared machine: compare CPU seconds, and ratios within one run)", flush=True)
     real = None
     if not args.skip_real or "phash" in kinds:
-        phash, thumbs = real_hashes(args.cache)
+        phash, mirror, thumbs = real_hashes(args.cache)
         real = phash.view(np.uint64)
         if not args.skip_real:
-            bench_real(phash, thumbs)
+            bench_real(phash, mirror, thumbs)
     for kind in kinds:
         bench_kind(kind, sizes, args, real)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

@@ -113,7 +113,20 @@ def train(store: str, dataset: str, recipe: str, model: str, budget: float, seed
     return {"name": name, "model_uri": summary["model"], "epochs": len(history),
             "train_minutes": train_s / 60,
             "images_per_s": sum(h["train_images"] for h in history) / max(train_s, 1e-9),
-            "best_val_macro_f1": summary["best"]["val_macro_f1"]}
+            "best_val_macro_f1": summary["best"]["val_macro_f1"],
+            **decision(open_location(summary["model"]) / "metadata.json")}
+
+
+def decision(meta_file) -> dict:
+    """The decision rule the published model applies, from its metadata: the glioma bias
+    applied, the one fitted on validation, and the half-split check's accuracy change (None
+    for a model published before that check)."""
+    inf = meta_file.read_json().get("inference") or {}
+    rec = inf.get("decision") or {}
+    applied = (rec.get("after") or {}).get("bias", 0.0)
+    return {"decision_bias": applied if inf.get("logit_bias") else 0.0,
+            "decision_bias_fitted": (rec.get("fitted") or rec.get("after") or {}).get("bias"),
+            "decision_held_out_accuracy_change": (rec.get("held_out") or {}).get("accuracy_change")}
 
 
 def evaluate(model_uri: str, data: str, store: str, log: Path) -> dict:
@@ -177,8 +190,12 @@ def main(argv=None) -> int:
     rows = []
     for model in a.models.split(","):
         t = train(store, a.dataset, a.recipe, model, a.budget_min, a.seed, a.reuse, log)
+        check = t["decision_held_out_accuracy_change"]
         print(f"{model}: {t['epochs']} epochs in {t['train_minutes']:.1f} min, "
-              f"{t['images_per_s']:.0f} img/s -> {t['model_uri']}", flush=True)
+              f"{t['images_per_s']:.0f} img/s, best validation macro-F1 {t['best_val_macro_f1']:.4f}, "
+              f"glioma bias {t['decision_bias']:+.2f} (fitted {t['decision_bias_fitted'] or 0:+.2f}"
+              + (f", held-out accuracy change {check:+.4f}" if check is not None else "")
+              + f") -> {t['model_uri']}", flush=True)
         for data_name, data in [("test", version), *shifted.items()]:
             row = evaluate(t["model_uri"], data, store, log)
             rows.append({"model": model, "data": data_name, **t, **row})

@@ -35,7 +35,8 @@ label conflict), every planted near copy is grouped with its original, and no un
 multi-image group exists. Exit status 1 if any check fails.
 
 Dedup: on the pHashes and thumbnails ingest's own near-duplicate step saw (saved by the
-wrapper, its saving time not counted), the index (near_duplicate_pairs) and the all-pairs
+wrapper, its saving time not counted; each image's pHash and its mirror's, 2n hashes, as
+ingest joins them), the index (near_duplicate_pairs) and the all-pairs
 reference (near_duplicate_pairs_allpairs), both with the thumbnail check, timed in this
 process; above --allpairs-max the all-pairs time is extrapolated quadratically from a run
 on the first --allpairs-max hashes, and marked so.
@@ -270,7 +271,9 @@ def instrument(hashes_out: str) -> tuple[dict, dict]:
             finally:
                 if _save and hashes_out:
                     ts = time.perf_counter()
-                    np.savez(hashes_out, phash=np.asarray(a[0]), thumbs=np.asarray(a[1]))
+                    mirror = k.get("phash_mirror")  # ingest joins both (dedup._with_mirrors)
+                    np.savez(hashes_out, phash=np.asarray(a[0]), thumbs=np.asarray(a[1]),
+                             **({} if mirror is None else {"phash_mirror": np.asarray(mirror)}))
                     excluded["s"] += time.perf_counter() - ts
                 phases[_phase] += time.perf_counter() - t - (excluded["s"] - skip0)
                 cpu[_phase] += PeakRSS.cpu() - c - (excluded["s"] - skip0)
@@ -354,14 +357,17 @@ def time_dedup(hashes: Path, allpairs_max: int) -> dict:
 
     z = np.load(hashes)
     phash, thumbs = z["phash"], z["thumbs"]
+    mirror = z["phash_mirror"] if "phash_mirror" in z else None
     d, sim = IngestConfig.phash_distance, IngestConfig.near_dup_similarity
     n = len(phash)
     t0 = time.process_time()
-    idx = dedup.near_duplicate_pairs(phash, thumbs, d, sim)
-    out = {"n": n, "index_cpu_s": time.process_time() - t0, "pairs": len(idx)}
+    idx = dedup.near_duplicate_pairs(phash, thumbs, d, sim, phash_mirror=mirror)
+    out = {"n": n, "hashes_joined": n if mirror is None else 2 * n,
+           "index_cpu_s": time.process_time() - t0, "pairs": len(idx)}
     m = min(n, allpairs_max)
     t0 = time.process_time()
-    ref = dedup.near_duplicate_pairs_allpairs(phash[:m], thumbs[:m], d, sim)
+    ref = dedup.near_duplicate_pairs_allpairs(phash[:m], thumbs[:m], d, sim,
+                                              phash_mirror=None if mirror is None else mirror[:m])
     cpu = time.process_time() - t0
     if m == n:
         assert ref == idx, "the index and the all-pairs scan found different near duplicates"

@@ -56,6 +56,24 @@ def test_quality_goal_lines_judge_the_test_split_and_the_worst_re_export():
     assert "0.0150" in lines[2]
 
 
+def test_quality_reads_the_decision_rule_each_model_applies(tmp_path):
+    from brainmri.core.storage import open_location
+
+    q = load("quality")
+    meta = open_location(str(tmp_path)) / "metadata.json"
+    kept = {"after": {"bias": 1.25}, "fitted": {"bias": 1.25}, "held_out": {"accuracy_change": 0.002}}
+    refused = {"after": {"bias": 0.0}, "fitted": {"bias": 1.6}, "held_out": {"accuracy_change": -0.0036}}
+    old = {"after": {"bias": 1.6}}  # published before the half-split check
+    for inference, want in [({"logit_bias": [1.25, 0, 0, 0], "decision": kept}, (1.25, 1.25, 0.002)),
+                            ({"logit_bias": None, "decision": refused}, (0.0, 1.6, -0.0036)),
+                            ({"logit_bias": [1.6, 0, 0, 0], "decision": old}, (1.6, 1.6, None)),
+                            ({}, (0.0, None, None))]:  # argmax
+        meta.write_json({"inference": {"tta": True, **inference}})
+        got = q.decision(meta)
+        assert want == (got["decision_bias"], got["decision_bias_fitted"],
+                        got["decision_held_out_accuracy_change"])
+
+
 @pytest.mark.slow
 def test_chaos_short(tmp_path):
     """The chaos benchmark's short version: one killed-and-rerun ingest, training and
@@ -100,6 +118,7 @@ def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
     assert run["files"]["seen"] == 900 and run["peak_tree_pss"] > 0
     assert {"walk", "inspect", "group", "write", "other"} <= set(run["phases"])
     assert run["dedup"]["allpairs"] == "measured" and run["dedup"]["pairs"] >= 9  # the planted near copies
+    assert run["dedup"]["hashes_joined"] == 2 * run["dedup"]["n"]  # with the mirrors' hashes, as ingest
     assert set(res["ratio"]) == {"local local->local", "local local->s3", "local local->local cpu",
                                  "local local->s3 cpu"}
     model = res["model"]["local"]
