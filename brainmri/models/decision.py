@@ -109,10 +109,9 @@ def choose_logit_bias(logits: np.ndarray, labels: np.ndarray, classes: list[str]
         half = _stratified_halves(labels, rng)
         for fit, held in ((half, ~half), (~half, half)):
             b = _best(_scores(logits[fit], labels[fit], classes, t), max_macro_f1_drop)["bias"]
-            scored = _scores(logits[held], labels[held], classes, t)
-            after = scored[int(round(b / (BIAS_GRID[1] - BIAS_GRID[0])))]
-            d_acc.append(after["accuracy"] - scored[0]["accuracy"])
-            d_rec.append(after["recall"] - scored[0]["recall"])
+            scored = {s["bias"]: s for s in _scores(logits[held], labels[held], classes, t)}
+            d_acc.append(scored[b]["accuracy"] - scored[0.0]["accuracy"])
+            d_rec.append(scored[b]["recall"] - scored[0.0]["recall"])
     check = {"splits": splits, "max_accuracy_cost": max_accuracy_cost,
              "accuracy_change": float(np.mean(d_acc)) if d_acc else 0.0,
              "recall_change": float(np.mean(d_rec)) if d_rec else 0.0}
