@@ -112,7 +112,7 @@ def choose_logit_bias(logits: np.ndarray, labels: np.ndarray, classes: list[str]
             scored = {s["bias"]: s for s in _scores(logits[held], labels[held], classes, t)}
             d_acc.append(scored[b]["accuracy"] - scored[0.0]["accuracy"])
             d_rec.append(scored[b]["recall"] - scored[0.0]["recall"])
-    check = {"splits": splits, "max_accuracy_cost": max_accuracy_cost,
+    check = {"splits": splits if d_acc else 0, "max_accuracy_cost": max_accuracy_cost,  # 0: nothing to check
              "accuracy_change": float(np.mean(d_acc)) if d_acc else 0.0,
              "recall_change": float(np.mean(d_rec)) if d_rec else 0.0}
     adopted = best["bias"] > 0 and check["accuracy_change"] >= -max_accuracy_cost

@@ -63,6 +63,10 @@ def test_a_bias_is_kept_only_if_it_holds_on_images_it_was_not_chosen_on():
     kept, rec2 = choose_logit_bias(*_model_logits(1.5), CLASSES, max_accuracy_cost=0.05)
     assert rec2["adopted"] and kept[0] == rec["fitted"]["bias"]
     assert choose_logit_bias(*_model_logits(1.5), CLASSES)[1] == rec
+    # nothing to check when no bias raises glioma recall
+    labels = np.repeat(np.arange(4), 10)
+    none, rec0 = choose_logit_bias(np.eye(4)[labels] * 5.0, labels, CLASSES)
+    assert none == [0.0] * 4 and not rec0["adopted"] and rec0["held_out"]["splits"] == 0
     # a zero bias is no bias: the published record asks for flips only
     assert inference_record(True, bias, rec)["logit_bias"] is None
 
