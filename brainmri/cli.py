@@ -12,6 +12,7 @@ import typing
 from .config import (
     MODEL_HELP,
     ConfigError,
+    EnsembleConfig,
     EvaluateConfig,
     IngestConfig,
     RetrainConfig,
@@ -212,6 +213,20 @@ def cmd_tune(a) -> int:
     return 0
 
 
+def cmd_ensemble(a) -> int:
+    from .training.ensemble import combine
+
+    res = combine(a.models, config_from_args(a))
+    m = res.metrics
+    own = ", ".join(f"{r['best_val_macro_f1']:.4f}" for r in res.members)
+    print(f"ensemble of {len(res.members)} models on {m['val_n']} validation images: accuracy "
+          f"{m['val_accuracy']:.4f}, macro-F1 {m['val_macro_f1']:.4f}, glioma recall "
+          f"{m.get('val_recall_glioma', float('nan')):.4f} (members' best macro-F1 "
+          f"{own}; {res.seconds:.0f} s)")
+    print(f"published model {res.model_uri}")
+    return 0
+
+
 def cmd_retrain(a) -> int:
     from .ops.retrain import retrain
 
@@ -298,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TuneConfig)
     add_config_flags(p, TrackingConfig)
     p.set_defaults(func=cmd_tune, config_cls=TuneConfig)
+
+    p = sub.add_parser("ensemble", parents=cfg, help="publish several trained models (same dataset "
+                       "version, classes and input) as one that averages their probabilities")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP + " (two or more)")
+    add_config_flags(p, EnsembleConfig)
+    p.set_defaults(func=cmd_ensemble, config_cls=EnsembleConfig)
 
     p = sub.add_parser("retrain", parents=on_ray, help="scheduled retraining: new data -> challenger "
                        "-> promoted only if not worse than the champion on the frozen test set")

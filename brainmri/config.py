@@ -281,6 +281,25 @@ class TrackingConfig:
                                         "search's name (tune), retrain-<dataset> (retrain)")
 
 
+@dataclass
+class EnsembleConfig:
+    """How `brainmri ensemble` publishes several trained models as one (training.ensemble).
+    Everything else (dataset, validation rows, flips, the decision rule's allowances) is the
+    members' own recipe, which they must share."""
+
+    out: str = flag("./lake", "storage URI: the ensemble is published as models/<name>/<version>/")
+    name: str = flag("ensemble", "model name to publish the ensemble under")
+    decision_rule: str = flag("glioma_recall", "decision rule chosen again for the ensemble on the "
+                              "members' validation rows (argmax: none)", choices=DECISION_RULES)
+
+    def validate(self) -> None:
+        problem = name_problem(self.name, "model name")
+        if problem:
+            raise ConfigError(problem)
+        if self.decision_rule not in DECISION_RULES:
+            raise ConfigError(f"decision_rule must be one of {DECISION_RULES}")
+
+
 MODEL_HELP = ("model version URI, models/<name> folder (its champion, else its newest released "
               "version), checkpoint folder or .pt file")
 

@@ -18,6 +18,7 @@ from brainmri import cli
 from brainmri.config import (
     RUNTIMES,
     ConfigError,
+    EnsembleConfig,
     EvaluateConfig,
     IngestConfig,
     RetrainConfig,
@@ -33,10 +34,11 @@ from brainmri.config import (
 from support.data import REPO
 
 COMMANDS = {"ingest": IngestConfig, "train": TrainConfig, "tune": TuneConfig,
-            "retrain": RetrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig}
+            "retrain": RetrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig,
+            "ensemble": EnsembleConfig}
 # commands that also take the shared MLflow tracking flags (TrackingConfig, never in their config)
 TRACKED = ("train", "tune", "retrain")
-POSITIONAL = {"ingest": ["SRC", "DEST"]}
+POSITIONAL = {"ingest": ["SRC", "DEST"], "ensemble": ["M1", "M2"]}
 REQUIRED = {"evaluate": ["--model", "m", "--data", "d", "--out", "o"]}
 ON_RAY = ("train", "tune", "retrain", "evaluate")  # they take the common --verbose
 
@@ -229,7 +231,8 @@ def test_help_shows_the_dataclass_defaults(cmd, capsys, monkeypatch):
         shown += 1
     assert shown >= 1
     one = {"ingest": "(default 0.1)", "train": "(default 40)", "tune": "(default configs/tune-cpu.yaml)",
-           "retrain": "(default 10.0)", "evaluate": "(default 64)", "serve": "(default 8000)"}[cmd]
+           "retrain": "(default 10.0)", "evaluate": "(default 64)", "serve": "(default 8000)",
+           "ensemble": "(default glioma_recall)"}[cmd]
     assert one in out
 
 

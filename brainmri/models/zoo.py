@@ -7,6 +7,9 @@
 - torchvision families (resnet*, efficientnet_*, mobilenet_v3_*, convnext_*), with the first
   convolution rebuilt for 1-channel input (pretrained RGB filters are summed, which is what
   a greyscale image replicated to RGB would see).
+- `ensemble`: several of the above as one network that averages their class probabilities
+  (`members`: [{model, model_args}, ...]); `training.ensemble` builds one from published
+  models, so evaluate, predict, serving and the exports see a single network.
 
 Pretrained weights are optional: a storage URI of a state dict (loaded with
 weights_only=True), or "torchvision" for torchvision's own weights when its cache (or the
@@ -16,10 +19,12 @@ internet) has them. Nothing here downloads anything unless asked to.
 from __future__ import annotations
 
 import io
+import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ConfigError
 
@@ -150,6 +155,38 @@ def brainnet(num_classes: int, in_chans: int, image_size: int, pretrained=None, 
     if kernel not in (3, 5, 7) or stem_stride not in (1, 2, 4) or width < 4 or not depth:
         raise ValueError("brainnet: kernel in {3,5,7}, stem_stride in {1,2,4}, width >= 4, depth non-empty")
     return BrainNet(num_classes, in_chans, width, tuple(depth), kernel, stem_stride, dropout)
+
+
+# -- several networks as one -------------------------------------------------------------------
+class Ensemble(nn.Module):
+    """The members' softmax probabilities averaged; returns their log, so every consumer that
+    treats the output as logits (softmax, argmax, a logit bias, temperature) sees the mean
+    probabilities. Averaging probabilities rather than logits keeps one over-confident member
+    from out-voting the others."""
+
+    head_prefix = "members"
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        logp = torch.stack([F.log_softmax(m(x).float(), dim=1) for m in self.members])
+        return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+
+
+@register("ensemble")
+def ensemble(num_classes: int, in_chans: int, image_size: int, pretrained=None,
+             members: list[dict] | tuple = ()) -> nn.Module:
+    if len(members) < 2:
+        raise ValueError("ensemble: members must list at least two networks ({model, model_args})")
+    nets = []
+    for m in members:
+        if not isinstance(m, dict) or m.get("model") in (None, "ensemble"):
+            raise ValueError(f"ensemble: each member is {{model, model_args}} of another model, got {m!r}")
+        nets.append(create_model(m["model"], num_classes, in_chans, image_size=image_size,
+                                 **m.get("model_args", {})))
+    return Ensemble(nets)
 
 
 # -- torchvision families ---------------------------------------------------------------------

@@ -374,10 +374,10 @@ def prepare(cfg: TrainConfig):
 
 
 @torch.no_grad()
-def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict) -> dict:
-    """The decision rule, chosen on the validation rows training saw, for the best
-    checkpoint as it will be served (with its flips): the glioma logit bias
-    (models.decision.choose_logit_bias). One process, on the driver: a few hundred images."""
+def validation_logits(cfg: TrainConfig, state: dict, version, manifest: dict
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of the validation rows training saw, for a checkpoint as it will be
+    served with its flips but before any decision rule. One process: a few hundred images."""
     net = build_model({**state, "inference": inference_record(cfg.tta)})
     logits, labels = [], []
     for x, y in split_arrays(version, manifest, "val", cfg.image_size, cfg.limit_val):
@@ -385,8 +385,17 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict) -> d
         labels.append(y)
     if not labels:
         raise ConfigError("decision_rule needs validation rows to choose on, and there are none")
-    bias, chosen = choose_logit_bias(np.concatenate(logits), np.concatenate(labels), state["classes"],
-                                     "glioma", cfg.decision_max_f1_drop, cfg.decision_max_accuracy_cost)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict,
+                    scored: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """The decision rule, chosen on the validation rows training saw, for the best
+    checkpoint as it will be served (with its flips): the glioma logit bias
+    (models.decision.choose_logit_bias). `scored`: validation_logits already computed."""
+    logits, labels = scored or validation_logits(cfg, state, version, manifest)
+    bias, chosen = choose_logit_bias(logits, labels, state["classes"], "glioma",
+                                     cfg.decision_max_f1_drop, cfg.decision_max_accuracy_cost)
     fit, check = chosen["fitted"], chosen["held_out"]
     checked = (f"chosen on half of them, accuracy on the other half {check['accuracy_change']:+.4f}: "
                + ("kept" if chosen["adopted"] else "not kept, plain argmax")) if fit["bias"] else \

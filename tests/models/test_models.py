@@ -6,10 +6,13 @@ import torch
 from brainmri.config import ConfigError
 from brainmri.models.zoo import count_params, create_model, list_models
 
+SHAPE = {"ensemble": {"members": [{"model": "brainnet", "model_args": {"width": 8}},
+                                  {"model": "seed_cnn", "model_args": {"widths": [8, 8], "dense": 16}}]}}
+
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_builds_for_one_channel(name):
-    m = create_model(name, num_classes=4, in_chans=1, image_size=64).eval()
+    m = create_model(name, num_classes=4, in_chans=1, image_size=64, **SHAPE.get(name, {})).eval()
     with torch.no_grad():
         out = m(torch.randn(2, 1, 64, 64))
     assert out.shape == (2, 4)
@@ -45,3 +48,18 @@ def test_pretrained_weights_from_a_uri_load_and_ignore_the_head(tmp_path):
     assert m.head[-1].out_features == 4
     with pytest.raises(ValueError, match="do not fit"):
         create_model("brainnet", 4, width=32, pretrained=str(tmp_path / "w.pt"))
+
+
+def test_an_ensemble_returns_the_log_of_its_members_mean_probabilities():
+    torch.manual_seed(0)
+    m = create_model("ensemble", 4, image_size=64, **SHAPE["ensemble"]).eval()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        mean = torch.stack([torch.softmax(net(x), 1) for net in m.members]).mean(0)
+        out = m(x)
+    assert torch.allclose(out.exp(), mean, atol=1e-6) and torch.allclose(out.exp().sum(1), torch.ones(3))
+    assert count_params(m) == sum(count_params(net) for net in m.members)
+    with pytest.raises(ValueError, match="at least two"):
+        create_model("ensemble", 4, members=SHAPE["ensemble"]["members"][:1])
+    with pytest.raises(ValueError, match="another model"):
+        create_model("ensemble", 4, members=[{"model": "ensemble"}, {"model": "brainnet"}])
