@@ -3,11 +3,15 @@ internal test split and on re-exported copies of it (other size, contrast and JP
 another scanner's export tool would write them).
 
     .venv/bin/python benchmarks/quality.py --store ./lake [--recipe configs/cpu.yaml]
-        [--budget-min 25] [--models recipe,seed_cnn] [--reuse] [--out benchmarks/results]
+        [--budget-min 25] [--models recipe,seed_cnn,ensemble] [--ensemble-seeds 0,1,2] [--reuse]
+        [--out benchmarks/results]
 
 For each model: `brainmri train` (its own process and local Ray) with the recipe and
 `time_budget_min` = the budget (seed_cnn: the same recipe with only the network swapped), then
-`brainmri evaluate` on the dataset version's test split and on each re-exported copy. Prints one
+`brainmri evaluate` on the dataset version's test split and on each re-exported copy.
+`ensemble`: the recipe trained once per `--ensemble-seeds` seed (each under the budget; a
+finished run of the same name is reused with --reuse), then `brainmri ensemble` of those
+models with the recipe's decision rule; its training minutes are the members' sum. Prints one
 table (accuracy, macro-F1, per-class recall, training minutes, images/s) and writes it as JSON.
 No test image chooses anything: models are selected on validation, and the decision rule (if
 the recipe has one) is chosen on validation too.
@@ -117,6 +121,30 @@ def train(store: str, dataset: str, recipe: str, model: str, budget: float, seed
             **decision(open_location(summary["model"]) / "metadata.json")}
 
 
+def ensemble(store: str, dataset: str, recipe: str, budget: float, seeds: list[int], reuse: bool,
+             log: Path) -> dict:
+    """The recipe once per seed, then `brainmri ensemble` of the published models (the
+    recipe's decision rule, chosen again for the ensemble on validation)."""
+    import yaml
+
+    from brainmri.config import TrainConfig
+    from brainmri.core.storage import open_location
+
+    members = [train(store, dataset, recipe, "recipe", budget, s, reuse, log) for s in seeds]
+    rule = {**{"decision_rule": TrainConfig().decision_rule}, **yaml.safe_load(Path(recipe).read_text())}
+    name = f"quality-{Path(recipe).stem}-ensemble-s{'-'.join(map(str, seeds))}"
+    brainmri("ensemble", *[m["model_uri"] for m in members], "--out", store, "--name", name,
+             "--decision-rule", rule["decision_rule"], log=log)
+    meta = (open_location(store) / "models" / name)
+    version = sorted(v for v in meta.listdir() if (meta / v / "metadata.json").exists())[-1]
+    minutes = sum(m["train_minutes"] for m in members)
+    images = sum(m["images_per_s"] * m["train_minutes"] * 60 for m in members)
+    return {"name": name, "model_uri": (meta / version).uri, "epochs": sum(m["epochs"] for m in members),
+            "train_minutes": minutes, "images_per_s": images / max(minutes * 60, 1e-9),
+            "best_val_macro_f1": (meta / version / "metadata.json").read_json()["metrics"]["val_macro_f1"],
+            "members": [m["model_uri"] for m in members], **decision(meta / version / "metadata.json")}
+
+
 def decision(meta_file) -> dict:
     """The decision rule the published model applies, from its metadata: the glioma bias
     applied, the one fitted on validation, and the half-split check's accuracy change (None
@@ -179,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-min", type=float, default=25.0)
     ap.add_argument("--models", default="recipe,seed_cnn")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ensemble-seeds", default="0,1,2", help="the recipe's seeds the ensemble averages")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs of the same name")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
@@ -189,7 +218,9 @@ def main(argv=None) -> int:
     version, shifted = build_shifted(store, a.dataset, a.seed)
     rows = []
     for model in a.models.split(","):
-        t = train(store, a.dataset, a.recipe, model, a.budget_min, a.seed, a.reuse, log)
+        t = ensemble(store, a.dataset, a.recipe, a.budget_min, [int(s) for s in a.ensemble_seeds.split(",")],
+                     a.reuse, log) if model == "ensemble" else \
+            train(store, a.dataset, a.recipe, model, a.budget_min, a.seed, a.reuse, log)
         check = t["decision_held_out_accuracy_change"]
         print(f"{model}: {t['epochs']} epochs in {t['train_minutes']:.1f} min, "
               f"{t['images_per_s']:.0f} img/s, best validation macro-F1 {t['best_val_macro_f1']:.4f}, "

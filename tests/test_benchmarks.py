@@ -74,6 +74,37 @@ def test_quality_reads_the_decision_rule_each_model_applies(tmp_path):
                         got["decision_held_out_accuracy_change"])
 
 
+def test_quality_ensembles_the_recipe_seeds_and_counts_all_their_training(tmp_path, monkeypatch):
+    """The ensemble row: one recipe model per seed (here fitted in-process instead of trained),
+    `brainmri ensemble` in its own process, the members' minutes summed."""
+    from brainmri.models.checkpoints import load_model_state
+
+    from support.tiny import small_lake, train_inprocess
+
+    q = load("quality")
+    lake, version_uri = small_lake(tmp_path, per_class=8)
+    uris = {s: train_inprocess(lake, version_uri, steps=10, seed=s) for s in (3, 4)}
+    trained = []
+
+    def fake_train(store, dataset, recipe, model, budget, seed, reuse, log):
+        trained.append((model, seed, budget))
+        return {"model_uri": uris[seed], "train_minutes": 2.0 + seed, "images_per_s": 100.0 * seed,
+                "epochs": 3, "best_val_macro_f1": 0.5}
+
+    monkeypatch.setattr(q, "train", fake_train)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("decision_rule: argmax\n")
+    t = q.ensemble(str(lake), "brain-tumor-mri", str(recipe), 25.0, [3, 4], False, tmp_path / "q.log")
+    assert trained == [("recipe", 3, 25.0), ("recipe", 4, 25.0)]
+    assert t["train_minutes"] == 11.0 and t["epochs"] == 6 and t["members"] == [uris[3], uris[4]]
+    assert t["images_per_s"] == pytest.approx((300 * 5 + 400 * 6) / 11)  # all images / all seconds
+    state = load_model_state(t["model_uri"])
+    assert state["config"]["model"] == "ensemble" and state["inference"]["decision"] is None
+    assert [m["uri"].rsplit("/", 2)[-2] for m in state["ensemble"]["members"]] == \
+        [u.rstrip("/").rsplit("/", 1)[-1] for u in (uris[3], uris[4])]
+    assert t["decision_bias"] == 0.0 and t["best_val_macro_f1"] == state["best"]
+
+
 @pytest.mark.slow
 def test_chaos_short(tmp_path):
     """The chaos benchmark's short version: one killed-and-rerun ingest, training and
