@@ -102,6 +102,21 @@ def split_arrays(version: Location, manifest: dict, split: str, size: int, limit
             return
 
 
+def split_column(version: Location, manifest: dict, split: str, column: str, limit: int = 0):
+    """One column of the split's first `limit` rows (all with 0), in split_arrays' row order,
+    as a numpy array; None when the version's shards have no such column (an older ingest)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    files = split_files(version, manifest, split)
+    if files and column not in pq.read_schema(version.fs.open_input_file(files[0])).names:
+        return None
+    values = [b.column(column).to_numpy(zero_copy_only=False)
+              for b in read_split(version, manifest, split, [column])]
+    out = np.concatenate(values) if values else np.zeros(0)
+    return out[:limit] if limit else out
+
+
 _VERIFIED: set[tuple] = set()  # (shard uri, recorded sha256, size, mtime) hashed in this process
 
 

@@ -81,28 +81,44 @@ def _best(scores: list[dict], max_macro_f1_drop: float) -> dict:
     return max(ok, key=lambda s: (s["recall"], -s["bias"]))
 
 
-def _stratified_halves(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A boolean mask picking half of each class's rows at random."""
+def _stratified_halves(labels: np.ndarray, rng: np.random.Generator,
+                       groups: np.ndarray | None = None) -> np.ndarray:
+    """A boolean mask picking about half of each class's rows at random: whole duplicate
+    groups when `groups` is given (a group's rows are near copies of one scan; split apart,
+    one half would be judged on copies of the images the other half chose on), else rows."""
     mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        mask[rows[: len(rows) // 2]] = True
+        rows = np.flatnonzero(labels == c)
+        if groups is None:
+            mask[rng.permutation(rows)[: len(rows) // 2]] = True
+            continue
+        taken = 0
+        for g in rng.permutation(np.unique(groups[rows])):
+            if taken >= len(rows) / 2:
+                break
+            members = rows[groups[rows] == g]
+            mask[members] = True
+            taken += len(members)
     return mask
 
 
 def choose_logit_bias(logits: np.ndarray, labels: np.ndarray, classes: list[str], target: str = "glioma",
                       max_macro_f1_drop: float = 0.005, max_accuracy_cost: float = 0.0,
-                      splits: int = 100, seed: int = 0) -> tuple[list[float], dict]:
+                      splits: int = 100, seed: int = 0, groups: np.ndarray | None = None
+                      ) -> tuple[list[float], dict]:
     """The smallest bias on `target`'s logit that maximises its recall while macro-F1 stays
     within `max_macro_f1_drop` of the unbiased rule, on the given (validation) logits -- adopted
     only if the same choice, made on one half of those images, does not cost more than
     `max_accuracy_cost` accuracy on the other half (mean over `splits` stratified halvings,
-    each scored both ways). The check is there because a bias fitted to the images it is
+    each scored both ways; with `groups`, each row's duplicate group, the halves keep groups
+    whole). The check is there because a bias fitted to the images it is
     scored on looks free: on a model whose validation accuracy is near 1.0 the chosen bias is
     large, and on new images, where the model is less sure, it moves far more of them.
     -> (bias per class, all zero when not adopted; a record of the choice and its check)."""
     if target not in classes:
         raise ValueError(f"target class {target!r} is not one of {classes}")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"groups has {len(groups)} rows for {len(labels)} labels")
     t, k = classes.index(target), len(classes)
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -112,13 +128,14 @@ def choose_logit_bias(logits: np.ndarray, labels: np.ndarray, classes: list[str]
 
     rng, d_acc, d_rec = np.random.default_rng(seed), [], []
     for _ in range(splits if best["bias"] > 0 else 0):
-        half = _stratified_halves(labels, rng)
+        half = _stratified_halves(labels, rng, groups)
         for fit, held in ((half, ~half), (~half, half)):
             b = _best(_scores(preds[:, fit], labels[fit], classes, t), max_macro_f1_drop)["bias"]
             scored = {s["bias"]: s for s in _scores(preds[:, held], labels[held], classes, t)}
             d_acc.append(scored[b]["accuracy"] - scored[0.0]["accuracy"])
             d_rec.append(scored[b]["recall"] - scored[0.0]["recall"])
     check = {"splits": splits if d_acc else 0, "max_accuracy_cost": max_accuracy_cost,  # 0: nothing to check
+             "halves": "images" if groups is None else "duplicate groups",
              "accuracy_change": float(np.mean(d_acc)) if d_acc else 0.0,
              "recall_change": float(np.mean(d_rec)) if d_rec else 0.0}
     adopted = best["bias"] > 0 and check["accuracy_change"] >= -max_accuracy_cost

@@ -35,7 +35,14 @@ from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
-from ..data.datasets import manifest_hash, resolve_dataset, split_arrays, split_files, verify_shards
+from ..data.datasets import (
+    manifest_hash,
+    resolve_dataset,
+    split_arrays,
+    split_column,
+    split_files,
+    verify_shards,
+)
 from ..data.pixels import ensure_pixels, from_pixels, pixel_files
 from ..data.preprocess import preprocess_batch  # torch-free (Ray Data's decode workers)
 from ..data.transforms import to_model_input
@@ -394,10 +401,13 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict,
     checkpoint as it will be served (with its flips): the glioma logit bias
     (models.decision.choose_logit_bias). `scored`: validation_logits already computed."""
     logits, labels = scored or validation_logits(cfg, state, version, manifest)
+    groups = split_column(version, manifest, "val", "group", cfg.limit_val)  # halves keep them whole
     bias, chosen = choose_logit_bias(logits, labels, state["classes"], "glioma",
-                                     cfg.decision_max_f1_drop, cfg.decision_max_accuracy_cost)
+                                     cfg.decision_max_f1_drop, cfg.decision_max_accuracy_cost,
+                                     groups=groups)
     fit, check = chosen["fitted"], chosen["held_out"]
-    checked = (f"chosen on half of them, accuracy on the other half {check['accuracy_change']:+.4f}: "
+    checked = (f"chosen on half of them (by {check['halves']}), accuracy on the other half "
+               f"{check['accuracy_change']:+.4f}: "
                + ("kept" if chosen["adopted"] else "not kept, plain argmax")) if fit["bias"] else \
         "no bias raises glioma recall: plain argmax"
     print(f"brainmri: decision rule {chosen['rule']} = {fit['bias']:+.2f} on {chosen['n']} validation "

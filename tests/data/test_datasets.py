@@ -132,7 +132,7 @@ def test_split_arrays_are_the_rule_on_the_rows_in_order_up_to_the_limit(version,
     at the limit (across a batch boundary, on one, past the end), rows in shard order."""
     import numpy as np
 
-    from brainmri.data.datasets import read_split, split_arrays
+    from brainmri.data.datasets import read_split, split_arrays, split_column
     from brainmri.data.preprocess import preprocess
 
     loc = open_location(str(version))
@@ -146,3 +146,8 @@ def test_split_arrays_are_the_rule_on_the_rows_in_order_up_to_the_limit(version,
     x, y = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
     assert y.tolist() == [lab for _, lab in want]
     assert np.array_equal(x, np.stack([preprocess(img, 32) for img, _ in want]))
+    # any other column of the same rows, in the same order (the decision check's groups)
+    assert split_column(loc, manifest, "train", "label", limit).tolist() == y.tolist()
+    groups = split_column(loc, manifest, "train", "group", limit)
+    assert len(groups) == len(y) and all(isinstance(g, str) and g for g in groups)
+    assert split_column(loc, manifest, "train", "no_such_column", limit) is None

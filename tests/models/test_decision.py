@@ -71,6 +71,35 @@ def test_a_bias_is_kept_only_if_it_holds_on_images_it_was_not_chosen_on():
     assert inference_record(True, bias, rec)["logit_bias"] is None
 
 
+def test_the_check_holds_out_whole_duplicate_groups():
+    """Ten near copies of one missed glioma (one duplicate group) pull the bias up; the same
+    bias turns six borderline meningiomas (each its own scan) into glioma. Halves of images put
+    copies on both sides, so the held-out half is 'rescued' by copies of what it was chosen
+    on and the bias looks good; halves that keep the group whole show it costs accuracy."""
+    rows, labels, groups = [], [], []
+
+    def add(logit, label, group, n=1):
+        rows.extend([logit] * n)
+        labels.extend([label] * n)
+        groups.extend([group] * n)
+
+    add([0.0, 1.0, -4, -4], 0, "copies", n=10)  # the missed glioma, ten copies
+    for i in range(6):
+        add([0.0, 0.5, -4, -4], 1, f"m{i}")  # borderline meningiomas
+    for c in range(4):
+        for i in range(20):
+            add(list(np.eye(4)[c] * 6.0), c, f"easy{c}-{i}")
+    logits, labels, groups = np.array(rows), np.array(labels), np.array(groups)
+    by_image = choose_logit_bias(logits, labels, CLASSES, max_macro_f1_drop=0.1)[1]
+    by_group = choose_logit_bias(logits, labels, CLASSES, max_macro_f1_drop=0.1, groups=groups)[1]
+    assert by_image["fitted"] == by_group["fitted"] and by_image["fitted"]["bias"] == 1.0
+    assert by_image["held_out"]["halves"] == "images" and by_group["held_out"]["halves"] == "duplicate groups"
+    assert by_image["held_out"]["accuracy_change"] > 0 and by_image["adopted"]
+    assert by_group["held_out"]["accuracy_change"] < 0 and not by_group["adopted"]
+    with pytest.raises(ValueError, match="groups has 3 rows"):
+        choose_logit_bias(logits, labels, CLASSES, groups=groups[:3])
+
+
 def test_inference_net_averages_flips_and_adds_the_bias():
     torch.manual_seed(0)
     net = create_model("brainnet", 4, 1, image_size=32, width=8).eval()

@@ -70,7 +70,7 @@ def test_the_decision_rule_is_chosen_again_for_the_ensemble(members, tmp_path, c
     state = load_model_state(res.model_uri)
     rule = state["inference"]["decision"]
     assert rule["rule"].startswith("logit bias on glioma") and rule["n"] == res.metrics["val_n"]
-    assert "held_out" in rule and isinstance(rule["adopted"], bool)
+    assert rule["held_out"]["halves"] == "duplicate groups" and isinstance(rule["adopted"], bool)
     assert (state["inference"]["logit_bias"] is not None) == (rule["adopted"] and rule["fitted"]["bias"] > 0)
     assert "decision rule" in capsys.readouterr().out
     assert from_dict(TrainConfig, state["config"]).decision_rule == "glioma_recall"
