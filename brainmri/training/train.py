@@ -359,6 +359,9 @@ def prepare(cfg: TrainConfig):
     """Everything that can fail fast, before Ray starts a worker."""
     cfg.validate()
     check_model_name(cfg.model)
+    if cfg.model == "ensemble":  # retraining an ensemble champion on its own recipe lands here
+        raise ConfigError("an ensemble is not trained as one network: train its members (brainmri train "
+                          "--seed S, one run each) and publish them as one with brainmri ensemble")
     name = check_name(cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)
     for split in ("train", "val"):

@@ -71,6 +71,9 @@ def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
         prepare(TrainConfig(data=str(tmp_path / "empty"), out=str(tmp_path)))
     with pytest.raises(ConfigError, match="model_args do not fit"):
         prepare(TrainConfig(data=str(small_lake), out=str(tmp_path), model_args={"depthh": 3}))
+    members = {"members": [{"model": "brainnet"}, {"model": "brainnet"}]}  # retraining an ensemble
+    with pytest.raises(ConfigError, match="ensemble is not trained as one network"):
+        prepare(TrainConfig(data=str(small_lake), out=str(tmp_path), model="ensemble", model_args=members))
     # the CLI says it in one line and exits 2
     r = subprocess.run([sys.executable, "-m", "brainmri.cli", "train", "--data", str(tmp_path / "x"),
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
