@@ -34,7 +34,7 @@ def members(tmp_path_factory):
 
 
 def test_published_ensemble_averages_its_members_and_says_what_they_are(members, tmp_path):
-    _, version_uri, uris = members
+    lake, version_uri, uris = members
     res = combine(uris, EnsembleConfig(out=str(tmp_path), name="ens", decision_rule="argmax"))
     meta = json.loads((open_location(res.model_uri) / "metadata.json").read_bytes())
     assert meta["name"] == "ens" and meta["config"]["model"] == "ensemble"
@@ -62,6 +62,17 @@ def test_published_ensemble_averages_its_members_and_says_what_they_are(members,
     assert res.metrics["val_accuracy"] == pytest.approx(float((served.argmax(1).numpy() == y).mean()))
     assert [m["best_val_macro_f1"] for m in res.members] == [load_model_state(u)["best"] for u in uris]
     assert open_model(res.model_uri).image_size == 64  # evaluate/predict/serve open it as any model
+
+    # predict answers the same from model.pt and from each export (members' mean probabilities)
+    from brainmri.evaluation.predict import Predictor
+
+    scans = [(p.name, p.read_bytes()) for p in sorted((lake.parent / "src").rglob("*.jpg"))[:4]]
+    answers = {rt: Predictor(res.model_uri, runtime=rt).predict(scans)
+               for rt in ("torch", "torchscript", "onnx")}
+    for rt, rows in answers.items():
+        for a, b in zip(answers["torch"], rows, strict=True):
+            assert a.ok and b.ok and a.label == b.label, rt
+            assert all(abs(a.probabilities[c] - b.probabilities[c]) < 1e-3 for c in a.probabilities), rt
 
 
 def test_the_decision_rule_is_chosen_again_for_the_ensemble(members, tmp_path, capsys):
