@@ -53,7 +53,9 @@ def test_quality_goal_lines_judge_the_test_split_and_the_worst_re_export():
     lines = q.goal_lines([{**row, "data": "test"}, {**row, "data": "export-224", "accuracy": 0.985},
                           {**row, "data": "export-512", "accuracy": 0.975}])
     assert [ln.split()[0] for ln in lines] == ["PASS", "PASS", "MISS"]  # 0.99 - 0.975 > 0.01
-    assert "0.0150" in lines[2]
+    assert "0.0150" in lines[2] and "interval" not in lines[0]
+    test = {**row, "data": "test", "accuracy_interval": [0.98, 0.995]}
+    assert q.goal_lines([test, {**row, "data": "export-224"}])[0].endswith("(95% interval 0.9800-0.9950)")
 
 
 def test_quality_reads_the_decision_rule_each_model_applies(tmp_path):

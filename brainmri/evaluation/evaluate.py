@@ -253,7 +253,8 @@ def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below
     cal = temperature_for(ref, batch_size, runtime)
     probs_raw, probs = softmax(ok.logits), softmax(ok.logits, cal["temperature"])
     leak = leakage_for(ref, src, ok, near_dup_distance)
-    m = summarise(ref, src, ok, rejects, probs, probs_raw, cal, leak, abstain_below, runtime)
+    m = summarise(ref, src, ok, rejects, probs, probs_raw, cal, leak, abstain_below, runtime,
+                  near_dup_distance)
     m["settings"] = {"split": split if src.kind == "dataset" else None, **run,
                      "near_dup_distance": near_dup_distance}
 
@@ -273,9 +274,14 @@ def runtime_record(ref: ModelRef, runtime: str) -> dict:
 
 
 def summarise(ref: ModelRef, src: Source, ok: Outputs, rejects: list, probs, probs_raw,
-              cal: dict, leak: dict, abstain_below: float | None, runtime: str = "torch") -> dict:
+              cal: dict, leak: dict, abstain_below: float | None, runtime: str = "torch",
+              near_dup_distance: int = EvaluateConfig.near_dup_distance) -> dict:
     """Everything metrics.json holds (and the report shows)."""
     metrics = {"all": scoring.classification(ok.label, probs, ref.classes, probs_raw)}
+    # how far the figures could move on another draw of scans like these (near copies of one
+    # scan resampled together)
+    metrics["all"]["interval"] = scoring.intervals(
+        ok.label, probs.argmax(1), ref.classes, scoring.near_copy_clusters(ok.phash, near_dup_distance))
     if leak.get("available"):  # the same metrics without images (nearly) seen in training
         keep = ~(leak["_exact"] | leak["_near"])
         metrics["without_training_duplicates"] = scoring.classification(

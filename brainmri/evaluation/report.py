@@ -56,15 +56,28 @@ def kpis(m: dict) -> str:
             ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1"), ("log_loss", "log loss"),
             ("brier", "Brier"), ("ece", "ECE (15 bins)")]
     auc = (m.get("roc_auc_ovr") or {}).get("macro")
-    items = [(label, m.get(k)) for k, label in keys] + [("ROC-AUC (OvR, macro)", auc)]
-    return "".join(f"<span class='kpi'>{e(label)}<b>{fmt(v, 3)}</b></span>" for label, v in items)
+    items = [(k, label, m.get(k)) for k, label in keys] + [("", "ROC-AUC (OvR, macro)", auc)]
+    ci = m.get("interval") or {}
+
+    def span(k: str) -> str:  # the bootstrap interval under the figure, where there is one
+        r = ci.get(k)
+        return f"<small>{ci['level']:.0%}: {r[0]:.3f}-{r[1]:.3f}</small>" if r else ""
+
+    return "".join(f"<span class='kpi'>{e(label)}<b>{fmt(v, 3)}</b>{span(k)}</span>" for k, label, v in items)
 
 
 def per_class(m: dict, classes: list[str]) -> str:
     auc = (m.get("roc_auc_ovr") or {}).get("per_class", {})
-    rows = [[c, v["precision"], v["recall"], v["f1"], v["support"], auc.get(c)]
+    ci = m.get("interval") or {}
+
+    def recall_range(c: str) -> str:
+        r = ci.get(M.key("recall", c))
+        return f"{r[0]:.3f}-{r[1]:.3f}" if r else "n/a"
+
+    rows = [[c, v["precision"], v["recall"], recall_range(c), v["f1"], v["support"], auc.get(c)]
             for c, v in M.per_class(m, classes).items()] if m.get("n") else []
-    return table(["class", "precision", "recall", "F1", "support", "ROC-AUC (OvR)"], rows)
+    level = f"{ci['level']:.0%} interval" if ci else "interval"
+    return table(["class", "precision", "recall", f"recall, {level}", "F1", "support", "ROC-AUC (OvR)"], rows)
 
 
 def metric_compare(all_m: dict, clean: dict | None) -> str:

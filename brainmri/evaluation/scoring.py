@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from ..core import metrics as M
 from ..core.metrics import ECE_BINS, ece, summary
 
 # Coverage/accuracy pairs always shown in the report, whatever --abstain-below is.
@@ -42,6 +43,50 @@ def classification(labels: np.ndarray, probs: np.ndarray, classes: list[str],
         out["log_loss_uncalibrated"] = float(skm.log_loss(y, probs_uncalibrated, labels=ks))
         out["brier_uncalibrated"] = brier(y, probs_uncalibrated)
     return out
+
+
+def near_copy_clusters(phash: np.ndarray, max_distance: int) -> np.ndarray:
+    """A cluster id per image: images whose pHashes lie within `max_distance` bits of each
+    other (transitively) share one -- the evaluated set's own near copies of one scan."""
+    from ..data.dedup import UnionFind, as_u64, hamming_pairs
+
+    n = len(phash)
+    uf = UnionFind(n)
+    for ii, jj in hamming_pairs(as_u64(phash), max_distance):
+        for a, b in zip(ii.tolist(), jj.tolist(), strict=True):
+            uf.union(a, b)
+    return np.asarray([uf.find(i) for i in range(n)], dtype=np.int64)
+
+
+def intervals(labels: np.ndarray, pred: np.ndarray, classes: list[str], clusters: np.ndarray | None = None,
+              resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap intervals of accuracy, macro-F1 and each class's recall. Whole
+    clusters are resampled (`clusters`: near_copy_clusters), since copies of one scan are
+    one observation, not several: resampling images would make the interval too narrow.
+    Seeded, so a report is reproducible."""
+    y, p = np.asarray(labels, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    k, n = len(classes), len(y)
+    if n == 0:
+        return {}
+    ids = np.unique(clusters if clusters is not None else np.arange(n), return_inverse=True)[1]
+    n_clusters = int(ids.max()) + 1
+    cell = y * k + p
+    rng = np.random.default_rng(seed)
+    keys = ["accuracy", "macro_f1"] + [M.key("recall", c) for c in classes]
+    draws = {key: [] for key in keys}
+    for _ in range(resamples):
+        weight = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)[ids]
+        cm = np.bincount(cell, weights=weight, minlength=k * k).reshape(k, k)
+        m = M.from_confusion(cm, classes)
+        draws["accuracy"].append(m["accuracy"])
+        draws["macro_f1"].append(m["macro_f1"])
+        for c, support in zip(classes, cm.sum(1), strict=True):
+            if support:  # a resample without the class says nothing about its recall
+                draws[M.key("recall", c)].append(m[M.key("recall", c)])
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {key: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else None
+           for key, v in draws.items()}
+    return {"level": level, "resamples": resamples, "clusters": n_clusters, "images": n, **out}
 
 
 def brier(labels: np.ndarray, probs: np.ndarray) -> float:

@@ -122,6 +122,40 @@ def test_auc_undefined_for_an_absent_class_and_hamming_distances():
     assert leakage.nearest_distance(q, ref, 3).tolist() == [1, 0, 65, 1]  # beyond the cap: 65
 
 
+def test_intervals_resample_near_copies_together():
+    """Ten copies of each image are one observation each: resampling copies as clusters
+    gives the interval of the images alone; resampling them one by one narrows it falsely."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    pred = np.where(rng.random(len(y)) < 0.85, y, (y + 1) % 4)
+    alone = scoring.intervals(y, pred, list(CLASSES4))
+    yy, pp = np.repeat(y, 10), np.repeat(pred, 10)
+    clusters = np.repeat(np.arange(len(y)), 10)
+    grouped = scoring.intervals(yy, pp, list(CLASSES4), clusters)
+    naive = scoring.intervals(yy, pp, list(CLASSES4))
+    acc = float((pred == y).mean())
+    assert alone["accuracy"][0] < acc < alone["accuracy"][1]
+    assert grouped["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-9)  # the same draws
+    width = {k: r["accuracy"][1] - r["accuracy"][0] for k, r in [("g", grouped), ("n", naive)]}
+    assert width["n"] < 0.5 * width["g"]
+    assert (grouped["clusters"], grouped["images"], naive["clusters"]) == (120, 1200, 1200)
+    assert scoring.intervals(y, pred, list(CLASSES4)) == alone  # seeded
+    for c in CLASSES4:
+        lo, hi = alone[f"recall_{c}"]
+        assert 0 <= lo <= hi <= 1
+    # a class the images lack has no recall interval; no images, no intervals
+    assert scoring.intervals(y[y < 3], pred[y < 3], list(CLASSES4))["recall_pituitary"] is None
+    assert scoring.intervals(y[:0], pred[:0], list(CLASSES4)) == {}
+
+
+def test_near_copy_clusters_join_hashes_within_the_distance_transitively():
+    h = np.array([0b0, 0b1, 0b11, 0b1111_0000_0000, 0b1111_0000_0001, 0xFFFF_FFFF], dtype=np.int64)
+    ids = scoring.near_copy_clusters(h, 1)
+    assert ids[0] == ids[1] == ids[2]  # 0-1 and 1-2 are one bit apart; 0-2 two, joined through 1
+    assert ids[3] == ids[4] != ids[0] and len(set(ids.tolist())) == 3
+    assert len(set(scoring.near_copy_clusters(h, 0).tolist())) == 6
+
+
 def test_bad_arguments_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="abstain"):
         evaluate("unused", "unused", str(tmp_path), abstain_below=1.5)
@@ -283,6 +317,11 @@ def test_report_on_the_dataset_test_split(trained, tmp_path):
                 "confusion_matrix", "roc_auc_ovr", "log_loss", "brier", "ece", "ece_uncalibrated"):
         assert key in allm
     assert np.sum(allm["confusion_matrix"]) == n_test
+    # how far the figures could move: resampled by near-copy clusters of the test rows
+    ci = allm["interval"]
+    assert ci["images"] == n_test and 1 <= ci["clusters"] <= n_test and ci["level"] == 0.95
+    assert ci["accuracy"][0] <= allm["accuracy"] <= ci["accuracy"][1]
+    assert "95%: " in html and "recall, 95% interval" in html
     # predictions.parquet agrees with metrics.json
     t = table.to_pydict()
     right = np.array(t["predicted_label"]) == np.array(t["true_label"])
