@@ -10,8 +10,9 @@ For each model: `brainmri train` (its own process and local Ray) with the recipe
 `time_budget_min` = the budget (seed_cnn: the same recipe with only the network swapped), then
 `brainmri evaluate` on the dataset version's test split and on each re-exported copy.
 `ensemble`: the recipe trained once per `--ensemble-seeds` seed (each under the budget; a
-finished run of the same name is reused with --reuse), then `brainmri ensemble` of those
-models with the recipe's decision rule; its training minutes are the members' sum. Prints one
+finished run of the same name is reused with --reuse), then those models published as one
+(`brainmri ensemble`'s function) with the recipe's decision rule; its training minutes are the
+members' sum. Prints one
 table (accuracy, macro-F1, per-class recall, training minutes, images/s) and writes it as JSON.
 No test image chooses anything: models are selected on validation, and the decision rule (if
 the recipe has one) is chosen on validation too.
@@ -123,26 +124,23 @@ def train(store: str, dataset: str, recipe: str, model: str, budget: float, seed
 
 def ensemble(store: str, dataset: str, recipe: str, budget: float, seeds: list[int], reuse: bool,
              log: Path) -> dict:
-    """The recipe once per seed, then `brainmri ensemble` of the published models (the
-    recipe's decision rule, chosen again for the ensemble on validation)."""
-    import yaml
-
-    from brainmri.config import TrainConfig
+    """The recipe once per seed, then the ensemble of the published models (`brainmri
+    ensemble`'s own function: no Ray of its own), with the recipe's decision rule, chosen
+    again for the ensemble on validation."""
+    from brainmri.config import EnsembleConfig, TrainConfig, load_config
     from brainmri.core.storage import open_location
+    from brainmri.training.ensemble import combine
 
     members = [train(store, dataset, recipe, "recipe", budget, s, reuse, log) for s in seeds]
-    rule = {**{"decision_rule": TrainConfig().decision_rule}, **yaml.safe_load(Path(recipe).read_text())}
     name = f"quality-{Path(recipe).stem}-ensemble-s{'-'.join(map(str, seeds))}"
-    brainmri("ensemble", *[m["model_uri"] for m in members], "--out", store, "--name", name,
-             "--decision-rule", rule["decision_rule"], log=log)
-    meta = (open_location(store) / "models" / name)
-    version = sorted(v for v in meta.listdir() if (meta / v / "metadata.json").exists())[-1]
+    rule = load_config(TrainConfig, recipe).decision_rule
+    res = combine([m["model_uri"] for m in members], EnsembleConfig(out=store, name=name, decision_rule=rule))
     minutes = sum(m["train_minutes"] for m in members)
     images = sum(m["images_per_s"] * m["train_minutes"] * 60 for m in members)
-    return {"name": name, "model_uri": (meta / version).uri, "epochs": sum(m["epochs"] for m in members),
+    return {"name": name, "model_uri": res.model_uri, "epochs": sum(m["epochs"] for m in members),
             "train_minutes": minutes, "images_per_s": images / max(minutes * 60, 1e-9),
-            "best_val_macro_f1": (meta / version / "metadata.json").read_json()["metrics"]["val_macro_f1"],
-            "members": [m["model_uri"] for m in members], **decision(meta / version / "metadata.json")}
+            "best_val_macro_f1": res.metrics["val_macro_f1"], "members": [m["model_uri"] for m in members],
+            **decision(open_location(res.model_uri) / "metadata.json")}
 
 
 def decision(meta_file) -> dict:

@@ -295,6 +295,8 @@ def main() -> None:
         n_train = resolve_dataset(a.lake)[1]["rows"]["train"]
         print(f"[models] est. epoch time over {n_train} training images at {a.size}px, batch 32:")
         for name in list_models():
+            if name == "ensemble":  # published from trained models (brainmri ensemble), not trained
+                continue
             try:
                 rate = _model_rate(name, a.size, a.steps, threads)
             except Exception as e:  # noqa: BLE001 - report and go on

@@ -78,7 +78,7 @@ def test_quality_reads_the_decision_rule_each_model_applies(tmp_path):
 
 def test_quality_ensembles_the_recipe_seeds_and_counts_all_their_training(tmp_path, monkeypatch):
     """The ensemble row: one recipe model per seed (here fitted in-process instead of trained),
-    `brainmri ensemble` in its own process, the members' minutes summed."""
+    published as one, the members' minutes summed."""
     from brainmri.models.checkpoints import load_model_state
 
     from support.tiny import small_lake, train_inprocess

@@ -67,8 +67,9 @@ def model_card(state: dict, metrics: dict) -> dict:
         "training_data": _data_record(state.get("dataset") or {}),
         "performance": {
             "measured_on": "validation split of the training dataset (" + (
-                f"the average of {len(state['ensemble']['members'])} trained models, each at its "
-                "best epoch)" if state.get("ensemble") else "the best epoch)"),
+                f"the average of {len(state['ensemble']['members'])} trained models, each with the "
+                "weights it was published or checkpointed with)" if state.get("ensemble") else
+                "the best epoch)"),
             "accuracy": metrics.get("val_accuracy"), "macro_f1": metrics.get("val_macro_f1"),
             "n": metrics.get("val_n"), "leakage": LEAKAGE_CAVEAT},
         "known_weaknesses": weaknesses(metrics, classes, "val_"),

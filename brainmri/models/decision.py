@@ -85,21 +85,27 @@ def _stratified_halves(labels: np.ndarray, rng: np.random.Generator,
                        groups: np.ndarray | None = None) -> np.ndarray:
     """A boolean mask picking about half of each class's rows at random: whole duplicate
     groups when `groups` is given (a group's rows are near copies of one scan; split apart,
-    one half would be judged on copies of the images the other half chose on), else rows."""
+    one half would be judged on copies of the images the other half chose on), each group
+    stratified by its most common label (a group may hold conflicting labels), else rows."""
     mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        if groups is None:
+    if groups is None:
+        for c in np.unique(labels):
+            rows = np.flatnonzero(labels == c)
             mask[rng.permutation(rows)[: len(rows) // 2]] = True
-            continue
-        taken = 0
-        for g in rng.permutation(np.unique(groups[rows])):
-            if taken >= len(rows) / 2:
+        return mask
+    names, gid = np.unique(groups, return_inverse=True)
+    counts = np.zeros((len(names), int(labels.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (gid, labels), 1)
+    majority, size = counts.argmax(1), counts.sum(1)
+    chosen = np.zeros(len(names), dtype=bool)
+    for c in np.unique(majority):
+        these = np.flatnonzero(majority == c)
+        half, taken = size[these].sum() / 2, 0
+        for g in rng.permutation(these):
+            if taken >= half:
                 break
-            members = rows[groups[rows] == g]
-            mask[members] = True
-            taken += len(members)
-    return mask
+            chosen[g], taken = True, taken + size[g]
+    return chosen[gid]
 
 
 def choose_logit_bias(logits: np.ndarray, labels: np.ndarray, classes: list[str], target: str = "glioma",

@@ -164,8 +164,6 @@ class Ensemble(nn.Module):
     probabilities. Averaging probabilities rather than logits keeps one over-confident member
     from out-voting the others."""
 
-    head_prefix = "members"
-
     def __init__(self, members: list[nn.Module]):
         super().__init__()
         self.members = nn.ModuleList(members)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
-from ..config import IngestConfig, RetrainConfig, TrainConfig, from_dict, load_config, to_dict
+from ..config import ConfigError, IngestConfig, RetrainConfig, TrainConfig, from_dict, load_config, to_dict
 from ..core import metrics as M
 from ..core.lock import Lease, LockHeld
 from ..core.storage import Location, open_location
@@ -241,6 +241,9 @@ def load_champion(root: Location, cfg: RetrainConfig, store: Location, lease: Le
         champion = None
     if champion is None and cfg.champion:
         champion = bootstrap_champion(cfg.champion)
+    if champion is not None and not cfg.recipe and champion["recipe"].get("model") == "ensemble":
+        raise ConfigError(f"the champion {champion['model']} is an ensemble (brainmri ensemble): its "
+                          "recipe trains no single network; give --recipe for the challenger")
     if champion is not None:
         sync_model_pointer(store, root, lease)
     return champion

@@ -34,12 +34,20 @@ from .train import choose_decision, validation_logits
 @dataclass
 class Member:
     uri: str  # the file its weights were read from (a version's model.pt, or a checkpoint)
-    sha256: str
+    sha256: str  # of that file
     state: dict
 
+    def setting(self, key: str):
+        """A recipe value as the member was trained (TrainConfig's default when its config
+        predates the key)."""
+        return self.state["config"].get(key, getattr(TrainConfig, key))
+
     @property
-    def config(self) -> TrainConfig:
-        return from_dict(TrainConfig, self.state["config"])
+    def best(self) -> float:
+        """Its validation score at the epoch whose weights it holds (a checkpoint folder may
+        hold a later epoch than the run's best)."""
+        same = [h for h in self.state.get("history", []) if h.get("epoch") == self.state.get("epoch")]
+        return float(same[-1][M.SELECTION_METRIC]) if same else float(self.state.get("best", 0.0))
 
 
 @dataclass
@@ -50,6 +58,16 @@ class EnsembleResult:
     seconds: float
 
 
+def _weights_digest(state: dict) -> str:
+    """sha256 of the weights alone: a version's model.pt and its run's checkpoint.pt differ
+    as files but are the same network."""
+    h = hashlib.sha256()
+    for k in sorted(state["model"]):
+        h.update(k.encode())
+        h.update(state["model"][k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_members(uris: list[str]) -> list[Member]:
     if len(uris) < 2:
         raise ConfigError(f"an ensemble needs at least two models, got {len(uris)}")
@@ -58,8 +76,11 @@ def load_members(uris: list[str]) -> list[Member]:
         loc = model_file(uri)
         blob = loc.read_bytes()
         out.append(Member(loc.uri, hashlib.sha256(blob).hexdigest(), load_state(blob)))
-    if len({m.sha256 for m in out}) < len(out):
-        raise ConfigError("the same model is listed twice: an ensemble of copies only repeats it")
+    digests = [_weights_digest(m.state) for m in out]
+    for i, d in enumerate(digests):
+        if d in digests[:i]:
+            raise ConfigError(f"{out[i].uri} holds the same weights as {out[digests.index(d)].uri}: "
+                              "listed twice, an ensemble of copies only repeats it")
     return out
 
 
@@ -77,8 +98,10 @@ def check_members(members: list[Member]) -> None:
     _shared(members, "input (preprocess)", lambda m: m.state["preprocess"])
     _shared(members, "dataset version", lambda m: (m.state["dataset"].get("uri"),
                                                    m.state["dataset"].get("manifest_hash")))
-    _shared(members, "validation rows (limit_val)", lambda m: m.config.limit_val)
+    _shared(members, "validation rows (limit_val)", lambda m: m.setting("limit_val"))
     _shared(members, "test-time flips (tta)", lambda m: bool((m.state.get("inference") or {}).get("tta")))
+    for key in ("decision_max_f1_drop", "decision_max_accuracy_cost"):  # the rule's allowances
+        _shared(members, key, lambda m, key=key: m.setting(key))
     for m in members:
         if m.state["config"]["model"] == "ensemble":
             raise ConfigError(f"{m.uri} is an ensemble already: list its members instead")
@@ -96,17 +119,19 @@ def ensemble_state(members: list[Member], cfg: EnsembleConfig) -> dict:
     weights = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state["model"].items()}
     record = [{"uri": m.uri, "sha256": m.sha256, "model": m.state["config"]["model"],
                "seed": m.state["config"].get("seed"), "epoch": m.state.get("epoch"),
-               "best_val_macro_f1": m.state.get("best")} for m in members]
+               "best_val_macro_f1": m.best} for m in members]
     state = make_checkpoint(weights, epoch=0, best=0.0, bad_epochs=0, history=[], resumes=[],
                             config=config, classes=list(base["classes"]), dataset=dict(base["dataset"]),
                             params=0, inference=inference_record(config.get("tta", False)))
     state["params"] = count_params(build_model(state, bare=True))
+    state["preprocess"] = base["preprocess"]  # what every member was checked to share
     state["ensemble"] = {"members": record}
     return state
 
 
 def combine(uris: list[str], cfg: EnsembleConfig) -> EnsembleResult:
     t0 = time.time()
+    out = open_location(cfg.out, check=True)  # an unreachable bucket fails now, not after scoring
     members = load_members(uris)
     check_members(members)
     state = ensemble_state(members, cfg)
@@ -119,6 +144,6 @@ def combine(uris: list[str], cfg: EnsembleConfig) -> EnsembleResult:
     state["best"] = metrics[M.SELECTION_METRIC]
     if cfg.decision_rule != "argmax":
         state["inference"] = choose_decision(tcfg, state, version, manifest, (logits, labels))
-    dest = publish_model(open_location(cfg.out), cfg.name, state, metrics)
+    dest = publish_model(out, cfg.name, state, metrics)
     return EnsembleResult(dest.uri, metrics, state["ensemble"]["members"], time.time() - t0)
 

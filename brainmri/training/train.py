@@ -394,7 +394,7 @@ def validation_logits(cfg: TrainConfig, state: dict, version, manifest: dict
         logits.append(net(to_model_input(torch.from_numpy(x))).float().numpy())
         labels.append(y)
     if not labels:
-        raise ConfigError("decision_rule needs validation rows to choose on, and there are none")
+        raise ConfigError("no validation rows to score the model on (and to choose its decision rule on)")
     return np.concatenate(logits), np.concatenate(labels)
 
 

@@ -98,6 +98,18 @@ def test_the_check_holds_out_whole_duplicate_groups():
     assert by_group["held_out"]["accuracy_change"] < 0 and not by_group["adopted"]
     with pytest.raises(ValueError, match="groups has 3 rows"):
         choose_logit_bias(logits, labels, CLASSES, groups=groups[:3])
+    # a group whose copies carry two labels (a near label conflict) still lands in one half
+    from brainmri.models.decision import _stratified_halves
+
+    mixed = groups.copy()
+    mixed[labels == 1] = "copies"  # the meningiomas join the gliomas' group
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        half = _stratified_halves(labels, rng, mixed)
+        assert len(set(half[mixed == "copies"].tolist())) == 1
+        for c in range(4):  # about half of each class's easy rows (whole groups of one image)
+            easy = np.char.startswith(mixed.astype(str), f"easy{c}-")
+            assert abs(half[easy].sum() - easy.sum() / 2) <= 10
 
 
 def test_inference_net_averages_flips_and_adds_the_bias():

@@ -103,17 +103,48 @@ def test_members_that_differ_are_refused_before_anything_is_written(members, tmp
     assert not (tmp_path / "models" / "ens").exists()
 
 
-def test_members_with_another_input_size_are_refused(members, tmp_path):
-    _, _, uris = members
-
-    state = load_model_state(uris[1])
-    state["config"] = {**state["config"], "image_size": 96}
-    state["preprocess"] = {**state["preprocess"], "image_size": 96}
+def _altered(uri: str, dest, change) -> str:
+    """A copy of a member's model.pt with `change(state)` applied, as a .pt file."""
+    state = load_model_state(uri)
+    change(state)
     buf = io.BytesIO()
     torch.save(state, buf)
-    (tmp_path / "m96.pt").write_bytes(buf.getvalue())
-    with pytest.raises(ConfigError, match=r"share their input \(preprocess\)"):
-        combine([uris[0], str(tmp_path / "m96.pt")], EnsembleConfig(out=str(tmp_path), name="ens"))
+    dest.write_bytes(buf.getvalue())
+    return str(dest)
+
+
+def _size96(state):
+    state["config"] = {**state["config"], "image_size": 96}
+    state["preprocess"] = {**state["preprocess"], "image_size": 96}
+
+
+@pytest.mark.parametrize("change, match", [
+    (_size96, r"share their input \(preprocess\)"),
+    (lambda s: s.update(inference={**s["inference"], "tta": False}), r"share their test-time flips"),
+    (lambda s: s.update(config={**s["config"], "limit_val": 5}), r"share their validation rows"),
+    (lambda s: s.update(config={**s["config"], "decision_max_f1_drop": 0.02}), "decision_max_f1_drop"),
+    (lambda s: s.update(history=[]), "same weights"),  # another file, the same network
+])
+def test_members_that_differ_in_what_the_ensemble_relies_on_are_refused(members, tmp_path, change, match):
+    _, _, uris = members
+    other = _altered(uris[1], tmp_path / "other.pt", change)
+    first = uris[1] if match == "same weights" else uris[0]
+    with pytest.raises(ConfigError, match=match):
+        combine([first, other], EnsembleConfig(out=str(tmp_path), name="ens"))
+    assert not (tmp_path / "models").exists()
+
+
+def test_retrain_asks_for_a_recipe_when_the_champion_is_an_ensemble(members, tmp_path):
+    from brainmri.config import RetrainConfig
+    from brainmri.ops.retrain import retrain
+
+    lake, _, uris = members
+    ens = combine(uris[:2], EnsembleConfig(out=str(tmp_path), name="ens", decision_rule="argmax"))
+    cfg = RetrainConfig(store=str(lake), champion=ens.model_uri, wait_lock_s=0)
+    with pytest.raises(ConfigError, match="is an ensemble.*give --recipe"):
+        retrain(cfg)
+    pointer = lake / "retrain" / "brain-tumor-mri" / "champion.json"  # may hold the lease's fence only
+    assert not pointer.exists() or not json.loads(pointer.read_text()).get("model")
 
 
 def test_ensemble_config_refuses_bad_names_and_rules():
