@@ -56,6 +56,13 @@ def test_quality_goal_lines_judge_the_test_split_and_the_worst_re_export():
     assert "0.0150" in lines[2] and "interval" not in lines[0]
     test = {**row, "data": "test", "accuracy_interval": [0.98, 0.995]}
     assert q.goal_lines([test, {**row, "data": "export-224"}])[0].endswith("(95% interval 0.9800-0.9950)")
+    # the printed table takes rows as evaluate() makes them, intervals included
+    full = {**test, "macro_f1": 0.98, "accuracy_no_dup": 0.97, "recall_glioma_interval": [0.97, 1.0],
+            "train_minutes": 16.4, "images_per_s": 177.0}
+    head, line = q.table_lines([full])
+    assert head.split() == ["model", "data", "accuracy", "macro_f1", "rec_glioma", "acc_no_dup", "train",
+                            "min", "img/s"]
+    assert line.split() == ["recipe", "test", "0.9900", "0.9800", "0.9950", "0.9700", "16.4", "177"]
 
 
 def test_quality_reads_the_decision_rule_each_model_applies(tmp_path):
