@@ -25,9 +25,8 @@ from ..config import ConfigError, EnsembleConfig, TrainConfig, from_dict
 from ..core import metrics as M
 from ..core.storage import open_location
 from ..data.datasets import resolve_dataset
-from ..models.checkpoints import build_model, load_state, make_checkpoint, model_file, publish_model
+from ..models.checkpoints import load_state, make_checkpoint, model_file, publish_model
 from ..models.decision import inference_record
-from ..models.zoo import count_params
 from .train import choose_decision, validation_logits
 
 
@@ -94,6 +93,9 @@ def _shared(members: list[Member], what: str, get) -> None:
 
 def check_members(members: list[Member]) -> None:
     """Everything the ensemble's input contract and its validation score rely on."""
+    for m in members:  # first: a nested ensemble would otherwise fail on a less telling check
+        if m.state["config"]["model"] == "ensemble":
+            raise ConfigError(f"{m.uri} is an ensemble already: list its members instead")
     _shared(members, "classes", lambda m: list(m.state["classes"]))
     _shared(members, "input (preprocess)", lambda m: m.state["preprocess"])
     _shared(members, "dataset version", lambda m: (m.state["dataset"].get("uri"),
@@ -102,9 +104,6 @@ def check_members(members: list[Member]) -> None:
     _shared(members, "test-time flips (tta)", lambda m: bool((m.state.get("inference") or {}).get("tta")))
     for key in ("decision_max_f1_drop", "decision_max_accuracy_cost"):  # the rule's allowances
         _shared(members, key, lambda m, key=key: m.setting(key))
-    for m in members:
-        if m.state["config"]["model"] == "ensemble":
-            raise ConfigError(f"{m.uri} is an ensemble already: list its members instead")
 
 
 def ensemble_state(members: list[Member], cfg: EnsembleConfig) -> dict:
@@ -122,8 +121,8 @@ def ensemble_state(members: list[Member], cfg: EnsembleConfig) -> dict:
                "best_val_macro_f1": m.best} for m in members]
     state = make_checkpoint(weights, epoch=0, best=0.0, bad_epochs=0, history=[], resumes=[],
                             config=config, classes=list(base["classes"]), dataset=dict(base["dataset"]),
-                            params=0, inference=inference_record(config.get("tta", False)))
-    state["params"] = count_params(build_model(state, bare=True))
+                            params=sum(m.state["params"] for m in members),  # each recorded its own
+                            inference=inference_record(config.get("tta", False)))
     state["preprocess"] = base["preprocess"]  # what every member was checked to share
     state["ensemble"] = {"members": record}
     return state
