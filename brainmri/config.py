@@ -152,6 +152,12 @@ class TrainConfig:
     mix_prob: float = 0.2  # share of training batches mixed with MixUp/CutMix (0 = off)
     mix_alpha: float = 0.4  # lam ~ Beta(mix_alpha, mix_alpha)
     cutmix_share: float = 0.5  # of the mixed batches, the share mixed by CutMix (the rest MixUp)
+    teacher: str = flag("", "a published model (one network or an ensemble, trained on the same "
+                            "dataset version) that teaches this one: distillation ('' = off)")
+    #                    the loss adds the KL divergence to its probabilities on every training
+    #                    batch, computed online on the augmented batch (training.distill)
+    distill_weight: float = 0.5  # loss = (1 - w) * label loss + w * teacher loss
+    distill_temperature: float = 1.0  # both distributions softened by T (the term scaled by T^2)
     tta: bool = True  # test-time left-right flip averaging, recorded with the model (models.decision)
     #                   and used by validation during training: the best epoch is the best served
     decision_rule: str = "glioma_recall"  # a glioma logit bias chosen on validation ("argmax": none)
@@ -191,6 +197,8 @@ class TrainConfig:
             raise ConfigError("mix_prob and cutmix_share must be in [0, 1]")
         if self.mix_prob > 0 and self.mix_alpha <= 0:
             raise ConfigError("mix_alpha must be > 0 when mix_prob > 0")
+        if not (0.0 < self.distill_weight <= 1.0 and self.distill_temperature > 0):
+            raise ConfigError("distill_weight must be in (0, 1] and distill_temperature > 0")
         if self.decision_rule not in DECISION_RULES:
             raise ConfigError(f"decision_rule must be one of {DECISION_RULES}")
         if not 0.0 <= self.decision_max_f1_drop <= 0.1:

@@ -71,7 +71,7 @@ def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: i
                     history: list, resumes: list, config: dict, classes: list[str], dataset: dict,
                     params: int, optimizer: dict | None = None, scheduler: dict | None = None,
                     versions: dict | None = None, train_model: dict | None = None,
-                    inference: dict | None = None) -> dict:
+                    inference: dict | None = None, distillation: dict | None = None) -> dict:
     """The checkpoint dict (format brainmri.checkpoint/1), tensors and plain values only.
 
     model_state, optimizer, scheduler: state_dicts (optimizer/scheduler omitted when None:
@@ -82,7 +82,8 @@ def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: i
     served (the EMA weights when the recipe averages them); train_model, when given, the
     weights the optimizer trains (needed to resume, dropped on publishing). inference: how
     logits become a decision (models.decision.inference_record; default: plain argmax,
-    flips as the config says)."""
+    flips as the config says). distillation: the teacher it was trained against
+    (training.distill.teacher_record), when there was one."""
     from .decision import inference_record
 
     state = {"format": CHECKPOINT_FORMAT, "model": model_state}
@@ -99,6 +100,8 @@ def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: i
         "versions": library_versions() if versions is None else versions, "params": params,
         "inference": inference or inference_record(config.get("tta", False)),
     })
+    if distillation:
+        state["distillation"] = distillation
     return state
 
 

@@ -155,6 +155,27 @@ class Mixer:
         return x, y[perm], lam
 
 
+# -- distillation -----------------------------------------------------------------------------
+class Teacher:
+    """A frozen network whose class probabilities the trained one is pulled towards, on the
+    very batch it trains on (augmented and mixed: the teacher sees what the student sees).
+    `training.distill` loads it; here only the loss. The term is Hinton's: KL(teacher_T ||
+    student_T) * T^2, so its gradient scale does not change with the temperature T."""
+
+    def __init__(self, net: nn.Module, weight: float, temperature: float):
+        self.net, self.weight, self.temperature = net.eval().requires_grad_(False), weight, temperature
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        target = torch.log_softmax(teacher.float() / t, dim=1)
+        return nn.functional.kl_div(torch.log_softmax(student.float() / t, dim=1), target,
+                                    reduction="batchmean", log_target=True) * (t * t)
+
+
 # -- batches ----------------------------------------------------------------------------------
 class ShardBatches:
     """A worker's batches, epoch after epoch, as {'x': uint8 [B,H,W], 'label': int64 [B]}.
@@ -225,11 +246,12 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
 def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: torch.device,
                     aug_strength: float, generator: torch.Generator, amp: bool = False,
                     channels_last: bool = False, ema: EMA | None = None,
-                    mixer: Mixer | None = None) -> torch.Tensor:
+                    mixer: Mixer | None = None, teacher: Teacher | None = None) -> torch.Tensor:
     """One pass over `batches`; returns the all-reduced float64 tensor
     [loss x n, correct, n] on `device`. `generator` lives on `device` (augmentation runs
     there). `ema`, if given, is updated after every step; `mixer`, if given, mixes batches
-    after augmentation (accuracy then counts the dominant label)."""
+    after augmentation (accuracy then counts the dominant label); `teacher`, if given, adds
+    its distillation term, weighted against the label loss by its `weight`."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
     for batch in batches:
@@ -242,9 +264,12 @@ def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: tor
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
+            taught = teacher(x) if teacher is not None else None
         loss = criterion(out.float(), y)
         if lam < 1.0:
             loss = lam * loss + (1.0 - lam) * criterion(out.float(), y2)
+        if taught is not None:
+            loss = (1.0 - teacher.weight) * loss + teacher.weight * teacher.loss(out, taught)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

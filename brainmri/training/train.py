@@ -59,6 +59,7 @@ from ..models.checkpoints import (
 )
 from ..models.decision import choose_logit_bias, inference_record
 from ..models.zoo import check_model_name, count_params, create_model
+from .distill import load_teacher, teacher_record
 from .engine import (
     EMA,
     Mixer,
@@ -93,7 +94,7 @@ def _checkpoint_state(raw, ema, optimizer, scheduler, epoch, best, bad, history,
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         epoch=epoch, best=best, bad_epochs=bad, history=history, resumes=resumes,
         config=to_dict(cfg), classes=config["classes"], dataset=config["dataset"],
-        versions=config["versions"], params=count_params(raw))
+        versions=config["versions"], params=count_params(raw), distillation=config.get("teacher"))
 
 
 def configure_optimizer(cfg: TrainConfig, raw: nn.Module, steps_per_epoch: int):
@@ -222,6 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     criterion, optimizer, scheduler, ema, mixer = recipe_parts(cfg, raw, config["train_counts"], device,
                                                                steps, rank)
     run = resume(raw, optimizer, scheduler, ema, steps)  # the driver says so (progress.EpochLines)
+    teacher = load_teacher(config["teacher"], device) if config.get("teacher") else None
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
@@ -237,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = clock.now()
         tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler,
                              device, cfg.aug_strength, gen, amp=cfg.gpu, channels_last=True,
-                             ema=ema, mixer=mixer).cpu()
+                             ema=ema, mixer=mixer, teacher=teacher).cpu()
         t_train = clock.now() - t0
         cm, vloss = evaluate(ema.module if ema else raw, val_src.epoch(epoch), len(classes), device,
                              amp=cfg.gpu, channels_last=True, tta=cfg.tta)
@@ -356,7 +358,8 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
 
 
 def prepare(cfg: TrainConfig):
-    """Everything that can fail fast, before Ray starts a worker."""
+    """Everything that can fail fast, before Ray starts a worker. -> (run name, dataset
+    version, manifest, output location, the teacher's record or None)."""
     cfg.validate()
     check_model_name(cfg.model)
     if cfg.model == "ensemble":  # retraining an ensemble champion on its own recipe lands here
@@ -380,7 +383,9 @@ def prepare(cfg: TrainConfig):
         raise ConfigError(f"{rows} training rows over {cfg.num_workers} workers leave each fewer "
                           f"than one batch of {cfg.batch_size}: use fewer workers or a smaller "
                           "batch_size")
-    return name, version, manifest, out
+    # read and checked once, here: what each worker loads again (training.distill)
+    teacher = teacher_record(cfg, manifest["classes"], manifest_hash(manifest)) if cfg.teacher else None
+    return name, version, manifest, out, teacher
 
 
 @torch.no_grad()
@@ -427,7 +432,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
-    name, version, manifest, out = prepare(cfg)
+    name, version, manifest, out, teacher = prepare(cfg)
     cfg.name = name
     classes = manifest["classes"]
 
@@ -455,7 +460,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "classes": classes, "train_counts": train_counts,
                            "train_rows": train_rows, "dataset": dataset_info,
-                           "versions": library_versions(), "run_uri": run.uri},
+                           "versions": library_versions(), "run_uri": run.uri, "teacher": teacher},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpu,
                                      resources_per_worker=_resources(cfg)),
         datasets=build_datasets(cfg, version, manifest, pixels),
