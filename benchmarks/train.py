@@ -19,6 +19,9 @@
    the plain epochs run before and after the Ray run so load drift hits both.
 6. layout: the recipe's network's training step on one thread, contiguous vs channels-last
    (what every worker runs), alternating rounds.
+7. distill: the recipe's training loop on one thread alone vs taught by an ensemble of
+   --members copies of its network (`--teacher`, training.distill), alternating rounds:
+   what a teacher adds to every step.
 
 Ray is started here as `brainmri train` starts it: one logical CPU per core.
 
@@ -247,7 +250,7 @@ def bench_default(lake, limit, limit_val, epochs, batch, threads) -> dict:
             "workers": TrainConfig().num_workers, "rows": len(plain_run.yt)}
 
 
-SECTIONS = ["data", "trainer", "models", "feed", "default", "layout"]
+SECTIONS = ["data", "trainer", "models", "feed", "default", "layout", "distill"]
 
 
 def main() -> None:
@@ -264,8 +267,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the feed and default runs")
     ap.add_argument("--rounds", type=int, default=9,
                     help="trainer: Ray runs, each between two plain runs (a round alone: -8..+14 %%); "
-                         "layout: alternating rounds")
+                         "layout, distill: alternating rounds")
     ap.add_argument("--limit-val", type=int, default=64, help="validation images, feed and default runs")
+    ap.add_argument("--members", type=int, default=3, help="distill: the teacher ensemble's size")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     ap.add_argument("--only", nargs="*", default=[], choices=SECTIONS, help="run only these sections")
     a = ap.parse_args()
@@ -337,7 +341,43 @@ def main() -> None:
         print(f"[layout] {TrainConfig().model} {a.size}px batch {a.batch}, training step on 1 thread, "
               f"{a.rounds} rounds: contiguous {lay['contiguous']:.1f} img/s; channels-last "
               f"{lay['channels_last']:.1f} img/s; ratio {lay['channels_last'] / lay['contiguous']:.2f}")
+    if "distill" not in a.skip:
+        dis = bench_distill(a.size, a.batch, a.steps, a.rounds, a.members)
+        print(f"[distill] {TrainConfig().model} {a.size}px batch {a.batch}, engine.train_one_epoch on "
+              f"1 thread, {a.rounds} rounds: alone {dis['alone']:.1f} img/s; taught by an ensemble of "
+              f"{a.members} of it {dis['taught']:.1f} img/s; step time x{dis['alone'] / dis['taught']:.2f} "
+              f"(the teacher adds {dis['alone'] / dis['taught'] - 1:.2f} of a step)")
     ray.shutdown()
+
+
+def bench_distill(size, batch, steps, rounds, members) -> dict:
+    """The recipe's training loop (engine.train_one_epoch: augmentation, mixing, EMA as the
+    recipe has them, channels-last) on one thread, with and without a teacher that is an
+    ensemble of `members` copies of the recipe's network, taking turns: medians, images/s."""
+    from brainmri.training.engine import ShardBatches, Teacher, to_channels_last, train_one_epoch
+    from brainmri.training.train import recipe_parts
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(image_size=size, batch_size=batch)
+    net = dict(model=cfg.model, model_args=cfg.model_args)
+    ens = create_model("ensemble", 4, 1, image_size=size, members=[net] * members)
+    teacher = Teacher(to_channels_last(ens), cfg.distill_weight, cfg.distill_temperature)
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch * steps, size, size), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 4, (batch * steps,), generator=g)
+    rates = {"alone": [], "taught": []}
+    for r in range(rounds):
+        for key, t in (("alone", None), ("taught", teacher)):
+            torch.manual_seed(0)
+            raw = to_channels_last(create_model(cfg.model, 4, 1, image_size=size, **cfg.model_args))
+            criterion, opt, sched, ema, mixer = recipe_parts(cfg, raw, [1, 1, 1, 1], cpu, steps)
+            batches = ShardBatches.from_tensors(x, y, batch, True, True, r)
+            t0 = time.perf_counter()
+            train_one_epoch(raw, batches.epoch(r), criterion, opt, sched, cpu, cfg.aug_strength, g,
+                            channels_last=True, ema=ema, mixer=mixer, teacher=t)
+            rates[key].append(batch * steps / (time.perf_counter() - t0))
+    return {k: float(np.median(v)) for k, v in rates.items()}
 
 
 def _model_rate(name, size, steps, threads, batch: int = 32, channels_last: bool = False,

@@ -174,8 +174,8 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     loop without Ray) sections on a few dozen scans."""
     src = real_subset(tmp_path / "src", per_class=10)
     ingest(str(src), str(tmp_path / "lake"), IngestConfig(val_fraction=0.2, test_fraction=0.1, workers=1))
-    args = ["--lake", str(tmp_path / "lake"), "--only", "feed", "default", "trainer", "layout",
-            "--limit", "16",
+    args = ["--lake", str(tmp_path / "lake"), "--only", "feed", "default", "trainer", "layout", "distill",
+            "--limit", "16", "--members", "2",
             "--limit-val", "4", "--batch", "4", "--epochs", "2", "--size", "64", "--rounds", "1"]
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), *args], capture_output=True,
                        text=True, timeout=600, check=False, env=dict(os.environ, RAY_ADDRESS=""))
@@ -195,6 +195,7 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     assert len(plain_rates.split()) == 4 and len(trainer_rates.split()) == 2
     assert "[data]" not in out and "[models]" not in out
     assert "[layout] " in out and "channels-last" in out
+    assert "taught by an ensemble of 2 of it" in out and "of a step)" in out
 
 
 def test_sweep_pack_holds_train_and_val_only_and_a_trial_trains_from_it(tmp_path):

@@ -73,4 +73,12 @@ def model_card(state: dict, metrics: dict) -> dict:
             "accuracy": metrics.get("val_accuracy"), "macro_f1": metrics.get("val_macro_f1"),
             "n": metrics.get("val_n"), "leakage": LEAKAGE_CAVEAT},
         "known_weaknesses": weaknesses(metrics, classes, "val_"),
+        **({"distilled_from": _teacher_line(state["distillation"])} if state.get("distillation") else {}),
     }
+
+
+def _teacher_line(rec: dict) -> str:
+    what = f"an ensemble of {rec['members']}" if rec.get("members", 1) > 1 else f"a {rec.get('model')}"
+    return (f"{what} (validation macro-F1 {rec.get('best_val_macro_f1', 0):.4f}, sha256 "
+            f"{str(rec.get('sha256'))[:12]}), weight {rec.get('weight')}, "
+            f"temperature {rec.get('temperature')}")

@@ -244,6 +244,13 @@ def load_champion(root: Location, cfg: RetrainConfig, store: Location, lease: Le
     if champion is not None and not cfg.recipe and champion["recipe"].get("model") == "ensemble":
         raise ConfigError(f"the champion {champion['model']} is an ensemble (brainmri ensemble): its "
                           "recipe trains no single network; give --recipe for the challenger")
+    recipe = to_dict(load_config(TrainConfig, cfg.recipe)) if cfg.recipe else \
+        dict(champion["recipe"]) if champion is not None else {}
+    teacher = {**recipe, **cfg.train}.get("teacher")
+    if teacher:  # training.distill would refuse it, but only after this run's ingest
+        raise ConfigError(f"the challenger's recipe distils from teacher {teacher}, trained on an earlier "
+                          "dataset version than the one a challenger trains on: give --train teacher= "
+                          "(no teacher) or a --recipe without one")
     if champion is not None:
         sync_model_pointer(store, root, lease)
     return champion

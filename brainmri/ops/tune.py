@@ -455,7 +455,9 @@ def build_trials(base: dict, params: list[dict], settings: TuneConfig) -> list[d
     for i, p in enumerate(params):
         tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
         cfg = trial_config(base, p, settings, f"{settings.name}-{tid}")
-        prepare(cfg)
+        teacher = prepare(cfg)[4]
+        if teacher:  # the file checked now (absolute), not "latest" again in every trial
+            cfg.teacher = teacher["uri"]
         trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
     return trials
 

@@ -6,16 +6,17 @@ probabilities keeps part of that gain at one network's cost. The teacher runs on
 very batch the student trains on, augmented and mixed ("consistent teaching": Beyer et al.,
 2022, "Knowledge distillation: a good teacher is patient and consistent"), so its targets
 fit the view the student sees. Fixed targets computed once on the plain images would not.
-The price is paid in training time: a 3-member ensemble of the CPU recipe's network costs
-~0.76 of a training step per batch.
+The price is paid in training time: a 3-member ensemble of the CPU recipe's network adds
+~0.76 of a training step per batch on one thread (`benchmarks/train.py --only distill`).
 
 The driver checks the teacher once (`teacher_record`): the same classes in the same order,
 the same input contract, and the same dataset version, by manifest hash. Its training rows
-are then the student's, and neither has seen a validation or test image. A teacher from
-another version could have trained on this version's validation or test images, so it is
-refused. Each worker reads the same file again (`load_teacher`) and proves by its sha256
-that it is the file the driver checked. The record travels in the checkpoint and the
-published metadata under `distillation`.
+are then the student's: it never trained on a validation or test image (its best epoch was
+chosen on validation, as the student's is). A teacher from another version could have
+trained on this version's validation or test images, so it is refused. Each worker reads
+the same file again (`load_teacher`) and proves by its sha256 that it is the file the
+driver checked; a re-run of the same run name must name the same file. The record travels
+in run/config.json, the checkpoint and the published metadata under `distillation`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,24 @@ import hashlib
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..core import metrics as M
+from ..core.storage import open_location
 from ..models.checkpoints import build_model, load_state, model_file, preprocess_record
 from .engine import Teacher, to_channels_last
+
+
+def epoch_score(state: dict) -> float:
+    """Validation macro-F1 at the epoch whose weights `state` holds (a checkpoint folder may
+    hold a later epoch than its run's best)."""
+    same = [h for h in state.get("history", []) if h.get("epoch") == state.get("epoch")]
+    return float(same[-1][M.SELECTION_METRIC]) if same else float(state.get("best", 0.0))
 
 
 def teacher_record(cfg: TrainConfig, classes: list[str], manifest_hash: str) -> dict:
     """Read and check cfg.teacher for a run on the dataset whose manifest hash is given;
     -> what the workers load and the checkpoint records (no weights). One-line ConfigError
     for every mismatch, before Ray starts a worker."""
+    open_location(cfg.teacher, check=True)  # a relative path inside a Ray job's copy: refused
     loc = model_file(cfg.teacher)
     blob = loc.read_bytes()
     state = load_state(blob)
@@ -46,13 +57,14 @@ def teacher_record(cfg: TrainConfig, classes: list[str], manifest_hash: str) -> 
                           f"than this run's {cfg.image_size} px: it would be shown images it never saw")
     ds = state.get("dataset") or {}
     if ds.get("manifest_hash") != manifest_hash:
-        raise ConfigError(f"teacher {loc.uri} was trained on dataset version {ds.get('version')!r}, "
-                          f"not this run's: it may have trained on this version's validation or test "
-                          f"images; train (or ensemble) a teacher on this version")
+        which = f"dataset version {ds['version']!r}" if ds.get("version") else "an unrecorded dataset"
+        raise ConfigError(f"teacher {loc.uri} was trained on {which}, not this run's: it may have "
+                          "trained on this version's validation or test images; train (or ensemble) "
+                          "a teacher on this version")
     members = (state.get("ensemble") or {}).get("members")
     return {"uri": loc.uri, "sha256": hashlib.sha256(blob).hexdigest(), "model": config.get("model"),
             "seed": config.get("seed"), "members": len(members) if members else 1,
-            "best_val_macro_f1": float(state.get("best", 0.0)), "dataset_version": ds.get("version"),
+            "best_val_macro_f1": epoch_score(state), "dataset_version": ds.get("version"),
             "weight": cfg.distill_weight, "temperature": cfg.distill_temperature}
 
 

@@ -27,6 +27,7 @@ from ..core.storage import open_location
 from ..data.datasets import resolve_dataset
 from ..models.checkpoints import load_state, make_checkpoint, model_file, publish_model
 from ..models.decision import inference_record
+from .distill import epoch_score
 from .train import choose_decision, validation_logits
 
 
@@ -43,10 +44,7 @@ class Member:
 
     @property
     def best(self) -> float:
-        """Its validation score at the epoch whose weights it holds (a checkpoint folder may
-        hold a later epoch than the run's best)."""
-        same = [h for h in self.state.get("history", []) if h.get("epoch") == self.state.get("epoch")]
-        return float(same[-1][M.SELECTION_METRIC]) if same else float(self.state.get("best", 0.0))
+        return epoch_score(self.state)
 
 
 @dataclass
@@ -111,14 +109,15 @@ def ensemble_state(members: list[Member], cfg: EnsembleConfig) -> dict:
     with the model replaced, the members' weights under members.<i>., and where each came from."""
     base = members[0].state
     config = {**base["config"], "model": "ensemble", "name": cfg.name, "out": cfg.out,
-              "decision_rule": cfg.decision_rule, "pretrained": "",
+              "decision_rule": cfg.decision_rule, "pretrained": "", "teacher": "",  # each member's own
               "model_args": {"members": [{"model": m.state["config"]["model"],
                                           "model_args": m.state["config"].get("model_args", {})}
                                          for m in members]}}
     weights = {f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state["model"].items()}
     record = [{"uri": m.uri, "sha256": m.sha256, "model": m.state["config"]["model"],
                "seed": m.state["config"].get("seed"), "epoch": m.state.get("epoch"),
-               "best_val_macro_f1": m.best} for m in members]
+               "best_val_macro_f1": m.best,
+               "teacher_sha256": (m.state.get("distillation") or {}).get("sha256")} for m in members]
     state = make_checkpoint(weights, epoch=0, best=0.0, bad_epochs=0, history=[], resumes=[],
                             config=config, classes=list(base["classes"]), dataset=dict(base["dataset"]),
                             params=sum(m.state["params"] for m in members),  # each recorded its own

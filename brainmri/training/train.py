@@ -7,6 +7,7 @@
       (decode, fit, normalise; streaming)         train_one_epoch on its own shard, augmenting
     TorchTrainer(N workers, RunConfig(storage))   evaluate (plain module, no DDP) on its own
       train: equal shards; val: every row once    part of val (maybe none); one all-reduce
+    teacher checked (optional, distill)         teacher (optional): frozen, on each train batch
     decision rule on val (optional)             rank 0: checkpoint + history; all: report()
     publish best checkpoint as a model version  (with ema_decay: the averaged weights throughout)
 
@@ -455,7 +456,13 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
         with failing(tracked):
             pixels = ensure_pixels(version, manifest, cfg.image_size)
         dataset_info["pixels"] = pixels[0].uri
-    (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info})
+    if teacher and (run / "config.json").exists():  # a re-run resumes against the same teacher
+        before = (run / "config.json").read_json().get("teacher") or {}
+        if before.get("sha256") not in (None, teacher["sha256"]):
+            raise ConfigError(f"run {run.uri} was distilled from {before['uri']} (sha256 "
+                              f"{before['sha256'][:12]}), {cfg.teacher} is now another file: resume with "
+                              "that teacher, or start a run under a new name")
+    (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info, "teacher": teacher})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "classes": classes, "train_counts": train_counts,

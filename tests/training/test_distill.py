@@ -7,6 +7,7 @@ fitted in this process (seconds, no Ray); the Ray run is in test_train.py."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -134,3 +135,19 @@ def test_teachers_that_could_mislead_are_refused_in_one_line(lakes):
         teacher_record(_cfg(teacher + "-gone"), list(CLASSES), manifest_hash(manifest))
     with pytest.raises(ConfigError, match="distill_weight must be in \\(0, 1\\]"):
         TrainConfig(distill_weight=0.0).validate()
+
+
+def test_retrain_refuses_a_teacher_before_it_ingests_anything(lakes):
+    """A challenger trains on a version newer than any teacher: refused before the ingest,
+    where training.distill would refuse it only after."""
+    from brainmri.config import RetrainConfig
+    from brainmri.ops.retrain import retrain
+
+    lake, _, teacher, _ = lakes
+    versions = sorted(p.name for p in (lake / "datasets" / "brain-tumor-mri").iterdir())
+    cfg = RetrainConfig(store=str(lake), champion=teacher, wait_lock_s=0, train={"teacher": teacher})
+    with pytest.raises(ConfigError, match="distils from teacher .* give --train teacher="):
+        retrain(cfg)
+    assert sorted(p.name for p in (lake / "datasets" / "brain-tumor-mri").iterdir()) == versions
+    pointer = lake / "retrain" / "brain-tumor-mri" / "champion.json"  # may hold the lease's fence only
+    assert not pointer.exists() or not json.loads(pointer.read_text()).get("model")

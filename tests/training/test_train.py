@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -158,10 +159,15 @@ def test_a_teacher_teaches_every_worker_and_travels_with_the_model(small_lake, r
     assert record["sha256"] == hashlib.sha256(blob).hexdigest() and record["weight"] == 1.0
     assert state["config"]["teacher"] == teacher  # the recipe names it; the record pins the file
     meta = (open_location(res.model_uri) / "metadata.json").read_json()
-    assert meta["distillation"] == record
+    assert meta["distillation"] == record and "a brainnet" in meta["card"]["distilled_from"]
     run = open_location(res.run_uri)
     ck = next(d for d in run.listdir() if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists())
     assert load_model_state((run / ck).uri)["distillation"] == record
+    # a re-run resumes the run: against another teacher it is refused, nothing trained
+    other = train_inprocess(small_lake, version.uri, steps=10, seed=1)
+    with pytest.raises(ConfigError, match="was distilled from .* another file"):
+        run_training(replace(cfg, teacher=other))
+    assert len((run / "history.json").read_json()) == 2
 
 
 def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path):
