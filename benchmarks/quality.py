@@ -115,8 +115,9 @@ def train(store: str, dataset: str, recipe: str, model: str, budget: float, seed
     summary = (run / "summary.json").read_json()
     history = (run / "history.json").read_json()
     train_s = sum(h["epoch_seconds"] for h in history)
+    meta = (open_location(summary["model"]) / "metadata.json").read_json()
     return {"name": name, "model_uri": summary["model"], "epochs": len(history),
-            "train_minutes": train_s / 60,
+            "train_minutes": train_s / 60, "teacher_minutes": teacher_minutes(meta),
             "images_per_s": sum(h["train_images"] for h in history) / max(train_s, 1e-9),
             "best_val_macro_f1": summary["best"]["val_macro_f1"],
             **decision(open_location(summary["model"]) / "metadata.json")}
@@ -141,6 +142,26 @@ def ensemble(store: str, dataset: str, recipe: str, budget: float, seeds: list[i
             "train_minutes": minutes, "images_per_s": images / max(minutes * 60, 1e-9),
             "best_val_macro_f1": res.metrics["val_macro_f1"], "members": [m["model_uri"] for m in members],
             **decision(open_location(res.model_uri) / "metadata.json")}
+
+
+def teacher_minutes(meta: dict) -> float | None:
+    """Training minutes behind a distilled model's teacher (an ensemble's: its members' sum),
+    from the histories published with them; None without a teacher or when one is missing."""
+    from brainmri.core.storage import open_location
+
+    rec = meta.get("distillation")
+    if not rec:
+        return None
+    folder = open_location(rec["uri"].rsplit("/", 1)[0])
+    teacher = (folder / "metadata.json").read_json() if (folder / "metadata.json").exists() else {}
+    files = [m["uri"] for m in teacher.get("ensemble", {}).get("members", [])] or [rec["uri"]]
+    total = 0.0
+    for f in files:
+        m = open_location(f.rsplit("/", 1)[0]) / "metadata.json"
+        if not m.exists():
+            return None
+        total += sum(h.get("epoch_seconds", 0.0) for h in m.read_json().get("history", []))
+    return total / 60
 
 
 def decision(meta_file) -> dict:
@@ -238,7 +259,9 @@ def main(argv=None) -> int:
                      a.reuse, log) if model == "ensemble" else \
             train(store, a.dataset, a.recipe, model, a.budget_min, a.seed, a.reuse, log)
         check = t["decision_held_out_accuracy_change"]
-        print(f"{model}: {t['epochs']} epochs in {t['train_minutes']:.1f} min, "
+        teacher = t.get("teacher_minutes")
+        taught = f" (+ {teacher:.1f} min training its teacher)" if teacher else ""
+        print(f"{model}: {t['epochs']} epochs in {t['train_minutes']:.1f} min{taught}, "
               f"{t['images_per_s']:.0f} img/s, best validation macro-F1 {t['best_val_macro_f1']:.4f}, "
               f"glioma bias {t['decision_bias']:+.2f} (fitted {t['decision_bias_fitted'] or 0:+.2f}"
               + (f", held-out accuracy change {check:+.4f}" if check is not None else "")

@@ -114,6 +114,24 @@ def test_quality_ensembles_the_recipe_seeds_and_counts_all_their_training(tmp_pa
     assert t["decision_bias"] == 0.0 and t["best_val_macro_f1"] == state["best"]
 
 
+def test_quality_counts_the_teachers_training_behind_a_distilled_model(tmp_path):
+    q = load("quality")
+
+    def version(name: str, seconds: list[float], **extra) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metadata.json").write_text(json.dumps(
+            {"history": [{"epoch": i, "epoch_seconds": s} for i, s in enumerate(seconds)], **extra}))
+        return str(d / "model.pt")
+
+    one, two = version("m1", [60.0, 60.0]), version("m2", [90.0, 30.0, 60.0])
+    ens = version("ens", [], ensemble={"members": [{"uri": one}, {"uri": two}]})
+    assert q.teacher_minutes({"distillation": {"uri": ens}}) == pytest.approx(5.0)  # the members' sum
+    assert q.teacher_minutes({"distillation": {"uri": one}}) == pytest.approx(2.0)
+    assert q.teacher_minutes({}) is None
+    assert q.teacher_minutes({"distillation": {"uri": str(tmp_path / "gone" / "model.pt")}}) is None
+
+
 @pytest.mark.slow
 def test_chaos_short(tmp_path):
     """The chaos benchmark's short version: one killed-and-rerun ingest, training and
