@@ -15,6 +15,8 @@ Per model it prints training images/s (bf16 autocast + channels-last on CUDA), t
 step's time that the host-to-device copy and the augmentation alone take (each timed in
 isolation over the same batches, so it is an upper bound where the copy overlaps compute),
 peak GPU memory, and whether validation metrics equal a plain single-forward evaluation.
+With `--teacher-members K` it also times the step taught by an ensemble of K copies of the
+network (distillation, `engine.Teacher`: the teacher in bf16 on the device as well).
 """
 
 from __future__ import annotations
@@ -105,9 +107,9 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         """k batches, wrapping round the sample's epochs (it is small on purpose)."""
         return itertools.islice(itertools.chain.from_iterable(src.epoch(e) for e in itertools.count()), k)
 
-    def step(k):
+    def step(k, teacher=None):
         return train_one_epoch(model, batches(k), crit, opt, sched, device, args.aug_strength, gen,
-                               amp=cuda, channels_last=cuda)
+                               amp=cuda, channels_last=cuda, teacher=teacher)
 
     clock = Stopwatch(device)
     step(args.warmup)  # cuDNN autotuning, allocator growth, lazy inits
@@ -124,6 +126,18 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         for b in batches(args.steps):
             x, _ = to_device(b, device)
             normalise(augment(to_unit(x), args.aug_strength, gen))
+
+    taught = {}
+    if args.teacher_members:  # distillation (--teacher): an ensemble of copies taught on the batch
+        members = [{"model": name, "model_args": {}}] * args.teacher_members
+        net = create_model("ensemble", len(CLASSES), 1, image_size=size, members=members).to(device)
+        teacher = engine.Teacher(engine.to_channels_last(net) if cuda else net, 0.5, 1.0)
+        step(1, teacher)
+        t_taught = timed(clock, lambda: step(args.steps, teacher))
+        out = step(1, teacher).cpu()
+        taught = {"teacher_members": args.teacher_members, "taught_step_ms": 1e3 * t_taught / args.steps,
+                  "taught_train_loss": float(out[0] / max(1.0, out[2]))}
+        del teacher, net
 
     t_copy = timed(clock, copy_only)
     t_aug = timed(clock, copy_and_augment) - t_copy
@@ -162,6 +176,7 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
             cm_amp.numpy(), list(CLASSES))["accuracy"],
         "val_match": bool(torch.equal(cm, plain_cm)),
         "val_loss_diff": abs(vloss.item() - plain_loss) / max(1e-12, abs(plain_loss)),
+        **taught,
     }
 
 
@@ -177,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50, help="timed training steps per model")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--aug-strength", type=float, default=1.0)
+    ap.add_argument("--teacher-members", type=int, default=0,
+                    help="also time the steps taught by an ensemble of this many copies (distillation)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     sizes = dict(SIZES, **{k: int(v) for k, v in (s.split("=", 1) for s in args.size)})
@@ -215,7 +232,9 @@ def main(argv=None) -> int:
     for m in models:
         rows.append(bench_model(m, sizes.get(m, 224), by_size[sizes.get(m, 224)], ys, args, device))
         r = rows[-1]
-        print(f"  {m}: {r['images_per_s']:.0f} img/s", flush=True)
+        print(f"  {m}: {r['images_per_s']:.0f} img/s" + (
+            f"; taught by an ensemble of {r['teacher_members']}: {r['taught_step_ms']:.1f} ms a step "
+            f"against {r['step_ms']:.1f}" if "teacher_members" in r else ""), flush=True)
     dist.destroy_process_group()
 
     hdr = f"{'model':<16}{'px':>5}{'params':>8}{'img/s':>9}{'ms/step':>9}{'copy':>7}{'augment':>9}" \

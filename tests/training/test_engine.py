@@ -182,7 +182,8 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
         pytest.skip("shared data not found")
     r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--models", "brainnet",
                         "--per-class", "6", "--steps", "3", "--warmup", "1", "--batch-size", "8",
-                        "--size", "brainnet=64", "--json", str(tmp_path / "gpu.json")],
+                        "--size", "brainnet=64", "--teacher-members", "2",
+                        "--json", str(tmp_path / "gpu.json")],
                        cwd=REPO, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -193,6 +194,7 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
     assert row["model"] == "brainnet" and row["backend"] == "gloo" and row["images_per_s"] > 0
     assert row["val_match"] is True and 0 <= row["copy_share"] <= 1 and 0 <= row["augment_share"] <= 1
     assert np.isfinite(row["train_loss"])
+    assert row["teacher_members"] == 2 and row["taught_step_ms"] > 0 and np.isfinite(row["taught_train_loss"])
 
 
 def test_channels_last_keeps_single_input_channel_weights_contiguous():
