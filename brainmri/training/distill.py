@@ -7,7 +7,7 @@ very batch the student trains on, augmented and mixed ("consistent teaching": Be
 2022, "Knowledge distillation: a good teacher is patient and consistent"), so its targets
 fit the view the student sees. Fixed targets computed once on the plain images would not.
 The price is paid in training time: a 3-member ensemble of the CPU recipe's network adds
-~0.76 of a training step per batch on one thread (`benchmarks/train.py --only distill`).
+0.87 of a training step on one thread (`benchmarks/train.py --only distill`).
 
 The driver checks the teacher once (`teacher_record`): the same classes in the same order,
 the same input contract, and the same dataset version, by manifest hash. Its training rows
