@@ -171,6 +171,17 @@ def last_conv(model: torch.nn.Module) -> torch.nn.Module:
     return convs[-1]
 
 
+def target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers Grad-CAM reads: the last convolution, or for an ensemble (models.zoo.Ensemble)
+    each member's. pytorch-grad-cam scales each layer's map to [0, 1] per image and averages
+    them, so every member counts the same, and a member's share of the ensemble's
+    probability (a positive factor on its gradients) cancels in that scaling."""
+    members = getattr(model, "members", None)
+    if isinstance(members, torch.nn.ModuleList):
+        return [last_conv(m) for m in members]
+    return [last_conv(model)]
+
+
 def gradcam_overlays(model: torch.nn.Module, x_u8: np.ndarray, targets: list[int]) -> list[np.ndarray]:
     """Grad-CAM for each image's target class -> RGB uint8 overlays on the model's input."""
     from pytorch_grad_cam import GradCAM
@@ -183,7 +194,7 @@ def gradcam_overlays(model: torch.nn.Module, x_u8: np.ndarray, targets: list[int
     # map would follow the flipped pass (the decision's logit bias does not move the map)
     model = getattr(model, "net", model)
     x = to_model_input(torch.from_numpy(np.ascontiguousarray(x_u8)))
-    with GradCAM(model=model, target_layers=[last_conv(model)]) as cam:
+    with GradCAM(model=model, target_layers=target_layers(model)) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     rgb = np.repeat(x_u8[..., None], 3, axis=-1).astype(np.float32) / 255.0
     return [show_cam_on_image(img, m, use_rgb=True, image_weight=0.55)
