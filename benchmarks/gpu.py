@@ -132,7 +132,7 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         members = [{"model": name, "model_args": {}}] * args.teacher_members
         net = create_model("ensemble", len(CLASSES), 1, image_size=size, members=members).to(device)
         teacher = engine.Teacher(engine.to_channels_last(net) if cuda else net, 0.5, 1.0)
-        step(1, teacher)
+        step(args.warmup, teacher)
         t_taught = timed(clock, lambda: step(args.steps, teacher))
         out = step(1, teacher).cpu()
         taught = {"teacher_members": args.teacher_members, "taught_step_ms": 1e3 * t_taught / args.steps,
@@ -196,6 +196,8 @@ def main(argv=None) -> int:
                     help="also time the steps taught by an ensemble of this many copies (distillation)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.teacher_members == 1:
+        ap.error("--teacher-members: an ensemble needs at least 2 (0 = no teacher)")
     sizes = dict(SIZES, **{k: int(v) for k, v in (s.split("=", 1) for s in args.size)})
     device = torch.device(args.device)
     if device.type == "cuda":

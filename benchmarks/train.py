@@ -273,6 +273,8 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     ap.add_argument("--only", nargs="*", default=[], choices=SECTIONS, help="run only these sections")
     a = ap.parse_args()
+    if a.members < 2:
+        ap.error("--members: the teacher ensemble needs at least 2")
     a.skip = [s for s in SECTIONS if s in a.skip or (a.only and s not in a.only)]
     threads = os.cpu_count() or 2
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads")

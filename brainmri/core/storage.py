@@ -185,15 +185,24 @@ def open_location(uri: str | os.PathLike, check: bool = False) -> Location:
             _check_s3(bucket)
         return loc
     path = uri[len("file://"):] if uri.startswith("file://") else uri
-    if check and not os.path.isabs(os.path.expanduser(path)) and _in_job_copy():
-        raise StorageError(f"{uri!r} is relative: in a Ray job it would name a folder in the job's "
-                           "temporary copy of --working-dir (deleted with it); give an absolute "
-                           "path (\"$PWD/lake\") or s3://")
+    if check:
+        check_lasting(uri)
     path = os.path.abspath(os.path.expanduser(path))
     loc = Location(path, pafs.LocalFileSystem(), path)
     if check:
         _check_local(path)
     return loc
+
+
+def check_lasting(uri: str) -> None:
+    """Refuse a relative local path inside a Ray job: it would name something in the job's
+    temporary copy of --working-dir (deleted with it), not the user's folder. Reads nothing
+    (for inputs, which open_location(check=True) would also require to be writable folders)."""
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "://" not in path and not os.path.isabs(os.path.expanduser(path)) and _in_job_copy():
+        raise StorageError(f"{uri!r} is relative: in a Ray job it would name a folder in the job's "
+                           "temporary copy of --working-dir (deleted with it); give an absolute "
+                           "path (\"$PWD/lake\") or s3://")
 
 
 def _in_job_copy() -> bool:

@@ -176,9 +176,10 @@ def target_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     each member's. pytorch-grad-cam scales each layer's map to [0, 1] per image and averages
     them, so every member counts the same, and a member's share of the ensemble's
     probability (a positive factor on its gradients) cancels in that scaling."""
-    members = getattr(model, "members", None)
-    if isinstance(members, torch.nn.ModuleList):
-        return [last_conv(m) for m in members]
+    from ..models.zoo import Ensemble
+
+    if isinstance(model, Ensemble):
+        return [last_conv(m) for m in model.members]
     return [last_conv(model)]
 
 

@@ -247,10 +247,10 @@ def load_champion(root: Location, cfg: RetrainConfig, store: Location, lease: Le
     recipe = to_dict(load_config(TrainConfig, cfg.recipe)) if cfg.recipe else \
         dict(champion["recipe"]) if champion is not None else {}
     teacher = {**recipe, **cfg.train}.get("teacher")
-    if teacher:  # training.distill would refuse it, but only after this run's ingest
-        raise ConfigError(f"the challenger's recipe distils from teacher {teacher}, trained on an earlier "
-                          "dataset version than the one a challenger trains on: give --train teacher= "
-                          "(no teacher) or a --recipe without one")
+    if teacher and cfg.incoming:  # training.distill would refuse it, but only after the ingest
+        raise ConfigError(f"the challenger's recipe distils from teacher {teacher}, and the challenger "
+                          "trains on the version this run ingests from --incoming, which no teacher has "
+                          "been trained on: give --train teacher= (no teacher) or a --recipe without one")
     if champion is not None:
         sync_model_pointer(store, root, lease)
     return champion

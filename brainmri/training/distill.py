@@ -27,7 +27,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..core import metrics as M
-from ..core.storage import open_location
+from ..core.storage import check_lasting
 from ..models.checkpoints import build_model, load_state, model_file, preprocess_record
 from .engine import Teacher, to_channels_last
 
@@ -43,7 +43,7 @@ def teacher_record(cfg: TrainConfig, classes: list[str], manifest_hash: str) -> 
     """Read and check cfg.teacher for a run on the dataset whose manifest hash is given;
     -> what the workers load and the checkpoint records (no weights). One-line ConfigError
     for every mismatch, before Ray starts a worker."""
-    open_location(cfg.teacher, check=True)  # a relative path inside a Ray job's copy: refused
+    check_lasting(cfg.teacher)  # a relative path inside a Ray job's copy: refused
     loc = model_file(cfg.teacher)
     blob = loc.read_bytes()
     state = load_state(blob)

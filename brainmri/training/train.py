@@ -425,6 +425,22 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict,
     return inference_record(cfg.tta, bias, chosen)
 
 
+def check_same_teacher(run, teacher: dict | None, given: str) -> None:
+    """A re-run resumes the run: it must be taught as its first epochs were (by the same
+    file, or by none), or its checkpoints would describe the weights wrongly. Runs whose
+    config.json predates the record are not checked."""
+    before = (run / "config.json").read_json() if (run / "config.json").exists() else {}
+    if "teacher" not in before:
+        return
+    was, now = (before["teacher"] or {}).get("sha256"), (teacher or {}).get("sha256")
+    if was != now:
+        said = f"distilled from {before['teacher']['uri']} (sha256 {was[:12]})" if was else \
+            "taught by no teacher"
+        raise ConfigError(f"run {run.uri} was {said}; this re-run names "
+                          + (f"{given} (another file)" if now else "no teacher")
+                          + ": resume it as it started, or start a run under a new name")
+
+
 def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
                  tracking: Tracking | None = None) -> TrainResult:
     """Train (see the module docstring). `progress(line)`, when given, gets one line per
@@ -439,6 +455,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
 
     runs = storage or (out / "runs")
     run = runs / name
+    check_same_teacher(run, teacher, cfg.teacher)
     train_counts = [manifest["counts"]["train"][c] for c in classes]
     train_rows = min(sum(train_counts), cfg.limit_train or 10**12)
     dataset_info = {"uri": version.uri, "name": manifest["name"], "version": manifest["version"],
@@ -456,12 +473,6 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
         with failing(tracked):
             pixels = ensure_pixels(version, manifest, cfg.image_size)
         dataset_info["pixels"] = pixels[0].uri
-    if teacher and (run / "config.json").exists():  # a re-run resumes against the same teacher
-        before = (run / "config.json").read_json().get("teacher") or {}
-        if before.get("sha256") not in (None, teacher["sha256"]):
-            raise ConfigError(f"run {run.uri} was distilled from {before['uri']} (sha256 "
-                              f"{before['sha256'][:12]}), {cfg.teacher} is now another file: resume with "
-                              "that teacher, or start a run under a new name")
     (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info, "teacher": teacher})
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -137,17 +137,57 @@ def test_teachers_that_could_mislead_are_refused_in_one_line(lakes):
         TrainConfig(distill_weight=0.0).validate()
 
 
-def test_retrain_refuses_a_teacher_before_it_ingests_anything(lakes):
-    """A challenger trains on a version newer than any teacher: refused before the ingest,
-    where training.distill would refuse it only after."""
+def test_retrain_refuses_a_teacher_before_it_ingests_anything(lakes, tmp_path):
+    """With --incoming, a challenger trains on the version this run ingests, which no teacher
+    has seen: refused before the ingest (training.distill would refuse it only after)."""
     from brainmri.config import RetrainConfig
     from brainmri.ops.retrain import retrain
 
+    from support.tiny import kaggle_folder
+
     lake, _, teacher, _ = lakes
+    incoming, _, _ = kaggle_folder(tmp_path / "incoming")
     versions = sorted(p.name for p in (lake / "datasets" / "brain-tumor-mri").iterdir())
-    cfg = RetrainConfig(store=str(lake), champion=teacher, wait_lock_s=0, train={"teacher": teacher})
-    with pytest.raises(ConfigError, match="distils from teacher .* give --train teacher="):
+    cfg = RetrainConfig(store=str(lake), champion=teacher, wait_lock_s=0, incoming=str(incoming),
+                        train={"teacher": teacher})
+    with pytest.raises(ConfigError, match="distils from teacher .* ingests from --incoming.* teacher="):
         retrain(cfg)
     assert sorted(p.name for p in (lake / "datasets" / "brain-tumor-mri").iterdir()) == versions
     pointer = lake / "retrain" / "brain-tumor-mri" / "champion.json"  # may hold the lease's fence only
     assert not pointer.exists() or not json.loads(pointer.read_text()).get("model")
+
+
+def test_a_rerun_is_taught_as_the_run_started(tmp_path):
+    from brainmri.training.train import check_same_teacher
+
+    run = open_location(str(tmp_path / "run"))
+    rec = {"uri": "/store/models/ens/v1/model.pt", "sha256": "a" * 64}
+    check_same_teacher(run, rec, "x")  # a new run: nothing to compare
+    (run / "config.json").write_json({"config": {}})
+    check_same_teacher(run, None, "")  # a run from before the record: not checked
+    (run / "config.json").write_json({"config": {}, "teacher": rec})
+    check_same_teacher(run, dict(rec), rec["uri"])
+    with pytest.raises(ConfigError, match="was distilled from .*aaaaaaaaaaaa.*another file"):
+        check_same_teacher(run, {**rec, "sha256": "b" * 64}, "models/ens")
+    with pytest.raises(ConfigError, match="names no teacher"):
+        check_same_teacher(run, None, "")
+    (run / "config.json").write_json({"config": {}, "teacher": None})
+    with pytest.raises(ConfigError, match="was taught by no teacher"):
+        check_same_teacher(run, rec, "models/ens")
+
+
+def test_tune_pins_the_teacher_file_and_its_trials_accept_it(lakes, tmp_path):
+    """Each trial names the model.pt the search checked, not "latest" again; a .pt file is a
+    teacher like a version folder."""
+    from brainmri.config import TuneConfig
+    from brainmri.ops.tune import build_trials
+    from brainmri.training.train import prepare
+
+    lake, version_uri, teacher, _ = lakes
+    base = {"teacher": str(lake / "models" / "brainnet"), "image_size": SIZE, "model_args": dict(MODEL_ARGS),
+            "batch_size": 4, "num_workers": 1}
+    settings = TuneConfig(data=version_uri, out=str(tmp_path), name="s")
+    (trial,) = build_trials(base, [{"lr": 0.01}], settings)
+    pinned = trial["train"]["teacher"]
+    assert pinned.endswith("/model.pt") and pinned.startswith(str(lake / "models" / "brainnet"))
+    assert prepare(TrainConfig(**trial["train"]))[4]["uri"] == pinned
