@@ -196,7 +196,7 @@ def main(argv=None) -> int:
                     help="also time the steps taught by an ensemble of this many copies (distillation)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
-    if args.teacher_members == 1:
+    if args.teacher_members < 0 or args.teacher_members == 1:
         ap.error("--teacher-members: an ensemble needs at least 2 (0 = no teacher)")
     sizes = dict(SIZES, **{k: int(v) for k, v in (s.split("=", 1) for s in args.size)})
     device = torch.device(args.device)

@@ -15,8 +15,9 @@ are then the student's: it never trained on a validation or test image (its best
 chosen on validation, as the student's is). A teacher from another version could have
 trained on this version's validation or test images, so it is refused. Each worker reads
 the same file again (`load_teacher`) and proves by its sha256 that it is the file the
-driver checked; a re-run of the same run name must name the same file. The record travels
-in run/config.json, the checkpoint and the published metadata under `distillation`.
+driver checked; a re-run of the same run name must be taught as the run started
+(train.check_same_teacher). The record travels in run/config.json (under `teacher`), and in
+the checkpoint and the published metadata under `distillation`.
 """
 
 from __future__ import annotations
