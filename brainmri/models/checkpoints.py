@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from ..core.metrics import SELECTION_METRIC
 from ..core.storage import Location, StorageError, check_name, open_location
 from ..data.transforms import HI_PCT, LO_PCT, MEAN, STD
 
@@ -103,6 +104,13 @@ def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: i
     if distillation:
         state["distillation"] = distillation
     return state
+
+
+def epoch_score(state: dict) -> float:
+    """Validation macro-F1 at the epoch whose weights `state` holds (a checkpoint folder may
+    hold a later epoch than its run's best)."""
+    same = [h for h in state.get("history", []) if h.get("epoch") == state.get("epoch")]
+    return float(same[-1][SELECTION_METRIC]) if same else float(state.get("best", 0.0))
 
 
 def load_state(data: bytes) -> dict:

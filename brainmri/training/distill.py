@@ -27,17 +27,9 @@ import hashlib
 import torch
 
 from ..config import ConfigError, TrainConfig
-from ..core import metrics as M
 from ..core.storage import check_lasting
-from ..models.checkpoints import build_model, load_state, model_file, preprocess_record
+from ..models.checkpoints import build_model, epoch_score, load_state, model_file, preprocess_record
 from .engine import Teacher, to_channels_last
-
-
-def epoch_score(state: dict) -> float:
-    """Validation macro-F1 at the epoch whose weights `state` holds (a checkpoint folder may
-    hold a later epoch than its run's best)."""
-    same = [h for h in state.get("history", []) if h.get("epoch") == state.get("epoch")]
-    return float(same[-1][M.SELECTION_METRIC]) if same else float(state.get("best", 0.0))
 
 
 def teacher_record(cfg: TrainConfig, classes: list[str], manifest_hash: str) -> dict:

@@ -25,9 +25,8 @@ from ..config import ConfigError, EnsembleConfig, TrainConfig, from_dict
 from ..core import metrics as M
 from ..core.storage import open_location
 from ..data.datasets import resolve_dataset
-from ..models.checkpoints import load_state, make_checkpoint, model_file, publish_model
+from ..models.checkpoints import epoch_score, load_state, make_checkpoint, model_file, publish_model
 from ..models.decision import inference_record
-from .distill import epoch_score
 from .train import choose_decision, validation_logits
 
 
