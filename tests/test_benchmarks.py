@@ -247,3 +247,38 @@ def test_sweep_pack_holds_train_and_val_only_and_a_trial_trains_from_it(tmp_path
     rows = s.summarise([r, r2, other])
     assert [x["trial"] for x in rows] == ["t001", "t000"]  # t000's mean is +0.05, t001's +0.06
     assert rows[1]["seeds"] == 2 and abs(rows[1]["spread"] - 0.1) < 1e-9
+
+
+def _report(folder, truth: list[str], predicted: list[str], complete: bool = True):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"path": [f"img{i}.jpg" for i in range(len(truth))], "true_label": truth,
+                             "predicted_label": predicted}), folder / "predictions.parquet")
+    if complete:
+        (folder / "complete.json").write_text(json.dumps({"complete": True}))
+    return str(folder)
+
+
+def test_hard_images_counts_the_misses_models_share_and_what_a_goal_needs(tmp_path, capsys):
+    h = load("hard_images")
+    truth = ["glioma"] * 5 + ["meningioma"] * 5
+    a = _report(tmp_path / "a", truth, ["meningioma", "meningioma"] + ["glioma"] * 3 + ["meningioma"] * 5)
+    b = _report(tmp_path / "b", truth, ["meningioma"] + ["glioma"] * 4 + ["glioma"] + ["meningioma"] * 4)
+    c = _report(tmp_path / "c", truth, ["pituitary"] + ["glioma"] * 4 + ["glioma"] + ["meningioma"] * 4)
+    o = h.overlap([h.read_report(u) for u in (a, b, c)], goal=0.9)
+    assert o["errors_per_model"] == [2, 2, 2]
+    assert o["missed_by_at_least"] == {1: 3, 2: 2, 3: 1}  # img0 by all, img5 by two, img1 by one
+    assert o["missed_by_majority"] == 2 and o["majority_missed_by_class"] == {"glioma": 1, "meningioma": 1}
+    assert o["goal_allows_errors"] == 1 and o["goal_needs_majority_missed_right"] == 1
+    assert h.main([a, b, c, "--goal", "0.9"]) == 0
+    assert "must get right at least 1 of the 2" in capsys.readouterr().out
+    # other labels, or a report a crash left without complete.json: one line, exit 2
+    d = _report(tmp_path / "d", ["notumor"] + truth[1:], truth)
+    e = _report(tmp_path / "e", truth, truth, complete=False)
+    for bad, why in ((d, "same images with the same labels"), (e, "not a complete evaluation report")):
+        assert h.main([a, bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1
+    assert h.main([a]) == 2

@@ -50,6 +50,7 @@ from .inference import (
 from .sources import Source, open_source, to_ray_dataset
 
 COMPLETE = "complete.json"
+PREDICTIONS = "predictions.parquet"
 OUTPUT_COLUMNS = ("path", "label", "sha256", "phash", "reason", "detail", "logits", "dicom", "frame")
 
 
@@ -319,11 +320,11 @@ def write_report(dest: Location, m: dict, figs: dict, ref: ModelRef, predictions
         if png:
             (dest / "figures" / f"{name}.png").write_bytes(png)
             names.append(f"figures/{name}.png")
-    (dest / "predictions.parquet").write_bytes(predictions)
+    (dest / PREDICTIONS).write_bytes(predictions)
     (dest / "rejects.csv").write_bytes(rejects)
     (dest / "metrics.json").write_json(m)
     config = {"config": ref.state.get("config"), "dataset": ref.state.get("dataset"),
               "preprocess": ref.state.get("preprocess"), "versions": ref.state.get("versions")}
     (dest / "report.html").write_bytes(render(m, figs, config).encode())
     (dest / COMPLETE).write_json({"complete": True, "created_at": m["created_at"], "files": names + [
-        "predictions.parquet", "rejects.csv", "metrics.json", "report.html"]})
+        PREDICTIONS, "rejects.csv", "metrics.json", "report.html"]})
