@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from brainmri.config import CLASSES  # noqa: E402
+from brainmri.config import CLASSES, RECIPE_SHAPES  # noqa: E402
 from brainmri.core.metrics import from_confusion  # noqa: E402
 from brainmri.data.transforms import augment, normalise, preprocess_many, to_unit  # noqa: E402
 from brainmri.models.zoo import count_params, create_model  # noqa: E402
@@ -91,7 +91,7 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
     order = torch.randperm(len(ys), generator=g)
     val_idx, train_idx = order[:n_val], order[n_val:]
     torch.manual_seed(0)
-    raw = create_model(name, len(CLASSES), 1, image_size=size)
+    raw = create_model(name, len(CLASSES), 1, image_size=size, **RECIPE_SHAPES.get(name, {}))
     params = count_params(raw)
     raw = raw.to(device)
     if cuda:
@@ -129,7 +129,7 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
 
     taught = {}
     if args.teacher_members:  # distillation (--teacher): an ensemble of copies taught on the batch
-        members = [{"model": name, "model_args": {}}] * args.teacher_members
+        members = [{"model": name, "model_args": RECIPE_SHAPES.get(name, {})}] * args.teacher_members
         net = create_model("ensemble", len(CLASSES), 1, image_size=size, members=members).to(device)
         teacher = engine.Teacher(engine.to_channels_last(net) if cuda else net, 0.5, 1.0)
         step(args.warmup, teacher)

@@ -123,7 +123,7 @@ def run_trial(job: dict) -> dict:
     batch = cfg.batch_size * cfg.num_workers  # the recipe's global batch, one process
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1000)
-    model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.model_args).to(dev)
+    model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.shape()).to(dev)
     if cuda:
         model = to_channels_last(model)
     counts = torch.bincount(yt, minlength=len(classes)).tolist()

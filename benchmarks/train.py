@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from brainmri.config import TrainConfig  # noqa: E402
+from brainmri.config import RECIPE_SHAPES, TrainConfig  # noqa: E402
 from brainmri.core.cluster import init_ray  # noqa: E402
 from brainmri.data.datasets import resolve_dataset  # noqa: E402
 from brainmri.data.transforms import preprocess  # noqa: E402
@@ -136,7 +136,7 @@ class PlainRecipe:
         self.cfg, self.done = cfg, 0
         # channels-last, as a Ray worker runs it (train_loop_per_worker)
         self.model = to_channels_last(create_model(cfg.model, len(self.classes), 1,
-                                                   image_size=cfg.image_size, **cfg.model_args))
+                                                   image_size=cfg.image_size, **cfg.shape()))
         counts = np.bincount(self.yt.numpy(), minlength=len(self.classes)).tolist()
         # the recipe's loss, optimiser, weight average and mixing, as a Ray worker builds them
         self.parts = recipe_parts(cfg, self.model, counts, torch.device("cpu"),
@@ -304,11 +304,11 @@ def main() -> None:
             if name == "ensemble":  # published from trained models (brainmri ensemble), not trained
                 continue
             try:
-                rate = _model_rate(name, a.size, a.steps, threads)
+                rate = _model_rate(name, a.size, a.steps, threads, **RECIPE_SHAPES.get(name, {}))
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"  {name:22s} failed: {e}")
                 continue
-            m = create_model(name, 4, 1, image_size=a.size)
+            m = create_model(name, 4, 1, image_size=a.size, **RECIPE_SHAPES.get(name, {}))
             print(f"  {name:22s} {count_params(m) / 1e6:6.2f} M params  {rate:6.1f} img/s  "
                   f"epoch ~{n_train / rate / 60:5.1f} min")
     if "feed" not in a.skip:
@@ -361,7 +361,7 @@ def bench_distill(size, batch, steps, rounds, members) -> dict:
 
     torch.set_num_threads(1)
     cfg = TrainConfig(image_size=size, batch_size=batch)
-    net = dict(model=cfg.model, model_args=cfg.model_args)
+    net = dict(model=cfg.model, model_args=cfg.shape())
     ens = create_model("ensemble", 4, 1, image_size=size, members=[net] * members)
     teacher = Teacher(to_channels_last(ens), cfg.distill_weight, cfg.distill_temperature)
     cpu = torch.device("cpu")
@@ -372,7 +372,7 @@ def bench_distill(size, batch, steps, rounds, members) -> dict:
     for r in range(rounds):
         for key, t in (("alone", None), ("taught", teacher)):
             torch.manual_seed(0)
-            raw = to_channels_last(create_model(cfg.model, 4, 1, image_size=size, **cfg.model_args))
+            raw = to_channels_last(create_model(cfg.model, 4, 1, image_size=size, **cfg.shape()))
             criterion, opt, sched, ema, mixer = recipe_parts(cfg, raw, [1, 1, 1, 1], cpu, steps)
             batches = ShardBatches.from_tensors(x, y, batch, True, True, r)
             t0 = time.perf_counter()
@@ -411,7 +411,7 @@ def bench_layout(size, batch, steps, rounds) -> dict:
     rates = {False: [], True: []}
     for _ in range(rounds):
         for cl in (False, True):
-            rates[cl].append(_model_rate(cfg.model, size, steps, 1, batch, cl, **cfg.model_args))
+            rates[cl].append(_model_rate(cfg.model, size, steps, 1, batch, cl, **cfg.shape()))
     return {"contiguous": float(np.median(rates[False])), "channels_last": float(np.median(rates[True]))}
 
 

@@ -125,6 +125,14 @@ class IngestConfig:
 
 DECISION_RULES = ("argmax", "glioma_recall")
 
+# The recipe's network shape (configs/cpu.yaml spells it out). `training.prepare` fills the
+# arguments a run leaves out from here, and the run records the filled shape, so every
+# checkpoint names its whole network. The factories' own defaults (models.zoo) never change:
+# a checkpoint that recorded fewer arguments (trained before the recipe's shape changed) is
+# rebuilt from them exactly as it was trained. Width 40 (was the factory's 32): two seeds of
+# full-length runs, benchmarks/results/quality-20261129e-plan.md.
+RECIPE_SHAPES = {"brainnet": {"width": 40, "depth": [1, 1, 2, 1], "kernel": 3, "stem_stride": 4}}
+
 
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -136,7 +144,8 @@ class TrainConfig:
     out: str = flag("./lake", "storage URI: runs/<name>/ (checkpoints) and models/<name>/<version>/")
     name: str = flag("", "run name; re-running with the same name resumes it; '' = <model>-<time>")
     model: str = flag("brainnet", "model name from the registry (brainmri.models.list_models())")
-    model_args: dict = field(default_factory=dict)  # shape arguments for the model factory
+    model_args: dict = field(default_factory=dict)  # shape arguments for the model factory;
+    #                                 the ones left out come from RECIPE_SHAPES, then the factory
     pretrained: str = ""  # "" (from scratch), a weights URI, or "torchvision"
     image_size: int = flag(160, "square input side in pixels, after aspect-preserving fit")
     epochs: int = flag(40, "maximum epochs (early stopping may end sooner)")
@@ -181,6 +190,10 @@ class TrainConfig:
     publish: bool = True  # publish the best checkpoint as models/<model>/<version>/
     candidate: bool = False  # publish it as a candidate (retrain's challengers): models/<model>
     #                          resolves to it only once retrain promotes it
+
+    def shape(self) -> dict:
+        """model_args with what they leave out of the recipe's network filled in."""
+        return {**RECIPE_SHAPES.get(self.model, {}), **self.model_args}
 
     def validate(self) -> None:
         # the model name is checked where models are known (training.prepare, tune's space),

@@ -43,17 +43,13 @@ def test_tune_space_passes_the_space_loader(path):
 def test_the_cpu_recipe_is_the_trainconfig_defaults_spelled_out():
     """configs/cpu.yaml documents the defaults: a key there that differs from TrainConfig's
     default would make `brainmri train` and `--config configs/cpu.yaml` two recipes."""
-    import inspect
-
     import yaml
 
-    from brainmri.models import zoo
+    from brainmri.models.zoo import model_defaults
 
     spelled = yaml.safe_load((CONFIGS / "cpu.yaml").read_text())
     defaults = TrainConfig()
-    shape = spelled.pop("model_args")  # the default {} means the factory's own defaults
-    assert defaults.model_args == {}
-    factory = inspect.signature(zoo.brainnet).parameters
-    assert {k: factory[k].default for k in shape} == {k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in shape.items()}
+    shape = spelled.pop("model_args")  # the default {} means the recipe's shape (RECIPE_SHAPES)
+    assert defaults.model_args == {} and defaults.shape() == shape
+    assert set(shape) == set(model_defaults(defaults.model)) - {"dropout"}  # every shape argument
     assert {k: getattr(defaults, k) for k in spelled} == spelled

@@ -18,6 +18,7 @@ internet) has them. Nothing here downloads anything unless asked to.
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 from typing import Callable
@@ -49,6 +50,15 @@ class UnknownModel(ConfigError):
 def check_model_name(name: str) -> None:
     if name not in _REGISTRY:
         raise UnknownModel(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+
+
+def model_defaults(name: str) -> dict:
+    """The shape arguments a factory takes, with their defaults (what model_args may name)."""
+    check_model_name(name)
+    sig = inspect.signature(_REGISTRY[name]).parameters
+    return {k: (list(p.default) if isinstance(p.default, tuple) else p.default) for k, p in sig.items()
+            if k not in ("num_classes", "in_chans", "image_size", "pretrained")
+            and p.default is not inspect.Parameter.empty}
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,

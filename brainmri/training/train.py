@@ -59,7 +59,7 @@ from ..models.checkpoints import (
     publish_model,
 )
 from ..models.decision import choose_logit_bias, inference_record
-from ..models.zoo import check_model_name, count_params, create_model
+from ..models.zoo import check_model_name, count_params, create_model, model_defaults
 from .distill import load_teacher, teacher_record
 from .engine import (
     EMA,
@@ -360,9 +360,11 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
 
 def prepare(cfg: TrainConfig):
     """Everything that can fail fast, before Ray starts a worker. -> (run name, dataset
-    version, manifest, output location, the teacher's record or None)."""
+    version, manifest, output location, the teacher's record or None). Fills the network's
+    shape into cfg.model_args (TrainConfig.shape), so that the run records all of it."""
     cfg.validate()
     check_model_name(cfg.model)
+    cfg.model_args = cfg.shape()
     if cfg.model == "ensemble":  # retraining an ensemble champion on its own recipe lands here
         raise ConfigError("an ensemble is not trained as one network: train its members (brainmri train "
                           "--seed S, one run each) and publish them as one with brainmri ensemble")
@@ -425,6 +427,21 @@ def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict,
     return inference_record(cfg.tta, bias, chosen)
 
 
+def check_same_network(run, cfg: TrainConfig) -> None:
+    """A re-run resumes the run's checkpoints: it must build the network they hold. Compared
+    with the factory's defaults filled in, so a run recorded before the shape was filled
+    (its model_args as given) is matched by the same arguments given now."""
+    before = ((run / "config.json").read_json() if (run / "config.json").exists() else {}).get("config")
+    if not before:
+        return
+    was = (before["model"], {**model_defaults(before["model"]), **before.get("model_args", {})})
+    now = (cfg.model, {**model_defaults(cfg.model), **cfg.model_args})
+    if was != now:
+        raise ConfigError(f"run {run.uri} trains {was[0]} with model_args {was[1]}; this re-run "
+                          f"builds {now[0]} with {now[1]}: resume it with --set model={was[0]} --set "
+                          f"model_args=... as it started, or start a run under a new name")
+
+
 def check_same_teacher(run, teacher: dict | None, given: str) -> None:
     """A re-run resumes the run: it must be taught as its first epochs were (by the same
     file, or by none), or its checkpoints would describe the weights wrongly. Runs whose
@@ -455,6 +472,7 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
 
     runs = storage or (out / "runs")
     run = runs / name
+    check_same_network(run, cfg)
     check_same_teacher(run, teacher, cfg.teacher)
     train_counts = [manifest["counts"]["train"][c] for c in classes]
     train_rows = min(sum(train_counts), cfg.limit_train or 10**12)

@@ -65,6 +65,39 @@ def _predict(state, version, manifest, split="val", as_validated=False):
     return from_confusion(confusion(np.asarray(t.column("label")), pred, 4), state["classes"])
 
 
+def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_lake, tmp_path):
+    """prepare fills the recipe's shape into model_args (so checkpoints name the whole
+    network); the factory's defaults stay those older checkpoints were built with; a re-run
+    must build the network its run recorded."""
+    from brainmri.config import RECIPE_SHAPES, to_dict
+    from brainmri.models.checkpoints import build_model
+    from brainmri.models.zoo import create_model, model_defaults
+    from brainmri.training.train import check_same_network
+
+    cfg = TrainConfig(data=str(small_lake), out=str(tmp_path))
+    prepare(cfg)
+    assert cfg.model_args == RECIPE_SHAPES["brainnet"] and cfg.model_args["width"] == 40
+    narrow = TrainConfig(data=str(small_lake), out=str(tmp_path), model_args={"width": 16})
+    prepare(narrow)
+    assert narrow.model_args == {**RECIPE_SHAPES["brainnet"], "width": 16}
+    # a checkpoint that recorded no shape ({}: trained before it was filled) is rebuilt as it was
+    assert model_defaults("brainnet")["width"] == 32
+    old = {"config": {"model": "brainnet", "image_size": 64}, "classes": ["a", "b", "c", "d"],
+           "model": create_model("brainnet", 4, image_size=64).state_dict()}
+    assert build_model(old, bare=True).head[-1].in_features == 32 * 8
+    run = open_location(str(tmp_path / "run"))
+    check_same_network(run, cfg)  # a new run: nothing to compare
+    (run / "config.json").write_json({"config": {"model": "brainnet", "model_args": {}}})
+    with pytest.raises(ConfigError, match="trains brainnet with model_args .*'width': 32.*builds brainnet with "
+                                          ".*'width': 40.*resume it with"):
+        check_same_network(run, cfg)
+    check_same_network(run, TrainConfig(model_args={**RECIPE_SHAPES["brainnet"], "width": 32}))
+    (run / "config.json").write_json({"config": to_dict(cfg)})
+    check_same_network(run, cfg)
+    with pytest.raises(ConfigError, match="builds seed_cnn"):
+        check_same_network(run, TrainConfig(model="seed_cnn"))
+
+
 def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'resnet9000'"):
         prepare(load_config(TrainConfig, overrides=["model=resnet9000", f"data={small_lake}"]))
