@@ -88,8 +88,8 @@ def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_l
     run = open_location(str(tmp_path / "run"))
     check_same_network(run, cfg)  # a new run: nothing to compare
     (run / "config.json").write_json({"config": {"model": "brainnet", "model_args": {}}})
-    with pytest.raises(ConfigError, match="trains brainnet with model_args .*'width': 32.*builds brainnet with "
-                                          ".*'width': 40.*resume it with"):
+    with pytest.raises(ConfigError, match="trains brainnet with model_args .*'width': 32.*"
+                                          "builds brainnet with .*'width': 40.*resume it with"):
         check_same_network(run, cfg)
     check_same_network(run, TrainConfig(model_args={**RECIPE_SHAPES["brainnet"], "width": 32}))
     (run / "config.json").write_json({"config": to_dict(cfg)})
