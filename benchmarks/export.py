@@ -47,7 +47,8 @@ def untrained_model(work: Path) -> str:
 
     cfg = TrainConfig()
     torch.manual_seed(0)
-    model = create_model(cfg.model, len(CLASSES), 1, image_size=cfg.image_size, **cfg.shape())
+    cfg.model_args = cfg.shape()  # recorded with the weights: the network they fit
+    model = create_model(cfg.model, len(CLASSES), 1, image_size=cfg.image_size, **cfg.model_args)
     ckpt = make_checkpoint(model.eval().state_dict(), epoch=0, best=0.0, bad_epochs=0, history=[],
                            resumes=[], config=to_dict(cfg), classes=list(CLASSES),
                            dataset={"uri": ""}, params=count_params(model))

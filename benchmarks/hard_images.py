@@ -2,9 +2,9 @@
 data (`brainmri evaluate ... --split val|test`) and prints how many images k or more of the
 N models got wrong, and what that means for an accuracy goal.
 
-An image most models miss is the error floor of this family of models: a new model reaching
+Images most models miss mark where this family of models stops: a new model reaching
 accuracy A on n images may miss at most floor((1 - A) * n) of them, so it has to get right
-at least (images a majority misses) - that many, where every model before it failed.
+at least (images a majority misses) - that many, images most models before it got wrong.
 
     python benchmarks/hard_images.py ./lake/reports/<model>-<version>/<data-id> ... [--goal 0.985]
 
@@ -67,8 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--goal", type=float, default=None, help="an accuracy goal, e.g. 0.985")
     args = ap.parse_args(argv)
     try:
+        if args.goal is not None and not 0 < args.goal <= 1:
+            raise ValueError(f"--goal is an accuracy in (0, 1], got {args.goal}")
         o = overlap([read_report(u) for u in args.reports], args.goal)
-    except (StorageError, ValueError) as e:
+    except (StorageError, ValueError, OSError) as e:
         print(f"hard_images: {e}", file=sys.stderr)
         return 2
     n = o["images"]

@@ -56,7 +56,8 @@ def recipe_shaped_model(work: Path) -> str:
 
     cfg = load_config(TrainConfig, REPO / "configs" / "cpu.yaml", {"out": str(work), "name": "bench"})
     torch.manual_seed(0)
-    model = create_model(cfg.model, len(CLASSES), 1, image_size=cfg.image_size, **cfg.shape())
+    cfg.model_args = cfg.shape()  # recorded with the weights: the network they fit
+    model = create_model(cfg.model, len(CLASSES), 1, image_size=cfg.image_size, **cfg.model_args)
     ckpt = make_checkpoint(model.eval().state_dict(), epoch=0, best=0.0, bad_epochs=0, history=[],
                            resumes=[], config=to_dict(cfg), classes=list(CLASSES),
                            dataset={"uri": "", "name": "none", "version": "none"},

@@ -9,6 +9,7 @@ The dataclasses are also the one source of the command line: a field made with `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -126,11 +127,12 @@ class IngestConfig:
 DECISION_RULES = ("argmax", "glioma_recall")
 
 # The recipe's network shape (configs/cpu.yaml spells it out). `training.prepare` fills the
-# arguments a run leaves out from here, and the run records the filled shape, so every
-# checkpoint names its whole network. The factories' own defaults (models.zoo) never change:
-# a checkpoint that recorded fewer arguments (trained before the recipe's shape changed) is
-# rebuilt from them exactly as it was trained. Width 40 (was the factory's 32): two seeds of
-# full-length runs, benchmarks/results/quality-20261129e-plan.md.
+# arguments a run leaves out from here (then from the factory's defaults: models.zoo.full_shape)
+# and the run records all of them, so every checkpoint names its whole network. The
+# factories' own defaults (models.zoo) never change: a checkpoint that recorded fewer
+# arguments (trained before the recipe's shape changed) is rebuilt exactly as it was trained.
+# Width 40 (was the factory's 32): two seeds of full-length runs,
+# benchmarks/results/quality-20261129e-plan.md.
 RECIPE_SHAPES = {"brainnet": {"width": 40, "depth": [1, 1, 2, 1], "kernel": 3, "stem_stride": 4}}
 
 
@@ -193,11 +195,14 @@ class TrainConfig:
 
     def shape(self) -> dict:
         """model_args with what they leave out of the recipe's network filled in."""
-        return {**RECIPE_SHAPES.get(self.model, {}), **self.model_args}
+        return copy.deepcopy({**RECIPE_SHAPES.get(self.model, {}), **self.model_args})
 
     def validate(self) -> None:
         # the model name is checked where models are known (training.prepare, tune's space),
         # so that this module stays free of torch and of the rest of the package
+        if not isinstance(self.model_args, dict):
+            raise ConfigError(f"model_args must be a mapping of the model's shape arguments, got "
+                              f"{type(self.model_args).__name__}")
         if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ConfigError("image_size >= 32, epochs >= 1, batch_size >= 1, num_workers >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:

@@ -282,3 +282,4 @@ def test_hard_images_counts_the_misses_models_share_and_what_a_goal_needs(tmp_pa
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1
     assert h.main([a]) == 2
+    assert h.main([a, b, "--goal", "98.5"]) == 2 and "--goal is an accuracy" in capsys.readouterr().err

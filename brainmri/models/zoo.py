@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import math
 from typing import Callable
 
@@ -59,6 +60,12 @@ def model_defaults(name: str) -> dict:
     return {k: (list(p.default) if isinstance(p.default, tuple) else p.default) for k, p in sig.items()
             if k not in ("num_classes", "in_chans", "image_size", "pretrained")
             and p.default is not inspect.Parameter.empty}
+
+
+def full_shape(name: str, model_args: dict) -> dict:
+    """What recorded model_args mean: themselves, with the factory's defaults for what they
+    leave out (a JSON-shaped copy: tuples become lists, nothing shared with the caller)."""
+    return json.loads(json.dumps({**model_defaults(name), **model_args}))
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, pretrained: str | None = None,

@@ -99,10 +99,13 @@ def decide(champion: dict | None, challenger: dict, cfg: RetrainConfig) -> tuple
 
 def challenger_config(cfg: RetrainConfig, champion: dict | None, data_uri: str, store: Location,
                       run_name: str) -> TrainConfig:
+    from ..models.zoo import full_shape
+
     if cfg.recipe:
         base = to_dict(load_config(TrainConfig, cfg.recipe))
-    elif champion:
+    elif champion:  # its network as recorded: {} meant the factory's defaults when it trained
         base = dict(champion["recipe"])
+        base["model_args"] = full_shape(base["model"], base.get("model_args") or {})
     else:
         base = to_dict(TrainConfig())
     base.update(cfg.train)

@@ -411,9 +411,12 @@ def restore_search(settings: TuneConfig, out: Location, exp: Location) -> Search
     """The search as it was started: its trials and schedule, not today's files."""
     from ..core.cluster import init_ray
     from ..data.datasets import resolve_dataset
+    from ..models.zoo import full_shape
 
     saved = (exp / "trials.json").read_json()
     trials = saved["trials"]
+    for t in trials:  # a search planned before shapes were filled: the networks it recorded
+        t["train"]["model_args"] = full_shape(t["train"]["model"], t["train"].get("model_args") or {})
     settings = from_dict(TuneConfig, {**saved["settings"], "evaluate": settings.evaluate,
                                       "resume": settings.resume})
     version, manifest = resolve_dataset(trials[0]["train"]["data"], settings.dataset)

@@ -59,7 +59,7 @@ from ..models.checkpoints import (
     publish_model,
 )
 from ..models.decision import choose_logit_bias, inference_record
-from ..models.zoo import check_model_name, count_params, create_model, model_defaults
+from ..models.zoo import check_model_name, count_params, create_model, full_shape
 from .distill import load_teacher, teacher_record
 from .engine import (
     EMA,
@@ -361,13 +361,14 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
 def prepare(cfg: TrainConfig):
     """Everything that can fail fast, before Ray starts a worker. -> (run name, dataset
     version, manifest, output location, the teacher's record or None). Fills the network's
-    shape into cfg.model_args (TrainConfig.shape), so that the run records all of it."""
+    whole shape into cfg.model_args (TrainConfig.shape, then the factory's defaults), so that
+    the run records all of it."""
     cfg.validate()
     check_model_name(cfg.model)
-    cfg.model_args = cfg.shape()
     if cfg.model == "ensemble":  # retraining an ensemble champion on its own recipe lands here
         raise ConfigError("an ensemble is not trained as one network: train its members (brainmri train "
                           "--seed S, one run each) and publish them as one with brainmri ensemble")
+    cfg.model_args = full_shape(cfg.model, cfg.shape())
     name = check_name(cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)
     for split in ("train", "val"):
@@ -434,12 +435,12 @@ def check_same_network(run, cfg: TrainConfig) -> None:
     before = ((run / "config.json").read_json() if (run / "config.json").exists() else {}).get("config")
     if not before:
         return
-    was = (before["model"], {**model_defaults(before["model"]), **before.get("model_args", {})})
-    now = (cfg.model, {**model_defaults(cfg.model), **cfg.model_args})
+    was = (before["model"], full_shape(before["model"], before.get("model_args") or {}))
+    now = (cfg.model, full_shape(cfg.model, cfg.model_args))
     if was != now:
         raise ConfigError(f"run {run.uri} trains {was[0]} with model_args {was[1]}; this re-run "
-                          f"builds {now[0]} with {now[1]}: resume it with --set model={was[0]} --set "
-                          f"model_args=... as it started, or start a run under a new name")
+                          f"builds {now[0]} with {now[1]}: resume it with the model and model_args "
+                          "it started with, or start a run under a new name")
 
 
 def check_same_teacher(run, teacher: dict | None, given: str) -> None:

@@ -43,6 +43,20 @@ def test_decision_rule():
     assert not ok and "macro-F1 -0.1000" in why
 
 
+def test_a_challenger_builds_the_network_its_champion_recorded(tmp_path):
+    """A champion trained when {} meant the factory's brainnet (width 32) gets a width-32
+    challenger, not the recipe's width 40; a given recipe or no champion gets the recipe's."""
+    from brainmri.config import TrainConfig, to_dict
+    from brainmri.ops.retrain import challenger_config
+
+    store = open_location(str(tmp_path))
+    old = {"recipe": {**to_dict(TrainConfig()), "model_args": {}}}
+    assert challenger_config(RetrainConfig(), old, "v", store, "r").model_args["width"] == 32
+    kept = {"recipe": {**to_dict(TrainConfig()), "model_args": {"width": 16}}}
+    assert challenger_config(RetrainConfig(), kept, "v", store, "r").model_args["width"] == 16
+    assert challenger_config(RetrainConfig(), None, "v", store, "r").shape()["width"] == 40
+
+
 def test_bad_settings_fail_before_any_work(tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown config key.*train.epocs"):
         RetrainConfig(train={"epocs": 3}).validate()

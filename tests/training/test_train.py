@@ -76,10 +76,14 @@ def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_l
 
     cfg = TrainConfig(data=str(small_lake), out=str(tmp_path))
     prepare(cfg)
-    assert cfg.model_args == RECIPE_SHAPES["brainnet"] and cfg.model_args["width"] == 40
+    assert cfg.model_args == {**RECIPE_SHAPES["brainnet"], "dropout": 0.2} and cfg.model_args["width"] == 40
     narrow = TrainConfig(data=str(small_lake), out=str(tmp_path), model_args={"width": 16})
     prepare(narrow)
-    assert narrow.model_args == {**RECIPE_SHAPES["brainnet"], "width": 16}
+    assert narrow.model_args == {**RECIPE_SHAPES["brainnet"], "dropout": 0.2, "width": 16}
+    narrow.model_args["depth"].append(1)  # a run's copy, not the recipe's
+    assert RECIPE_SHAPES["brainnet"]["depth"] == [1, 1, 2, 1]
+    with pytest.raises(ConfigError, match="model_args must be a mapping"):
+        prepare(TrainConfig(data=str(small_lake), out=str(tmp_path), model_args=None))
     # a checkpoint that recorded no shape ({}: trained before it was filled) is rebuilt as it was
     assert model_defaults("brainnet")["width"] == 32
     old = {"config": {"model": "brainnet", "image_size": 64}, "classes": ["a", "b", "c", "d"],
@@ -91,7 +95,7 @@ def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_l
     with pytest.raises(ConfigError, match="trains brainnet with model_args .*'width': 32.*"
                                           "builds brainnet with .*'width': 40.*resume it with"):
         check_same_network(run, cfg)
-    check_same_network(run, TrainConfig(model_args={**RECIPE_SHAPES["brainnet"], "width": 32}))
+    check_same_network(run, TrainConfig(model_args={"width": 32, "depth": (1, 1, 2, 1)}))
     (run / "config.json").write_json({"config": to_dict(cfg)})
     check_same_network(run, cfg)
     with pytest.raises(ConfigError, match="builds seed_cnn"):
