@@ -165,8 +165,12 @@ def _lose_the_lease(tmp_path):
     def stolen(stage):
         if stage == "ingested":
             lock = root / "lock.json"
-            held, tag = read_tagged(lock)
-            assert write_if(lock, held.replace(b'"generation": 1', b'"generation": 2'), tag)
+            for _ in range(200):  # a heartbeat may renew between the read and the swap: retry,
+                held, tag = read_tagged(lock)  # as a real taker's compare-and-swap would
+                if write_if(lock, held.replace(b'"generation": 1', b'"generation": 2'), tag):
+                    break
+            else:
+                pytest.fail("the lease could not be taken over in 200 tries")
             time.sleep(30)  # the "training": the heartbeat interrupts it within ttl/4
 
     cfg = RetrainConfig(store=str(store), incoming=str(incoming), lock_ttl_min=0.01)
