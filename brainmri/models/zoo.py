@@ -57,7 +57,7 @@ def model_defaults(name: str) -> dict:
     """The shape arguments a factory takes, with their defaults (what model_args may name)."""
     check_model_name(name)
     sig = inspect.signature(_REGISTRY[name]).parameters
-    return {k: (list(p.default) if isinstance(p.default, tuple) else p.default) for k, p in sig.items()
+    return {k: p.default for k, p in sig.items()  # as written (tuples): full_shape makes them JSON
             if k not in ("num_classes", "in_chans", "image_size", "pretrained")
             and p.default is not inspect.Parameter.empty}
 
