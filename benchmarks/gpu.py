@@ -8,8 +8,8 @@ fail here as it would on a cluster), gloo with `--device cpu` (what CI runs, a f
 It needs only PyTorch, torchvision, NumPy, Pillow and PyYAML, so it runs on a bare GPU
 machine. Input: real scans in class folders (Kaggle layout), preprocessed here.
 
-    python benchmarks/gpu.py                                  # all four models on cuda
-    python benchmarks/gpu.py --device cpu --models brainnet --steps 3 --size brainnet=64
+    python -m benchmarks.gpu                                  # all four models on cuda
+    python -m benchmarks.gpu --device cpu --models brainnet --steps 3 --size brainnet=64
 
 Per model it prints training images/s (bf16 autocast + channels-last on CUDA), the share of a
 step's time that the host-to-device copy and the augmentation alone take (each timed in
@@ -35,34 +35,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from brainmri.config import CLASSES, RECIPE_SHAPES  # noqa: E402
-from brainmri.core.metrics import from_confusion  # noqa: E402
-from brainmri.data.transforms import augment, normalise, preprocess_many, to_unit  # noqa: E402
-from brainmri.models.zoo import count_params, create_model  # noqa: E402
-from brainmri.training import engine  # noqa: E402
-from brainmri.training.engine import ShardBatches, Stopwatch, evaluate, to_device, train_one_epoch  # noqa: E402
+from brainmri.config import CLASSES, RECIPE_SHAPES
+from brainmri.core.metrics import from_confusion
+from brainmri.data.transforms import augment, normalise, preprocess_many, to_unit
+from brainmri.models.zoo import count_params, create_model
+from brainmri.training import engine
+from brainmri.training.engine import ShardBatches, Stopwatch, evaluate, to_device, train_one_epoch
+
+if __package__:  # python -m benchmarks.gpu, the documented form
+    from .harness import data_root, read_scans
+else:  # python benchmarks/gpu.py (tests/training/test_engine.py runs it so): benchmarks/ is on sys.path
+    from harness import data_root, read_scans
 
 SIZES = {"brainnet": 160, "resnet50": 224, "efficientnet_b0": 224, "convnext_tiny": 224}
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri"
-
-
-def find_training(root: Path) -> Path:
-    for p in (root / "Training", root):
-        if all((p / c).is_dir() for c in CLASSES):
-            return p
-    raise SystemExit(f"error: no class folders ({', '.join(CLASSES)}) under {root}")
-
-
-def load_sample(root: Path, per_class: int) -> tuple[list[bytes], np.ndarray]:
-    """The first `per_class` files of each class (sorted names: the same sample everywhere)."""
-    data, labels = [], []
-    for i, c in enumerate(CLASSES):
-        files = sorted(p for p in (root / c).iterdir() if p.is_file() and not p.name.startswith("."))
-        for f in files[:per_class]:
-            data.append(f.read_bytes())
-            labels.append(i)
-    return data, np.asarray(labels, dtype=np.int64)
 
 
 def init_group(device: torch.device) -> str:
@@ -108,8 +93,9 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         return itertools.islice(itertools.chain.from_iterable(src.epoch(e) for e in itertools.count()), k)
 
     def step(k, teacher=None):
-        return train_one_epoch(model, batches(k), crit, opt, sched, device, args.aug_strength, gen,
-                               amp=cuda, channels_last=cuda, teacher=teacher)
+        recipe = engine.Recipe(crit, opt, sched, args.aug_strength, gen, teacher=teacher, amp=cuda,
+                               channels_last=cuda)
+        return train_one_epoch(model, batches(k), recipe, device)
 
     clock = Stopwatch(device)
     step(args.warmup)  # cuDNN autotuning, allocator growth, lazy inits
@@ -183,7 +169,8 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo)")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class folders of real scans")
+    ap.add_argument("--data", type=Path, default=None,
+                    help=f"class folders of real scans, or their parent (default: {data_root()})")
     ap.add_argument("--per-class", type=int, default=100, help="scans per class in the sample")
     ap.add_argument("--models", default=",".join(SIZES), help="comma-separated registry names")
     ap.add_argument("--size", action="append", default=[], metavar="MODEL=PX",
@@ -219,7 +206,8 @@ def main(argv=None) -> int:
         guard = True
 
     t0 = time.time()
-    data, labels = load_sample(find_training(args.data), args.per_class)
+    data, labels = read_scans(args.per_class, root=args.data)  # the first per_class of each class
+    labels = np.asarray(labels, dtype=np.int64)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     by_size = {}
     for s in sorted({sizes.get(m, 224) for m in models}):

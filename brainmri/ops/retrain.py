@@ -33,7 +33,16 @@ from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
-from ..config import ConfigError, IngestConfig, RetrainConfig, TrainConfig, from_dict, load_config, to_dict
+from ..config import (
+    ConfigError,
+    IngestConfig,
+    RetrainConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    merge,
+    to_dict,
+)
 from ..core import metrics as M
 from ..core.lock import Lease, LockHeld
 from ..core.storage import Location, open_location
@@ -108,7 +117,9 @@ def challenger_config(cfg: RetrainConfig, champion: dict | None, data_uri: str, 
         base["model_args"] = full_shape(base["model"], base.get("model_args") or {})
     else:
         base = to_dict(TrainConfig())
-    base.update(cfg.train)
+    # the config's own merge: --train model_args.width=48 changes the width of the network
+    # the challenger inherits, not the rest of its shape
+    base = merge(base, cfg.train)
     base.update(data=data_uri, out=store.uri, name=run_name, publish=True, candidate=True)
     return from_dict(TrainConfig, base)
 

@@ -342,7 +342,9 @@ class Search:
 
     @property
     def epochs(self) -> int:
-        return self.trials[0]["train"]["epochs"]
+        """The longest trial's epochs: ASHA's max_t (no trial is stopped at its own end) and
+        what the leaderboard calls "completed" (per trial, its own epochs)."""
+        return max(t["train"]["epochs"] for t in self.trials)
 
 
 def run_search(settings: TuneConfig, tracking: Tracking | None = None) -> TuneResult:
@@ -351,7 +353,7 @@ def run_search(settings: TuneConfig, tracking: Tracking | None = None) -> TuneRe
     # never saved in trials.json (the URI may hold credentials): given again on --resume
     tracking = search_tracking(tracking, search.settings)
     errors = run_trials(search, tracking)
-    rows = leaderboard(search.exp, search.trials, search.epochs, errors, search.classes)
+    rows = leaderboard(search.exp, search.trials, errors, search.classes)
     write_leaderboard(search.exp, rows, search.settings)
     best, model_uri, report_uri = publish_winner(search, rows)
     track_search(search, tracking, rows, model_uri, report_uri)
@@ -458,7 +460,7 @@ def build_trials(base: dict, params: list[dict], settings: TuneConfig) -> list[d
     for i, p in enumerate(params):
         tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
         cfg = trial_config(base, p, settings, f"{settings.name}-{tid}")
-        teacher = prepare(cfg)[4]
+        teacher = prepare(cfg).teacher
         if teacher:  # the file checked now (absolute), not "latest" again in every trial
             cfg.teacher = teacher["uri"]
         trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
@@ -581,10 +583,10 @@ def flops(model, image_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict,
-                classes: list[str]) -> list[dict]:
+def leaderboard(exp: Location, trials: list[dict], errors: dict, classes: list[str]) -> list[dict]:
     """One row per trial from what its Train run left in storage, best first (columns:
-    evaluation.report.LEADERBOARD_COLUMNS); `classes`: the dataset's, for the model's size."""
+    evaluation.report.LEADERBOARD_COLUMNS); `classes`: the dataset's, for the model's size.
+    A trial is "completed" when it ran its own epochs (a space may sample them)."""
     from ..models.zoo import count_params, create_model
 
     rows = []
@@ -593,6 +595,7 @@ def leaderboard(exp: Location, trials: list[dict], epochs: int, errors: dict,
         hist = (run / "history.json").read_json() if (run / "history.json").exists() else []
         done = (run / "summary.json").exists()
         best = max(hist, key=lambda h: h[METRIC]) if hist else {}
+        epochs = cfg["epochs"]
         if t["id"] in errors:
             status = "error"
         elif done:
@@ -633,19 +636,10 @@ def write_leaderboard(exp: Location, rows: list[dict], settings: TuneConfig) -> 
 
 
 def publish_best(out: Location, exp: Location, best: dict) -> str:
-    """Publish the winning trial's best checkpoint (by val macro-F1) as a model version."""
-    from ..models.checkpoints import CKPT_FILE, load_state, publish_model
+    """Publish the winning trial through the same finishing step as `brainmri train`
+    (training.finalize: its best checkpoint, the decision rule its recipe asks for, exports,
+    card), recording the search it won."""
+    from ..training.finalize import finalize
 
     run = open_location(best["run_uri"])
-    chosen = None
-    for d in sorted(run.listdir()):
-        if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists():
-            state = load_state((run / d / CKPT_FILE).read_bytes())
-            if chosen is None or state["history"][-1][METRIC] > chosen["history"][-1][METRIC]:
-                chosen = state
-    if chosen is None:
-        raise ConfigError(f"trial {best['trial']} left no checkpoint in {run.uri}")
-    chosen["history"] = best["history"]
-    chosen["tune"] = {"experiment": exp.uri, "trial": best["trial"]}
-    metrics = max(best["history"], key=lambda h: h[METRIC])
-    return publish_model(out, chosen["config"]["model"], chosen, metrics).uri
+    return finalize(run, out, record={"tune": {"experiment": exp.uri, "trial": best["trial"]}}).model_uri

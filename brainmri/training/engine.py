@@ -22,12 +22,15 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..core import metrics as M
+from ..core.metrics import SELECTION_METRIC as METRIC
 from ..data.transforms import augment, normalise, to_unit
 from ..models.decision import InferenceNet
 
@@ -243,39 +246,63 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return (batch["x"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
 
 
-def train_one_epoch(model, batches, criterion, optimizer, scheduler, device: torch.device,
-                    aug_strength: float, generator: torch.Generator, amp: bool = False,
-                    channels_last: bool = False, ema: EMA | None = None,
-                    mixer: Mixer | None = None, teacher: Teacher | None = None) -> torch.Tensor:
-    """One pass over `batches`; returns the all-reduced float64 tensor
-    [loss x n, correct, n] on `device`. `generator` lives on `device` (augmentation runs
-    there). `ema`, if given, is updated after every step; `mixer`, if given, mixes batches
-    after augmentation (accuracy then counts the dominant label); `teacher`, if given, adds
-    its distillation term, weighted against the label loss by its `weight`."""
+@dataclass
+class Recipe:
+    """Everything that trains a network besides its data, built once per worker
+    (`training.recipe.build_recipe`): the loss, the optimiser and its schedule, random
+    augmentation (its strength and the generator on the batch's device), and the optional
+    parts: weight averaging, MixUp/CutMix, a teacher. `amp`: bf16 autocast; `channels_last`:
+    the memory format the batches take; `tta`: validation runs the network with the test-time
+    flips it will be served with."""
+
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    aug_strength: float
+    generator: torch.Generator
+    ema: EMA | None = None
+    mixer: Mixer | None = None
+    teacher: Teacher | None = None
+    amp: bool = False
+    channels_last: bool = False
+    tta: bool = False
+
+    def served(self, raw: nn.Module) -> nn.Module:
+        """The weights validated, checkpointed and published: the average when there is one."""
+        return self.ema.module if self.ema is not None else raw
+
+
+def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.device) -> torch.Tensor:
+    """One pass over `batches`; returns the all-reduced float64 tensor [loss x n, correct, n]
+    on `device`. Augmentation runs on the device with the recipe's generator; the weight
+    average, if any, is updated after every step; the mixer, if any, mixes batches after
+    augmentation (accuracy then counts the dominant label); the teacher, if any, adds its
+    distillation term, weighted against the label loss by its `weight`."""
+    r = recipe
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
     for batch in batches:
         x, y = to_device(batch, device)
-        x = normalise(augment(to_unit(x), aug_strength, generator))
+        x = normalise(augment(to_unit(x), r.aug_strength, r.generator))
         y2, lam = y, 1.0
-        if mixer is not None:
-            x, y2, lam = mixer(x, y, generator)
-        if channels_last:
+        if r.mixer is not None:
+            x, y2, lam = r.mixer(x, y, r.generator)
+        if r.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.amp):
             out = model(x)
-            taught = teacher(x) if teacher is not None else None
-        loss = criterion(out.float(), y)
+            taught = r.teacher(x) if r.teacher is not None else None
+        loss = r.criterion(out.float(), y)
         if lam < 1.0:
-            loss = lam * loss + (1.0 - lam) * criterion(out.float(), y2)
+            loss = lam * loss + (1.0 - lam) * r.criterion(out.float(), y2)
         if taught is not None:
-            loss = (1.0 - teacher.weight) * loss + teacher.weight * teacher.loss(out, taught)
-        optimizer.zero_grad(set_to_none=True)
+            loss = (1.0 - r.teacher.weight) * loss + r.teacher.weight * r.teacher.loss(out, taught)
+        r.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
+        r.optimizer.step()
+        r.scheduler.step()
+        if r.ema is not None:
+            r.ema.update(model)
         # in-place adds of device values and Python scalars: no host-to-device copy, no sync
         n = y.shape[0]
         sums[0] += loss.detach().double() * n
@@ -327,3 +354,74 @@ class Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+# -- the epoch loop ---------------------------------------------------------------------------
+@dataclass
+class FitState:
+    """What a run carries from epoch to epoch (and across resumes, in the checkpoint)."""
+
+    start: int = 0  # the next epoch to train
+    best: float = -1.0  # best validation macro-F1 so far
+    bad: int = 0  # epochs since it last improved
+    history: list = field(default_factory=list)  # one epoch_metrics row per epoch, no confusion
+    resumes: list = field(default_factory=list)  # the epochs the run resumed at
+
+
+def epoch_metrics(epoch: int, tr: torch.Tensor, cm: torch.Tensor, vloss: torch.Tensor,
+                  classes: list[str], lr: float, seconds: float, train_seconds: float,
+                  resumes: int, feed_wait: float = 0.0) -> dict:
+    """One epoch's report: train sums [loss*n, correct, n] and the validation confusion
+    matrix (both already summed over ranks) in the metrics schema (val_ prefixed).
+    `feed_wait`: the seconds of `train_seconds` this rank waited for batches (a starved
+    model: more CPUs for Ray Data, or the cache)."""
+    vm = M.from_confusion(cm.numpy(), classes)
+    n = max(1.0, tr[2].item())
+    return {
+        "epoch": epoch, "epochs_done": epoch + 1, "train_loss": tr[0].item() / n,
+        "train_accuracy": tr[1].item() / n, "train_images": int(tr[2].item()),
+        "val_loss": vloss.item() / max(1, vm["n"]), "lr": lr, "epoch_seconds": seconds,
+        "train_seconds": train_seconds, "train_feed_wait_seconds": feed_wait,
+        "train_images_per_s": tr[2].item() / max(train_seconds, 1e-9),
+        **{f"val_{key}": v for key, v in vm.items()},
+        "val_confusion": cm.numpy().astype(int).tolist(), "resumes": resumes,
+    }
+
+
+def fit(model: nn.Module, recipe: Recipe, train_src, val_src, classes: list[str], device: torch.device,
+        *, epochs: int, patience: int = 0, time_budget_min: float = 0.0, state: FitState | None = None,
+        on_epoch=None) -> FitState:
+    """The epoch loop every run trains with: a Ray Train worker (training.train), the sweep
+    and the benchmarks. Each epoch trains on `train_src` (ShardBatches), validates the
+    served weights (`recipe.served`) on `val_src`, and tracks the best validation macro-F1
+    for early stopping (`patience` epochs without a gain; 0 = off) and the time budget
+    (training minutes across resumes; 0 = off). `model` may be the DDP wrapper; validation
+    runs the module inside it. `on_epoch(epoch, metrics, state, stop)` runs after each
+    epoch's bookkeeping, on every rank (the worker checkpoints and reports there); `metrics`
+    holds the validation confusion matrix, the history row does not."""
+    raw = getattr(model, "module", model)
+    run = state or FitState()
+    clock = Stopwatch(device)
+    for epoch in range(run.start, epochs):
+        t0 = clock.now()
+        tr = train_one_epoch(model, train_src.epoch(epoch), recipe, device).cpu()
+        t_train = clock.now() - t0
+        cm, vloss = evaluate(recipe.served(raw), val_src.epoch(epoch), len(classes), device,
+                             amp=recipe.amp, channels_last=recipe.channels_last, tta=recipe.tta)
+        metrics = epoch_metrics(epoch, tr, cm, vloss, classes, recipe.scheduler.get_last_lr()[0],
+                                clock.now() - t0, t_train, len(run.resumes), getattr(train_src, "wait", 0.0))
+        improved = metrics[METRIC] > run.best
+        run.best, run.bad = (metrics[METRIC], 0) if improved else (run.best, run.bad + 1)
+        metrics["best_val_macro_f1"] = run.best
+        run.history.append({key: v for key, v in metrics.items() if key != "val_confusion"})
+        run.start = epoch + 1
+        # the time budget counts training seconds across resumes; ranks' clocks differ, so
+        # they agree on stopping (one rank leaving early would hang the rest)
+        spent = sum(h["epoch_seconds"] for h in run.history) / 60
+        over = agree_any(time_budget_min > 0 and spent >= time_budget_min, device)
+        stop = (patience > 0 and run.bad >= patience) or over
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, run, stop)
+        if stop:
+            break
+    return run

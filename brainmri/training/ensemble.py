@@ -12,7 +12,7 @@ differs): classes, input size, dataset version and validation rows (the ensemble
 and its decision rule chosen on those rows, which must be unseen by every member) and
 test-time flips. Each member's own glioma bias is dropped: the rule is chosen again, for the
 ensemble, on the same validation rows, by the same code as after training
-(train.choose_decision), with the allowances of the members' recipe.
+(finalize.publish_network), with the allowances of the members' recipe.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from ..config import ConfigError, EnsembleConfig, TrainConfig, from_dict
 from ..core import metrics as M
 from ..core.storage import open_location
 from ..data.datasets import resolve_dataset
-from ..models.checkpoints import epoch_score, load_state, make_checkpoint, model_file, publish_model
+from ..models.checkpoints import epoch_score, load_state, make_checkpoint, model_file
 from ..models.decision import inference_record
-from .train import choose_decision, validation_logits
+from .finalize import publish_network, validation_logits
 
 
 @dataclass
@@ -139,8 +139,6 @@ def combine(uris: list[str], cfg: EnsembleConfig) -> EnsembleResult:
     vm = M.from_confusion(M.confusion(labels, logits.argmax(1), len(classes)), classes)
     metrics = {"epoch": 0, **{f"val_{k}": v for k, v in vm.items()}}
     state["best"] = metrics[M.SELECTION_METRIC]
-    if cfg.decision_rule != "argmax":
-        state["inference"] = choose_decision(tcfg, state, version, manifest, (logits, labels))
-    dest = publish_model(out, cfg.name, state, metrics)
+    dest = publish_network(tcfg, state, metrics, out, name=cfg.name, scored=(logits, labels))
     return EnsembleResult(dest.uri, metrics, state["ensemble"]["members"], time.time() - t0)
 

@@ -2,16 +2,17 @@
 
     driver (`run_training`)                     each train worker (`train_loop_per_worker`)
     ------------------------------------------  ---------------------------------------------
-    validate config, dataset, storage, model    model -> DDP (prepare_model), AdamW, warm-up+cosine
-    Ray Data: read_parquet -> preprocess        for each epoch:
+    prepare: a resolved copy of the config,     model -> DDP (prepare_model); build_recipe: AdamW,
+      dataset, storage and model checked          warm-up+cosine, EMA, mixing, teacher (recipe)
+    Ray Data: read_parquet -> preprocess        engine.fit, each epoch:
       (decode, fit, normalise; streaming)         train_one_epoch on its own shard, augmenting
     TorchTrainer(N workers, RunConfig(storage))   evaluate (plain module, no DDP) on its own
       train: equal shards; val: every row once    part of val (maybe none); one all-reduce
-    teacher checked (optional, distill)         teacher (optional): frozen, on each train batch
-    decision rule on val (optional)             rank 0: checkpoint + history; all: report()
-    publish best checkpoint as a model version  (with ema_decay: the averaged weights throughout)
+      config = {"run": RunSpec}                   rank 0: checkpoint + history; all: report()
+    finalize (publishing runs): best checkpoint,  (with ema_decay: the averaged weights throughout)
+      decision rule on val, exports, card
 
-The loops themselves live in `engine` (no Ray there). The driver never materialises the
+The loops themselves live in `engine` (no Ray there), the finishing step in `finalize`. The driver never materialises the
 dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name
 resumes from the latest checkpoint, and a failed worker is replaced and resumes the same way
 (FailureConfig). The driver prints one line per epoch from the run's history.json (`progress`).
@@ -20,62 +21,56 @@ resumes from the latest checkpoint, and a failed worker is replaced and resumes 
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, TrainConfig, from_dict, to_dict
-from ..core import metrics as M
+from ..config import ConfigError, TrainConfig, to_dict
 from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
-from ..core.storage import check_name, open_location, worker_env
+from ..core.storage import Location, check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
-from ..data.datasets import (
-    manifest_hash,
-    resolve_dataset,
-    split_arrays,
-    split_column,
-    split_files,
-    verify_shards,
-)
+from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
 from ..data.pixels import ensure_pixels, from_pixels, pixel_files
 from ..data.preprocess import preprocess_batch  # torch-free (Ray Data's decode workers)
-from ..data.transforms import to_model_input
 from ..models.checkpoints import (
     CKPT_FILE,
     META_FILE,
     MODEL_FILE,
-    build_model,
     dump_state,
     library_versions,
     load_state,
     make_checkpoint,
-    publish_model,
 )
-from ..models.decision import choose_logit_bias, inference_record
 from ..models.zoo import check_model_name, count_params, create_model, full_shape
 from .distill import load_teacher, teacher_record
-from .engine import (
-    EMA,
-    Mixer,
-    ShardBatches,
-    Stopwatch,
-    agree_any,
-    evaluate,
-    lr_lambda,
-    to_channels_last,
-    train_one_epoch,
-)
+from .engine import FitState, Recipe, ShardBatches, fit, to_channels_last
+from .finalize import finalize
 from .progress import EpochLines
+from .recipe import build_recipe
 
 
 # -- worker side ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """What every worker of one run is given by the driver, fixed for the whole run (resumes
+    included): the resolved TrainConfig and what the driver read once for all of them."""
+
+    cfg: TrainConfig  # resolved (training.train.prepare): the whole network shape filled in
+    classes: list[str]  # the dataset's, in label order
+    train_counts: list[int]  # training images per class (the class-weighted loss)
+    train_rows: int  # training rows the run reads (limit_train applied)
+    dataset: dict  # {uri, name, version, manifest_hash[, pixels]}
+    versions: dict  # the driver's library versions, recorded in every checkpoint
+    run_uri: str  # runs/<name>/: history.json beside Ray's checkpoints
+    teacher: dict | None = None  # training.distill.teacher_record, checked by the driver
+
+
 def _threads() -> int:
     """torch threads = the CPUs Ray assigned this worker (not the host's cores: a pod or a
     shared node has fewer to give, and oversubscribed threads spin against each other)."""
@@ -85,102 +80,37 @@ def _threads() -> int:
     return max(1, int(cpus))
 
 
-def _checkpoint_state(raw, ema, optimizer, scheduler, epoch, best, bad, history, resumes, cfg,
-                      config) -> dict:
+def _checkpoint_state(spec: RunSpec, raw: nn.Module, recipe: Recipe, epoch: int, run: FitState) -> dict:
     """This run's checkpoint (the format is checkpoints.make_checkpoint's): with weight
     averaging, "model" holds the average (what is validated and served) and "train_model"
     the weights the optimizer trains."""
+    ema = recipe.ema
     return make_checkpoint(
-        (ema.module if ema else raw).state_dict(), train_model=raw.state_dict() if ema else None,
-        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-        epoch=epoch, best=best, bad_epochs=bad, history=history, resumes=resumes,
-        config=to_dict(cfg), classes=config["classes"], dataset=config["dataset"],
-        versions=config["versions"], params=count_params(raw), distillation=config.get("teacher"))
+        recipe.served(raw).state_dict(), train_model=raw.state_dict() if ema else None,
+        optimizer=recipe.optimizer.state_dict(), scheduler=recipe.scheduler.state_dict(),
+        epoch=epoch, best=run.best, bad_epochs=run.bad, history=run.history, resumes=run.resumes,
+        config=to_dict(spec.cfg), classes=spec.classes, dataset=spec.dataset, versions=spec.versions,
+        params=count_params(raw), distillation=spec.teacher)
 
 
-def configure_optimizer(cfg: TrainConfig, raw: nn.Module, steps_per_epoch: int):
-    """AdamW with weight decay on weights only (not biases or norms), warm-up + cosine."""
-    decay = [p for p in raw.parameters() if p.ndim > 1]
-    no_decay = [p for p in raw.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.warmup_epochs, cfg.epochs, steps_per_epoch))
-    return optimizer, scheduler
-
-
-def class_weighted_loss(cfg: TrainConfig, train_counts: list[int], device) -> nn.Module:
-    """Cross-entropy with inverse-frequency class weights (glioma is the smallest class)."""
-    counts = np.asarray(train_counts, dtype=np.float64)
-    k = len(counts)
-    weight = (counts.sum() / (k * np.maximum(counts, 1))) if cfg.class_weighting else np.ones(k)
-    return nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32).to(device),
-                               label_smoothing=cfg.label_smoothing)
-
-
-def recipe_parts(cfg: TrainConfig, raw: nn.Module, train_counts: list[int], device, steps_per_epoch: int,
-                 rank: int = 0):
-    """-> (loss, optimizer, scheduler, weight average or None, mixer or None): what the recipe
-    trains `raw` (the unwrapped module) with. One place for a worker and for the benchmarks that
-    train the recipe without Ray (sweep.py, train.py)."""
-    criterion = class_weighted_loss(cfg, train_counts, device)
-    optimizer, scheduler = configure_optimizer(cfg, raw, steps_per_epoch)
-    ema = EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    mixer = Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed * 1000 + rank) \
-        if cfg.mix_prob > 0 else None
-    return criterion, optimizer, scheduler, ema, mixer
-
-
-@dataclass
-class RunState:
-    """What a run carries from epoch to epoch (and across resumes, in the checkpoint)."""
-
-    start: int = 0
-    best: float = -1.0
-    bad: int = 0
-    history: list = field(default_factory=list)
-    resumes: list = field(default_factory=list)
-
-
-def resume(raw: nn.Module, optimizer, scheduler, ema: EMA | None = None,
-           steps_per_epoch: int = 0) -> RunState:
+def resume(raw: nn.Module, recipe: Recipe, steps_per_epoch: int = 0) -> FitState:
     """A replaced worker or a re-run driver continues from Ray's latest checkpoint."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
-        return RunState()
+        return FitState()
     with ckpt.as_directory() as d:
-        state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
+        state = load_state(Path(d, CKPT_FILE).read_bytes())
     raw.load_state_dict(state.get("train_model", state["model"]))
-    if ema is not None:
-        ema.module.load_state_dict(state["model"])
-        ema.updates = (state["epoch"] + 1) * steps_per_epoch  # the decay's warm-up goes on
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if recipe.ema is not None:
+        recipe.ema.module.load_state_dict(state["model"])
+        recipe.ema.updates = (state["epoch"] + 1) * steps_per_epoch  # the decay's warm-up goes on
+    recipe.optimizer.load_state_dict(state["optimizer"])
+    recipe.scheduler.load_state_dict(state["scheduler"])
     start = state["epoch"] + 1
-    return RunState(start, state["best"], state["bad_epochs"], state["history"],
+    return FitState(start, state["best"], state["bad_epochs"], state["history"],
                     state.get("resumes", []) + [start])
-
-
-def epoch_metrics(epoch: int, tr: torch.Tensor, cm: torch.Tensor, vloss: torch.Tensor,
-                  classes: list[str], lr: float, seconds: float, train_seconds: float,
-                  resumes: int, feed_wait: float = 0.0) -> dict:
-    """One epoch's report: train sums [loss*n, correct, n] and the validation confusion
-    matrix (both already summed over ranks) in the metrics schema (val_ prefixed).
-    `feed_wait`: the seconds of `train_seconds` this rank waited for batches (a starved
-    model: more CPUs for Ray Data, or the cache)."""
-    vm = M.from_confusion(cm.numpy(), classes)
-    n = max(1.0, tr[2].item())
-    return {
-        "epoch": epoch, "epochs_done": epoch + 1, "train_loss": tr[0].item() / n,
-        "train_accuracy": tr[1].item() / n, "train_images": int(tr[2].item()),
-        "val_loss": vloss.item() / max(1, vm["n"]), "lr": lr, "epoch_seconds": seconds,
-        "train_seconds": train_seconds, "train_feed_wait_seconds": feed_wait,
-        "train_images_per_s": tr[2].item() / max(train_seconds, 1e-9),
-        **{f"val_{key}": v for key, v in vm.items()},
-        "val_confusion": cm.numpy().astype(int).tolist(), "resumes": resumes,
-    }
 
 
 def report(metrics: dict, state: dict | None) -> None:
@@ -190,8 +120,7 @@ def report(metrics: dict, state: dict | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if state is not None:
-            with open(os.path.join(tmp, CKPT_FILE), "wb") as f:
-                f.write(dump_state(state))
+            Path(tmp, CKPT_FILE).write_bytes(dump_state(state))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         # the worker group's placement group travels with the report: a Tune driver that
         # stops this trial early removes it (Ray only reaps it where the State API works)
@@ -201,30 +130,25 @@ def report(metrics: dict, state: dict | None) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: config = {"run": RunSpec}."""
     import ray.train
     import ray.train.torch
 
-    cfg = from_dict(TrainConfig, config["cfg"])
-    classes: list[str] = config["classes"]
+    spec: RunSpec = config["run"]
+    cfg = spec.cfg
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.set_num_threads(cfg.threads_per_worker or _threads())
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     device = ray.train.torch.get_device()
-    # augmentation runs where the batch is, and differs by rank
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
-    model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.model_args,
+    model = create_model(cfg.model, len(spec.classes), 1, image_size=cfg.image_size, **cfg.model_args,
                          pretrained=cfg.pretrained or None)
-    # channels-last on every device: cuDNN's and oneDNN's convolutions both prefer it (CPU:
-    # brainnet's training step at 160 px ~1.3x on one thread, benchmarks/train.py --only layout)
-    model = to_channels_last(model)
-    model = ray.train.torch.prepare_model(model)
-    raw = model.module if hasattr(model, "module") else model  # evaluation runs this one
-    steps = max(1, config["train_rows"] // world // cfg.batch_size)  # equal shards, drop_last
-    criterion, optimizer, scheduler, ema, mixer = recipe_parts(cfg, raw, config["train_counts"], device,
-                                                               steps, rank)
-    run = resume(raw, optimizer, scheduler, ema, steps)  # the driver says so (progress.EpochLines)
-    teacher = load_teacher(config["teacher"], device) if config.get("teacher") else None
+    model = ray.train.torch.prepare_model(to_channels_last(model))
+    raw = getattr(model, "module", model)  # evaluation and checkpoints use this one
+    steps = max(1, spec.train_rows // world // cfg.batch_size)  # equal shards, drop_last
+    teacher = load_teacher(spec.teacher, device) if spec.teacher else None
+    recipe = build_recipe(cfg, raw, spec.train_counts, device, steps, rank, teacher)
+    run = resume(raw, recipe, steps)  # the driver says so (progress.EpochLines)
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
@@ -235,33 +159,15 @@ def train_loop_per_worker(config: dict) -> None:
     # each rank evaluates its own part of the validation rows (possibly none)
     val_src = ShardBatches(ray.train.get_dataset_shard("val"), loader_kw, cfg.cache, False, False,
                            0, pin=cfg.gpu)
-    clock = Stopwatch(device)
-    for epoch in range(run.start, cfg.epochs):
-        t0 = clock.now()
-        tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler,
-                             device, cfg.aug_strength, gen, amp=cfg.gpu, channels_last=True,
-                             ema=ema, mixer=mixer, teacher=teacher).cpu()
-        t_train = clock.now() - t0
-        cm, vloss = evaluate(ema.module if ema else raw, val_src.epoch(epoch), len(classes), device,
-                             amp=cfg.gpu, channels_last=True, tta=cfg.tta)
-        metrics = epoch_metrics(epoch, tr, cm, vloss, classes, scheduler.get_last_lr()[0],
-                                clock.now() - t0, t_train, len(run.resumes), train_src.wait)
-        improved = metrics[METRIC] > run.best
-        run.best, run.bad = (metrics[METRIC], 0) if improved else (run.best, run.bad + 1)
-        metrics["best_val_macro_f1"] = run.best
-        run.history.append({key: v for key, v in metrics.items() if key != "val_confusion"})
-        # the time budget counts training seconds across resumes; ranks' clocks differ, so
-        # they agree on stopping (one rank leaving early would hang the rest)
-        spent = sum(h["epoch_seconds"] for h in run.history) / 60
-        over = agree_any(cfg.time_budget_min > 0 and spent >= cfg.time_budget_min, device)
-        stop = (cfg.patience > 0 and run.bad >= cfg.patience) or over
-        state = _checkpoint_state(raw, ema, optimizer, scheduler, epoch, run.best, run.bad, run.history,
-                                  run.resumes, cfg, config) if rank == 0 else None
-        report(metrics, state)  # side effects on rank 0 only
+
+    def on_epoch(epoch: int, metrics: dict, state: FitState, stop: bool) -> None:
+        ckpt = _checkpoint_state(spec, raw, recipe, epoch, state) if rank == 0 else None
+        report(metrics, ckpt)  # side effects on rank 0 only
         if rank == 0:  # after report() has persisted the checkpoint: history never runs ahead
-            (open_location(config["run_uri"]) / "history.json").write_json(run.history)
-        if stop:
-            break
+            (open_location(spec.run_uri) / "history.json").write_json(state.history)
+
+    fit(model, recipe, train_src, val_src, spec.classes, device, epochs=cfg.epochs,
+        patience=cfg.patience, time_budget_min=cfg.time_budget_min, state=run, on_epoch=on_epoch)
 
 
 # -- driver side -------------------------------------------------------------------------------
@@ -358,18 +264,29 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
     return ds
 
 
-def prepare(cfg: TrainConfig):
-    """Everything that can fail fast, before Ray starts a worker. -> (run name, dataset
-    version, manifest, output location, the teacher's record or None). Fills the network's
-    whole shape into cfg.model_args (TrainConfig.shape, then the factory's defaults), so that
-    the run records all of it."""
-    cfg.validate()
-    check_model_name(cfg.model)
-    if cfg.model == "ensemble":  # retraining an ensemble champion on its own recipe lands here
+@dataclass
+class Prepared:
+    """A run checked before Ray starts a worker (`prepare`)."""
+
+    cfg: TrainConfig  # resolved: its name chosen, its network's whole shape in model_args
+    version: Location  # the dataset version it trains on
+    manifest: dict
+    out: Location  # where runs/ and models/ go
+    teacher: dict | None  # training.distill.teacher_record, or None
+
+
+def prepare(given: TrainConfig) -> Prepared:
+    """Everything that can fail fast, before Ray starts a worker. `given` is left as it is;
+    the resolved copy names the run (cfg.name or <model>-<time>) and fills the network's whole
+    shape into model_args (TrainConfig.shape, then the factory's defaults), so that the run
+    records all of it."""
+    given.validate()
+    check_model_name(given.model)
+    if given.model == "ensemble":  # retraining an ensemble champion on its own recipe lands here
         raise ConfigError("an ensemble is not trained as one network: train its members (brainmri train "
                           "--seed S, one run each) and publish them as one with brainmri ensemble")
-    cfg.model_args = full_shape(cfg.model, cfg.shape())
-    name = check_name(cfg.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
+    name = check_name(given.name or f"{given.model}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
+    cfg = replace(given, name=name, model_args=full_shape(given.model, given.shape()))
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)
     for split in ("train", "val"):
         if not split_files(version, manifest, split):
@@ -389,43 +306,7 @@ def prepare(cfg: TrainConfig):
                           "batch_size")
     # read and checked once, here: what each worker loads again (training.distill)
     teacher = teacher_record(cfg, manifest["classes"], manifest_hash(manifest)) if cfg.teacher else None
-    return name, version, manifest, out, teacher
-
-
-@torch.no_grad()
-def validation_logits(cfg: TrainConfig, state: dict, version, manifest: dict
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of the validation rows training saw, for a checkpoint as it will be
-    served with its flips but before any decision rule. One process: a few hundred images."""
-    net = build_model({**state, "inference": inference_record(cfg.tta)})
-    logits, labels = [], []
-    for x, y in split_arrays(version, manifest, "val", cfg.image_size, cfg.limit_val):
-        logits.append(net(to_model_input(torch.from_numpy(x))).float().numpy())
-        labels.append(y)
-    if not labels:
-        raise ConfigError("no validation rows to score the model on (and to choose its decision rule on)")
-    return np.concatenate(logits), np.concatenate(labels)
-
-
-def choose_decision(cfg: TrainConfig, state: dict, version, manifest: dict,
-                    scored: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """The decision rule, chosen on the validation rows training saw, for the best
-    checkpoint as it will be served (with its flips): the glioma logit bias
-    (models.decision.choose_logit_bias). `scored`: validation_logits already computed."""
-    logits, labels = scored or validation_logits(cfg, state, version, manifest)
-    groups = split_column(version, manifest, "val", "group", cfg.limit_val)  # halves keep them whole
-    bias, chosen = choose_logit_bias(logits, labels, state["classes"], "glioma",
-                                     cfg.decision_max_f1_drop, cfg.decision_max_accuracy_cost,
-                                     groups=groups)
-    fit, check = chosen["fitted"], chosen["held_out"]
-    checked = (f"chosen on half of them (by {check['halves']}), accuracy on the other half "
-               f"{check['accuracy_change']:+.4f}: "
-               + ("kept" if chosen["adopted"] else "not kept, plain argmax")) if fit["bias"] else \
-        "no bias raises glioma recall: plain argmax"
-    print(f"brainmri: decision rule {chosen['rule']} = {fit['bias']:+.2f} on {chosen['n']} validation "
-          f"images (glioma recall {chosen['before']['recall']:.4f} -> {fit['recall']:.4f}, macro-F1 "
-          f"{chosen['before']['macro_f1']:.4f} -> {fit['macro_f1']:.4f}); {checked}")
-    return inference_record(cfg.tta, bias, chosen)
+    return Prepared(cfg, version, manifest, out, teacher)
 
 
 def check_same_network(run, cfg: TrainConfig) -> None:
@@ -459,28 +340,29 @@ def check_same_teacher(run, teacher: dict | None, given: str) -> None:
                           + ": resume it as it started, or start a run under a new name")
 
 
-def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
+def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None,
                  tracking: Tracking | None = None) -> TrainResult:
-    """Train (see the module docstring). `progress(line)`, when given, gets one line per
-    epoch as the run goes (progress.EpochLines); `tracking`: an MLflow run (core.tracking)."""
+    """Train (see the module docstring), then `finalize` the run when it publishes.
+    `progress(line)`, when given, gets one line per epoch as the run goes (progress.EpochLines);
+    `tracking`: an MLflow run (core.tracking). `given` is not changed: the resolved config is
+    the one in the run's config.json and checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
-    name, version, manifest, out, teacher = prepare(cfg)
-    cfg.name = name
+    p = prepare(given)
+    cfg, version, manifest, out = p.cfg, p.version, p.manifest, p.out
     classes = manifest["classes"]
 
     runs = storage or (out / "runs")
-    run = runs / name
+    run = runs / cfg.name
     check_same_network(run, cfg)
-    check_same_teacher(run, teacher, cfg.teacher)
+    check_same_teacher(run, p.teacher, cfg.teacher)
     train_counts = [manifest["counts"]["train"][c] for c in classes]
-    train_rows = min(sum(train_counts), cfg.limit_train or 10**12)
     dataset_info = {"uri": version.uri, "name": manifest["name"], "version": manifest["version"],
                     "manifest_hash": manifest_hash(manifest)}
     # before Ray starts: a tracking server that does not answer fails here, in one line
-    tracked = start_run(tracking and tracking.named("brainmri-train"), run.uri, name,  # None: off
+    tracked = start_run(tracking and tracking.named("brainmri-train"), run.uri, cfg.name,  # None: off
                         {**to_dict(cfg), "dataset": dataset_info},
                         {"brainmri.dataset_version": manifest["version"]})
     init_ray()
@@ -492,18 +374,19 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
         with failing(tracked):
             pixels = ensure_pixels(version, manifest, cfg.image_size)
         dataset_info["pixels"] = pixels[0].uri
-    (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info, "teacher": teacher})
+    (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info, "teacher": p.teacher})
+    spec = RunSpec(cfg=cfg, classes=list(classes), train_counts=train_counts,
+                   train_rows=min(sum(train_counts), cfg.limit_train or 10**12), dataset=dataset_info,
+                   versions=library_versions(), run_uri=run.uri, teacher=p.teacher)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "classes": classes, "train_counts": train_counts,
-                           "train_rows": train_rows, "dataset": dataset_info,
-                           "versions": library_versions(), "run_uri": run.uri, "teacher": teacher},
+        train_loop_config={"run": spec},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpu,
                                      resources_per_worker=_resources(cfg)),
         datasets=build_datasets(cfg, version, manifest, pixels),
         dataset_config=_data_config(),
         run_config=RunConfig(
-            name=name, storage_path=runs.path, storage_filesystem=runs.fs,
+            name=cfg.name, storage_path=runs.path, storage_filesystem=runs.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute=METRIC,
@@ -513,19 +396,13 @@ def run_training(cfg: TrainConfig, callbacks=None, storage=None, progress=None,
     )
     with failing(tracked), (EpochLines(run / "history.json", cfg.epochs, progress) if progress
                             else nullcontext()):
-        result = trainer.fit()
-    best_ckpt = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
-    with best_ckpt.as_directory() as d:
-        state = load_state(open(os.path.join(d, CKPT_FILE), "rb").read())
-    history = (run / "history.json").read_json()  # the checkpoint's stops at its own epoch
-    state["history"] = history  # the published model carries the whole run's curves
-    if cfg.decision_rule != "argmax":
-        state["inference"] = choose_decision(cfg, state, version, manifest)
+        trainer.fit()
+    history = (run / "history.json").read_json()
     best = max(history, key=lambda h: h[METRIC])
     model_uri = None
     if cfg.publish:
-        model_uri = publish_model(out, cfg.model, state, best,
-                                  stage="candidate" if cfg.candidate else "released").uri
+        with failing(tracked):
+            model_uri = finalize(run, out, stage="candidate" if cfg.candidate else "released").model_uri
     (run / "summary.json").write_json({"best": best, "model": model_uri, "epochs_run": len(history),
                                        "seconds": time.time() - t0})
     finish_run(tracked, history, model_uri, (META_FILE, MODEL_FILE))

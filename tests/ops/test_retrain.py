@@ -57,6 +57,23 @@ def test_a_challenger_builds_the_network_its_champion_recorded(tmp_path):
     assert challenger_config(RetrainConfig(), None, "v", store, "r").shape()["width"] == 40
 
 
+def test_a_training_override_changes_one_shape_argument_of_the_champions_network(tmp_path):
+    """`--train model_args.width=48` on a champion with depth [2, 2, 2, 2] and kernel 5: the
+    challenger is that network at width 48, not the recipe's shape at width 48."""
+    from brainmri.cli import build_parser, config_from_args
+    from brainmri.config import TrainConfig, to_dict
+    from brainmri.ops.retrain import challenger_config
+
+    cfg = config_from_args(build_parser().parse_args(["retrain", "--train", "model_args.width=48",
+                                                      "--train", "epochs=3"]))
+    champ = {"recipe": {**to_dict(TrainConfig()),
+                        "model_args": {"width": 40, "depth": [2, 2, 2, 2], "kernel": 5, "stem_stride": 4}}}
+    got = challenger_config(cfg, champ, "v", open_location(str(tmp_path)), "r")
+    want = {"width": 48, "depth": [2, 2, 2, 2], "kernel": 5, "stem_stride": 4}
+    assert {k: got.model_args.get(k) for k in want} == want
+    assert got.epochs == 3 and got.candidate and got.publish
+
+
 def test_bad_settings_fail_before_any_work(tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown config key.*train.epocs"):
         RetrainConfig(train={"epocs": 3}).validate()

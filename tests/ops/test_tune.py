@@ -36,7 +36,7 @@ SPACE = {
     "base": {"epochs": 6, "image_size": 64, "batch_size": 8, "warmup_epochs": 0.5, "patience": 0,
              "aug_strength": 0.3,
              # the recipe knobs this test was measured with, whatever the defaults become
-             "weight_decay": 0.05, "class_weighting": True, "tta": False, "decision_rule": "argmax"},
+             "weight_decay": 0.05, "class_weighting": True, "tta": False},
     "space": {
         "model": {
             "brainnet": {"model_args.width": [8, 12], "model_args.kernel": [3, 5]},
@@ -272,6 +272,8 @@ def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, m
     # the winner is a published, loadable model whose metadata names the search, with a report
     state = load_model_state(res.model_uri)
     assert state["tune"]["trial"] == rows[0]["trial"]
+    # its recipe's decision rule (the default, glioma_recall) was chosen, as `brainmri train` does
+    assert state["inference"]["decision"]["rule"] == "logit bias on glioma"
     assert max(h["val_macro_f1"] for h in state["history"]) == pytest.approx(f1[0], abs=1e-4)
     build_model(state)
     assert open_location(res.report_uri + "/report.html").exists()
@@ -308,3 +310,81 @@ def test_search_against_s3(tmp_path, ray_local, s3_bucket):
     assert len(_rows(exp)) == 2 and (exp / "leaderboard.html").exists()
     assert res.model_uri.startswith(f"s3://{s3_bucket}/lake/models/brainnet/")
     build_model(load_model_state(res.model_uri))
+
+
+def _finished_run(tmp_path, decision_rule: str):
+    """A small real dataset version and a run folder as a finished Train run leaves it
+    (config.json, history.json, two checkpoints: the better one first), without Ray."""
+    import torch
+
+    from brainmri.config import TrainConfig, to_dict
+    from brainmri.data.datasets import manifest_hash, resolve_dataset
+    from brainmri.models.checkpoints import CKPT_FILE, dump_state, make_checkpoint
+    from brainmri.models.zoo import count_params, create_model
+
+    lake, version_uri = small_lake(tmp_path, per_class=10)
+    version, manifest = resolve_dataset(version_uri)
+    cfg = TrainConfig(data=version_uri, out=str(lake), name="t000-brainnet", image_size=64, epochs=2,
+                      model_args={"width": 8}, num_workers=1, publish=False, decision_rule=decision_rule,
+                      decision_max_f1_drop=0.1, decision_max_accuracy_cost=0.1)
+    run = open_location(str(tmp_path / "exp" / "runs" / cfg.name))
+    history = [{"epoch": e, "val_macro_f1": f, "val_accuracy": f} for e, f in ((0, 0.6), (1, 0.5))]
+    for epoch in (0, 1):
+        torch.manual_seed(epoch)
+        net = create_model("brainnet", 4, 1, image_size=64, width=8)
+        state = make_checkpoint(net.state_dict(), epoch=epoch, best=0.6, bad_epochs=epoch,
+                                history=history[:epoch + 1], resumes=[], config=to_dict(cfg),
+                                classes=list(manifest["classes"]),
+                                dataset={"uri": version.uri, "name": manifest["name"],
+                                         "version": manifest["version"],
+                                         "manifest_hash": manifest_hash(manifest)},
+                                params=count_params(net))
+        (run / f"checkpoint_00000{epoch}" / CKPT_FILE).write_bytes(dump_state(state))
+    (run / "history.json").write_json(history)
+    return lake, run, {"trial": "t000-brainnet", "run_uri": run.uri, "history": history}
+
+
+def test_the_winner_is_finished_like_a_train_run(tmp_path):
+    """Tune publishes its winner through training.finalize: the best checkpoint (epoch 0 here,
+    not the latest) with the decision rule its recipe asks for, exactly what `brainmri train`
+    publishes for the same run, and the search recorded."""
+    from brainmri.training.finalize import finalize
+
+    lake, run, best = _finished_run(tmp_path, "glioma_recall")
+    out = open_location(str(lake))
+    won = load_model_state(tune_mod.publish_best(out, open_location(str(tmp_path / "exp")), best))
+    assert won["epoch"] == 0 and won["tune"] == {"experiment": open_location(str(tmp_path / "exp")).uri,
+                                                  "trial": "t000-brainnet"}
+    assert won["inference"]["decision"]["rule"] == "logit bias on glioma"  # the rule was chosen
+    trained = finalize(run, out).state  # what `brainmri train` publishes for this run
+    assert won["inference"] == trained["inference"]
+    assert won["history"] == best["history"]
+
+    _, run, best = _finished_run(tmp_path / "argmax", "argmax")
+    plain = load_model_state(tune_mod.publish_best(out, open_location(str(tmp_path / "exp")), best))
+    assert plain["inference"]["decision"] is None and plain["inference"]["logit_bias"] is None
+
+
+def test_the_search_lasts_as_long_as_its_longest_trial():
+    """A space may sample epochs: ASHA's max_t and the leaderboard's "completed" follow each
+    trial, not trial 0."""
+    trials = [{"id": f"t{i}", "train": {"epochs": e}} for i, e in enumerate((2, 6, 4))]
+    search = Search(TuneConfig(), None, None, trials, 1, 1.0, None, [], False)
+    assert search.epochs == 6
+
+
+def test_a_trial_is_completed_when_it_ran_its_own_epochs(tmp_path):
+    """Two trials that sampled 2 and 6 epochs, both 2 epochs in: the first completed, the
+    second was stopped (by ASHA: no summary.json)."""
+    exp = open_location(str(tmp_path))
+    trials = []
+    for tid, epochs in (("t000-brainnet", 2), ("t001-brainnet", 6)):
+        run = exp / "runs" / tid
+        (run / "history.json").write_json([{"epoch": e, "val_macro_f1": 0.5, "val_accuracy": 0.5,
+                                            "epoch_seconds": 1.0} for e in range(2)])
+        if epochs == 2:
+            (run / "summary.json").write_json({})
+        trials.append({"id": tid, "params": {}, "train": {"name": tid, "epochs": epochs, "model": "brainnet",
+                                                         "image_size": 32, "model_args": {"width": 8}}})
+    rows = {r["trial"]: r["status"] for r in tune_mod.leaderboard(exp, trials, {}, ["a", "b", "c", "d"])}
+    assert rows == {"t000-brainnet": "completed", "t001-brainnet": "stopped by ASHA"}

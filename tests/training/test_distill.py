@@ -19,7 +19,7 @@ from brainmri.data.transforms import to_model_input
 from brainmri.models.checkpoints import build_model, load_model_state
 from brainmri.models.zoo import create_model
 from brainmri.training.distill import load_teacher, teacher_record
-from brainmri.training.engine import ShardBatches, Teacher, train_one_epoch
+from brainmri.training.engine import Recipe, ShardBatches, Teacher, train_one_epoch
 from brainmri.training.ensemble import combine
 
 from support.data import CLASSES
@@ -54,8 +54,9 @@ def _fit(teacher: Teacher | None, labels: torch.Tensor, x: torch.Tensor, steps: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     batches = ShardBatches.from_tensors(x, labels, 16, shuffle=False, drop_last=True, seed=0)
     for epoch in range(steps):
-        train_one_epoch(model, batches.epoch(epoch), torch.nn.CrossEntropyLoss(), opt, sched,
-                        torch.device("cpu"), 0.5, torch.Generator().manual_seed(epoch), teacher=teacher)
+        recipe = Recipe(torch.nn.CrossEntropyLoss(), opt, sched, 0.5, torch.Generator().manual_seed(epoch),
+                        teacher=teacher)
+        train_one_epoch(model, batches.epoch(epoch), recipe, torch.device("cpu"))
     return model
 
 
@@ -190,4 +191,4 @@ def test_tune_pins_the_teacher_file_and_its_trials_accept_it(lakes, tmp_path):
     (trial,) = build_trials(base, [{"lr": 0.01}], settings)
     pinned = trial["train"]["teacher"]
     assert pinned.endswith("/model.pt") and pinned.startswith(str(lake / "models" / "brainnet"))
-    assert prepare(TrainConfig(**trial["train"]))[4]["uri"] == pinned
+    assert prepare(TrainConfig(**trial["train"])).teacher["uri"] == pinned

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from brainmri.data.transforms import augment
 from brainmri.models.zoo import create_model
 from brainmri.training import engine
-from brainmri.training.engine import ShardBatches, all_reduce_sum, evaluate, train_one_epoch
+from brainmri.training.engine import Recipe, ShardBatches, all_reduce_sum, evaluate, train_one_epoch
 
 from support.data import REPO, SHARED_DATA
 
@@ -76,8 +76,8 @@ def test_every_collective_in_the_loops_goes_through_the_device_check(gloo_group,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     batches = ShardBatches.from_tensors(x, y, 8, True, True, 0)
     dev = torch.device("cpu")
-    tr = train_one_epoch(model, batches.epoch(0), torch.nn.CrossEntropyLoss(), opt, sched, dev,
-                         1.0, torch.Generator().manual_seed(0))
+    tr = train_one_epoch(model, batches.epoch(0), Recipe(torch.nn.CrossEntropyLoss(), opt, sched, 1.0,
+                                                         torch.Generator().manual_seed(0)), dev)
     assert tr[2].item() == 24 and tr.device == dev
     evaluate(model, ShardBatches.from_tensors(x, y, 8, False, False, 0).epoch(0), K, dev)
     assert engine.agree_any(False, dev) is False
@@ -230,8 +230,8 @@ def test_weight_average_follows_the_steps_with_a_warming_decay():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     src = ShardBatches.from_tensors(x, y, 4, True, True, 0)
-    train_one_epoch(model, src.epoch(0), torch.nn.CrossEntropyLoss(), opt, sched, torch.device("cpu"), 0.0,
-                    torch.Generator(), ema=ema2)
+    train_one_epoch(model, src.epoch(0), Recipe(torch.nn.CrossEntropyLoss(), opt, sched, 0.0, torch.Generator(),
+                                                ema=ema2), torch.device("cpu"))
     assert ema2.updates == 2
 
 
@@ -277,8 +277,8 @@ def test_a_mixed_epoch_weights_the_loss_of_both_labels():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     src = ShardBatches.from_tensors(x, y, 8, False, True, 0)
-    sums = train_one_epoch(model, src.epoch(0), Spy(), opt, sched, torch.device("cpu"), 0.0,
-                           torch.Generator().manual_seed(0), mixer=Mixer(1.0, 0.4, 0.0, 3))
+    sums = train_one_epoch(model, src.epoch(0), Recipe(Spy(), opt, sched, 0.0, torch.Generator().manual_seed(0),
+                                                       mixer=Mixer(1.0, 0.4, 0.0, 3)), torch.device("cpu"))
     assert len(seen) == 2 and torch.equal(seen[0], y) and not torch.equal(seen[1], y)
     assert sums[2] == 8
 
@@ -302,3 +302,34 @@ def test_wait_counts_the_time_spent_getting_batches_not_using_them():
             labels += b["label"].tolist()
         assert labels == [0, 0, 1, 1, 2, 2]
         assert 0.15 <= src.wait < 0.6
+
+
+def test_fit_is_the_epoch_loop_stopping_early_and_resuming_where_it_left_off():
+    """engine.fit: every epoch reported to on_epoch with its confusion matrix, history rows
+    without it, patience ends the run, and a FitState picks up at its next epoch."""
+    from brainmri.training.engine import FitState, fit
+
+    x, y = _data(24)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing learns: macro-F1 never improves
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    recipe = Recipe(torch.nn.CrossEntropyLoss(), opt, sched, 0.0, torch.Generator().manual_seed(0))
+    train = ShardBatches.from_tensors(x, y, 8, True, True, 0)
+    val = ShardBatches.from_tensors(x, y, 8, False, False, 0)
+    seen = []
+
+    def on_epoch(epoch, metrics, state, stop):
+        seen.append((epoch, stop, len(metrics["val_confusion"]), len(state.history)))
+
+    dev = torch.device("cpu")
+    run = fit(model, recipe, train, val, [str(k) for k in range(K)], dev, epochs=10, patience=2,
+              on_epoch=on_epoch)
+    assert [s[0] for s in seen] == [0, 1, 2] and [s[1] for s in seen] == [False, False, True]
+    assert all(s[2] == K for s in seen) and [s[3] for s in seen] == [1, 2, 3]
+    assert run.start == 3 and run.bad == 2 and "val_confusion" not in run.history[0]
+    assert run.history[0]["train_images"] == 24 and run.history[-1]["best_val_macro_f1"] == run.best
+
+    seen.clear()
+    again = fit(model, recipe, train, val, [str(k) for k in range(K)], dev, epochs=5,
+                state=FitState(start=3, best=run.best, history=list(run.history)), on_epoch=on_epoch)
+    assert [s[0] for s in seen] == [3, 4] and len(again.history) == 5

@@ -74,11 +74,11 @@ def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_l
     from brainmri.models.zoo import create_model, model_defaults
     from brainmri.training.train import check_same_network
 
-    cfg = TrainConfig(data=str(small_lake), out=str(tmp_path))
-    prepare(cfg)
+    given = TrainConfig(data=str(small_lake), out=str(tmp_path))
+    cfg = prepare(given).cfg
     assert cfg.model_args == {**RECIPE_SHAPES["brainnet"], "dropout": 0.2} and cfg.model_args["width"] == 40
-    narrow = TrainConfig(data=str(small_lake), out=str(tmp_path), model_args={"width": 16})
-    prepare(narrow)
+    assert given.model_args == {} and given.name == "" and cfg.name.startswith("brainnet-")  # a copy
+    narrow = prepare(TrainConfig(data=str(small_lake), out=str(tmp_path), model_args={"width": 16})).cfg
     assert narrow.model_args == {**RECIPE_SHAPES["brainnet"], "dropout": 0.2, "width": 16}
     narrow.model_args["depth"].append(1)  # a run's copy, not the recipe's
     assert RECIPE_SHAPES["brainnet"]["depth"] == [1, 1, 2, 1]
