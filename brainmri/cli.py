@@ -15,6 +15,7 @@ from .config import (
     EnsembleConfig,
     EvaluateConfig,
     IngestConfig,
+    PredictConfig,
     RetrainConfig,
     ServeConfig,
     TrackingConfig,
@@ -26,7 +27,6 @@ from .config import (
     merge,
     parse_overrides,
 )
-from .config import probability as _probability
 from .core import console
 from .core.storage import StorageError
 
@@ -43,9 +43,6 @@ def _arg_type(parse):
             raise argparse.ArgumentTypeError(str(e)) from None
     typed.__name__ = parse.__name__
     return typed
-
-
-probability = _arg_type(_probability)  # --abstain-below
 
 
 def option(name: str) -> str:
@@ -86,8 +83,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls, with_defaults: bool = Fals
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
         kw: dict = {"dest": f.name}
-        if default is dataclasses.MISSING:
-            kw["required"] = True
+        if default is dataclasses.MISSING:  # required; with --config it may come from the file
+            kw["required"] = with_defaults
         else:
             kw["default"] = default if with_defaults else None
         names = [option(f.name)]
@@ -102,6 +99,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls, with_defaults: bool = Fals
             kw.update(action="append", metavar="KEY=VALUE")
             if with_defaults:
                 kw["default"] = None
+        elif typing.get_origin(tp) is list and typing.get_args(tp)[0] in (int, float, str):
+            kw.update(nargs="+", type=typing.get_args(tp)[0])
         elif tp in (int, float, str):
             kw["type"] = _arg_type(meta.pop("type")) if "type" in meta else tp
         else:
@@ -116,12 +115,13 @@ def given(a: argparse.Namespace, cls=None) -> dict:
     """The config flags given on the command line, as typed overrides ({} when none);
     a dict flag's KEY=VALUE items nest under its name (values parsed as YAML)."""
     cls = cls or a.config_cls
+    hints = typing.get_type_hints(cls)
     out: dict = {}
     for f in flag_fields(cls):
         value = getattr(a, f.name, None)
         if value is None:
             continue
-        if isinstance(value, list):  # a repeatable KEY=VALUE flag of a dict field
+        if typing.get_origin(hints[f.name]) is dict or hints[f.name] is dict:  # repeatable KEY=VALUE
             out = merge(out, parse_overrides([f"{f.name}.{kv}" for kv in value]))
         else:
             out[f.name] = value
@@ -131,7 +131,7 @@ def given(a: argparse.Namespace, cls=None) -> dict:
 def config_from_args(a: argparse.Namespace):
     """The validated config of a parsed command: defaults <- --config YAML <- --set <- flags."""
     cls = a.config_cls
-    if not hasattr(a, "overrides"):  # no config file (evaluate): the flags are the whole config
+    if not hasattr(a, "overrides"):  # no config file: the flags are the whole config
         return from_dict(cls, given(a, cls))
     return load_config(cls, a.config, merge(parse_overrides(a.overrides), given(a, cls)))
 
@@ -248,7 +248,7 @@ def cmd_evaluate(a) -> int:
     from .evaluation.evaluate import evaluate
 
     cfg = config_from_args(a)
-    res = evaluate(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    res = evaluate(cfg)
     m, c = res.metrics, res.metrics["counts"]
     allm = m["metrics"]["all"]
     print(f"evaluated {c['evaluated']} images, rejected {c['rejected']} "
@@ -279,8 +279,7 @@ def cmd_calibrate(a) -> int:
 def cmd_predict(a) -> int:
     from .evaluation.predict import run
 
-    return run(a.paths, a.model, fmt=a.format, output=a.output, abstain_below=a.abstain_below,
-               batch_size=a.batch_size, runtime=a.runtime)
+    return run(a.paths, config_from_args(a))
 
 
 def cmd_serve(a) -> int:
@@ -326,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TrackingConfig)
     p.set_defaults(func=cmd_retrain, config_cls=RetrainConfig)
 
-    p = sub.add_parser("evaluate", parents=[_console_parent()],
+    p = sub.add_parser("evaluate", parents=on_ray,
                        help="evaluate a model on a dataset split or an image folder; "
                        "writes a self-contained report")
-    add_config_flags(p, EvaluateConfig, with_defaults=True)
+    add_config_flags(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate, config_cls=EvaluateConfig)
 
     p = sub.add_parser("calibrate", help="fit temperature scaling on the model's validation "
@@ -338,19 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default %(default)s)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("predict", help="classify image files, folders or URIs (exit 1 if any failed)")
+    p = sub.add_parser("predict", parents=cfg,
+                       help="classify image files, folders or URIs (exit 1 if any failed)")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image file, folder (all files under it) or s3:// URI")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "csv"],
-                   help="output format: jsonl (one JSON object per image) or csv (default %(default)s)")
-    p.add_argument("--output", metavar="FILE",
-                   help="write to FILE (path or URI, atomically) instead of standard output")
-    p.add_argument("--abstain-below", type=probability, metavar="P",
-                   help="flag predictions with confidence below P as 'refer to a radiologist'")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default %(default)s)")
-    add_config_flags(p, EvaluateConfig, with_defaults=True, only=("runtime",))  # evaluate's flag
-    p.set_defaults(func=cmd_predict)
+    add_config_flags(p, PredictConfig)
+    p.set_defaults(func=cmd_predict, config_cls=PredictConfig)
 
     p = sub.add_parser("serve", parents=cfg, help="serve the champion (or --model) over HTTP with Ray "
                        "Serve: POST /predict, GET /model, GET /healthz")

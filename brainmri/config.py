@@ -77,26 +77,28 @@ class IngestConfig:
     """How `brainmri ingest` turns a class-folder tree into a dataset version."""
 
     name: str = flag("brain-tumor-mri", "dataset name: DEST/datasets/<name>/<version>/")
-    classes: list[str] = field(default_factory=lambda: list(CLASSES))  # label order
+    classes: list[str] = flag(help="class folder names, in label order", default_factory=lambda: list(CLASSES),
+                              metavar="CLASS")
     seed: int = flag(0, "split seed")
     val_fraction: float = flag(0.10, "validation share of the training data, by duplicate group, "
                                      "per class")
     test_fraction: float = flag(0.10, "test share; only used when SOURCE has no Testing/ folder")
-    phash_distance: int = 12  # candidate near-duplicates: 64-bit pHash within this distance
-    near_dup_similarity: float = 0.97  # ...confirmed if 32x32 thumbnails correlate this much
-    min_side: int = 64  # pixels; smaller images are rejected
-    max_pixels: int = 40_000_000  # larger images are rejected as possible decompression bombs
-    shard_mb: int = 32  # target Parquet shard size
-    row_group_rows: int = 64  # rows per row group (Ray Data / pyarrow read granularity)
+    phash_distance: int = flag(12, "candidate near duplicates: 64-bit pHash within this Hamming distance")
+    near_dup_similarity: float = flag(0.97, "a candidate is confirmed a near duplicate when the 32x32 "
+                                            "thumbnails correlate at least this much")
+    min_side: int = flag(64, "images with a shorter side (pixels) are rejected")
+    max_pixels: int = flag(40_000_000, "larger images are rejected as possible decompression bombs")
+    shard_mb: int = flag(32, "target Parquet shard size (MB)")
+    row_group_rows: int = flag(64, "rows per Parquet row group (Ray Data's and pyarrow's read granularity)")
     workers: int = flag(0, "processes for decoding and hashing; 0 = all cores")
     engine: str = flag("auto", "where ingest runs: local (processes on this machine), ray (Ray Data "
                        "and Ray tasks on the cluster, reading SOURCE straight from its storage), "
                        "auto (ray for an s3:// SOURCE or more than --ray-min-files files)",
                        choices=INGEST_ENGINES)
     ray_min_files: int = flag(50_000, "files in SOURCE from which --engine auto picks ray")
-    # a dataset version whose test split stays test here (with its near duplicates), so models
-    # trained on this version can be compared on that frozen test set without leakage
-    frozen_test: str = ""
+    # models trained on this version can then be compared on that frozen test set without leakage
+    frozen_test: str = flag("", "a dataset version whose test split stays the test split here, with "
+                                "its near duplicates ('' = none)")
 
     def validate(self) -> None:
         if not self.classes or len(set(self.classes)) != len(self.classes):
@@ -131,7 +133,7 @@ DECISION_RULES = ("argmax", "glioma_recall")
 # and the run records all of them, so every checkpoint names its whole network. The
 # factories' own defaults (models.zoo) never change: a checkpoint that recorded fewer
 # arguments (trained before the recipe's shape changed) is rebuilt exactly as it was trained.
-# Width 40 (was the factory's 32): two seeds of full-length runs,
+# Width 40 rather than the factory's 32: two seeds of full-length runs,
 # benchmarks/results/quality-20261129e-plan.md.
 RECIPE_SHAPES = {"brainnet": {"width": 40, "depth": [1, 1, 2, 1], "kernel": 3, "stem_stride": 4}}
 
@@ -146,52 +148,58 @@ class TrainConfig:
     out: str = flag("./lake", "storage URI: runs/<name>/ (checkpoints) and models/<name>/<version>/")
     name: str = flag("", "run name; re-running with the same name resumes it; '' = <model>-<time>")
     model: str = flag("brainnet", "model name from the registry (brainmri.models.list_models())")
-    model_args: dict = field(default_factory=dict)  # shape arguments for the model factory;
-    #                                 the ones left out come from RECIPE_SHAPES, then the factory
-    pretrained: str = ""  # "" (from scratch), a weights URI, or "torchvision"
+    model_args: dict = flag(help="one shape argument of the model factory (repeatable), e.g. "
+                                 "--model-args width=48; those left out come from the recipe's shape "
+                                 "(config.RECIPE_SHAPES), then the factory's defaults",
+                            default_factory=dict)
+    pretrained: str = flag("", "initial weights: '' (from scratch), a weights URI, or torchvision")
     image_size: int = flag(160, "square input side in pixels, after aspect-preserving fit")
     epochs: int = flag(40, "maximum epochs (early stopping may end sooner)")
     batch_size: int = flag(64, "batch size per worker")
     lr: float = flag(7.7e-3, "peak AdamW learning rate (reached after warm-up)")
-    weight_decay: float = 0.021
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.126
-    class_weighting: bool = False  # inverse-frequency class weights in the loss
-    aug_strength: float = 0.59  # 0 disables random augmentation
-    ema_decay: float = 0.99  # exponential moving average of the weights, validated, checkpointed
-    #                         and published instead of the raw weights (0 = off)
-    mix_prob: float = 0.2  # share of training batches mixed with MixUp/CutMix (0 = off)
-    mix_alpha: float = 0.4  # lam ~ Beta(mix_alpha, mix_alpha)
-    cutmix_share: float = 0.5  # of the mixed batches, the share mixed by CutMix (the rest MixUp)
+    weight_decay: float = flag(0.021, "AdamW weight decay (weights only, not biases or norms)")
+    warmup_epochs: float = flag(1.0, "linear learning-rate warm-up, in epochs, before the cosine decay")
+    label_smoothing: float = flag(0.126, "label smoothing of the cross-entropy")
+    class_weighting: bool = flag(False, "inverse-frequency class weights in the loss")
+    aug_strength: float = flag(0.59, "random augmentation strength (0 = none)")
+    ema_decay: float = flag(0.99, "exponential moving average of the weights, validated, checkpointed "
+                                  "and published instead of the raw weights (0 = off)")
+    mix_prob: float = flag(0.2, "share of training batches mixed with MixUp/CutMix (0 = off)")
+    mix_alpha: float = flag(0.4, "MixUp/CutMix lam ~ Beta(alpha, alpha)")
+    cutmix_share: float = flag(0.5, "of the mixed batches, the share mixed by CutMix (the rest MixUp)")
+    # the teacher's loss term is the KL divergence to its probabilities on every training batch,
+    # computed online on the augmented batch (training.distill)
     teacher: str = flag("", "a published model (one network or an ensemble, trained on the same "
                             "dataset version) that teaches this one: distillation ('' = off)")
-    #                    the loss adds the KL divergence to its probabilities on every training
-    #                    batch, computed online on the augmented batch (training.distill)
-    distill_weight: float = 0.5  # loss = (1 - w) * label loss + w * teacher loss
-    distill_temperature: float = 1.0  # both distributions softened by T (the term scaled by T^2)
-    tta: bool = True  # test-time left-right flip averaging, recorded with the model (models.decision)
-    #                   and used by validation during training: the best epoch is the best served
-    decision_rule: str = "glioma_recall"  # a glioma logit bias chosen on validation ("argmax": none)
-    decision_max_f1_drop: float = 0.005  # ...that may cost at most this much validation macro-F1
-    decision_max_accuracy_cost: float = 0.0  # ...kept only if, chosen on half the validation
-    #                                 images, it costs at most this much accuracy on the other half
-    patience: int = 10  # early stopping: epochs without val macro-F1 gain (0 = off)
-    time_budget_min: float = 0.0  # stop after the epoch that crosses this many minutes (0 = off)
+    distill_weight: float = flag(0.5, "loss = (1 - w) * label loss + w * teacher loss")
+    distill_temperature: float = flag(1.0, "both distributions softened by T (the term scaled by T^2)")
+    # flips are used by validation during training too: the best epoch is the best served
+    tta: bool = flag(True, "test-time left-right flip averaging, recorded with the model")
+    decision_rule: str = flag("glioma_recall", "decision rule chosen on validation after training: a "
+                              "glioma logit bias (glioma_recall) or none (argmax)", choices=DECISION_RULES)
+    decision_max_f1_drop: float = flag(0.005, "validation macro-F1 the glioma bias may cost")
+    decision_max_accuracy_cost: float = flag(0.0, "the bias is kept only if, chosen on half the "
+                                                  "validation images, it costs at most this much "
+                                                  "accuracy on the other half")
+    patience: int = flag(10, "early stopping: epochs without a validation macro-F1 gain (0 = off)")
+    time_budget_min: float = flag(0.0, "stop after the epoch that crosses this many training minutes "
+                                       "(0 = off)")
     seed: int = flag(0, "random seed")
     num_workers: int = flag(2, "data-parallel train workers (DDP)")
     gpu: bool = flag(False, "one GPU per worker, bf16 autocast, channels-last")
-    cpus_per_worker: float = 0.0  # 0 = auto: leave at least one CPU to Ray Data
-    threads_per_worker: int = 0  # torch intra-op threads; 0 = auto
-    max_failures: int = 2  # worker failures survived (restart from latest checkpoint)
-    keep_checkpoints: int = 2  # top-k by val macro-F1 (the latest is always kept too)
+    cpus_per_worker: float = flag(0.0, "CPUs per train worker; 0 = auto (at least one CPU left to Ray Data)")
+    threads_per_worker: int = flag(0, "torch intra-op threads per worker; 0 = the CPUs Ray assigned it")
+    max_failures: int = flag(2, "worker failures survived (restart from the latest checkpoint)")
+    keep_checkpoints: int = flag(2, "checkpoints kept: the top k by validation macro-F1, and the latest")
     limit_train: int = flag(0, "use only the first N training images (quick runs, tests); 0 = all")
     limit_val: int = flag(0, "use only the first N validation images; 0 = all")
-    cache: bool = True  # workers keep their preprocessed shard in memory after epoch 1; off (data
-    #                     larger than memory): every epoch streams pixel shards (data.pixels),
-    #                     or, with a limit_* set, decodes those first rows again
-    publish: bool = True  # publish the best checkpoint as models/<model>/<version>/
-    candidate: bool = False  # publish it as a candidate (retrain's challengers): models/<model>
-    #                          resolves to it only once retrain promotes it
+    # off: every epoch streams pixel shards (data.pixels), or, with a limit_* set, decodes those
+    # first rows again
+    cache: bool = flag(True, "workers keep their preprocessed shard in memory after epoch 1 (turn off "
+                             "for data larger than memory)")
+    publish: bool = flag(True, "publish the best checkpoint as models/<model>/<version>/")
+    # models/<model> resolves to a candidate only once retrain promotes it
+    candidate: bool = flag(False, "publish it as a candidate (retrain's challengers), not released")
 
     def shape(self) -> dict:
         """model_args with what they leave out of the recipe's network filled in."""
@@ -246,7 +254,7 @@ class TuneConfig:
     epochs: int = flag(0, "max epochs per trial (ASHA's max_t); 0 = the space's base or "
                           "TrainConfig's")
     grace_period: int = flag(2, "epochs every trial gets before ASHA may stop it")
-    reduction_factor: int = 2  # ASHA keeps the top 1/reduction_factor at each rung
+    reduction_factor: int = flag(2, "ASHA keeps the top 1/reduction_factor of trials at each rung")
     workers_per_trial: int = flag(1, "DDP workers in each trial's TorchTrainer")
     gpu: bool = flag(False, "one GPU per train worker; the winner is evaluated on a GPU too")
     seed: int = flag(0, "sampling seed (each trial's training seed is in its params)")
@@ -280,7 +288,7 @@ class RetrainConfig:
                                      "quarter of this; one that stops renewing loses it after this")
     wait_lock_s: float = flag(0.0, "wait this long for a running retrain, then exit 0 doing nothing")
     champion: str = flag("", "bootstrap from this published model when there is no champion yet")
-    batch_size: int = 64  # evaluation batch size
+    batch_size: int = flag(64, "images per batch when champion and challenger are evaluated")
 
     def validate(self) -> None:
         problem = name_problem(self.dataset, "dataset name")
@@ -330,10 +338,16 @@ MODEL_HELP = ("model version URI, models/<name> folder (its champion, else its n
               "version), checkpoint folder or .pt file")
 
 
+def _runtime_flag():
+    return flag("torch", "what runs the network: torch (eager, model.pt), torchscript "
+                         "(model.torchscript.pt) or onnx (model.onnx on ONNX Runtime, CPU); "
+                         "the exports need a published model version", choices=RUNTIMES)
+
+
 @dataclass
 class EvaluateConfig:
-    """What `brainmri evaluate` evaluates and how (the keyword arguments of
-    `brainmri.evaluation.evaluate.evaluate`)."""
+    """What `brainmri evaluate` evaluates and how (`brainmri.evaluation.evaluate.evaluate`'s
+    one argument)."""
 
     model: str = flag(help=MODEL_HELP)
     data: str = flag(help="dataset version (or dataset folder: its latest version), or an image "
@@ -347,13 +361,15 @@ class EvaluateConfig:
     batch_size: int = flag(64, "images per inference batch")
     gpu: bool = flag(False, "one GPU per inference actor (fp32, channels-last)")
     concurrency: int = flag(1, "inference actors, each holding one copy of the model")
-    runtime: str = flag("torch", "what runs the network: torch (eager, model.pt), torchscript "
-                                 "(model.torchscript.pt) or onnx (model.onnx on ONNX Runtime, CPU); "
-                                 "the exports need a published model version", choices=RUNTIMES)
+    runtime: str = _runtime_flag()
     near_dup_distance: int = flag(4, "pHash Hamming distance at or below which an image counts as "
                                      "a near duplicate of a training image")
+    n_mistakes: int = flag(12, "misclassified images shown in the report")
+    cam_per_class: int = flag(2, "Grad-CAM examples per class in the report (0 = none)")
 
     def validate(self) -> None:
+        if min(self.n_mistakes, self.cam_per_class) < 0:
+            raise ConfigError("n_mistakes and cam_per_class (--n-mistakes, --cam-per-class) must be >= 0")
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}")
         if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
@@ -366,6 +382,35 @@ class EvaluateConfig:
             raise ConfigError("batch_size and concurrency (--batch-size, --concurrency) must be >= 1")
         if not 0 <= self.near_dup_distance <= 64:
             raise ConfigError("near_dup_distance (--near-dup-distance) must be in [0, 64]")
+
+
+PREDICT_FORMATS = ("jsonl", "csv")
+
+
+@dataclass
+class PredictConfig:
+    """How `brainmri predict` classifies image files, folders or URIs (given as arguments)."""
+
+    model: str = flag(help=MODEL_HELP)
+    format: str = flag("jsonl", "output format: jsonl (one JSON object per image) or csv",
+                       choices=PREDICT_FORMATS)
+    output: str = flag("", "write to FILE (path or URI, atomically) instead of standard output",
+                       metavar="FILE")
+    abstain_below: float | None = flag(
+        None, "flag predictions whose calibrated confidence is below P as 'refer to a radiologist'",
+        metavar="P", type=probability)
+    batch_size: int = flag(32, "images per batch")
+    runtime: str = _runtime_flag()
+
+    def validate(self) -> None:
+        if self.format not in PREDICT_FORMATS:
+            raise ConfigError(f"format must be one of {', '.join(PREDICT_FORMATS)}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}")
+        if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
+            raise ConfigError("abstain_below (--abstain-below) must be a probability in [0, 1]")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size (--batch-size) must be >= 1")
 
 
 @dataclass
@@ -453,6 +498,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
             f"known: {', '.join(sorted(names))}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"missing required config key(s) {', '.join(prefix + m for m in missing)} "
+                          f"(on the command line: {', '.join('--' + m.replace('_', '-') for m in missing)})")
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):

@@ -21,6 +21,7 @@ from brainmri.config import (
     EnsembleConfig,
     EvaluateConfig,
     IngestConfig,
+    PredictConfig,
     RetrainConfig,
     ServeConfig,
     TrackingConfig,
@@ -35,11 +36,11 @@ from support.data import REPO
 
 COMMANDS = {"ingest": IngestConfig, "train": TrainConfig, "tune": TuneConfig,
             "retrain": RetrainConfig, "evaluate": EvaluateConfig, "serve": ServeConfig,
-            "ensemble": EnsembleConfig}
+            "ensemble": EnsembleConfig, "predict": PredictConfig}
 # commands that also take the shared MLflow tracking flags (TrackingConfig, never in their config)
 TRACKED = ("train", "tune", "retrain")
-POSITIONAL = {"ingest": ["SRC", "DEST"], "ensemble": ["M1", "M2"]}
-REQUIRED = {"evaluate": ["--model", "m", "--data", "d", "--out", "o"]}
+POSITIONAL = {"ingest": ["SRC", "DEST"], "ensemble": ["M1", "M2"], "predict": ["x.jpg"]}
+REQUIRED = {"evaluate": ["--model", "m", "--data", "d", "--out", "o"], "predict": ["--model", "m"]}
 ON_RAY = ("train", "tune", "retrain", "evaluate")  # they take the common --verbose
 
 
@@ -68,6 +69,8 @@ def sample(cls, f: dataclasses.Field) -> tuple[list[str], object]:
         return [flag_of(f)], not f.default
     if tp is dict:
         return [flag_of(f), "epochs=2"], {"epochs": 2}
+    if typing.get_origin(tp) is list:
+        return [flag_of(f), "a", "b"], ["a", "b"]
     if "choices" in f.metadata:
         value = [c for c in f.metadata["choices"] if c != f.default][0]
         return [flag_of(f), value], value
@@ -103,10 +106,13 @@ def test_every_flag_maps_to_its_field_and_back(cmd):
             argv, value = [], required[argv[0]]
         a = parse(cmd, *REQUIRED.get(cmd, []), *argv)
         got = cli.given(a)
-        if cmd == "evaluate":  # no config file: every flag carries its value (or default)
-            assert got[f.name] == value, f.name
-        else:
-            assert got == {f.name: value}, f.name
+        assert got == {**{k[2:]: v for k, v in required.items()}, f.name: value}, f.name
+
+
+def test_every_config_key_is_a_flag_of_its_command():
+    """Nothing reachable only through --set: every field of a command's config has a flag."""
+    for cls in (*COMMANDS.values(), TrackingConfig):
+        assert [f.name for f in dataclasses.fields(cls) if f not in flag_fields(cls)] == [], cls.__name__
 
 
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))
@@ -232,13 +238,13 @@ def test_help_shows_the_dataclass_defaults(cmd, capsys, monkeypatch):
     assert shown >= 1
     one = {"ingest": "(default 0.1)", "train": "(default 40)", "tune": "(default configs/tune-cpu.yaml)",
            "retrain": "(default 10.0)", "evaluate": "(default 64)", "serve": "(default 8000)",
-           "ensemble": "(default glioma_recall)"}[cmd]
+           "ensemble": "(default glioma_recall)", "predict": "(default jsonl)"}[cmd]
     assert one in out
 
 
 def test_calibrate_and_predict_keep_their_flags(capsys, monkeypatch):
-    a = cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m"])
-    assert (a.format, a.batch_size, a.abstain_below, a.output) == ("jsonl", 32, None, None)
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m"]))
+    assert (cfg.format, cfg.batch_size, cfg.abstain_below, cfg.output) == ("jsonl", 32, None, "")
     assert cli.build_parser().parse_args(["calibrate", "--model", "m"]).batch_size == 64
     monkeypatch.setenv("COLUMNS", "2000")
     with pytest.raises(SystemExit):
@@ -250,36 +256,42 @@ def test_calibrate_and_predict_keep_their_flags(capsys, monkeypatch):
 
 
 def test_predict_runtime_is_evaluates_flag(capsys, monkeypatch):
-    """One source: predict's --runtime is EvaluateConfig.runtime (help, default, choices)."""
-    assert cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m"]).runtime == "torch"
-    assert cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m", "--runtime",
-                                          "onnx"]).runtime == "onnx"
+    """One source: predict's --runtime is evaluate's (help, default, choices)."""
+    def runtime(*argv):
+        return cli.config_from_args(cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m",
+                                                                  *argv])).runtime
+
+    assert runtime() == "torch" and runtime("--runtime", "onnx") == "onnx"
+    (same,) = [f for f in flag_fields(PredictConfig) if f.name == "runtime"]
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args(["predict", "x.jpg", "--model", "m", "--runtime", "tflite"])
     assert e.value.code == 2
     (field,) = [f for f in flag_fields(EvaluateConfig) if f.name == "runtime"]
     assert field.metadata["choices"] == RUNTIMES == ("torch", "torchscript", "onnx")
+    assert same.metadata == field.metadata and same.default == field.default
     monkeypatch.setenv("COLUMNS", "2000")
     with pytest.raises(SystemExit):
         cli.main(["predict", "--help"])
     assert f"{field.metadata['help']} (default torch)" in capsys.readouterr().out
 
 
-def test_evaluate_config_is_what_evaluate_takes():
+def test_evaluate_config_is_what_evaluate_takes(tmp_path):
     from brainmri.evaluation.evaluate import evaluate
+    from brainmri.evaluation.predict import run
 
-    params = inspect.signature(evaluate).parameters
-    for f in dataclasses.fields(EvaluateConfig):
-        assert f.name in params, f.name
-        if f.default is not dataclasses.MISSING:
-            assert params[f.name].default == f.default, f.name
-        else:
-            assert params[f.name].default is inspect.Parameter.empty, f.name
+    assert list(inspect.signature(evaluate).parameters) == ["cfg"]
+    assert list(inspect.signature(run).parameters) == ["paths", "cfg", "stream"]
     a = parse("evaluate", "--model", "m", "--data", "d", "--out", "o", "--split", "val",
               "--abstain-below", "0.6", "--gpu", "--concurrency", "2")
     assert to_dict(cli.config_from_args(a)) == {
         "model": "m", "data": "d", "out": "o", "split": "val", "abstain_below": 0.6,
-        "batch_size": 64, "gpu": True, "concurrency": 2, "runtime": "torch", "near_dup_distance": 4}
+        "batch_size": 64, "gpu": True, "concurrency": 2, "runtime": "torch", "near_dup_distance": 4,
+        "n_mistakes": 12, "cam_per_class": 2}
+    # evaluate takes a config file and --set like the other commands; flags win over both
+    (tmp_path / "e.yaml").write_text("model: m\ndata: d\nout: o\nbatch_size: 16\nsplit: val\n")
+    a = parse("evaluate", "--config", str(tmp_path / "e.yaml"), "--set", "batch_size=8", "--split", "train")
+    cfg = cli.config_from_args(a)
+    assert (cfg.model, cfg.batch_size, cfg.split) == ("m", 8, "train")
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -295,9 +307,9 @@ def test_evaluate_validation(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         parse("evaluate", "--model", "m", "--data", "d", "--out", "o", "--abstain-below", "1.5")
     assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        parse("evaluate", "--model", "m", "--data", "d")  # --out is required
-    assert e.value.code == 2
+    # --out is required: from the flags or from a config file, said in one line
+    assert cli.main(["evaluate", "--model", "m", "--data", "d"]) == 2
+    assert "missing required config key(s) out (on the command line: --out)" in capsys.readouterr().err
 
 
 def test_retrain_config_lives_in_config():

@@ -227,17 +227,13 @@ class EvalResult:
     seconds: float
 
 
-def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below: float | None = None,
-             batch_size: int = 64, gpu: bool = False, concurrency: int = 1,
-             near_dup_distance: int = EvaluateConfig.near_dup_distance, n_mistakes: int = 12,
-             cam_per_class: int = 2, runtime: str = EvaluateConfig.runtime) -> EvalResult:
-    """Evaluate MODEL on DATA and write the report under OUT (see the module docstring).
-    Side effects: the report folder, and a local Ray cluster if none is running."""
+def evaluate(cfg: EvaluateConfig) -> EvalResult:
+    """Evaluate cfg.model on cfg.data and write the report under cfg.out (see the module
+    docstring). Side effects: the report folder, and a local Ray cluster if none is running."""
     t0 = time.time()
-    # the rules live with the options (config.EvaluateConfig), whoever calls this
-    EvaluateConfig(model=model, data=data, out=out, split=split, abstain_below=abstain_below,
-                   batch_size=batch_size, gpu=gpu, concurrency=concurrency,
-                   near_dup_distance=near_dup_distance, runtime=runtime).validate()
+    cfg.validate()  # the rules live with the options, whoever calls this
+    model, data, out, split, runtime = cfg.model, cfg.data, cfg.out, cfg.split, cfg.runtime
+    batch_size, abstain_below, near_dup_distance = cfg.batch_size, cfg.abstain_below, cfg.near_dup_distance
     ref = open_model(model)  # fail fast: model, export, data and output before any Ray work
     ref.runtime_file(runtime)
     src = open_source(data, ref.classes, split)
@@ -245,7 +241,7 @@ def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below
     (dest / COMPLETE).delete()  # a rerun that dies midway must not look complete
     init_ray()
 
-    run = {"batch_size": batch_size, "gpu": gpu, "concurrency": concurrency, "runtime": runtime}
+    run = {"batch_size": batch_size, "gpu": cfg.gpu, "concurrency": cfg.concurrency, "runtime": runtime}
     res = run_inference(src, ref, **run)
     good = np.asarray([r == "" for r in res.reason], dtype=bool)
     ok = res.select(good)
@@ -259,7 +255,7 @@ def evaluate(model: str, data: str, out: str, split: str = "test", abstain_below
     m["settings"] = {"split": split if src.kind == "dataset" else None, **run,
                      "near_dup_distance": near_dup_distance}
 
-    figs = make_figures(ref, src, ok, probs, probs_raw, m, cal, n_mistakes, cam_per_class)
+    figs = make_figures(ref, src, ok, probs, probs_raw, m, cal, cfg.n_mistakes, cfg.cam_per_class)
     abstained = probs.max(1) < abstain_below if abstain_below is not None else np.zeros(len(probs), bool)
     dup = np.full(len(ok.label), "", dtype=object)
     if leak.get("available"):

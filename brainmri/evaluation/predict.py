@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import ConfigError
+from ..config import ConfigError, PredictConfig
 from ..core.storage import StorageError, open_location
 from ..data import images as im
 from ..data.transforms import preprocess_many
@@ -164,13 +164,13 @@ def csv_row(row: Row, classes: list[str]) -> list:
             "" if row.frame is None else row.frame]
 
 
-def run(paths: list[str], model: str, fmt: str = "jsonl", output: str | None = None,
-        abstain_below: float | None = None, batch_size: int = 32, stream=None,
-        runtime: str = "torch") -> int:
-    """The CLI's work: write rows to `output` (a path or URI, written atomically at the end)
+def run(paths: list[str], cfg: PredictConfig, stream=None) -> int:
+    """The CLI's work: write rows to cfg.output (a path or URI, written atomically at the end)
     or stream them to `stream` (stdout). Returns 0 if every input succeeded, else 1."""
+    cfg.validate()
     stream = stream or sys.stdout
-    pred = Predictor(model, abstain_below, runtime=runtime)
+    output, fmt = cfg.output, cfg.format
+    pred = Predictor(cfg.model, cfg.abstain_below, runtime=cfg.runtime)
     if not pred.calibrated:
         print(f"brainmri predict: note: model {pred.ref.name}/{pred.ref.version} has no "
               "calibration.json, probabilities are uncalibrated (see `brainmri calibrate`)",
@@ -180,7 +180,7 @@ def run(paths: list[str], model: str, fmt: str = "jsonl", output: str | None = N
     if writer:
         writer.writerow(csv_header(pred.ref.classes))
     failed = 0
-    for row in pred.predict_paths(paths, batch_size):
+    for row in pred.predict_paths(paths, cfg.batch_size):
         failed += not row.ok
         if writer:
             writer.writerow(csv_row(row, pred.ref.classes))

@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 
 from ..config import (
     ConfigError,
+    EvaluateConfig,
     IngestConfig,
     RetrainConfig,
     TrainConfig,
@@ -322,9 +323,12 @@ def evaluate_both(cfg: RetrainConfig, champion: dict | None, version_uri: str, s
 
     frozen = champion["frozen_test"] if champion else version_uri
     _, frozen_manifest = resolve_dataset(frozen)
-    run = {"split": "test", "batch_size": cfg.batch_size, "gpu": gpu}
-    ch_eval = evaluate(challenger_model, frozen, store.uri, **run)
-    cp_eval = evaluate(champion["model"], frozen, store.uri, **run) if champion else None
+    def on_frozen(model: str):
+        return evaluate(EvaluateConfig(model=model, data=frozen, out=store.uri, split="test",
+                                       batch_size=cfg.batch_size, gpu=gpu))
+
+    ch_eval = on_frozen(challenger_model)
+    cp_eval = on_frozen(champion["model"]) if champion else None
     return Evaluated(frozen, frozen_manifest, ch_eval.report_uri, headline(ch_eval.metrics),
                      cp_eval.report_uri if cp_eval else None,
                      headline(cp_eval.metrics) if cp_eval else None)

@@ -529,10 +529,11 @@ def publish_winner(search: Search, rows: list[dict]) -> tuple[dict | None, str |
     model_uri = publish_best(search.out, search.exp, best)
     best["model_uri"] = model_uri
     if settings.evaluate:
+        from ..config import EvaluateConfig
         from ..evaluation.evaluate import evaluate
 
-        report_uri = evaluate(model_uri, search.version.uri, search.out.uri, split="test",
-                              gpu=settings.gpu).report_uri
+        report_uri = evaluate(EvaluateConfig(model=model_uri, data=search.version.uri, out=search.out.uri,
+                                             split="test", gpu=settings.gpu)).report_uri
         best["report_uri"] = report_uri
     write_leaderboard(search.exp, rows, settings)  # now with the winner's links
     return best, model_uri, report_uri

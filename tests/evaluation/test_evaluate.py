@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from brainmri.cli import build_parser
-from brainmri.config import ConfigError, TrainConfig
+from brainmri.config import ConfigError, EvaluateConfig, TrainConfig
 from brainmri.core.storage import StorageError, open_location
 from brainmri.data.datasets import resolve_dataset, split_files
 from brainmri.data.transforms import to_model_input
@@ -158,9 +158,9 @@ def test_near_copy_clusters_join_hashes_within_the_distance_transitively():
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="abstain"):
-        evaluate("unused", "unused", str(tmp_path), abstain_below=1.5)
+        evaluate(EvaluateConfig(model="unused", data="unused", out=str(tmp_path), abstain_below=1.5))
     with pytest.raises(ConfigError, match="concurrency"):
-        evaluate("unused", "unused", str(tmp_path), concurrency=0)
+        evaluate(EvaluateConfig(model="unused", data="unused", out=str(tmp_path), concurrency=0))
     with pytest.raises(StorageError, match="no dataset version or image folder"):
         open_source(str(tmp_path / "missing"), list(CLASSES4))
     (tmp_path / "lake" / "datasets").mkdir(parents=True)
@@ -242,9 +242,9 @@ def test_inference_actors_run_the_export_of_their_runtime(tiny_weights, tmp_path
 def test_export_runtimes_are_refused_before_any_work(tiny_weights, tmp_path):
     path = tiny_weights[0]  # a checkpoint: no exports beside it
     with pytest.raises(StorageError, match="needs a published model version"):
-        evaluate(path, "unused", str(tmp_path), runtime="onnx")
+        evaluate(EvaluateConfig(model=path, data="unused", out=str(tmp_path), runtime="onnx"))
     with pytest.raises(ConfigError, match="CPU provider"):
-        evaluate(path, "unused", str(tmp_path), runtime="onnx", gpu=True)
+        evaluate(EvaluateConfig(model=path, data="unused", out=str(tmp_path), runtime="onnx", gpu=True))
     assert not (tmp_path / "reports").exists()
 
 
@@ -304,7 +304,8 @@ def check_html(html: str) -> None:
 
 def test_report_on_the_dataset_test_split(trained, tmp_path):
     out = tmp_path / "out"
-    res = evaluate(trained["model"], trained["version"], str(out), abstain_below=0.5)
+    res = evaluate(EvaluateConfig(model=trained["model"], data=trained["version"], out=str(out),
+                                  abstain_below=0.5))
     m, html, table = read_report(res.report_uri)
     manifest = open_location(trained["version"]) / "manifest.json"
     n_test = manifest.read_json()["rows"]["test"]
@@ -359,7 +360,7 @@ def test_calibrate_then_report_on_a_local_folder_with_bad_files(trained, tmp_pat
     cal_file = open_location(trained["model"]) / "calibration.json"
     assert cal_file.exists() and cal_file.read_json()["temperature"] == rec["temperature"]
     folder, good, expected = kaggle_folder(tmp_path / "folder")
-    res = evaluate(trained["model"], str(folder), str(tmp_path / "out"))
+    res = evaluate(EvaluateConfig(model=trained["model"], data=str(folder), out=str(tmp_path / "out")))
     m, html, table = read_report(res.report_uri)
     assert res.report_uri.split("/")[-1].startswith("folder-")
     assert m["counts"]["evaluated"] == good == table.num_rows
@@ -383,7 +384,8 @@ def test_report_on_an_s3_folder_written_to_s3(trained, s3_bucket, tmp_path):
     for f in sorted(folder.rglob("*")):
         if f.is_file():
             (src / str(f.relative_to(folder))).write_bytes(f.read_bytes())
-    res = evaluate(trained["model"], src.uri, f"s3://{s3_bucket}/lake", abstain_below=0.9)
+    res = evaluate(EvaluateConfig(model=trained["model"], data=src.uri, out=f"s3://{s3_bucket}/lake",
+                                  abstain_below=0.9))
     assert res.report_uri.startswith(f"s3://{s3_bucket}/lake/reports/")
     m, html, table = read_report(res.report_uri)
     assert m["counts"]["evaluated"] == good == table.num_rows
@@ -414,7 +416,7 @@ def test_report_on_a_dicom_folder_keeps_no_patient_data(trained, tmp_path, monke
         (folder / c / export).mkdir(parents=True)
         (folder / c / export / "IM0001").write_bytes(make_dicom(gs, "mono1_12bit_window"))
     (folder / CLASSES4[0] / export / "video.dcm").write_bytes(bad_dicoms(gs[0])["video.dcm"][0])
-    res = evaluate(trained["model"], str(folder), str(tmp_path / "out"))
+    res = evaluate(EvaluateConfig(model=trained["model"], data=str(folder), out=str(tmp_path / "out")))
     m, html, table = read_report(res.report_uri)
     assert m["counts"]["evaluated"] == table.num_rows == 8
     assert m["counts"]["rejected_by_reason"] == {"dicom_encapsulated_video": 1}
@@ -429,7 +431,8 @@ def test_report_on_a_dicom_folder_keeps_no_patient_data(trained, tmp_path, monke
 def test_report_with_the_onnx_runtime_equals_eager(trained, tmp_path):
     """evaluate --runtime onnx: the actors run model.onnx on ONNX Runtime; every test image
     gets the class the eager network gives it, so the accuracy is the same."""
-    res = evaluate(trained["model"], trained["version"], str(tmp_path / "out"), runtime="onnx")
+    res = evaluate(EvaluateConfig(model=trained["model"], data=trained["version"], out=str(tmp_path / "out"),
+                                  runtime="onnx"))
     m, html, table = read_report(res.report_uri)
     assert res.report_uri.endswith("-test-onnx")  # beside the eager report, never over it
     meta = (open_location(trained["model"]) / "metadata.json").read_json()
