@@ -90,7 +90,8 @@ def read_tagged(loc: Location) -> tuple[bytes | None, str | None]:
             raise
         return r["Body"].read(), r["ETag"]
     try:
-        data = open(loc.path, "rb").read()
+        with open(loc.path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return None, None
     return data, hashlib.sha256(data).hexdigest()
