@@ -3,7 +3,7 @@ the documented driver agree (files parsed only: no Docker engine, no AWS, no GPU
 
 The source of the CUDA facts is docker/Dockerfile.gpu (ARG TORCH_CUDA / CUDA_MAJOR /
 NVIDIA_DRIVER_MIN). Everything else is checked against it, so changing any one of them alone
-(the torch pin, the wheel index, the declared CUDA major, the driver floor in the README or in
+(the torch pin, the wheel index, the declared CUDA major, the driver floor in the docs or in
 cluster.yaml, the AMI) fails here."""
 
 import pathlib
@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 GPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.gpu"
 CPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.cpu"
 MANIFESTS = sorted((ROOT / "jobs" / "k8s").glob("*.yaml"))
+CUDA_DOC = ROOT / "docs" / "operations.md"  # the page that documents the CUDA stack
 
 # The oldest NVIDIA Linux driver branch that runs any CUDA <major>.x build (NVIDIA's CUDA
 # compatibility table, "minor version compatibility": 11.x >= 450.80.02, 12.x >= 525.60.13,
@@ -132,17 +133,21 @@ def test_head_image_has_no_cuda():
 
 
 def test_documented_driver_floor_matches(facts):
-    """README, cluster.yaml and every manifest with GPU workers name the same driver floor."""
+    """The CUDA page, cluster.yaml and every manifest with GPU workers name the same driver floor
+    (and any other page that names one names that one)."""
     floor = facts["driver_min"]
-    docs = {"README.md": ROOT / "README.md", "cluster.yaml": ROOT / "cluster.yaml"}
+    docs = {"docs/operations.md": CUDA_DOC, "cluster.yaml": ROOT / "cluster.yaml"}
     docs.update({f"jobs/k8s/{p.name}": p for p in MANIFESTS if "nvidia.com/gpu" in p.read_text()})
     for name, path in docs.items():
         found = [int(x) for x in FLOOR_MENTION.findall(path.read_text())]
         assert found, f"{name} must state the NVIDIA driver requirement (NVIDIA driver >= {floor})"
         assert set(found) == {floor}, (
             f"{name} states NVIDIA driver >= {sorted(set(found))}, the stack needs >= {floor}")
-    readme = (ROOT / "README.md").read_text()
-    assert f"CUDA {facts['cuda_major']}" in readme and f"+{facts['torch_cuda']}" in readme
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        found = {int(x) for x in FLOOR_MENTION.findall(path.read_text())}
+        assert found <= {floor}, f"{path.relative_to(ROOT)} states NVIDIA driver >= {sorted(found)}"
+    doc = CUDA_DOC.read_text()
+    assert f"CUDA {facts['cuda_major']}" in doc and f"+{facts['torch_cuda']}" in doc
 
 
 def test_ami_is_pinned_with_a_driver_that_runs_the_wheel(facts, cluster):
@@ -163,8 +168,8 @@ def test_ami_is_pinned_with_a_driver_that_runs_the_wheel(facts, cluster):
     assert driver_major >= facts["driver_min"], (
         f"{name}: NVIDIA driver {driver_major} < {facts['driver_min']} needed by CUDA {facts['cuda_major']}")
     assert "aws ec2 describe-images" in text, "say how to look the id up for another region"
-    readme = (ROOT / "README.md").read_text()
-    assert ami in readme and name in readme, "README names the same AMI as cluster.yaml"
+    doc = CUDA_DOC.read_text()
+    assert ami in doc and name in doc, "docs/operations.md names the same AMI as cluster.yaml"
 
 
 def test_manifests_run_the_cluster_images(cluster):

@@ -1,4 +1,4 @@
-"""The README's local-cluster commands, taken from README.md and run as written: `ray start
+"""The documented local-cluster commands (docs/operations.md), run as written: `ray start
 --head` on loopback, `ray job submit` of jobs/*.py with jobs/runtime_env.yaml, outputs checked
 in storage.
 
@@ -42,17 +42,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def readme_cluster_commands() -> list[str]:
-    """The bash block of the README's "## Cluster" section, one command a line."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("\n## Cluster\n"):]
+DOC = REPO / "docs" / "operations.md"
+SECTION = "\n## Jobs on a local Ray cluster\n"
+
+
+def cluster_commands() -> list[str]:
+    """The bash block of the local-cluster section of docs/operations.md, one command a line."""
+    text = DOC.read_text()
+    section = text[text.index(SECTION):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_the_readme_cluster_block_is_what_this_test_runs():
-    """The shape the test relies on (so a README edit fails here, not by hanging a cluster)."""
-    lines = readme_cluster_commands()
+def test_the_documented_cluster_block_is_what_this_test_runs():
+    """The shape the test relies on (so a doc edit fails here, not by hanging a cluster)."""
+    lines = cluster_commands()
     start = [i for i, line in enumerate(lines) if line.startswith("ray start --head")]
     assert len(start) == 1 and lines[-1] == "ray stop"
     assert all(line.startswith("ray job submit ") for line in lines[start[0] + 1:-1])
@@ -75,9 +79,9 @@ def project(tmp_path):
 
 
 @pytest.fixture
-def readme_cluster(project, tmp_path):
-    """Runs the README block up to its head, which it starts; yields run(line) for the rest."""
-    lines = readme_cluster_commands()
+def local_cluster(project, tmp_path):
+    """Runs the documented block up to its head, which it starts; yields run(line) for the rest."""
+    lines = cluster_commands()
     i = next(i for i, line in enumerate(lines) if line.startswith("ray start --head"))
     dash = free_port()
     lines = [line.replace("8265", str(dash)) for line in lines]
@@ -92,7 +96,7 @@ def readme_cluster(project, tmp_path):
     env = dict(kv.split("=", 1) for kv in pre.stdout.decode().split("\0") if "=" in kv)
     assert (home / ".ray" / "auth_token").exists() and env["RAY_AUTH_MODE"] == "token"
     token = (home / ".ray" / "auth_token").read_text().strip()
-    assert token not in (pre.stdout + pre.stderr).decode()  # the README keeps it off the screen
+    assert token not in (pre.stdout + pre.stderr).decode()  # the documented lines keep it off screen
 
     temp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths must fit
     extra = ["--block", "--temp-dir", temp, "--port", str(free_port()),
@@ -128,7 +132,7 @@ def wait_for_dashboard(port: int, head: subprocess.Popen, log: Path) -> None:
 
 
 def run_line(line: str, cwd: Path, env: dict, ok: bool = True) -> str:
-    """One README line in bash (its "$PWD" is the project); returns the job's output."""
+    """One documented line in bash (its "$PWD" is the project); returns the job's output."""
     for _ in range(20):  # the dashboard answers before its job agent has registered
         p = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True,
                            timeout=900)
@@ -141,8 +145,8 @@ def run_line(line: str, cwd: Path, env: dict, ok: bool = True) -> str:
 
 
 @pytest.mark.timeout(1800)
-def test_the_readme_cluster_commands_work_as_written(readme_cluster, project):
-    run, (train, evaluate) = readme_cluster
+def test_the_cluster_commands_work_as_written(local_cluster, project):
+    run, (train, evaluate) = local_cluster
     assert "jobs/train.py" in train and "jobs/evaluate.py" in evaluate
 
     # the job's log is the console: one line per epoch, none of Ray's per-rank reports
