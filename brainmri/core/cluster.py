@@ -1,4 +1,13 @@
-"""Joining Ray: the one place a driver starts or joins a cluster."""
+"""Joining Ray: the one place a driver starts or joins a cluster, and what it asks of one.
+
+Two questions have no public answer in Ray 2.60, so each is one small function here over the
+pinned version's private one, which fails soft with one line (console.private_ray_api_missing)
+if an upgrade removes it; tests/core/test_cluster.py pins their signatures:
+
+- `starts_ray`: whether ray.init(address) starts a Ray or joins one (ray._private.services);
+- `autoscaler_max_resources`: the most of each resource the autoscaler may bring
+  (ray._private.state).
+"""
 
 from __future__ import annotations
 
@@ -23,10 +32,39 @@ LOCAL_RAY_ENV = {
 def starts_ray(address: str | None = None) -> bool:
     """Whether ray.init(address) starts a new Ray rather than joining one: RAY_ADDRESS, or a
     Ray that `ray start` left running on this machine, is joined (Ray's own rule, the pinned
-    version's function)."""
-    from ray._private.services import canonicalize_bootstrap_address
+    version's function). Without that function, the part of the rule public settings tell:
+    "local" starts; an address, "auto" or RAY_ADDRESS joins; no address starts (a Ray left by
+    `ray start` is then not seen: ray.init still joins it, only with LOCAL_RAY_ENV set here)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
 
-    return canonicalize_bootstrap_address(address) is None
+        return canonicalize_bootstrap_address(address) is None
+    except (ImportError, TypeError) as e:
+        console.private_ray_api_missing("ray._private.services.canonicalize_bootstrap_address",
+                                        "a Ray that `ray start` left on this machine is not seen", e)
+    if address in (None, "auto"):
+        address = os.environ.get("RAY_ADDRESS") or address
+    return address in (None, "local")
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most of each resource ({"CPU": 64.0, "GPU": 8.0, ...}) the cluster's autoscaler may
+    bring, from the cluster config it keeps in the GCS (what Ray Train's worker group and Ray
+    Data read for the same question); None on a cluster without one (a local Ray, a fixed
+    cluster), before ray.init, or when it cannot be read."""
+    try:
+        from ray._private.state import state
+
+        read = state.get_max_resources_from_cluster_config
+    except (ImportError, AttributeError) as e:
+        console.private_ray_api_missing("ray._private.state.state.get_max_resources_from_cluster_config",
+                                        "the autoscaler's maximum is taken as unknown", e)
+        return None
+    try:
+        res = read()
+    except Exception:  # not connected, or the GCS did not answer: unknown, never an error
+        return None
+    return {k: float(v) for k, v in res.items()} if res else None
 
 
 def local_ray_kwargs() -> dict:

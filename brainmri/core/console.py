@@ -30,12 +30,18 @@ Where Ray 2.60's chatter comes from, and what turns it off here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 import warnings
 
 VERBOSE_ENV = "BRAINMRI_VERBOSE"
 POOL_WARNING = "worker processes have been started on node"  # the raylet's, see above
+# The logger of ray.init's token-authentication notice (a name, not an API: if Ray renames it,
+# the notice shows and nothing breaks; tests/core/test_console.py checks it against the pin).
+AUTH_LOGGER = "ray._private.authentication"
+_missing_said: set[str] = set()
 
 
 def verbose() -> bool:
@@ -56,7 +62,7 @@ def ray_init_kwargs() -> dict:
     from ray.util.annotations import RayDeprecationWarning
 
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)
-    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
     # Ray Data executing in the driver (evaluation): its INFO lines, and its warning that the
     # progress bars are off (evaluation draws its own)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -64,17 +70,41 @@ def ray_init_kwargs() -> dict:
     return {"log_to_driver": False}
 
 
-def _drop_pool_warning() -> None:
-    """Wraps the function through which the driver prints Ray's error channel (looked up by
-    name on each message; Ray is pinned, and tests/training checks the console)."""
-    import ray._private.worker as w
+def private_ray_api_missing(what: str, without: str, error: BaseException) -> None:
+    """One line on stderr, once per process and API, when a private Ray API this package uses
+    (each isolated in one function of console.py or cluster.py) is gone or changed: the caller
+    goes on without it. The tests that pin them (tests/core) fail first on a Ray upgrade."""
+    if what in _missing_said:
+        return
+    _missing_said.add(what)
+    import ray
 
-    shown = getattr(w, "print_to_stdstream", None)
-    if shown is None or getattr(shown, "brainmri", False):
+    why = " ".join(str(error).split())[:200]
+    print(f"brainmri: Ray {ray.__version__} has no usable {what} ({type(error).__name__}: {why}); "
+          f"{without}", file=sys.stderr)
+
+
+def _drop_pool_warning() -> None:
+    """Wraps ray._private.worker.print_to_stdstream, through which the driver prints Ray's error
+    channel (listen_error_messages looks it up by name on each message), to drop the pool
+    warning. Ray has no public hook for that channel; tests/core/test_console.py pins the
+    function's signature and that lookup, so an upgrade that changes either fails a test."""
+    try:
+        import ray._private.worker as w
+
+        shown = w.print_to_stdstream
+    except (ImportError, AttributeError) as e:
+        private_ray_api_missing("ray._private.worker.print_to_stdstream", "Ray's warning that worker "
+                                "processes have been started will show", e)
+        return
+    if getattr(shown, "brainmri", False):
         return
 
+    @functools.wraps(shown)  # inspect.signature and inspect.unwrap still see Ray's own
     def print_to_stdstream(data, *args, **kwargs):
-        lines = [ln for ln in data.get("lines", []) if POOL_WARNING not in ln]
+        if "lines" not in data:  # a message of another shape: shown as it is
+            return shown(data, *args, **kwargs)
+        lines = [ln for ln in data["lines"] if POOL_WARNING not in ln]
         if lines:
             shown({**data, "lines": lines}, *args, **kwargs)
 

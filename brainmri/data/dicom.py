@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from . import images as im
+from . import image_rules as rules
 
 SALT_ENV = "BRAINMRI_DICOM_SALT"
 MIN_SALT = 16  # characters: a short salt can be brute-forced against known UIDs
@@ -132,7 +132,7 @@ def parse(data: bytes):
             pass
     except Exception as e:
         if has_magic(data):
-            raise im.RejectedImage(im.DICOM_UNREADABLE, type(e).__name__) from None
+            raise rules.RejectedImage(rules.DICOM_UNREADABLE, type(e).__name__) from None
         return None
     if not has_magic(data) and not any(k in ds for k in (
             "SOPClassUID", "Modality", "PixelData", "StudyInstanceUID")):
@@ -164,19 +164,19 @@ def check_decodable(ds) -> None:
     if "PixelData" not in ds:
         kind = next((k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds), "")
         if kind:
-            raise im.RejectedImage(im.UNSUPPORTED_MODE, f"{kind} (float pixels)")
-        raise im.RejectedImage(im.DICOM_NO_PIXELS, "no Pixel Data element")
+            raise rules.RejectedImage(rules.UNSUPPORTED_MODE, f"{kind} (float pixels)")
+        raise rules.RejectedImage(rules.DICOM_NO_PIXELS, "no Pixel Data element")
     uid = transfer_syntax(ds)
     if uid in MPEGTransferSyntaxes:
-        raise im.RejectedImage(im.DICOM_VIDEO, f"{uid.name} ({uid})")
+        raise rules.RejectedImage(rules.DICOM_VIDEO, f"{uid.name} ({uid})")
     if not uid.is_transfer_syntax:
-        raise im.RejectedImage(im.DICOM_UNSUPPORTED_SYNTAX, _uid_text(uid))
+        raise rules.RejectedImage(rules.DICOM_UNSUPPORTED_SYNTAX, _uid_text(uid))
     try:
         available = px.get_decoder(uid).is_available
     except NotImplementedError:
         available = False
     if not available:
-        raise im.RejectedImage(im.DICOM_NO_DECODER, f"{uid.name} ({uid})")
+        raise rules.RejectedImage(rules.DICOM_NO_DECODER, f"{uid.name} ({uid})")
 
 
 def _uid_text(uid) -> str:
@@ -184,32 +184,33 @@ def _uid_text(uid) -> str:
     return f"transfer syntax {str(uid)[:64]}"
 
 
-def check_geometry(ds, limits: im.ImageLimits) -> tuple[int, int, int]:
+def check_geometry(ds, limits: rules.ImageLimits) -> tuple[int, int, int]:
     """(rows, columns, frames), refusing missing, tiny, huge or inconsistent dimensions."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         spp, bits = int(getattr(ds, "SamplesPerPixel", 1)), int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError) as e:
-        raise im.RejectedImage(im.DICOM_INCONSISTENT, f"image pixel module: {type(e).__name__}") from None
+        raise rules.RejectedImage(rules.DICOM_INCONSISTENT,
+                                  f"image pixel module: {type(e).__name__}") from None
     if min(rows, cols, frames, spp) < 1:
-        raise im.RejectedImage(im.DICOM_INCONSISTENT, f"{rows}x{cols}, {frames} frames, {spp} samples")
+        raise rules.RejectedImage(rules.DICOM_INCONSISTENT, f"{rows}x{cols}, {frames} frames, {spp} samples")
     if bits not in (8, 16, 32):
-        raise im.RejectedImage(im.UNSUPPORTED_MODE, f"{bits} bits allocated")
+        raise rules.RejectedImage(rules.UNSUPPORTED_MODE, f"{bits} bits allocated")
     if rows * cols > limits.max_pixels or rows * cols * frames > limits.max_voxels:
-        raise im.RejectedImage(im.TOO_LARGE, f"{cols}x{rows} pixels x {frames} frames")
+        raise rules.RejectedImage(rules.TOO_LARGE, f"{cols}x{rows} pixels x {frames} frames")
     if min(rows, cols) < limits.min_side:
-        raise im.RejectedImage(im.TOO_SMALL, f"{cols}x{rows} < {limits.min_side} px")
+        raise rules.RejectedImage(rules.TOO_SMALL, f"{cols}x{rows} < {limits.min_side} px")
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip()
     one_sample = MONOCHROME + ("PALETTE COLOR",)
     if photometric not in MONOCHROME + COLOUR or (spp == 1) != (photometric in one_sample):
-        raise im.RejectedImage(im.UNSUPPORTED_MODE, f"{photometric[:32] or 'no'} photometric "
+        raise rules.RejectedImage(rules.UNSUPPORTED_MODE, f"{photometric[:32] or 'no'} photometric "
                                                     f"interpretation with {spp} samples per pixel")
     if not transfer_syntax(ds).is_compressed:  # native data: its length is known up front
         want = rows * cols * frames * spp * (bits // 8)
         have = len(ds.PixelData)
         if have < want:
-            raise im.RejectedImage(im.DICOM_INCONSISTENT, f"pixel data has {have} bytes, "
+            raise rules.RejectedImage(rules.DICOM_INCONSISTENT, f"pixel data has {have} bytes, "
                                    f"{cols}x{rows}x{frames} frames x {spp} x {bits} bits need {want}")
     return rows, cols, frames
 
@@ -313,8 +314,8 @@ def to_grey(arr: np.ndarray, ds, frame: int, photometric: str) -> tuple[np.ndarr
     if arr.dtype != np.uint8:  # 16-bit colour (or a 16-bit palette): to 8 bits by bit depth
         arr = (arr.astype(np.float64) / (65535.0 if arr.max() > 255 else 255.0) * 255.0).round()
         arr = arr.astype(np.uint8)
-    # the JPEG path's conversion (images.to_grey_u8), so colour exports look alike
-    return np.asarray(im.to_grey_u8(Image.fromarray(arr, mode="RGB"))), "colour"
+    # the JPEG path's conversion (image_rules.to_grey_u8), so colour exports look alike
+    return np.asarray(rules.to_grey_u8(Image.fromarray(arr, mode="RGB"))), "colour"
 
 
 # -- the de-identified record -----------------------------------------------------------------------
@@ -354,7 +355,7 @@ def salt() -> bytes:
     value: configs are written into manifests). Refuses a missing or short one."""
     value = os.environ.get(SALT_ENV, "")
     if len(value) < MIN_SALT:
-        raise im.SaltMissing(f"DICOM files need a secret salt: set {SALT_ENV} to at least "
+        raise rules.SaltMissing(f"DICOM files need a secret salt: set {SALT_ENV} to at least "
                              f"{MIN_SALT} characters (keep it; the same salt groups series across ingests)")
     return value.encode()
 
@@ -377,7 +378,7 @@ def _uid_hash(ds, keyword: str, salt_: bytes | None) -> str | None:
 
 
 # -- reading ------------------------------------------------------------------------------------------
-def read_slices(ds, limits: im.ImageLimits, salt_: bytes | None = None) -> list[DicomSlice]:
+def read_slices(ds, limits: rules.ImageLimits, salt_: bytes | None = None) -> list[DicomSlice]:
     """A parsed dataset -> its frames as windowed uint8 slices, or RejectedImage."""
     check_decodable(ds)
     rows, cols, frames = check_geometry(ds, limits)
@@ -389,7 +390,7 @@ def read_slices(ds, limits: im.ImageLimits, salt_: bytes | None = None) -> list[
     out = []
     for frame, arr in enumerate(_frames(ds, frames)):
         if arr.shape[:2] != (rows, cols):
-            raise im.RejectedImage(im.DICOM_INCONSISTENT, f"frame {frame} decoded as "
+            raise rules.RejectedImage(rules.DICOM_INCONSISTENT, f"frame {frame} decoded as "
                                    f"{arr.shape[1]}x{arr.shape[0]}, header says {cols}x{rows}")
         grey, how = to_grey(arr, ds, frame, photometric)
         out.append(DicomSlice(grey, frame, {**quality_tags(ds, frame), **common, "window": how}))
@@ -406,11 +407,12 @@ def _frames(ds, frames: int):
         try:
             arr = next(it)
         except StopIteration:
-            raise im.RejectedImage(im.DICOM_INCONSISTENT, f"{frames} frames declared, {i} found") from None
-        except im.RejectedImage:
+            raise rules.RejectedImage(rules.DICOM_INCONSISTENT,
+                                      f"{frames} frames declared, {i} found") from None
+        except rules.RejectedImage:
             raise
         except Exception as e:  # each decoder raises its own types
-            raise im.RejectedImage(im.CORRUPT, f"frame {i}: {type(e).__name__}") from None
+            raise rules.RejectedImage(rules.CORRUPT, f"frame {i}: {type(e).__name__}") from None
         yield arr
 
 

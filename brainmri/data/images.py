@@ -4,7 +4,9 @@
 for DICOM (recognised by content, see dicom.py), one scan per frame, each an 8-bit PNG of
 the windowed slice; or why the file is refused. `inspect_image` checks one encoded image;
 `decode_grey` turns a stored image into a uint8 greyscale array. All work on bytes, so the
-same code serves local files, S3 objects and Parquet cells.
+same code serves local files, S3 objects and Parquet cells. The reasons a file is refused,
+the limits and the grey conversion are image_rules.py's, which dicom.py applies too (images
+calls dicom, never the reverse); this module re-exports them.
 """
 
 from __future__ import annotations
@@ -18,46 +20,38 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..config import ConfigError
-
-# Why a file was not accepted. The values are what reports and manifests carry.
-EMPTY = "empty_file"
-NOT_IMAGE = "not_an_image"
-CORRUPT = "corrupt_or_truncated"
-UNSUPPORTED_FORMAT = "unsupported_format"
-UNSUPPORTED_MODE = "unsupported_mode_or_bit_depth"
-TOO_SMALL = "too_small"
-TOO_LARGE = "too_large_or_decompression_bomb"
-UNREADABLE = "unreadable"
-# DICOM files (dicom.py); unusable bit depths and sizes use the reasons above
-DICOM_UNREADABLE = "dicom_unreadable"  # the DICM magic, but no dataset can be parsed
-DICOM_NO_PIXELS = "dicom_no_pixel_data"  # e.g. a DICOMDIR, a structured report
-DICOM_UNSUPPORTED_SYNTAX = "dicom_unsupported_transfer_syntax"  # not a transfer syntax pydicom knows
-DICOM_NO_DECODER = "dicom_compressed_without_decoder"  # known, but no installed decoder handles it
-DICOM_VIDEO = "dicom_encapsulated_video"  # MPEG-2, MPEG-4, HEVC
-DICOM_INCONSISTENT = "dicom_inconsistent_dimensions"  # header and pixel data disagree
-# Reasons found while walking a folder, before a file is opened.
-HIDDEN = "hidden_or_system_file"
-UNKNOWN_CLASS = "outside_known_class_folder"
-SYMLINK_OUTSIDE = "symlink_leaves_source"
-NOT_REGULAR = "not_a_regular_file"
-UNDECODABLE_NAME = "undecodable_file_name"  # not UTF-8: cannot be stored as a path
-# Found when comparing files: the same bytes filed under two classes (ingest).
-LABEL_CONFLICT = "label_conflict"
+from .image_rules import (  # noqa: F401  (re-exported: callers know the rules as images.<name>)
+    CORRUPT,
+    DICOM_INCONSISTENT,
+    DICOM_NO_DECODER,
+    DICOM_NO_PIXELS,
+    DICOM_UNREADABLE,
+    DICOM_UNSUPPORTED_SYNTAX,
+    DICOM_VIDEO,
+    EMPTY,
+    HIDDEN,
+    LABEL_CONFLICT,
+    NOT_IMAGE,
+    NOT_REGULAR,
+    SYMLINK_OUTSIDE,
+    TOO_LARGE,
+    TOO_SMALL,
+    UNDECODABLE_NAME,
+    UNKNOWN_CLASS,
+    UNREADABLE,
+    UNSUPPORTED_FORMAT,
+    UNSUPPORTED_MODE,
+    ImageLimits,
+    RejectedImage,
+    SaltMissing,
+    to_grey_u8,
+)
 
 THUMB = 32
 FORMATS = {"JPEG", "PNG", "TIFF", "BMP", "WEBP"}
 # Greyscale and colour exports, 8 and 16 bit. Bilevel ("1"), CMYK, float and other
 # exotic modes are refused rather than guessed at.
 MODES = {"L", "LA", "P", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "I"}
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    min_side: int = 64
-    max_pixels: int = 40_000_000  # 40 MP: far above any MRI slice, far below a bomb
-    max_bytes: int = 64 * 1024 * 1024
-    max_voxels: int = 160_000_000  # all frames of one DICOM file: compressed volumes can be bombs too
 
 
 @dataclass
@@ -84,18 +78,6 @@ class Scan:
     info: ImageInfo  # of `image` (sha256, pHash, size); n_bytes and format describe the file
     frame: int = 0
     dicom: dict | None = None  # a DICOM slice's de-identified tags (dicom.TAGS, hashed UIDs)
-
-
-class SaltMissing(ConfigError):
-    """DICOM needs a secret salt (dicom.salt) and the environment has none."""
-
-
-class RejectedImage(ValueError):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.dicom = False  # set when the file is DICOM by content
 
 
 def _phashes(grey: Image.Image) -> tuple[int, int]:
@@ -168,6 +150,7 @@ def inspect_scans(data: bytes, limits: ImageLimits = ImageLimits(),
                   salt: bytes | None = None) -> list[Scan]:
     """What a file holds, fully checked: [one Scan] for an image, one per frame for DICOM
     (their UIDs hashed under `salt`, or left out without one); else RejectedImage."""
+    # imported here: decoding (decode_grey) needs neither dicom.py nor the pyarrow it imports
     from . import dicom
 
     if data and dicom.maybe_dicom(data):
@@ -190,21 +173,6 @@ def _dicom_scan(s, n_bytes: int, limits: ImageLimits, dicom) -> Scan:
     info = inspect_image(png, limits)
     info.format, info.n_bytes = "DICOM", n_bytes
     return Scan(png, info, s.frame, s.tags)
-
-
-def to_grey_u8(img: Image.Image) -> Image.Image:
-    """Any accepted mode to 8-bit greyscale. 16/32-bit data is scaled by its own range,
-    so a 12-bit scan stored in 16 bits is not rendered almost black."""
-    if img.mode in ("L",):
-        return img
-    if img.mode.startswith("I"):
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        return Image.fromarray(a.astype(np.uint8), mode="L")
-    if img.mode in ("LA", "P", "RGBA"):
-        img = img.convert("RGB") if img.mode != "LA" else img.convert("L")
-    return img.convert("L")
 
 
 def decode_grey(data: bytes, draft_size: int | None = None) -> np.ndarray:

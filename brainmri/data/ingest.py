@@ -17,8 +17,9 @@ file, checksummed, then copied into place. Shards are cut by image bytes (plan_s
 
 Two engines (IngestConfig.engine, pick_engine): this module's local one, and ingest_ray.py's,
 which runs passes 1 and 3 on a Ray cluster and reads SOURCE in place (s3:// included); they
-share every rule (inspect_data, publish, plan_shards, write_shard), so the same content gives
-the same version, inventory and shard bytes on either. The ray engine refuses DICOM.
+share every rule (ingest_rules.py's inspect_data, plan_shards, write_shard; this module's
+publish), so the same content gives the same version, inventory and shard bytes on either.
+The ray engine refuses DICOM.
 
 DICOM paths are written as pseudonyms (walk.pseudonym) and DICOM rows keep only
 de-identified tags (dicom.py); both need the secret salt from the environment
@@ -41,7 +42,6 @@ import posixpath
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -58,27 +58,19 @@ from . import dicom
 from . import images as im
 from .datasets import MANIFEST, SPLITS, dataset_root
 from .dedup import UnionFind, near_duplicate_pairs
+from .ingest_rules import (
+    TMP_PREFIX,
+    Inspected,
+    by_split,
+    checked,
+    inspect_data,
+    keep_inspected,
+    plan_shards,
+    unreadable,
+    write_shard,
+)
 from .walk import FileRecord, pseudonym, walk_location, walk_source
 
-SCHEMA = pa.schema([
-    ("image", pa.binary()),  # the original encoded file, byte for byte; a DICOM slice as PNG
-    ("label", pa.int16()),
-    ("class_name", pa.string()),
-    ("sha256", pa.string()),
-    ("phash", pa.int64()),
-    ("phash_mirror", pa.int64()),  # of the left-right mirror image (leakage checks, dedup.py)
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("mode", pa.string()),
-    ("format", pa.string()),
-    ("path", pa.string()),  # relative to SOURCE
-    ("source_split", pa.string()),  # Training / Testing / "" (no split folder)
-    ("group", pa.string()),  # duplicate group id: a group never straddles splits
-    ("frame", pa.int32()),  # a DICOM slice's frame index in its file; 0 for other images
-    ("dicom", dicom.ARROW_TYPE),  # a DICOM slice's de-identified tags; null for other images
-])
-
-TMP_PREFIX = ".tmp-"  # a file being written (Location.write_bytes uses the same prefix)
 # A temp file this old belongs to a writer that is gone: a shard is copied in seconds.
 STALE_TMP_S = 6 * 3600
 
@@ -119,17 +111,6 @@ class SliceSpool:
             self.file.close()
 
 
-@dataclass
-class Inspected:
-    """What pass 1 learnt of one file: its scans, or why it was rejected."""
-
-    scans: list[im.Scan] | None = None  # images without their bytes (re-read in pass 3)
-    reason: str = ""
-    detail: str = ""
-    dicom: bool = False  # DICOM by content: its path is written as a pseudonym
-    spooled: list[tuple[int, int]] = field(default_factory=list)  # each slice's (offset, length)
-
-
 def _inspect_file(args) -> tuple[int, Inspected]:
     i, full, limits, salt = args
     try:
@@ -138,22 +119,6 @@ def _inspect_file(args) -> tuple[int, Inspected]:
     except OSError as e:
         return i, unreadable(e)
     return i, inspect_data(data, limits, salt)
-
-
-def unreadable(e: OSError) -> Inspected:
-    return Inspected(reason=im.UNREADABLE, detail=(e.strerror or str(e))[:300])
-
-
-def inspect_data(data: bytes, limits: im.ImageLimits, salt: bytes | None) -> Inspected:
-    """A file's first limits.max_bytes + 1 bytes -> what pass 1 keeps of it: the one rule of
-    both engines (local processes here, Ray workers in ingest_ray)."""
-    try:
-        scans = im.inspect_scans(data, limits, salt)
-    except im.RejectedImage as e:
-        return Inspected(reason=e.reason, detail=e.detail[:300], dicom=e.dicom)
-    if scans[0].dicom is None:
-        scans[0].image = b""  # the parent needs the hashes, not the bytes
-    return Inspected(scans, dicom=scans[0].dicom is not None)
 
 
 def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig,
@@ -170,7 +135,7 @@ def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig,
         if res.dicom and salt is None:
             dicom.salt()  # raises SaltMissing, with the one line that says what to set
         found[i] = res
-        _keep(records[i], res, spool)
+        keep_inspected(records[i], res, spool)
 
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=len(todo), desc="inspect", unit="img", disable=None)
@@ -195,18 +160,6 @@ def inspect_all(root: str, records: list[FileRecord], cfg: IngestConfig,
     if outside and salt is None:
         dicom.salt()
     return _expand(records, found, cfg.classes, salt, outside)
-
-
-def _keep(rec: FileRecord, res: Inspected, spool) -> None:
-    """Rejection, or the file's scans (a DICOM slice's PNG to the spool, not to memory)."""
-    if res.scans is None:
-        rec.status, rec.reason, rec.detail = "rejected", res.reason, res.detail
-        return
-    for s in res.scans:
-        if s.dicom is not None:
-            res.spooled.append(spool.put(s.image))
-            s.image = b""
-    rec.info = res.scans[0].info
 
 
 def _outside_dicom(root: str, records: list[FileRecord]) -> set[int]:
@@ -413,100 +366,11 @@ def _read_row(root: str, r: FileRecord, spool) -> bytes:
     return checked(data, r)
 
 
-def checked(data: bytes, r: FileRecord) -> bytes:
-    if hashlib.sha256(data).hexdigest() != r.info.sha256:
-        what = "the spooled slices" if r.spool is not None else r.path
-        raise RuntimeError(f"{what} changed while being ingested; run ingest again")
-    return data
-
-
-def plan_shards(rows: list[FileRecord], cfg: IngestConfig, seed: int) -> list[list[FileRecord]]:
-    """One split's rows, shuffled so every shard mixes classes, cut into shards of
-    ~cfg.shard_mb of image bytes (known from pass 1, so both engines cut alike, before
-    anything is written; the other columns add a few KB)."""
-    limit = cfg.shard_mb * 1024 * 1024
-    chunks, cur, size = [], [], 0
-    for k in np.random.default_rng(seed).permutation(len(rows)):
-        r = rows[k]
-        cur.append(r)
-        size += r.spool[1] if r.spool is not None else r.info.n_bytes
-        if size >= limit:
-            chunks.append(cur)
-            cur, size = [], 0
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
-def by_split(accepted: list[FileRecord], cfg: IngestConfig):
-    """(split, its rows, its plan_shards seed) in SPLITS order: the one order and seed both
-    engines cut shards by (their shards must come out alike)."""
-    for i, split in enumerate(SPLITS):
-        yield split, [r for r in accepted if r.split == split], cfg.seed + i
-
-
-def write_shard(rows: list[FileRecord], read, split: str, index: int, out: Location,
-                cfg: IngestConfig, bar=None) -> dict:
-    """Stream `rows` (each image from `read(record)`) into out/split/part-<index>.parquet,
-    through a local spool file and _copy_into_place -> the manifest's entry for the shard."""
-    name = f"part-{index:05d}.parquet"  # by position: every writer picks the same
-    # Nameless (O_TMPFILE, or unlinked at once): the OS reclaims it even on SIGKILL.
-    with tempfile.TemporaryFile(prefix="brainmri-spool-", suffix=".parquet") as tmp:
-        writer = pq.ParquetWriter(tmp, SCHEMA, write_page_checksum=True, compression={
-            c: ("NONE" if c == "image" else "ZSTD") for c in SCHEMA.names})
-        batch = []
-        for r in rows:
-            data, i = read(r), r.info
-            batch.append(dict(image=data, label=r.label, class_name=cfg.classes[r.label],
-                              sha256=i.sha256, phash=i.phash, phash_mirror=i.phash_mirror,
-                              height=i.height, width=i.width,
-                              mode=i.mode, format=i.format, path=r.path,
-                              source_split=r.source_split, group=r.group, frame=r.frame,
-                              dicom=r.scan.dicom if r.scan is not None else None))
-            if len(batch) >= cfg.row_group_rows:
-                writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
-                batch = []
-            if bar is not None:
-                bar.update()
-        if batch:
-            writer.write_table(pa.Table.from_pylist(batch, schema=SCHEMA))
-        writer.close()
-        tmp.seek(0)
-        rows_in = pq.ParquetFile(tmp).metadata.num_rows
-        tmp.seek(0)
-        size, sha = _copy_into_place(tmp, out / split, name)
-    return {"path": f"{split}/{name}", "split": split, "rows": rows_in, "bytes": size, "sha256": sha}
-
-
 def _write_shards(root: str, rows: list[FileRecord], split: str, out: Location,
                   cfg: IngestConfig, seed: int, bar, spool=None) -> list[dict]:
     """One split's shards, one after the other (the local engine)."""
     return [write_shard(chunk, lambda r: _read_row(root, r, spool), split, k, out, cfg, bar)
             for k, chunk in enumerate(plan_shards(rows, cfg, seed))]
-
-
-def _copy_into_place(src, folder: Location, name: str) -> tuple[int, str]:
-    """Stream `src` to folder/name, returning (bytes, sha256). Locally through a temp file of
-    this writer's own (uuid) name, then renamed: a reader, or a concurrent ingest of the same
-    content writing the same name, only ever sees a whole shard. S3 objects appear whole."""
-    sha, size = hashlib.sha256(), 0
-    dest = folder / name
-    tmp = dest if dest.is_s3 else folder / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-    if not dest.is_s3:
-        folder.mkdir()
-    try:
-        with dest.fs.open_output_stream(tmp.path) as f:
-            while chunk := src.read(1 << 20):
-                sha.update(chunk)
-                size += len(chunk)
-                f.write(chunk)
-        if tmp is not dest:
-            dest.fs.move(tmp.path, dest.path)
-    except BaseException:
-        if tmp is not dest:
-            tmp.delete()
-        raise
-    return size, sha.hexdigest()
 
 
 def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
@@ -559,9 +423,7 @@ def ingest(source: str, dest: str, cfg: IngestConfig | None = None) -> IngestRes
         src = open_location(os.path.realpath(source))
         records = walk_source(src.path, cfg.classes)
     if pick_engine(cfg, remote, len(records)) == "ray":
-        from .ingest_ray import ingest_on_ray
-
-        return ingest_on_ray(source, src, records, store, cfg, frozen, t0)
+        return _ingest_on_ray(source, src, records, store, cfg, frozen, t0)
     with SliceSpool() as spool:
         return _ingest(source, src.path, records, store, cfg, frozen, salt, spool, t0)
 
@@ -587,6 +449,22 @@ def _ingest(source: str, root: str, records: list[FileRecord], store: Location, 
         return shards
 
     return publish(source, records, store, cfg, frozen, salt, t0, write_all)
+
+
+def _ingest_on_ray(source: str, src: Location, records: list[FileRecord], store: Location,
+                   cfg: IngestConfig, frozen: frozenset[str], t0: float) -> IngestResult:
+    """The ray engine: ingest_ray.py's passes 1 and 3 on the cluster, pass 2 here (no DICOM,
+    hence no salt: ingest_ray refuses it)."""
+    from ..core.cluster import init_ray
+    from .ingest_ray import inspect_on_ray, write_on_ray
+
+    init_ray()
+    inspect_on_ray(source, src, records, cfg)
+
+    def write_all(accepted: list[FileRecord], out: Location) -> list[dict]:
+        return write_on_ray(src, accepted, out, cfg)
+
+    return publish(source, records, store, cfg, frozen, None, t0, write_all)
 
 
 def publish(source: str, records: list[FileRecord], store: Location, cfg: IngestConfig,

@@ -2,14 +2,15 @@
 cluster, reading SOURCE straight from its storage (an s3:// prefix is never mirrored).
 
 (1) inspect: a Ray Data pipeline over (index, path) items; each worker reads the file
-through the source's pyarrow filesystem and runs ingest.inspect_data, the local engine's
-rule, returning hashes, pHash, thumbnail and size (never the image bytes). A file that
-cannot be read becomes a rejected record (images.UNREADABLE), never a lost row. Files
+through the source's pyarrow filesystem and runs ingest_rules.inspect_data, the local
+engine's rule, returning hashes, pHash, thumbnail and size (never the image bytes). A file
+that cannot be read becomes a rejected record (images.UNREADABLE), never a lost row. Files
 outside the class folders are only checked for the DICOM magic, as the local engine does.
-(2) group and split: on the driver, ingest.publish, as the local engine.
-(3) write: ingest.plan_shards cuts each split into the same shards as the local engine;
+(2) group and split: on the driver, ingest.publish, as the local engine (ingest.py runs this
+module's passes 1 and 3 and its own publish: it imports this module, never the reverse).
+(3) write: ingest_rules.plan_shards cuts each split into the same shards as the local engine;
 one Ray task per shard reads its files again (checked against pass 1's sha256) and writes
-it through ingest.write_shard (local spool file, copy into place, checksum). The driver
+it through ingest_rules.write_shard (local spool file, copy into place, checksum). The driver
 then writes inventory.csv, rejects.csv and manifest.json, last.
 
 Same content -> same version id, inventory, rows and shard bytes as the local engine.
@@ -31,15 +32,13 @@ from ..config import ConfigError, IngestConfig
 from ..core.storage import Location, open_location
 from . import dicom
 from . import images as im
-from .ingest import (
-    IngestResult,
+from .ingest_rules import (
     Inspected,
-    _keep,
     by_split,
     checked,
     inspect_data,
+    keep_inspected,
     plan_shards,
-    publish,
     unreadable,
     write_shard,
 )
@@ -55,19 +54,6 @@ _INFO = ("sha256", "phash", "phash_mirror", "height", "width", "mode", "format",
 
 class DicomOnRay(ConfigError):
     """The ray engine met DICOM files; one line that names --engine local."""
-
-
-def ingest_on_ray(source: str, src: Location, records: list[FileRecord], store: Location,
-                  cfg: IngestConfig, frozen: frozenset[str], t0: float) -> IngestResult:
-    from ..core.cluster import init_ray
-
-    init_ray()
-    inspect_on_ray(source, src, records, cfg)
-
-    def write_all(accepted: list[FileRecord], out: Location) -> list[dict]:
-        return write_on_ray(src, accepted, out, cfg)
-
-    return publish(source, records, store, cfg, frozen, None, t0, write_all)
 
 
 # -- pass 1 -------------------------------------------------------------------------------------
@@ -97,7 +83,7 @@ def inspect_on_ray(source: str, src: Location, records: list[FileRecord], cfg: I
             if res.dicom:
                 n_dicom += 1
             elif records[i].status == "pending":
-                _keep(records[i], res, None)
+                keep_inspected(records[i], res, None)
         bar.update(len(b["i"]))
     bar.close()
     missing = len({it["i"] for it in items} - seen)
@@ -110,7 +96,7 @@ def inspect_on_ray(source: str, src: Location, records: list[FileRecord], cfg: I
 
 def inspect_batch(batch: dict, root_uri: str, limits: im.ImageLimits) -> dict:
     """Ray Data map_batches: read each file through the source's filesystem and inspect it
-    (ingest.inspect_data); one output row per input row, whatever happens to the file."""
+    (ingest_rules.inspect_data); one output row per input row, whatever happens to the file."""
     root = _location(root_uri)
     jobs = [(str(rel), bool(m)) for rel, m in zip(batch["path"], batch["magic_only"], strict=True)]
     with ThreadPoolExecutor(IO_THREADS) as pool:  # the reads overlap; inspection is CPU work

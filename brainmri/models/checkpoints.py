@@ -31,7 +31,7 @@ import torch
 
 from ..core.metrics import SELECTION_METRIC
 from ..core.storage import Location, StorageError, check_name, open_location
-from ..data.transforms import HI_PCT, LO_PCT, MEAN, STD
+from .export import EXPORT_FILES, export_model, interface, preprocess_record
 
 CKPT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -49,23 +49,6 @@ def library_versions() -> dict:
     return {"python": platform.python_version(), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "ray": ray.__version__,
             "pyarrow": pyarrow.__version__}
-
-
-def preprocess_record(image_size: int) -> dict:
-    """What a checkpoint says about its input (data.transforms' deterministic preprocess),
-    exactly enough to reproduce it without this package (the exports' users need it)."""
-    s = image_size
-    return {"image_size": s, "mean": MEAN, "std": STD,
-            "decode": f"8-bit greyscale (PIL convert('L'); 16/32-bit images scaled by their own "
-                      f"min-max); JPEGs decoded at the smallest DCT scale still >= {s} px a side "
-                      f"(PIL draft)",
-            "fit": f"longest side resized to {s} px (PIL bilinear, reducing_gap 2.0, other side "
-                   f"rounded), centred on a black {s}x{s} canvas at "
-                   f"offset floor(({s} - side) / 2)",
-            "intensity": f"percentile {LO_PCT}-{HI_PCT} to 0-255: u8 = clip((x - p{LO_PCT}) * 255 / "
-                         f"(p{HI_PCT} - p{LO_PCT}), 0, 255) truncated to uint8, unchanged when "
-                         f"p{HI_PCT} - p{LO_PCT} < 1 (numpy linear percentiles)",
-            "to_input": f"float32 (u8 / 255 - {MEAN}) / {STD}, shape [N, 1, {s}, {s}] (NCHW)"}
 
 
 def make_checkpoint(model_state: dict, *, epoch: int, best: float, bad_epochs: int,
@@ -152,8 +135,6 @@ def publish_model(out: Location, name: str, ckpt: dict, metrics: dict,
 def _exports(state: dict) -> tuple[dict, dict, dict | None]:
     """(file -> bytes, kind -> record, interface) of the exports; a network that cannot even
     be rebuilt gets an error record for every format (and a warning), never an exception."""
-    from .export import EXPORT_FILES, export_model, interface
-
     try:
         files, records = export_model(state, build_model(state))
         contract = interface(state)

@@ -17,6 +17,8 @@ out with its reason in the metadata: an export problem never costs a trained mod
 Both files carry the input/output contract (`interface`) inside them too: ONNX as model
 metadata (`custom_metadata_map["brainmri"]` in ONNX Runtime), TorchScript as the extra file
 `brainmri.json`. Loading: `load_torchscript`, `OnnxNetwork` (callers check sha256 first).
+`preprocess_record`, the input half of that contract, which every checkpoint keeps too, is
+here: checkpoints.py imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import warnings
 import numpy as np
 import torch
 
+from ..data.transforms import HI_PCT, LO_PCT, MEAN, STD
+
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 EXPORT_FILES = {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE}
@@ -40,11 +44,26 @@ CONTRACT_KEY = "brainmri"  # ONNX metadata key; TorchScript extra file CONTRACT_
 TRACE_BATCH, PROBE_BATCH = 2, 3
 
 
+def preprocess_record(image_size: int) -> dict:
+    """What a checkpoint says about its input (data.transforms' deterministic preprocess),
+    exactly enough to reproduce it without this package (the exports' users need it)."""
+    s = image_size
+    return {"image_size": s, "mean": MEAN, "std": STD,
+            "decode": f"8-bit greyscale (PIL convert('L'); 16/32-bit images scaled by their own "
+                      f"min-max); JPEGs decoded at the smallest DCT scale still >= {s} px a side "
+                      f"(PIL draft)",
+            "fit": f"longest side resized to {s} px (PIL bilinear, reducing_gap 2.0, other side "
+                   f"rounded), centred on a black {s}x{s} canvas at "
+                   f"offset floor(({s} - side) / 2)",
+            "intensity": f"percentile {LO_PCT}-{HI_PCT} to 0-255: u8 = clip((x - p{LO_PCT}) * 255 / "
+                         f"(p{HI_PCT} - p{LO_PCT}), 0, 255) truncated to uint8, unchanged when "
+                         f"p{HI_PCT} - p{LO_PCT} < 1 (numpy linear percentiles)",
+            "to_input": f"float32 (u8 / 255 - {MEAN}) / {STD}, shape [N, 1, {s}, {s}] (NCHW)"}
+
+
 def interface(state: dict) -> dict:
     """What a user without this package needs: the input tensor, the output, the classes and
     the preprocessing that makes the input (the checkpoint's `preprocess` record)."""
-    from .checkpoints import preprocess_record
-
     pre = state.get("preprocess") or preprocess_record(int(state["config"]["image_size"]))
     s, classes = int(pre["image_size"]), list(state["classes"])
     return {
@@ -64,7 +83,7 @@ def interface(state: dict) -> dict:
 def _chosen_formats():
     """Silences torch's notices that TorchScript (torch.jit.*, a FutureWarning in torch 2.14) and
     the TorchScript-based ONNX exporter are deprecated: formats chosen knowingly (see the
-    module docstring), said once in the README rather than at every publish and load. Any
+    module docstring), said once in docs/guide/export.md rather than at every publish and load. Any
     other warning (a TracerWarning, say) still shows."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
@@ -163,11 +182,16 @@ def export_model(state: dict, model: torch.nn.Module) -> tuple[dict[str, bytes],
             first = (str(e).splitlines() or [""])[0][:300]
             records[kind] = {"error": f"{type(e).__name__}: {first}"}
             continue
+        # the shape first: a wrong one may not broadcast, and must cost only this format
+        if got.shape != expected.shape:
+            records[kind] = {"error": f"export disagrees with the eager network: shape {got.shape} "
+                                      f"vs {expected.shape}"}
+            continue
         diff = float(np.abs(got - expected).max())
         limit = TOLERANCE[kind] * max(1.0, float(np.abs(expected).max()))
-        if got.shape != expected.shape or not diff <= limit:
-            records[kind] = {"error": f"export disagrees with the eager network: shape {got.shape} "
-                                      f"vs {expected.shape}, max |diff| {diff:.3g} > {limit:.3g}"}
+        if not diff <= limit:
+            records[kind] = {"error": f"export disagrees with the eager network: max |diff| "
+                                      f"{diff:.3g} > {limit:.3g}"}
             continue
         files[EXPORT_FILES[kind]] = blob
         records[kind] = {"file": EXPORT_FILES[kind], "sha256": hashlib.sha256(blob).hexdigest(),

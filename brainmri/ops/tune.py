@@ -314,15 +314,12 @@ def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0,
 
 
 def cluster_max_gpus() -> float | None:
-    """The most GPUs the cluster's autoscaler may bring, from the cluster config it keeps in
-    the GCS (what Ray Train's worker group and Ray Data read for the same question); None on
-    a cluster without one (local Ray, a fixed cluster) or when it cannot be read."""
-    try:
-        from ray._private.state import state
+    """The most GPUs the cluster's autoscaler may bring (what Ray Train's worker group and Ray
+    Data read for the same question); None on a cluster without an autoscaler config (local
+    Ray, a fixed cluster) or when it cannot be read."""
+    from ..core.cluster import autoscaler_max_resources
 
-        res = state.get_max_resources_from_cluster_config()
-    except Exception:  # a private API: never let it break a search
-        return None
+    res = autoscaler_max_resources()
     return float(res.get("GPU", 0)) if res else None
 
 
@@ -459,10 +456,10 @@ def build_trials(base: dict, params: list[dict], settings: TuneConfig) -> list[d
     trials = []
     for i, p in enumerate(params):
         tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
-        cfg = trial_config(base, p, settings, f"{settings.name}-{tid}")
-        teacher = prepare(cfg).teacher
-        if teacher:  # the file checked now (absolute), not "latest" again in every trial
-            cfg.teacher = teacher["uri"]
+        ready = prepare(trial_config(base, p, settings, f"{settings.name}-{tid}"))
+        cfg = ready.cfg  # resolved: the whole network shape, recorded in trials.json
+        if ready.teacher:  # the file checked now (absolute), not "latest" again in every trial
+            cfg.teacher = ready.teacher["uri"]
         trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
     return trials
 

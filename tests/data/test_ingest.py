@@ -40,7 +40,8 @@ from brainmri.data.datasets import (
     verify_shards,
 )
 from brainmri.data.dedup import near_duplicate_pairs
-from brainmri.data.ingest import SCHEMA, ingest
+from brainmri.data.ingest import ingest
+from brainmri.data.ingest_rules import SCHEMA
 
 from support.data import real_subset
 from support.synth import bad_files, encode, near_copy, synth_array, synth_jpeg

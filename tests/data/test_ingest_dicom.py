@@ -29,7 +29,8 @@ from brainmri.config import CLASSES, IngestConfig
 from brainmri.data import dicom
 from brainmri.data import images as im
 from brainmri.data.datasets import SPLITS, split_files
-from brainmri.data.ingest import SCHEMA, ingest
+from brainmri.data.ingest import ingest
+from brainmri.data.ingest_rules import SCHEMA
 from brainmri.data.transforms import preprocess
 from brainmri.data.walk import pseudonym
 

@@ -17,8 +17,9 @@ from PIL import Image
 from brainmri.config import ConfigError, IngestConfig
 from brainmri.core.storage import open_location
 from brainmri.data import images as im
-from brainmri.data.ingest import UnusableSourceError, ingest, pick_engine, plan_shards
+from brainmri.data.ingest import UnusableSourceError, ingest, pick_engine
 from brainmri.data.ingest_ray import DicomOnRay, inspect_batch
+from brainmri.data.ingest_rules import plan_shards
 from brainmri.data.walk import FileRecord, walk_location, walk_source
 
 from support.data import real_subset

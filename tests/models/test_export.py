@@ -17,8 +17,9 @@ from brainmri.config import RUNTIMES
 from brainmri.core.storage import StorageError, open_location
 from brainmri.data.transforms import preprocess_many, to_model_input
 from brainmri.evaluation.inference import load_network, open_model
+from brainmri.models import export
 from brainmri.models.checkpoints import build_model, make_checkpoint, publish_model
-from brainmri.models.export import EXPORT_FILES, TRACE_BATCH, export_model
+from brainmri.models.export import EXPORT_FILES, PROBE_BATCH, TRACE_BATCH, export_model
 from brainmri.models.zoo import create_model
 
 from support.data import CLASSES, SHARED_DATA
@@ -153,6 +154,29 @@ def test_an_export_that_disagrees_with_eager_is_left_out():
     assert files == {}
     for kind in EXPORT_FILES:
         assert records[kind]["error"].startswith("export disagrees with the eager network")
+
+
+def test_a_wrong_shaped_export_costs_only_its_own_format(tmp_path, monkeypatch):
+    """An ONNX export whose output lost a class (a shape that does not broadcast against the
+    eager logits) is left out with its own reason; the TorchScript export is still published,
+    with its sha256, rather than both being recorded as "network not rebuilt"."""
+    runner = export._runner
+
+    def lost_a_class(kind, blob):
+        run = runner(kind, blob)
+        return (lambda x: run(x)[:, :-1]) if kind == "onnx" else run
+
+    monkeypatch.setattr(export, "_runner", lost_a_class)
+    with pytest.warns(UserWarning, match="without the onnx export"):
+        version = publish(tmp_path, "brainnet", 32, width=8)
+    meta = json.loads((version / "metadata.json").read_text())
+    assert meta["exports"]["onnx"] == {"error": f"export disagrees with the eager network: shape "
+                                                f"({PROBE_BATCH}, 3) vs ({PROBE_BATCH}, 4)"}
+    assert not (version / EXPORT_FILES["onnx"]).exists()
+    ts = meta["exports"]["torchscript"]
+    data = (version / EXPORT_FILES["torchscript"]).read_bytes()
+    assert "error" not in ts and ts["file"] == EXPORT_FILES["torchscript"]
+    assert ts["sha256"] == hashlib.sha256(data).hexdigest() and ts["bytes"] == len(data)
 
 
 def test_a_tampered_export_is_refused_when_loaded(tmp_path):

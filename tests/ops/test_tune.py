@@ -388,3 +388,18 @@ def test_a_trial_is_completed_when_it_ran_its_own_epochs(tmp_path):
                                                          "image_size": 32, "model_args": {"width": 8}}})
     rows = {r["trial"]: r["status"] for r in tune_mod.leaderboard(exp, trials, {}, ["a", "b", "c", "d"])}
     assert rows == {"t000-brainnet": "completed", "t001-brainnet": "stopped by ASHA"}
+
+
+def test_each_trial_records_its_whole_network(tmp_path):
+    """trials.json names every shape argument a trial trains (the recipe's, then the
+    factory's), as a `brainmri train` run records it: the leaderboard builds that network."""
+    from brainmri.config import RECIPE_SHAPES
+    from brainmri.models.zoo import full_shape
+
+    _, version = small_lake(tmp_path, per_class=10)
+    settings = TuneConfig(data=version, out=str(tmp_path / "out"), name="s")
+    (trial,) = tune_mod.build_trials({"image_size": 64, "batch_size": 8},
+                                     [{"model": "brainnet", "model_args.width": 8}],
+                                     settings)
+    assert trial["train"]["model_args"] == full_shape("brainnet", {**RECIPE_SHAPES["brainnet"], "width": 8})
+    assert trial["train"]["name"] == "s-t000-brainnet"
