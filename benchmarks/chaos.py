@@ -2,7 +2,7 @@
 reader would see after every kill and every re-run. Then tamper with stored files and check
 that every kind is refused.
 
-    .venv/bin/python benchmarks/chaos.py [--trials 21] [--seed 0] [--kinds ingest,train,retrain]
+    .venv/bin/python -m benchmarks.chaos [--trials 21] [--seed 0] [--kinds ingest,train,retrain]
                                          [--per-class 24] [--work DIR] [--budget-min 40]
 
 Each trial runs one `brainmri` command in its own process group (with its own local Ray), kills
@@ -30,30 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+from benchmarks import harness
+
 NAME = "chaos"
 TINY = ["--image-size", "64", "--batch-size", "16", "--num-workers", "1",
         "--set", "model_args={width: 8}", "--set", "patience=0", "--set", "warmup_epochs=0.5"]
 EPOCHS = 4
-
-
-def copy_scans(dest: Path, per_class: int, offset: int) -> None:
-    for c in CLASSES:
-        (dest / "Training" / c).mkdir(parents=True, exist_ok=True)
-        for f in sorted((DATA / c).iterdir())[offset:offset + per_class]:
-            shutil.copy2(f, dest / "Training" / c / f.name)
 
 
 class Chaos:
@@ -63,7 +52,7 @@ class Chaos:
         self.src = work / "src"
         self.incoming = work / "incoming"
         self.failures: list[str] = []
-        self.env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+        self.last = None  # the last command's harness.Run
         self.next_offset = 1000  # fresh scans for each retrain trial come from here on
 
     # -- processes -------------------------------------------------------------------------
@@ -71,20 +60,10 @@ class Chaos:
         return [sys.executable, "-m", "brainmri", *args]
 
     def run(self, args: list[str], kill_after: float | None = None) -> tuple[int | None, float]:
-        """Run a command in its own process group; kill the group after kill_after seconds.
-        -> (exit status, or None if killed; seconds)."""
-        log = open(self.work / "last.log", "wb")
-        t0 = time.time()
-        p = subprocess.Popen(args, cwd=self.work, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        try:
-            rc = p.wait(timeout=kill_after)
-            return rc, time.time() - t0
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            time.sleep(0.5)  # let the kernel reap Ray's processes of that group
-            return None, time.time() - t0
+        """Run a command in its own process group (its own local Ray); SIGKILL the group after
+        kill_after seconds. -> (exit status, or None if killed; seconds)."""
+        self.last = harness.run(args, self.work / "last.log", timeout=kill_after, cwd=self.work)
+        return self.last.returncode, self.last.seconds
 
     def must(self, ok: bool, what: str) -> None:
         if not ok:
@@ -92,7 +71,7 @@ class Chaos:
             print(f"    FAIL {what}", flush=True)
 
     def tail(self) -> str:
-        return (self.work / "last.log").read_bytes()[-600:].decode(errors="replace")
+        return self.last.tail(600)
 
     # -- commands --------------------------------------------------------------------------
     def ingest_cmd(self, seed: int) -> list[str]:
@@ -257,7 +236,8 @@ class Chaos:
         self.check_store(f"trial {i} train after re-run")
 
     def trial_retrain(self, i: int, rng: random.Random, delay: float) -> None:
-        copy_scans(self.incoming, 3, self.next_offset)  # new scans: there is something to decide
+        # new scans: there is something to decide
+        harness.copy_scans(self.incoming / "Training", 3, self.next_offset)
         self.next_offset += 3
         bad = i % 2 == 1
         before = self.champion()
@@ -351,16 +331,14 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-min", type=float, default=40.0, help="start no trial after this")
     ap.add_argument("--only", type=int, default=-1, help="run only trial i (replay a failure)")
     a = ap.parse_args(argv)
-    if not DATA.is_dir():
-        print(f"shared data not found at {DATA}", file=sys.stderr)
-        return 2
+    harness.training_folder()  # the shared scans are there (else: exit 2, one line)
     kinds = a.kinds.split(",")
     work = Path(a.work or tempfile.mkdtemp(prefix="brainmri-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     c = Chaos(work, a.per_class)
-    copy_scans(c.src, a.per_class, 0)
-    copy_scans(c.incoming, a.per_class, 200)
+    harness.copy_scans(c.src / "Training", a.per_class, 0)
+    harness.copy_scans(c.incoming / "Training", a.per_class, 200)
 
     # uninterrupted runs: the first dataset, model and champion, and each kind's duration
     typical = {}

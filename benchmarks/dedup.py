@@ -1,6 +1,6 @@
 """Benchmark the near-duplicate candidate search: the multi-index hash against the all-pairs scan.
 
-    .venv/bin/python benchmarks/dedup.py [--sizes 10000,100000,1000000] [--scan-max 100000]
+    .venv/bin/python -m benchmarks.dedup [--sizes 10000,100000,1000000] [--scan-max 100000]
         [--kinds uniform,phash] [--distance 12] [--swaps 4] [--cache FILE] [--skip-real]
 
 real     the shared Training set (5712 scans) hashed by ingest's own code (inspect_image;
@@ -30,32 +30,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from brainmri.config import IngestConfig  # noqa: E402
-from brainmri.data import dedup  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
+from benchmarks.harness import scans
+from brainmri.config import IngestConfig
+from brainmri.data import dedup
 
 
 def real_hashes(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """pHash, the mirror's pHash and thumbnails of every shared Training scan, by ingest's
-    inspect_image (a cache from before mirror hashes is rebuilt)."""
+    inspect_image (a cache from before mirror hashes, or of another number of scans, is rebuilt)."""
+    files = [f for per_class in scans().values() for f in per_class]
     if cache.exists():
         z = np.load(cache)
-        if "phash_mirror" in z:
+        if "phash_mirror" in z and len(z["phash"]) == len(files):
             return z["phash"], z["phash_mirror"], z["thumbs"]
     from brainmri.data import images as im
 
-    files = sorted(p for c in sorted(SHARED.iterdir()) for p in sorted(c.iterdir()))
     t = time.perf_counter()
     infos = [im.inspect_image(f.read_bytes()) for f in files]
     print(f"hashed {len(files)} real scans in {time.perf_counter() - t:.0f} s (cached in {cache})")

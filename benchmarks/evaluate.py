@@ -1,6 +1,6 @@
 """Benchmark `brainmri evaluate` and `brainmri predict` against a plain PyTorch loop.
 
-    .venv/bin/python benchmarks/evaluate.py [--model URI] [--limit N] [--batch-size B]
+    .venv/bin/python -m benchmarks.evaluate [--model URI] [--limit N] [--batch-size B]
         [--concurrency C] [--threads T] [--latency-images R] [--gpu]
 
 The same N real scans (the first N/4 of each class of the shared Training set, copied into a
@@ -37,19 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-TRAINING = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+from benchmarks.harness import REPO, copy_scans, publish_small_model
+from brainmri.config import CLASSES, EvaluateConfig
 
 
 def subset_folder(dest: Path, limit: int, offset: int = 0) -> list[Path]:
-    files = []
-    for c in CLASSES:
-        (dest / c).mkdir(parents=True, exist_ok=True)
-        for f in sorted((TRAINING / c).iterdir())[offset:offset + max(1, limit // len(CLASSES))]:
-            shutil.copy2(f, dest / c / f.name)
-            files.append(dest / c / f.name)
-    return files
+    """limit/4 real scans a class copied into dest/<class>/; the copies."""
+    return copy_scans(dest, max(1, limit // len(CLASSES)), offset)
 
 
 def tiny_model(work: Path) -> str:
@@ -57,13 +51,11 @@ def tiny_model(work: Path) -> str:
     import pyarrow.parquet as pq
     import torch
 
-    from brainmri.config import IngestConfig, TrainConfig, to_dict
-    from brainmri.core.storage import open_location
+    from brainmri.config import IngestConfig, TrainConfig
     from brainmri.data.datasets import manifest_hash, split_files
     from brainmri.data.ingest import ingest
     from brainmri.data.transforms import preprocess_many, to_model_input
-    from brainmri.models.checkpoints import make_checkpoint, publish_model
-    from brainmri.models.zoo import count_params, create_model
+    from brainmri.models.zoo import create_model
 
     src = work / "src" / "Training"
     subset_folder(src, 48, offset=1000)
@@ -81,13 +73,9 @@ def tiny_model(work: Path) -> str:
         opt.step()
     cfg = TrainConfig(data=res.location.uri, out=str(work / "lake"), name="bench-tiny", image_size=64,
                       model_args={"width": 8})
-    ckpt = make_checkpoint(
-        model.eval().state_dict(), epoch=0, best=0.0, bad_epochs=0, history=[], resumes=[],
-        config=to_dict(cfg), classes=list(CLASSES),
-        dataset={"uri": res.location.uri, "name": res.manifest["name"],
-                 "version": res.manifest["version"], "manifest_hash": manifest_hash(res.manifest)},
-        params=count_params(model))
-    return publish_model(open_location(str(work / "lake")), "brainnet", ckpt, {}).uri
+    return publish_small_model(work / "lake", cfg, model, dataset={
+        "uri": res.location.uri, "name": res.manifest["name"], "version": res.manifest["version"],
+        "manifest_hash": manifest_hash(res.manifest)})
 
 
 def default_model(work: Path) -> str:
@@ -187,7 +175,7 @@ def main() -> int:
         cal = temperature_for(ref, a.batch_size)
         t_cal = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = evaluate(model, str(work / "folder"), str(work / "out"), **run)
+        res = evaluate(EvaluateConfig(model=model, data=str(work / "folder"), out=str(work / "out"), **run))
         t_eval = time.perf_counter() - t0
         lp, lf = latencies(files[:a.latency_images], model)
 

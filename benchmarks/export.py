@@ -1,7 +1,7 @@
 """CPU inference speed of a published model on its three runtimes: PyTorch eager (model.pt),
 TorchScript (model.torchscript.pt) and ONNX Runtime (model.onnx, CPU provider).
 
-    .venv/bin/python benchmarks/export.py [--model URI] [--images N] [--batch-size 32]
+    .venv/bin/python -m benchmarks.export [--model URI] [--images N] [--batch-size 32]
         [--threads T] [--latency-images R] [--rounds K]
 
 The same N real scans (the first N/4 of each class of the shared Training set, through the
@@ -31,37 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-TRAINING = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
-
-
-def untrained_model(work: Path) -> str:
-    """brainnet with TrainConfig's model and image size, random weights, published here."""
-    import torch
-
-    from brainmri.config import TrainConfig, to_dict
-    from brainmri.core.storage import open_location
-    from brainmri.models.checkpoints import make_checkpoint, publish_model
-    from brainmri.models.zoo import count_params, create_model
-
-    cfg = TrainConfig()
-    torch.manual_seed(0)
-    cfg.model_args = cfg.shape()  # recorded with the weights: the network they fit
-    model = create_model(cfg.model, len(CLASSES), 1, image_size=cfg.image_size, **cfg.model_args)
-    ckpt = make_checkpoint(model.eval().state_dict(), epoch=0, best=0.0, bad_epochs=0, history=[],
-                           resumes=[], config=to_dict(cfg), classes=list(CLASSES),
-                           dataset={"uri": ""}, params=count_params(model))
-    return publish_model(open_location(str(work)), cfg.model, ckpt, {}).uri
+from benchmarks.harness import publish_small_model, read_scans
+from brainmri.config import CLASSES
 
 
 def real_images(n: int, size: int) -> np.ndarray:
+    """The first n/4 real scans of each class, preprocessed at `size`."""
     from brainmri.data.transforms import preprocess_many
 
-    if not TRAINING.is_dir():
-        sys.exit(f"shared data not found at {TRAINING}")
-    files = [f for c in CLASSES for f in sorted((TRAINING / c).iterdir())[:max(1, n // len(CLASSES))]]
-    return preprocess_many([f.read_bytes() for f in files], size)
+    return preprocess_many(read_scans(max(1, n // len(CLASSES)))[0], size)
 
 
 def throughput(net, x: np.ndarray, batch_size: int) -> tuple[float, np.ndarray]:
@@ -102,7 +80,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="brainmri-bench-export-"))
     try:
-        model = a.model or untrained_model(work)
+        model = a.model or publish_small_model(work)  # untrained: TrainConfig's network
         ref = open_model(model)
         x = real_images(a.images, ref.image_size)
         nets = {r: load_network(*ref.runtime_file(r), runtime=r) for r in RUNTIMES}

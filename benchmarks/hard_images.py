@@ -6,7 +6,7 @@ Images most models miss mark where this family of models stops: a new model reac
 accuracy A on n images may miss at most floor((1 - A) * n) of them, so it has to get right
 at least (images a majority misses) - that many, images most models before it got wrong.
 
-    python benchmarks/hard_images.py ./lake/reports/<model>-<version>/<data-id> ... [--goal 0.985]
+    python -m benchmarks.hard_images ./lake/reports/<model>-<version>/<data-id> ... [--goal 0.985]
 
 Each model counts with the decision it ships (`predicted_label`: flips and any decision rule
 applied), which is what its accuracy measures. Reading only: nothing chooses anything here.

@@ -1,6 +1,6 @@
 """Benchmark `brainmri ingest` on the full shared Training set (5712 JPEGs).
 
-    .venv/bin/python benchmarks/ingest.py [--source DIR] [--skip-s3] [--workers N]
+    .venv/bin/python -m benchmarks.ingest [--source DIR] [--skip-s3] [--workers N]
 
 Phases, each in a fresh Python process so that its peak-memory numbers are its own:
 
@@ -25,25 +25,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import platform
 import resource
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "brain-tumor-mri"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import PeakRSS, child_result, loopback_s3, mib  # noqa: E402
+from benchmarks.harness import (
+    PeakRSS,
+    child_result,
+    copy_scans,
+    data_root,
+    loopback_s3,
+    mib,
+    print_result,
+    scans,
+)
 
 
 def _image_files(source: Path) -> list[Path]:
-    return sorted(p for p in (source / "Training").rglob("*") if p.is_file())
+    return [f for per_class in scans(root=source).values() for f in per_class]
 
 
 def phase_peer(source: Path) -> dict:
@@ -89,38 +92,28 @@ def run_phase(args) -> None:
         out = phase_ingest(Path(args.source), args.dest, args.workers)
     out["maxrss_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["maxrss_children"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print("RESULT " + json.dumps(out), flush=True)
+    print_result(out)
 
 
 # -- the driver --------------------------------------------------------------------------------
-def spawn(phase: str, source: Path, dest: str = "", workers: int = 0, env=None) -> dict:
-    cmd = [sys.executable, __file__, "--phase", phase, "--source", str(source),
+def spawn(phase: str, source: Path, log: Path, dest: str = "", workers: int = 0, env=None) -> dict:
+    """One phase in a fresh process (this module's --phase): its numbers."""
+    cmd = [sys.executable, "-m", "benchmarks.ingest", "--phase", phase, "--source", str(source),
            "--workers", str(workers)]
     if dest:
         cmd += ["--dest", dest]
     try:
-        return child_result(cmd, env=env, cwd=REPO)
+        return child_result(cmd, log, env=env)
     except RuntimeError as e:
         sys.exit(f"phase {phase}: {e}")
-
-
-def quarter_copy(source: Path, dest: Path) -> int:
-    n = 0
-    for cdir in sorted((source / "Training").iterdir()):
-        files = sorted(cdir.iterdir())[::4]
-        (dest / "Training" / cdir.name).mkdir(parents=True)
-        for f in files:
-            shutil.copyfile(f, dest / "Training" / cdir.name / f.name)
-            n += 1
-    return n
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", default=str(DEFAULT_SOURCE),
-                    help="dataset folder holding Training/<class>/*.jpg "
-                         f"(default: {DEFAULT_SOURCE.relative_to(REPO.parent)} beside the repo)")
+    ap.add_argument("--source", default=str(data_root()),
+                    help="dataset folder holding Training/<class>/*.jpg (default: $BRAINMRI_BENCH_DATA, "
+                         "else shared/data/brain-tumor-mri beside the repo: %(default)s)")
     ap.add_argument("--skip-s3", action="store_true",
                     help="skip the ingest to the loopback moto S3 server")
     ap.add_argument("--workers", type=int, default=0,
@@ -146,17 +139,18 @@ def main(argv=None) -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="brainmri-bench-") as tmp:
         tmp = Path(tmp)
-        results["peer (sha256 + PIL decode, 1 process)"] = spawn("peer", source)
+        log = tmp / "phase.log"
+        results["peer (sha256 + PIL decode, 1 process)"] = spawn("peer", source, log)
         quarter = tmp / "quarter"
-        quarter_copy(source, quarter)
+        copy_scans(quarter / "Training", every=4, root=source)  # every 4th file of each class
         results["ingest local, 1/4 subset"] = spawn(
-            "ingest", quarter, str(tmp / "lake-quarter"), args.workers)
+            "ingest", quarter, log, str(tmp / "lake-quarter"), args.workers)
         results["ingest local, full"] = spawn(
-            "ingest", source, str(tmp / "lake-full"), args.workers)
+            "ingest", source, log, str(tmp / "lake-full"), args.workers)
         if not args.skip_s3:
             with loopback_s3("bench") as env:
                 results["ingest s3 (loopback moto), full"] = spawn(
-                    "ingest", source, "s3://bench/lake", args.workers, env=env)
+                    "ingest", source, log, "s3://bench/lake", args.workers, env=env)
 
     print(f"load average {os.getloadavg()[0]:.2f} at end "
           "(other work on this machine slows every phase alike)\n")

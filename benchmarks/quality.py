@@ -2,7 +2,7 @@
 internal test split and on re-exported copies of it (other size, contrast and JPEG quality, as
 another scanner's export tool would write them).
 
-    .venv/bin/python benchmarks/quality.py --store ./lake [--recipe configs/cpu.yaml]
+    .venv/bin/python -m benchmarks.quality --store ./lake [--recipe configs/cpu.yaml]
         [--budget-min 25] [--models recipe,seed_cnn,ensemble] [--ensemble-seeds 0,1,2] [--reuse]
         [--out benchmarks/results]
 
@@ -29,14 +29,14 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.harness import REPO, RunFailed, child_result, run
+
 SIDES = (224, 512)
 
 
@@ -86,12 +86,10 @@ def build_shifted(store: str, dataset: str, seed: int = 0) -> tuple[str, dict[st
 
 
 def brainmri(*args: str, log: Path) -> None:
-    env = dict(os.environ, RAY_ADDRESS="")  # each command its own local Ray
-    with open(log, "ab") as f:
-        r = subprocess.run([sys.executable, "-m", "brainmri", *args], cwd=REPO, env=env, stdout=f,
-                           stderr=subprocess.STDOUT, check=False)
-    if r.returncode:
-        raise SystemExit(f"brainmri {args[0]} failed (exit {r.returncode}); see {log}")
+    """`brainmri <args>` in its own process (and local Ray), its output appended to log."""
+    r = run([sys.executable, "-m", "brainmri", *args], log, append=True)
+    if not r.ok:
+        raise SystemExit(r.describe())
 
 
 def train(store: str, dataset: str, recipe: str, model: str, budget: float, seed: int, reuse: bool,
@@ -178,18 +176,18 @@ def decision(meta_file) -> dict:
 
 def evaluate(model_uri: str, data: str, store: str, log: Path) -> dict:
     """`brainmri evaluate`'s own function, in a fresh process (its own local Ray) -> a row."""
-    code = ("import sys; from brainmri.evaluation.evaluate import evaluate; "
-            "print(evaluate(sys.argv[1], sys.argv[2], sys.argv[3]).report_uri)")
-    with open(log, "ab") as f:
-        r = subprocess.run([sys.executable, "-c", code, model_uri, data, store], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=f, text=True, check=False,
-                           env=dict(os.environ, RAY_ADDRESS=""))
-    if r.returncode:
-        raise SystemExit(f"evaluate failed (exit {r.returncode}); see {log}")
+    code = ("import sys; from benchmarks.harness import print_result; "
+            "from brainmri.config import EvaluateConfig; from brainmri.evaluation.evaluate import evaluate; "
+            "cfg = EvaluateConfig(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3]); "
+            "print_result({'report': evaluate(cfg).report_uri})")
+    try:
+        out = child_result([sys.executable, "-c", code, model_uri, data, store], log, append=True)
+    except RunFailed as e:
+        raise SystemExit(f"evaluate: {e}") from None
     from brainmri.core import metrics as M
     from brainmri.core.storage import open_location
 
-    m = (open_location(r.stdout.strip().splitlines()[-1]) / "metrics.json").read_json()
+    m = (open_location(out["report"]) / "metrics.json").read_json()
     a = m["metrics"]["all"]
     row = {"n": a["n"], "accuracy": a["accuracy"], "macro_f1": a["macro_f1"]}
     row.update({f"recall_{c}": M.class_metric(a, "recall", c) for c in m["model"]["classes"]})

@@ -1,9 +1,9 @@
 """How `brainmri ingest` scales: synthetic Kaggle-layout corpora of growing size, each ingested
 locally and to a loopback S3 server, with a fitted time model extrapolated to 10M scans.
 
-    .venv/bin/python benchmarks/scale.py                          # 10k and 100k, local engine
-    .venv/bin/python benchmarks/scale.py --sizes 2000,10000 --skip-s3     # a quick look
-    .venv/bin/python benchmarks/scale.py --sizes 10000,100000,1000000 --engines local,ray
+    .venv/bin/python -m benchmarks.scale                          # 10k and 100k, local engine
+    .venv/bin/python -m benchmarks.scale --sizes 2000,10000 --skip-s3     # a quick look
+    .venv/bin/python -m benchmarks.scale --sizes 10000,100000,1000000 --engines local,ray
         [--workers N] [--allpairs-max 100000] [--nodes 16] [--predict 10000000]
         [--cache-dir DIR] [--out FILE]
 
@@ -74,13 +74,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.harness import REPO, PeakRSS, child_result, loopback_s3, print_result
+from brainmri.config import CLASSES
 
-from _common import PeakRSS, child_result, loopback_s3  # noqa: E402
-
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 CORPUS_VERSION = 2  # bump when the generator changes: cached corpora of other versions are not reused
 BAD_KINDS = {"truncated": "corrupt_or_truncated", "empty": "empty_file", "text": "not_an_image",
              "outside": "outside_known_class_folder"}
@@ -346,8 +342,7 @@ def check(plan: dict, inventory: list[dict]) -> dict[str, list]:
 
 
 def run_phase(args) -> None:
-    out = phase_ingest(args)
-    print("RESULT " + json.dumps(out), flush=True)
+    print_result(phase_ingest(args))
 
 
 # -- dedup: the index and the all-pairs reference on ingest's own hashes ------------------------
@@ -475,13 +470,14 @@ def print_model(eng: str, p: dict) -> None:
 
 
 # -- the driver ---------------------------------------------------------------------------------
-def spawn(source: str, dest: str, plan: Path, engine: str, workers: int, hashes_out: str = "",
+def spawn(source: str, dest: str, plan: Path, engine: str, workers: int, log: Path, hashes_out: str = "",
           env=None) -> dict:
-    cmd = [sys.executable, __file__, "--phase", "ingest", "--source", source, "--dest", dest,
+    """One ingest in a fresh process (this module's --phase ingest): its numbers, or its error."""
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--phase", "ingest", "--source", source, "--dest", dest,
            "--plan", str(plan), "--engine", engine, "--workers", str(workers),
            "--hashes-out", hashes_out]
     try:
-        return child_result(cmd, env=env, cwd=REPO)
+        return child_result(cmd, log, env=env)
     except RuntimeError as e:
         return {"error": str(e)}
 
@@ -542,7 +538,7 @@ def main(argv=None) -> int:
                         corpora[n]["upload_s"] = upload(source, "bench", f"src-{n}", env)
                         todo.append(("s3", "s3", f"s3://bench/src-{n}", f"s3://bench/lake-{eng}-{n}", env))
                     for src, dst, s_uri, d_uri, e in todo:
-                        r = spawn(s_uri, d_uri, plan_path, eng, args.workers,
+                        r = spawn(s_uri, d_uri, plan_path, eng, args.workers, Path(tmp) / "ingest.log",
                                   str(hashes) if dst == "local" else "", env=e)
                         r.update(n=n, engine=eng, route=f"{src}->{dst}")
                         if dst == "local" and hashes.exists():

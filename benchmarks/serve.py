@@ -1,7 +1,7 @@
 """Benchmark `brainmri serve` (Ray Serve over HTTP on 127.0.0.1) against predict's code called
 in this process, on the same real scans, at 1, 8 and 32 concurrent clients.
 
-    .venv/bin/python benchmarks/serve.py [--model URI] [--images N] [--requests R]
+    .venv/bin/python -m benchmarks.serve [--model URI] [--images N] [--requests R]
         [--clients 1,8,32] [--max-batch-size B] [--batch-wait-ms W] [--threads T] [--json FILE]
 
   in-process  C threads call one `Predictor.predict([(name, bytes)])` (what `brainmri predict`
@@ -35,34 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-TRAINING = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
-
-
-def real_scans(n: int, offset: int = 500) -> list[bytes]:
-    per = max(1, n // len(CLASSES))
-    return [f.read_bytes() for c in CLASSES for f in sorted((TRAINING / c).iterdir())[offset:offset + per]]
+from benchmarks.harness import REPO, publish_small_model, read_scans
+from brainmri.config import CLASSES
 
 
 def recipe_shaped_model(work: Path) -> str:
     """An untrained brainnet shaped like configs/cpu.yaml, published like run_training does."""
-    import torch
-
-    from brainmri.config import TrainConfig, load_config, to_dict
-    from brainmri.core.storage import open_location
-    from brainmri.models.checkpoints import make_checkpoint, publish_model
-    from brainmri.models.zoo import count_params, create_model
+    from brainmri.config import TrainConfig, load_config
 
     cfg = load_config(TrainConfig, REPO / "configs" / "cpu.yaml", {"out": str(work), "name": "bench"})
-    torch.manual_seed(0)
-    cfg.model_args = cfg.shape()  # recorded with the weights: the network they fit
-    model = create_model(cfg.model, len(CLASSES), 1, image_size=cfg.image_size, **cfg.model_args)
-    ckpt = make_checkpoint(model.eval().state_dict(), epoch=0, best=0.0, bad_epochs=0, history=[],
-                           resumes=[], config=to_dict(cfg), classes=list(CLASSES),
-                           dataset={"uri": "", "name": "none", "version": "none"},
-                           params=count_params(model))
-    return publish_model(open_location(str(work)), cfg.model, ckpt, {}).uri
+    return publish_small_model(work, cfg)
 
 
 def drive(call, images: list[bytes], clients: int, total: int) -> dict:
@@ -131,7 +113,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="brainmri-bench-serve-"))
     try:
         model = a.model or recipe_shaped_model(work)
-        images = real_scans(a.images)
+        images = read_scans(max(1, a.images // len(CLASSES)), offset=500)[0]
         pred = Predictor(model)
         print(f"model {pred.ref.name}/{pred.ref.version} ({pred.ref.image_size} px, "
               f"{pred.ref.state.get('params')} params); {len(images)} scans; {a.requests} requests per "

@@ -3,14 +3,14 @@ once, to choose the recipe's knobs at the length the recipe really trains (the R
 `brainmri tune --space configs/tune-quality.yaml`, can only afford 8-epoch trials on 2 cores).
 
     # here: the dataset version's train and val rows, preprocessed at the recipe's size
-    .venv/bin/python benchmarks/sweep.py pack --store ./lake --out .sweep/pack.npz
-    # on a bare GPU machine (PyTorch only): sample, train, rank on validation
-    python benchmarks/sweep.py run --pack .sweep/pack.npz --space configs/tune-sweep-recipe.yaml \
+    .venv/bin/python -m benchmarks.sweep pack --store ./lake --out .sweep/pack.npz
+    # on a bare GPU machine (PyTorch only), from a copy of the repository: sample, train, rank
+    python -m benchmarks.sweep run --pack .sweep/pack.npz --space configs/tune-sweep-recipe.yaml \
         --trials 40 --parallel 8 --reseed-top 4 --json $OUT/sweep.json
 
 Each trial is the CPU recipe's training with the project's own pieces (the space file's format
-and sampler from `brainmri tune`, TrainConfig, `configure_optimizer`, `class_weighted_loss`,
-`engine.train_one_epoch` / `evaluate`, EMA, Mixer, the model registry): the recipe's 2 workers
+and sampler from `brainmri tune`, TrainConfig, `training.recipe.build_recipe`, `engine.fit`,
+the model registry): the recipe's 2 workers
 x batch_size are simulated by one process with the global batch (the same steps per epoch and
 gradient; BatchNorm sees the global batch), bf16 autocast on CUDA. Best-epoch validation
 macro-F1 ranks the trials, as the recipe selects its checkpoint; the top ones are trained again
@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 JPEG_QUALITY = 95
 METRIC = "val_macro_f1"
@@ -104,14 +102,15 @@ def _init(pack_path: str, device: str, threads: int) -> None:
 
 
 def run_trial(job: dict) -> dict:
+    """One trial in this process: the recipe's own parts (`build_recipe`) and epoch loop
+    (`engine.fit`), exactly what a Ray worker trains, on the split held on the device."""
     import torch
 
     from brainmri.config import TrainConfig, from_dict, to_dict
-    from brainmri.core.metrics import from_confusion
     from brainmri.models.zoo import create_model
     from brainmri.ops.tune import nest_params
-    from brainmri.training.engine import ShardBatches, Stopwatch, evaluate, to_channels_last, train_one_epoch
-    from brainmri.training.train import recipe_parts
+    from brainmri.training.engine import ShardBatches, Stopwatch, fit, to_channels_last
+    from brainmri.training.recipe import build_recipe
 
     cfg = from_dict(TrainConfig, nest_params(job["config"]))
     dev, meta = _DATA["device"], _DATA["meta"]
@@ -122,35 +121,21 @@ def run_trial(job: dict) -> dict:
     cuda = dev.type == "cuda"
     batch = cfg.batch_size * cfg.num_workers  # the recipe's global batch, one process
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1000)
     model = create_model(cfg.model, len(classes), 1, image_size=cfg.image_size, **cfg.shape()).to(dev)
     if cuda:
         model = to_channels_last(model)
     counts = torch.bincount(yt, minlength=len(classes)).tolist()
-    steps = max(1, len(yt) // batch)
-    criterion, optimizer, scheduler, ema, mixer = recipe_parts(cfg, model, counts, dev, steps)
+    recipe = build_recipe(cfg, model, counts, dev, max(1, len(yt) // batch), channels_last=cuda)
     train_src = ShardBatches.from_tensors(xt, yt, batch, True, True, cfg.seed * 7919)
     val_src = ShardBatches.from_tensors(xv, yv, 256, False, False, 0)
     clock = Stopwatch(dev)
     t0 = clock.now()
-    best, bad, history = None, 0, []
-    for epoch in range(cfg.epochs):
-        tr = train_one_epoch(model, train_src.epoch(epoch), criterion, optimizer, scheduler, dev,
-                             cfg.aug_strength, gen, amp=cuda, channels_last=cuda, ema=ema, mixer=mixer)
-        cm, _ = evaluate(ema.module if ema else model, val_src.epoch(epoch), len(classes), dev,
-                         amp=cuda, channels_last=cuda, tta=cfg.tta)
-        vm = from_confusion(cm.numpy(), classes)
-        row = {"epoch": epoch, "train_loss": float(tr[0] / max(1, tr[2])),
-               **{f"val_{k}": v for k, v in vm.items() if not isinstance(v, (list, dict))}}
-        history.append(row)
-        if best is None or row[METRIC] > best[METRIC]:
-            best, bad = row, 0
-        else:
-            bad += 1
-        if cfg.patience and bad >= cfg.patience:
-            break
+    run = fit(model, recipe, train_src, val_src, classes, dev, epochs=cfg.epochs, patience=cfg.patience,
+              time_budget_min=cfg.time_budget_min)
+    rows = [{k: v for k, v in h.items() if not isinstance(v, (list, dict))} for h in run.history]
+    best = max(rows, key=lambda h: h[METRIC])  # the first of equals, as the loop counts them
     return {"trial": job["trial"], "seed": cfg.seed, "params": job["params"], "config": to_dict(cfg),
-            "best": best, "last": history[-1], "epochs_run": len(history), "seconds": clock.now() - t0}
+            "best": best, "last": rows[-1], "epochs_run": len(rows), "seconds": clock.now() - t0}
 
 
 # -- the sweep ----------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 1. Data pipeline alone: Ray Data (Parquet -> decode/preprocess -> torch batches) vs a plain
    torchvision ImageFolder + DataLoader over the JPEG folder, same preprocessing, images/s.
-2. trainer: TorchTrainer with 1 worker vs the same loop without Ray (`recipe_parts` +
-   `train_one_epoch` on the same rows, preprocessed once, in memory as the worker's cache
+2. trainer: TorchTrainer with 1 worker vs the same loop without Ray (`build_recipe` +
+   `engine.fit` on the same rows, preprocessed once, in memory as the worker's cache
    holds them), same model, batch, threads; each of --rounds Ray runs (default 9) between two
    plain runs; Ray overhead in % (the median of the rounds') and every epoch's rate (the
    scatter tells whether a difference is real).
@@ -25,14 +25,13 @@
 
 Ray is started here as `brainmri train` starts it: one logical CPU per core.
 
-    python benchmarks/train.py --lake ./lake/datasets/brain-tumor-mri   # after `brainmri ingest ... ./lake`
+    python -m benchmarks.train --lake ./lake/datasets/brain-tumor-mri   # after `brainmri ingest ... ./lake`
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -40,13 +39,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from brainmri.config import RECIPE_SHAPES, TrainConfig  # noqa: E402
-from brainmri.core.cluster import init_ray  # noqa: E402
-from brainmri.data.datasets import resolve_dataset  # noqa: E402
-from brainmri.data.transforms import preprocess  # noqa: E402
-from brainmri.models.zoo import count_params, create_model, list_models  # noqa: E402
+from benchmarks.harness import REPO, data_root
+from brainmri.config import RECIPE_SHAPES, TrainConfig
+from brainmri.core.cluster import init_ray
+from brainmri.data.datasets import resolve_dataset
+from brainmri.data.transforms import preprocess
+from brainmri.models.zoo import count_params, create_model, list_models
 
 
 def bench_ray_data(lake: str, size: int, limit: int, batch: int) -> float:
@@ -115,12 +113,12 @@ def bench_trainer(lake, model_name, size, batch, limit, epochs, threads, rounds)
 class PlainRecipe:
     """The recipe of `cfg` trained in this process without Ray, on the dataset's rows read and
     preprocessed once (as a worker's cache holds them), with the recipe's own parts
-    (`recipe_parts`) and loops (`train_one_epoch`, `evaluate`)."""
+    (`build_recipe`) and epoch loop (`engine.fit`): what a Ray worker trains."""
 
     def __init__(self, cfg: TrainConfig, threads: int):
         from brainmri.data.datasets import split_arrays
-        from brainmri.training.engine import ShardBatches, to_channels_last
-        from brainmri.training.train import recipe_parts
+        from brainmri.training.engine import FitState, ShardBatches, to_channels_last
+        from brainmri.training.recipe import build_recipe
 
         version, manifest = resolve_dataset(cfg.data, cfg.dataset)
         self.classes = manifest["classes"]
@@ -133,34 +131,24 @@ class PlainRecipe:
         xv, yv = rows("val", cfg.limit_val)
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
-        self.cfg, self.done = cfg, 0
+        self.cfg, self.state = cfg, FitState()
         # channels-last, as a Ray worker runs it (train_loop_per_worker)
         self.model = to_channels_last(create_model(cfg.model, len(self.classes), 1,
                                                    image_size=cfg.image_size, **cfg.shape()))
         counts = np.bincount(self.yt.numpy(), minlength=len(self.classes)).tolist()
-        # the recipe's loss, optimiser, weight average and mixing, as a Ray worker builds them
-        self.parts = recipe_parts(cfg, self.model, counts, torch.device("cpu"),
-                                  max(1, len(self.yt) // cfg.batch_size))
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.recipe = build_recipe(cfg, self.model, counts, torch.device("cpu"),
+                                   max(1, len(self.yt) // cfg.batch_size))
         self.train = ShardBatches.from_tensors(self.xt, self.yt, cfg.batch_size, True, True, cfg.seed)
         self.val = ShardBatches.from_tensors(xv, yv, cfg.batch_size, False, False, 0)
+        self.no_val = ShardBatches.from_tensors(xv[:0], yv[:0], cfg.batch_size, False, False, 0)
 
     def epochs(self, k: int, train_only: bool = False) -> list[float]:
         """Seconds of each of `k` more epochs (training and validation, or training only)."""
-        from brainmri.training.engine import evaluate, train_one_epoch
+        from brainmri.training.engine import fit
 
-        criterion, optimizer, scheduler, ema, mixer = self.parts
-        cpu, times = torch.device("cpu"), []
-        for e in range(self.done, self.done + k):
-            t0 = time.perf_counter()
-            train_one_epoch(self.model, self.train.epoch(e), criterion, optimizer, scheduler, cpu,
-                            self.cfg.aug_strength, self.gen, ema=ema, mixer=mixer, channels_last=True)
-            if not train_only:
-                evaluate(ema.module if ema else self.model, self.val.epoch(e), len(self.classes), cpu,
-                         channels_last=True, tta=self.cfg.tta)
-            times.append(time.perf_counter() - t0)
-        self.done += k
-        return times
+        self.state = fit(self.model, self.recipe, self.train, self.no_val if train_only else self.val,
+                         self.classes, torch.device("cpu"), epochs=self.state.start + k, state=self.state)
+        return [h["epoch_seconds"] for h in self.state.history[-k:]]
 
 
 def _history(lake, out, name, limit, limit_val, epochs, batch, **kw) -> list[dict]:
@@ -230,7 +218,7 @@ def gpu_rates() -> dict:
     import json
 
     rates = {}
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "results", "gpu-*.json"))):
+    for path in sorted(glob.glob(str(REPO / "benchmarks" / "results" / "gpu-*.json"))):
         for m in json.load(open(path)).get("models", []):
             rates[(m["model"], m["image_size"])] = (m["images_per_s"], os.path.basename(path))
     return rates
@@ -256,9 +244,8 @@ SECTIONS = ["data", "trainer", "models", "feed", "default", "layout", "distill"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lake", default="./lake", help="store or dataset URI written by `brainmri ingest`")
-    ap.add_argument("--source", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                      "data", "brain-tumor-mri"),
-                    help="the Kaggle-layout JPEG folder for the ImageFolder peer")
+    ap.add_argument("--source", default=str(data_root()),
+                    help="the Kaggle-layout JPEG folder for the ImageFolder peer (default: %(default)s)")
     ap.add_argument("--size", type=int, default=160, help="image size (default 160, the CPU recipe)")
     ap.add_argument("--batch", type=int, default=64, help="batch size")
     ap.add_argument("--limit", type=int, default=1024, help="images for the pipeline benchmarks")
@@ -353,11 +340,12 @@ def main() -> None:
 
 
 def bench_distill(size, batch, steps, rounds, members) -> dict:
-    """The recipe's training loop (engine.train_one_epoch: augmentation, mixing, EMA as the
-    recipe has them, channels-last) on one thread, with and without a teacher that is an
-    ensemble of `members` copies of the recipe's network, taking turns: medians, images/s."""
+    """The recipe's training loop (engine.train_one_epoch with `build_recipe`: augmentation,
+    mixing, EMA as the recipe has them, channels-last) on one thread, with and without a
+    teacher that is an ensemble of `members` copies of the recipe's network, taking turns:
+    medians, images/s."""
     from brainmri.training.engine import ShardBatches, Teacher, to_channels_last, train_one_epoch
-    from brainmri.training.train import recipe_parts
+    from brainmri.training.recipe import build_recipe
 
     torch.set_num_threads(1)
     cfg = TrainConfig(image_size=size, batch_size=batch)
@@ -373,11 +361,10 @@ def bench_distill(size, batch, steps, rounds, members) -> dict:
         for key, t in (("alone", None), ("taught", teacher)):
             torch.manual_seed(0)
             raw = to_channels_last(create_model(cfg.model, 4, 1, image_size=size, **cfg.shape()))
-            criterion, opt, sched, ema, mixer = recipe_parts(cfg, raw, [1, 1, 1, 1], cpu, steps)
+            recipe = build_recipe(cfg, raw, [1, 1, 1, 1], cpu, steps, teacher=t)
             batches = ShardBatches.from_tensors(x, y, batch, True, True, r)
             t0 = time.perf_counter()
-            train_one_epoch(raw, batches.epoch(r), criterion, opt, sched, cpu, cfg.aug_strength, g,
-                            channels_last=True, ema=ema, mixer=mixer, teacher=t)
+            train_one_epoch(raw, batches.epoch(r), recipe, cpu)
             rates[key].append(batch * steps / (time.perf_counter() - t0))
     return {k: float(np.median(v)) for k, v in rates.items()}
 

@@ -1,30 +1,182 @@
-"""The benchmark scripts' own building blocks (the scripts themselves print figures)."""
+"""The benchmark scripts' own building blocks (the scripts themselves print figures), and the
+harness they share. The scripts are the package `benchmarks`, imported and run (`python -m
+benchmarks.<name>`) from the repository root, where `python -m pytest` runs (.ci/run)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri.config import IngestConfig
+from benchmarks import harness
+from brainmri.config import CLASSES, IngestConfig, TrainConfig
 from brainmri.data.ingest import ingest
 from brainmri.data.transforms import preprocess
 
 from support.data import REPO, real_subset
 
+SCRIPTS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py")
+                 if p.stem not in ("__init__", "harness"))
+
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def bench(name: str, *args: str, log: Path, timeout: float, env: dict | None = None) -> harness.Run:
+    """`python -m benchmarks.<name> <args>` from the repository root, through the harness."""
+    return harness.run([sys.executable, "-m", f"benchmarks.{name}", *args], log, timeout=timeout, env=env)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# -- the harness -------------------------------------------------------------------------------
+# a shell that starts a grandchild (sleep), prints its pid, then waits for it or exits 3
+WAITS = ["sh", "-c", "sleep 60 & echo $!; wait"]
+LEAVES = ["sh", "-c", "sleep 60 & echo $!; exit 3"]
+
+
+def test_run_kills_the_whole_process_group_at_its_timeout(tmp_path):
+    r = harness.run(WAITS, tmp_path / "a.log", timeout=3)
+    sleeper = int(r.output().split()[0])
+    try:
+        assert r.returncode is None and not r.ok and 3 <= r.seconds < 30
+        assert not alive(sleeper)  # the grandchild too, not only the shell
+        assert "killed at its timeout" in r.describe()
+        with pytest.raises(harness.RunFailed, match="killed at its timeout"):
+            r.check()
+    finally:
+        if alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_run_leaves_nothing_behind_and_reports_a_failure_with_its_log(tmp_path):
+    r = harness.run(LEAVES, tmp_path / "b.log")
+    sleeper = int(r.output().split()[0])
+    try:
+        assert r.returncode == 3 and not alive(sleeper)  # the orphan went with the command
+        with pytest.raises(harness.RunFailed, match=f"exit 3 after .*\\n{sleeper}"):
+            r.check()
+    finally:
+        if alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_ctrl_c_during_a_run_kills_its_process_group(tmp_path):
+    """SIGINT to the process waiting in harness.run (a Ctrl-C): the command's group, which
+    the terminal's SIGINT does not reach (a session of its own), is killed before it exits."""
+    log = tmp_path / "c.log"
+    code = f"import sys; from benchmarks.harness import run; run({WAITS!r}, sys.argv[1])"
+    driver = subprocess.Popen([sys.executable, "-c", code, str(log)], cwd=REPO)
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 60
+        while sleeper is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = log.read_text() if log.exists() else ""
+            sleeper = int(text.split()[0]) if text.endswith("\n") else None
+        assert sleeper is not None and alive(sleeper)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=60) != 0
+        assert not alive(sleeper)
+    finally:
+        driver.kill()
+        if sleeper and alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_child_result_reads_the_last_result_line_of_its_own_run(tmp_path):
+    log = tmp_path / "phases.log"
+    code = "import sys; from benchmarks.harness import print_result; print('noise'); print_result({'n': %d})"
+    assert harness.child_result([sys.executable, "-c", code % 1], log) == {"n": 1}
+    assert harness.child_result([sys.executable, "-c", code % 2], log, append=True) == {"n": 2}
+    with pytest.raises(harness.RunFailed, match="printed no RESULT line"):  # the earlier ones not its own
+        harness.child_result(["sh", "-c", "echo noise"], log, append=True)
+    assert log.read_text().count("RESULT") == 2 and log.read_text().count("noise") == 3
+
+
+def test_data_root_is_the_shared_folder_unless_the_environment_names_another(tmp_path, monkeypatch):
+    monkeypatch.delenv(harness.DATA_ENV, raising=False)
+    assert harness.data_root() == REPO.parent / "shared" / "data" / "brain-tumor-mri"
+    monkeypatch.setenv(harness.DATA_ENV, str(tmp_path))
+    assert harness.data_root() == tmp_path
+    for c in CLASSES:
+        (tmp_path / "Training" / c).mkdir(parents=True)
+    assert harness.training_folder() == tmp_path / "Training"
+    assert harness.training_folder(tmp_path / "Training") == tmp_path / "Training"  # the classes' parent
+    # a script run as a module reads it: here a folder without scans, refused in one line
+    elsewhere = tmp_path / "elsewhere"
+    r = bench("chaos", "--work", str(tmp_path / "work"), log=tmp_path / "chaos.log", timeout=120,
+              env={**os.environ, harness.DATA_ENV: str(elsewhere)})
+    assert r.returncode == 2 and f"under {elsewhere} or" in r.output(), r.describe()
+
+
+def test_training_folder_exits_with_one_line_when_the_class_folders_are_missing(tmp_path, capsys):
+    (tmp_path / "Training" / "glioma").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        harness.training_folder(tmp_path)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and harness.DATA_ENV in err
+
+
+def test_scans_reads_each_class_folder_in_name_order(tmp_path):
+    counts = {c: 5 + i for i, c in enumerate(CLASSES)}
+    for c, n in counts.items():
+        (tmp_path / "Training" / c).mkdir(parents=True)
+        for k in reversed(range(n)):
+            (tmp_path / "Training" / c / f"{c}-{k:02d}.jpg").write_bytes(f"{c} {k}".encode())
+    (tmp_path / "Training" / "glioma" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "Training" / "glioma" / "nested").mkdir()
+    (tmp_path / "Training" / "other").mkdir()  # not a class: not read
+
+    got = harness.scans(root=tmp_path)
+    assert list(got) == list(CLASSES) and {c: len(f) for c, f in got.items()} == counts
+    assert [f.name for f in harness.scans(2, offset=1, root=tmp_path)["notumor"]] == \
+        ["notumor-01.jpg", "notumor-02.jpg"]
+    assert {c: len(f) for c, f in harness.scans(every=2, root=tmp_path).items()} == \
+        {c: (n + 1) // 2 for c, n in counts.items()}
+    assert [f.name for f in harness.scans(2, offset=1, every=2, root=tmp_path)["glioma"]] == \
+        ["glioma-01.jpg", "glioma-03.jpg"]
+    data, labels = harness.read_scans(2, offset=3, root=tmp_path)
+    assert labels == [0, 0, 1, 1, 2, 2, 3, 3] and data[:2] == [b"glioma 3", b"glioma 4"]
+    copies = harness.copy_scans(tmp_path / "copy", 3, root=tmp_path / "Training")
+    assert len(copies) == 12 and all(len(list((tmp_path / "copy" / c).iterdir())) == 3 for c in CLASSES)
+    assert copies[0].read_bytes() == b"glioma 0"
+
+
+def test_published_small_model_records_the_whole_shape_of_its_network(tmp_path):
+    """What export and serve benchmark: random weights of the config's network, published
+    (exports included) so that predict's loader rebuilds and verifies it."""
+    from brainmri.evaluation.inference import load_network, open_model
+
+    cfg = TrainConfig(image_size=64, model_args={"width": 8})
+    ref = open_model(harness.publish_small_model(tmp_path, cfg))
+    assert ref.image_size == 64 and ref.state["config"]["model_args"] == cfg.shape() != cfg.model_args
+    assert ref.state["dataset"]["name"] == "none" and cfg.model_args == {"width": 8}  # cfg left as it was
+    load_network(*ref.runtime_file("onnx"), runtime="onnx")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_imports_as_a_module_of_the_package(name):
+    assert callable(load(name).main)
+
+
+# -- the scripts -------------------------------------------------------------------------------
 
 
 def test_quality_reexports_the_test_split_at_other_sizes_and_contrasts(tmp_path):
@@ -136,12 +288,9 @@ def test_quality_counts_the_teachers_training_behind_a_distilled_model(tmp_path)
 def test_chaos_short(tmp_path):
     """The chaos benchmark's short version: one killed-and-rerun ingest, training and
     retrain, every store invariant checked after each (the full run is in its docstring)."""
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chaos.py"), "--trials", "3",
-                        "--seed", "7", "--per-class", "12", "--work", str(tmp_path / "chaos")],
-                       capture_output=True, text=True, timeout=1500, check=False,
-                       env=dict(os.environ, RAY_ADDRESS=""))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    summary = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    r = bench("chaos", "--trials", "3", "--seed", "7", "--per-class", "12", "--work", str(tmp_path / "chaos"),
+              log=tmp_path / "chaos.log", timeout=1500).check()
+    summary = json.loads([line for line in r.output().splitlines() if line.startswith("{")][-1])
     assert summary["trials"] == 3 and summary["failures"] == 0
     assert set(summary["tamper_detected"]) == {"image_bytes", "label_column", "test_shard_as_train",
                                                "truncated", "missing", "model_weights"}
@@ -159,15 +308,13 @@ def test_dedup_benchmark_holds_the_index_to_the_scan():
 
 
 def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
-    """scale.py end to end at two tiny sizes, local and to the loopback S3 server: every
+    """benchmarks.scale end to end at two tiny sizes, local and to the loopback S3 server: every
     planted bad file, exact and near copy accounted for, and the JSON's fields (the 10k..1M
     sizes stay out of CI)."""
     out = tmp_path / "scale.json"
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--sizes", "300,900",
-                        "--workers", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "  FAIL  " not in r.stdout and r.stdout.count("  PASS  ") == 4 * 5 and "ALL PASS" in r.stdout
+    r = bench("scale", "--sizes", "300,900", "--workers", "2", "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(out), log=tmp_path / "scale.log", timeout=300).check()
+    assert "  FAIL  " not in r.output() and r.output().count("  PASS  ") == 4 * 5 and "ALL PASS" in r.output()
     res = json.loads(out.read_text())
     assert res["checks_passed"] and res["sizes"] == [300, 900]
     assert [(x["n"], x["route"]) for x in res["runs"]] == [
@@ -187,7 +334,7 @@ def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
 
 
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
-    """benchmarks/train.py's feed (streamed vs cached, feed rate per CPU, CPUs per GPU), default
+    """benchmarks.train's feed (streamed vs cached, feed rate per CPU, CPUs per GPU), default
     (`brainmri train`'s default vs a plain loop) and trainer (1-worker TorchTrainer vs the same
     loop without Ray) sections on a few dozen scans."""
     src = real_subset(tmp_path / "src", per_class=10)
@@ -195,10 +342,7 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     args = ["--lake", str(tmp_path / "lake"), "--only", "feed", "default", "trainer", "layout", "distill",
             "--limit", "16", "--members", "2",
             "--limit-val", "4", "--batch", "4", "--epochs", "2", "--size", "64", "--rounds", "1"]
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), *args], capture_output=True,
-                       text=True, timeout=600, check=False, env=dict(os.environ, RAY_ADDRESS=""))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = r.stdout
+    out = bench("train", *args, log=tmp_path / "train.log", timeout=600).check().output()
     assert "ratio streamed/cached = " in out and "img/s per CPU" in out
     # the GPU's rate comes from the committed benchmarks/results/gpu-*.json (whichever they say)
     rate = load("train").gpu_rates()[("brainnet", 160)][0]
@@ -211,7 +355,7 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     per_epoch = out.split("[trainer]   per epoch, plain: ")[1].splitlines()[0]
     plain_rates, trainer_rates = per_epoch.split("; TorchTrainer: ")
     assert len(plain_rates.split()) == 4 and len(trainer_rates.split()) == 2
-    assert "[data]" not in out and "[models]" not in out
+    assert "[data] Ray Data" not in out and "[models] est." not in out
     assert "[layout] " in out and "channels-last" in out
     assert "taught by an ensemble of 2 of it" in out and "of a step)" in out
 
