@@ -127,6 +127,7 @@ class IngestConfig:
 
 
 DECISION_RULES = ("argmax", "glioma_recall")
+PLACEMENTS = ("pack", "spread")  # Ray's placement group strategies PACK and SPREAD
 
 # The recipe's network shape (configs/cpu.yaml spells it out). `training.prepare` fills the
 # arguments a run leaves out from here (then from the factory's defaults: models.zoo.full_shape)
@@ -186,6 +187,9 @@ class TrainConfig:
                                        "(0 = off)")
     seed: int = flag(0, "random seed")
     num_workers: int = flag(2, "data-parallel train workers (DDP)")
+    placement: str = flag("pack", "where the workers go: pack (as few nodes as possible: fast "
+                                  "all-reduce) or spread (one per node where possible: a lost node "
+                                  "takes fewer of them)", choices=PLACEMENTS)
     gpu: bool = flag(False, "one GPU per worker, bf16 autocast, channels-last")
     cpus_per_worker: float = flag(0.0, "CPUs per train worker; 0 = auto (at least one CPU left to Ray Data)")
     threads_per_worker: int = flag(0, "torch intra-op threads per worker; 0 = the CPUs Ray assigned it")
@@ -227,6 +231,8 @@ class TrainConfig:
             raise ConfigError("distill_weight must be in (0, 1] and distill_temperature > 0")
         if self.decision_rule not in DECISION_RULES:
             raise ConfigError(f"decision_rule must be one of {DECISION_RULES}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}")
         if not 0.0 <= self.decision_max_f1_drop <= 0.1:
             raise ConfigError("decision_max_f1_drop must be in [0, 0.1]")
         if not 0.0 <= self.decision_max_accuracy_cost <= 0.1:
@@ -256,6 +262,8 @@ class TuneConfig:
     grace_period: int = flag(2, "epochs every trial gets before ASHA may stop it")
     reduction_factor: int = flag(2, "ASHA keeps the top 1/reduction_factor of trials at each rung")
     workers_per_trial: int = flag(1, "DDP workers in each trial's TorchTrainer")
+    placement: str = flag("pack", "where each trial's workers go: pack or spread (see brainmri train "
+                                  "--placement)", choices=PLACEMENTS)
     gpu: bool = flag(False, "one GPU per train worker; the winner is evaluated on a GPU too")
     seed: int = flag(0, "sampling seed (each trial's training seed is in its params)")
     evaluate: bool = flag(True, "evaluate the published winner on the dataset's test split")
@@ -267,6 +275,8 @@ class TuneConfig:
             raise ConfigError("num_samples >= 1, max_concurrent >= 0, workers_per_trial >= 1")
         if self.epochs < 0 or self.grace_period < 1 or self.reduction_factor < 2:
             raise ConfigError("epochs >= 0, grace_period >= 1, reduction_factor >= 2")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}")
 
 
 @dataclass

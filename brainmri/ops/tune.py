@@ -45,7 +45,7 @@ from ..core.storage import Location, check_name, open_location
 from ..core.tracking import Tracking
 
 # keys a search may not touch: where data and results live, and how a trial is scheduled
-FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "gpu", "cpus_per_worker",
+FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "placement", "gpu", "cpus_per_worker",
          "limit_train", "limit_val"}
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.01  # a trial's own driver only waits on its TorchTrainer (Tune refuses 0)
@@ -195,7 +195,8 @@ def trial_config(base: dict, params: dict, settings: TuneConfig, run_name: str) 
     d.update(params)
     d = nest_params(d)
     d.update(data=settings.data, dataset=settings.dataset, out=settings.out, name=run_name,
-             publish=False, num_workers=settings.workers_per_trial, gpu=settings.gpu,
+             publish=False, num_workers=settings.workers_per_trial, placement=settings.placement,
+             gpu=settings.gpu,
              limit_train=settings.limit_train, limit_val=settings.limit_val)
     if settings.epochs:
         d["epochs"] = settings.epochs

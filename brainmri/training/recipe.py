@@ -41,7 +41,7 @@ def build_recipe(cfg: TrainConfig, raw: nn.Module, train_counts: list[int], devi
     """The recipe of `cfg` for `raw` (the unwrapped module). Random draws differ by rank
     (augmentation, mixing) from seeds fixed by cfg.seed; `teacher`: training.distill's.
     Channels-last on every device by default: cuDNN's and oneDNN's convolutions both prefer it
-    (CPU: brainnet's training step at 160 px ~1.3x on one thread, benchmarks/train.py --only layout)."""
+    (CPU: brainnet's training step at 160 px ~1.3x on one thread, python -m benchmarks.train --only layout)."""
     optimizer, scheduler = configure_optimizer(cfg, raw, steps_per_epoch)
     return Recipe(
         criterion=class_weighted_loss(cfg, train_counts, device),

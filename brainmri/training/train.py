@@ -113,6 +113,22 @@ def resume(raw: nn.Module, recipe: Recipe, steps_per_epoch: int = 0) -> FitState
                     state.get("resumes", []) + [start])
 
 
+def where_ranks_run(placement: str) -> dict:
+    """{placement, ranks: [{rank, node_id, ip}]} gathered from every rank (a collective: all
+    ranks call it), so a run says where its workers ran (placement.json, written by rank 0)."""
+    import ray
+    import torch.distributed as dist
+
+    here = {"node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address()}
+    ranks = [here]
+    if dist.is_available() and dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, here)
+    return {"placement": placement, "nodes": len({r["node_id"] for r in ranks}),
+            "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)]}
+
+
 def report(metrics: dict, state: dict | None) -> None:
     """Every rank reports once per epoch; only rank 0 passes a checkpoint (state)."""
     import ray.train
@@ -149,6 +165,9 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = load_teacher(spec.teacher, device) if spec.teacher else None
     recipe = build_recipe(cfg, raw, spec.train_counts, device, steps, rank, teacher)
     run = resume(raw, recipe, steps)  # the driver says so (progress.EpochLines)
+    placed = where_ranks_run(cfg.placement)
+    if rank == 0:  # a replaced worker group rewrites it: where the ranks run now
+        (open_location(spec.run_uri) / "placement.json").write_json(placed)
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
@@ -382,7 +401,8 @@ def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None
         train_loop_per_worker,
         train_loop_config={"run": spec},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpu,
-                                     resources_per_worker=_resources(cfg)),
+                                     resources_per_worker=_resources(cfg),
+                                     placement_strategy=cfg.placement.upper()),
         datasets=build_datasets(cfg, version, manifest, pixels),
         dataset_config=_data_config(),
         run_config=RunConfig(

@@ -134,6 +134,10 @@ def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_loca
     run = open_location(res.run_uri)
     ckpts = [d for d in run.listdir() if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists()]
     assert 1 <= len(ckpts) <= cfg.keep_checkpoints + 1
+    # where the ranks ran, as the placement asked (one node here: both on it)
+    placed = (run / "placement.json").read_json()
+    assert placed["placement"] == "pack" and [r["rank"] for r in placed["ranks"]] == [0, 1]
+    assert placed["nodes"] == 1 and all(r["node_id"] and r["ip"] for r in placed["ranks"])
     # the published model version round-trips: plain PyTorch reproduces the reported metrics
     state = load_model_state(res.model_uri)
     assert state["config"]["model"] == "brainnet" and state["classes"][0] == "glioma"
