@@ -189,17 +189,17 @@ def sample_trials(space: dict, n: int, seed: int) -> list[dict]:
     return out
 
 
-def trial_config(base: dict, params: dict, settings: TuneConfig, run_name: str) -> TrainConfig:
+def trial_config(base: dict, params: dict, cfg: TuneConfig, run_name: str) -> TrainConfig:
     """The TrainConfig a trial trains with: defaults <- space base <- command line <- params."""
     d = {k: v for k, v in base.items() if k not in FIXED}
     d.update(params)
     d = nest_params(d)
-    d.update(data=settings.data, dataset=settings.dataset, out=settings.out, name=run_name,
-             publish=False, num_workers=settings.workers_per_trial, placement=settings.placement,
-             gpu=settings.gpu,
-             limit_train=settings.limit_train, limit_val=settings.limit_val)
-    if settings.epochs:
-        d["epochs"] = settings.epochs
+    d.update(data=cfg.data, dataset=cfg.dataset, out=cfg.out, name=run_name,
+             publish=False, num_workers=cfg.workers_per_trial, placement=cfg.placement,
+             gpu=cfg.gpu,
+             limit_train=cfg.limit_train, limit_val=cfg.limit_val)
+    if cfg.epochs:
+        d["epochs"] = cfg.epochs
     return from_dict(TrainConfig, d)
 
 
@@ -213,8 +213,8 @@ def train_trial(config: dict, trials: dict, runs_uri: str, tracking: Tracking | 
 
     from ..training.train import run_training
 
-    cfg = from_dict(TrainConfig, trials[config["trial"]])
-    run_training(cfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri),
+    tcfg = from_dict(TrainConfig, trials[config["trial"]])
+    run_training(tcfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri),
                  tracking=tracking)
 
 
@@ -271,7 +271,7 @@ class Plan(NamedTuple):
     note: str = ""
 
 
-def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0,
+def concurrency(cfg: TuneConfig, cpus: float, gpus: float = 0.0,
                 max_gpus: float | None = None) -> Plan:
     """The search's Plan from the cluster's resources now (`cpus`, `gpus`) and, with --gpu,
     the most GPUs its autoscaler may bring (`max_gpus`; None where unknown), so that trials
@@ -282,21 +282,21 @@ def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0,
     may add) are sized from --max-concurrent, else from the autoscaler's maximum, else 1;
     Tune then waits for the autoscaler to bring the GPUs. Only a cluster whose known maximum
     cannot hold one trial is refused."""
-    w = settings.workers_per_trial
-    if settings.gpu:
+    w = cfg.workers_per_trial
+    if cfg.gpu:
         ceiling = max(gpus, max_gpus or 0.0)
         if max_gpus is not None and ceiling < w:
             raise ConfigError(f"--gpu with {w} workers per trial needs {w} GPUs; the cluster "
                               f"has {gpus:g} and its autoscaler can bring at most {max_gpus:g}")
         if gpus >= w and (max_gpus is None or max_gpus <= gpus):  # a fixed cluster: what fits now
             fit = int(min(gpus // w, max(1, (cpus - 1) // (2 * w))))
-            conc = min(settings.max_concurrent or fit, fit)
+            conc = min(cfg.max_concurrent or fit, fit)
             return Plan(max(1, conc), 2.0)
         # GPUs to come: new nodes bring their own CPUs, so only GPUs bound the plan
-        if settings.max_concurrent:
-            conc, why = settings.max_concurrent, "--max-concurrent"
+        if cfg.max_concurrent:
+            conc, why = cfg.max_concurrent, "--max-concurrent"
         elif max_gpus is not None:
-            conc = max(1, int(min(ceiling // w, settings.num_samples)))
+            conc = max(1, int(min(ceiling // w, cfg.num_samples)))
             why = f"the autoscaler's maximum of {ceiling:g} GPUs"
         else:
             conc, why = 1, "the cluster's maximum is unknown: set --max-concurrent for more"
@@ -304,7 +304,7 @@ def concurrency(settings: TuneConfig, cpus: float, gpus: float = 0.0,
                                f"trial(s) of {w} GPU worker(s) at once ({why}); they wait for the "
                                "autoscaler to bring the GPUs")
     fit = max(1, int(cpus // (w + 1)))  # w workers at 1 CPU + 1 CPU of data loading per trial
-    conc = min(settings.max_concurrent or fit, max(1, int(cpus - 1)))
+    conc = min(cfg.max_concurrent or fit, max(1, int(cpus - 1)))
     # what is left after each trial's driver and one whole CPU for its data pipeline (a read
     # task needs a whole CPU: with 0.99 free it would wait forever)
     per = math.floor(min(1.0, (cpus - conc * (1 + TRIAL_CPU)) / (conc * w)) * 4) / 4
@@ -328,7 +328,7 @@ def cluster_max_gpus() -> float | None:
 class Search:
     """A search as planned, or as trials.json saved it when it is restored."""
 
-    settings: TuneConfig
+    cfg: TuneConfig
     out: Location  # the store: models/ and reports/ of the winner
     exp: Location  # tune/<experiment>/
     trials: list[dict]  # {"id", "params", "train": TrainConfig as a dict}
@@ -345,14 +345,14 @@ class Search:
         return max(t["train"]["epochs"] for t in self.trials)
 
 
-def run_search(settings: TuneConfig, tracking: Tracking | None = None) -> TuneResult:
+def run_search(cfg: TuneConfig, tracking: Tracking | None = None) -> TuneResult:
     t0 = time.time()
-    search = open_search(settings, tracking)
+    search = open_search(cfg, tracking)
     # never saved in trials.json (the URI may hold credentials): given again on --resume
-    tracking = search_tracking(tracking, search.settings)
+    tracking = search_tracking(tracking, search.cfg)
     errors = run_trials(search, tracking)
     rows = leaderboard(search.exp, search.trials, errors, search.classes)
-    write_leaderboard(search.exp, rows, search.settings)
+    write_leaderboard(search.exp, rows, search.cfg)
     best, model_uri, report_uri = publish_winner(search, rows)
     track_search(search, tracking, rows, model_uri, report_uri)
     (search.exp / "summary.json").write_json({
@@ -369,20 +369,20 @@ def saved_search(exp: Location) -> list[str]:
             or (n.startswith("experiment_state-") and n.endswith(".json"))]
 
 
-def open_search(settings: TuneConfig, tracking: Tracking | None = None) -> Search:
-    """The experiment named by `settings`. An existing one (`saved_search`) is refused, before
-    Ray is imported, unless `settings.resume`: restoring unpickles the Tune state stored in
+def open_search(cfg: TuneConfig, tracking: Tracking | None = None) -> Search:
+    """The experiment named by `cfg`. An existing one (`saved_search`) is refused, before
+    Ray is imported, unless `cfg.resume`: restoring unpickles the Tune state stored in
     it. With resume, it is restored from its trials.json when Tune can restore it; otherwise,
     and for a new name, the search is planned now (trials sampled and checked, scheduled on
     the cluster). Starts Ray. With `tracking`, its server must answer first (the MLflow
     experiment is the search's name unless one is given)."""
-    settings.validate()
-    name = check_name(settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}", "experiment name")
-    settings.name = name
-    out = open_location(settings.out, check=True)
+    cfg.validate()
+    name = check_name(cfg.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}", "experiment name")
+    cfg.name = name
+    out = open_location(cfg.out, check=True)
     exp = out / "tune" / name
     found = saved_search(exp)
-    if found and not settings.resume:
+    if found and not cfg.resume:
         raise ConfigError(
             f"experiment {exp.uri} already exists ({', '.join(found)}): --resume restores it, "
             "which unpickles the Tune state stored there, so only do that for storage you "
@@ -390,24 +390,24 @@ def open_search(settings: TuneConfig, tracking: Tracking | None = None) -> Searc
     if tracking is not None:
         from ..core.tracking import check
 
-        check(search_tracking(tracking, settings))  # before Ray and trials.json: a retry needs no --resume
-    if settings.resume:
+        check(search_tracking(tracking, cfg))  # before Ray and trials.json: a retry needs no --resume
+    if cfg.resume:
         from ray import tune
 
         if (exp / "trials.json").exists() and tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
-            return restore_search(settings, out, exp)
+            return restore_search(cfg, out, exp)
         has = f" (it has only {', '.join(found)})" if found else ""
         print(f"brainmri tune: --resume: {exp.uri} holds no search Tune can restore{has}; "
               "starting a new search", file=sys.stderr, flush=True)
-    return plan_search(settings, out, exp)
+    return plan_search(cfg, out, exp)
 
 
-def search_tracking(tracking: Tracking | None, settings: TuneConfig) -> Tracking | None:
+def search_tracking(tracking: Tracking | None, cfg: TuneConfig) -> Tracking | None:
     """The search's MLflow experiment: its own name unless --tracking-experiment gives one."""
-    return tracking and tracking.named(settings.name)
+    return tracking and tracking.named(cfg.name)
 
 
-def restore_search(settings: TuneConfig, out: Location, exp: Location) -> Search:
+def restore_search(cfg: TuneConfig, out: Location, exp: Location) -> Search:
     """The search as it was started: its trials and schedule, not today's files."""
     from ..core.cluster import init_ray
     from ..data.datasets import resolve_dataset
@@ -417,39 +417,39 @@ def restore_search(settings: TuneConfig, out: Location, exp: Location) -> Search
     trials = saved["trials"]
     for t in trials:  # a search planned before shapes were filled: the networks it recorded
         t["train"]["model_args"] = full_shape(t["train"]["model"], t["train"].get("model_args") or {})
-    settings = from_dict(TuneConfig, {**saved["settings"], "evaluate": settings.evaluate,
-                                      "resume": settings.resume})
-    version, manifest = resolve_dataset(trials[0]["train"]["data"], settings.dataset)
+    cfg = from_dict(TuneConfig, {**saved["settings"], "evaluate": cfg.evaluate,
+                                      "resume": cfg.resume})
+    version, manifest = resolve_dataset(trials[0]["train"]["data"], cfg.dataset)
     init_ray()
-    return Search(settings, out, exp, trials, saved["max_concurrent"], saved["cpus_per_worker"],
+    return Search(cfg, out, exp, trials, saved["max_concurrent"], saved["cpus_per_worker"],
                   version, list(manifest["classes"]), restoring=True)
 
 
-def plan_search(settings: TuneConfig, out: Location, exp: Location) -> Search:
+def plan_search(cfg: TuneConfig, out: Location, exp: Location) -> Search:
     """Sample the trials, check every trial's config before Ray starts, size the schedule to
     the cluster, and save it all in trials.json."""
     from ..core.cluster import init_ray
     from ..data.datasets import resolve_dataset
 
-    base, space = load_space(settings.space)
-    params = sample_trials(space, settings.num_samples, settings.seed)
-    version, manifest = resolve_dataset(settings.data, settings.dataset)
+    base, space = load_space(cfg.space)
+    params = sample_trials(space, cfg.num_samples, cfg.seed)
+    version, manifest = resolve_dataset(cfg.data, cfg.dataset)
     # absolute URIs, the exact version: trials run in their own working folders, and a
     # version ingested mid-search must not change what later trials train on
-    settings.data, settings.out = version.uri, out.uri
-    trials = build_trials(base, params, settings)
+    cfg.data, cfg.out = version.uri, out.uri
+    trials = build_trials(base, params, cfg)
     init_ray()
-    plan = schedule(settings)
+    plan = schedule(cfg)
     for t in trials:
         t["train"]["cpus_per_worker"] = plan.cpus_per_worker
-    (exp / "trials.json").write_json({"settings": to_dict(settings), "base": base, "space": space,
+    (exp / "trials.json").write_json({"settings": to_dict(cfg), "base": base, "space": space,
                                       "trials": trials, "max_concurrent": plan.trials,
                                       "cpus_per_worker": plan.cpus_per_worker})
-    return Search(settings, out, exp, trials, plan.trials, plan.cpus_per_worker, version,
+    return Search(cfg, out, exp, trials, plan.trials, plan.cpus_per_worker, version,
                   list(manifest["classes"]), restoring=False)
 
 
-def build_trials(base: dict, params: list[dict], settings: TuneConfig) -> list[dict]:
+def build_trials(base: dict, params: list[dict], cfg: TuneConfig) -> list[dict]:
     """One record per sampled parameter set; every trial fails here, before Ray, if its
     config is bad."""
     from ..training.train import prepare
@@ -457,21 +457,21 @@ def build_trials(base: dict, params: list[dict], settings: TuneConfig) -> list[d
     trials = []
     for i, p in enumerate(params):
         tid = f"t{i:03d}-{p.get('model', base.get('model', 'brainnet'))}"
-        ready = prepare(trial_config(base, p, settings, f"{settings.name}-{tid}"))
-        cfg = ready.cfg  # resolved: the whole network shape, recorded in trials.json
+        ready = prepare(trial_config(base, p, cfg, f"{cfg.name}-{tid}"))
+        tcfg = ready.cfg  # resolved: the whole network shape, recorded in trials.json
         if ready.teacher:  # the file checked now (absolute), not "latest" again in every trial
-            cfg.teacher = ready.teacher["uri"]
-        trials.append({"id": tid, "params": p, "train": to_dict(cfg)})
+            tcfg.teacher = ready.teacher["uri"]
+        trials.append({"id": tid, "params": p, "train": to_dict(tcfg)})
     return trials
 
 
-def schedule(settings: TuneConfig) -> Plan:
+def schedule(cfg: TuneConfig) -> Plan:
     """The Plan for the cluster Ray is connected to (its note printed when there is one)."""
     import ray
 
     res = ray.cluster_resources()
-    plan = concurrency(settings, res.get("CPU", 1.0), res.get("GPU", 0.0),
-                       cluster_max_gpus() if settings.gpu else None)
+    plan = concurrency(cfg, res.get("CPU", 1.0), res.get("GPU", 0.0),
+                       cluster_max_gpus() if cfg.gpu else None)
     if plan.note:
         print(plan.note, flush=True)
     return plan
@@ -483,7 +483,7 @@ def make_tuner(search: Search, tracking: Tracking | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    settings, exp, epochs = search.settings, search.exp, search.epochs
+    cfg, exp, epochs = search.cfg, search.exp, search.epochs
     trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in search.trials},
                                      runs_uri=(exp / "runs").uri, tracking=tracking)
     # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
@@ -496,9 +496,9 @@ def make_tuner(search: Search, tracking: Tracking | None = None):
                                   resume_unfinished=True, resume_errored=True)
     # max_t one past the last epoch: ASHA never stops a trial at its end, run_training finishes
     scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs + 1,
-                              grace_period=min(settings.grace_period, epochs),
-                              reduction_factor=settings.reduction_factor)
-    run_config = tune.RunConfig(name=settings.name, storage_path=(search.out / "tune").path,
+                              grace_period=min(cfg.grace_period, epochs),
+                              reduction_factor=cfg.reduction_factor)
+    run_config = tune.RunConfig(name=cfg.name, storage_path=(search.out / "tune").path,
                                 storage_filesystem=search.out.fs, verbose=1, callbacks=[_reaper()])
     return tune.Tuner(
         trainable, param_space={"trial": tune.grid_search([t["id"] for t in search.trials])},
@@ -523,17 +523,17 @@ def publish_winner(search: Search, rows: list[dict]) -> tuple[dict | None, str |
     best = rows[0] if rows and rows[0]["best_val_macro_f1"] is not None else None
     if not best:
         return None, None, None
-    settings, report_uri = search.settings, None
+    cfg, report_uri = search.cfg, None
     model_uri = publish_best(search.out, search.exp, best)
     best["model_uri"] = model_uri
-    if settings.evaluate:
+    if cfg.evaluate:
         from ..config import EvaluateConfig
         from ..evaluation.evaluate import evaluate
 
         report_uri = evaluate(EvaluateConfig(model=model_uri, data=search.version.uri, out=search.out.uri,
-                                             split="test", gpu=settings.gpu)).report_uri
+                                             split="test", gpu=cfg.gpu)).report_uri
         best["report_uri"] = report_uri
-    write_leaderboard(search.exp, rows, settings)  # now with the winner's links
+    write_leaderboard(search.exp, rows, cfg)  # now with the winner's links
     return best, model_uri, report_uri
 
 
@@ -590,11 +590,11 @@ def leaderboard(exp: Location, trials: list[dict], errors: dict, classes: list[s
 
     rows = []
     for t in trials:
-        cfg, run = t["train"], exp / "runs" / t["train"]["name"]
+        train, run = t["train"], exp / "runs" / t["train"]["name"]
         hist = (run / "history.json").read_json() if (run / "history.json").exists() else []
         done = (run / "summary.json").exists()
         best = max(hist, key=lambda h: h[METRIC]) if hist else {}
-        epochs = cfg["epochs"]
+        epochs = train["epochs"]
         if t["id"] in errors:
             status = "error"
         elif done:
@@ -603,14 +603,14 @@ def leaderboard(exp: Location, trials: list[dict], errors: dict, classes: list[s
             status = "completed" if len(hist) >= epochs else "stopped by ASHA"
         else:
             status = "not run"
-        model = create_model(cfg["model"], len(classes), 1, image_size=cfg["image_size"], **cfg["model_args"])
+        model = create_model(train["model"], len(classes), 1, image_size=train["image_size"], **train["model_args"])
         rows.append({
-            "trial": t["id"], "model": cfg["model"], "status": status,
+            "trial": t["id"], "model": train["model"], "status": status,
             "best_val_macro_f1": best.get(METRIC), "val_accuracy": best.get("val_accuracy"),
             "val_recall_glioma": M.class_metric(best, "recall", "glioma", prefix="val_"),
             "best_epoch": best.get("epoch"),
             "epochs_run": len(hist), "wall_s": round(sum(h["epoch_seconds"] for h in hist), 1),
-            "params": count_params(model), "gflops": round(flops(model, cfg["image_size"]) / 1e9, 3),
+            "params": count_params(model), "gflops": round(flops(model, train["image_size"]) / 1e9, 3),
             "config": json.dumps(t["params"], sort_keys=True), "run_uri": run.uri,
             "error": errors.get(t["id"], ""), "history": hist,
         })
@@ -621,16 +621,16 @@ def leaderboard(exp: Location, trials: list[dict], errors: dict, classes: list[s
     return rows
 
 
-def write_leaderboard(exp: Location, rows: list[dict], settings: TuneConfig) -> None:
+def write_leaderboard(exp: Location, rows: list[dict], cfg: TuneConfig) -> None:
     """leaderboard.{csv,md,html} and search.png, rendered by the evaluation's report modules."""
     from ..evaluation.figures import search_plot
     from ..evaluation.report import render_leaderboard
 
     png = search_plot(rows, METRIC)
     (exp / "search.png").write_bytes(png)
-    note = (f"ASHA grace {settings.grace_period} epochs, reduction factor "
-            f"{settings.reduction_factor}. Space: `{settings.space}`.")
-    for name, data in render_leaderboard(rows, settings.name, METRIC, note, png).items():
+    note = (f"ASHA grace {cfg.grace_period} epochs, reduction factor "
+            f"{cfg.reduction_factor}. Space: `{cfg.space}`.")
+    for name, data in render_leaderboard(rows, cfg.name, METRIC, note, png).items():
         (exp / name).write_bytes(data)
 
 
