@@ -49,7 +49,7 @@ def training_hashes(dataset_uri: str, splits: list[str]) -> tuple[set[str], np.n
     for split in splits:
         for path in split_files(version, manifest, split):
             f = pq.ParquetFile(version.fs.open_input_file(path))
-            has = "phash_mirror" in f.schema_arrow.names  # versions before 2026-11-29 lack it
+            has = "phash_mirror" in f.schema_arrow.names  # older dataset versions lack the column
             t = f.read(columns=["sha256", "phash"] + (["phash_mirror"] if has else []))
             shas.update(t.column("sha256").to_pylist())
             hashes.append(np.asarray(t.column("phash"), dtype=np.int64))
