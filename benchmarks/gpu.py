@@ -93,8 +93,8 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         return itertools.islice(itertools.chain.from_iterable(src.epoch(e) for e in itertools.count()), k)
 
     def step(k, teacher=None):
-        recipe = engine.Recipe(crit, opt, sched, args.aug_strength, gen, teacher=teacher, amp=cuda,
-                               channels_last=cuda)
+        recipe = engine.Recipe(crit, opt, sched, args.aug_strength, gen, teacher=teacher,
+                               precision=engine.device_precision("auto", device), channels_last=cuda)
         return train_one_epoch(model, batches(k), recipe, device)
 
     clock = Stopwatch(device)
@@ -134,8 +134,9 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         return ShardBatches.from_tensors(xs[val_idx], ys[val_idx], args.batch_size, False, False, 0,
                                          pin=cuda).epoch(0)
 
-    cm, vloss = evaluate(raw, val_batches(), len(CLASSES), device, amp=False, channels_last=cuda)
-    cm_amp, _ = evaluate(raw, val_batches(), len(CLASSES), device, amp=cuda, channels_last=cuda)
+    cm, vloss = evaluate(raw, val_batches(), len(CLASSES), device, channels_last=cuda)
+    cm_amp, _ = evaluate(raw, val_batches(), len(CLASSES), device,
+                         precision=engine.device_precision("auto", device), channels_last=cuda)
     with torch.no_grad():
         raw.eval()
         x = normalise(to_unit(xs[val_idx].to(device)))

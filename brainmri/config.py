@@ -127,7 +127,8 @@ class IngestConfig:
 
 
 DECISION_RULES = ("argmax", "glioma_recall")
-PLACEMENTS = ("pack", "spread")  # Ray's placement group strategies PACK and SPREAD
+PLACEMENTS = ("pack", "spread")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # training.engine.choose_precision resolves auto  # Ray's placement group strategies PACK and SPREAD
 
 # The recipe's network shape (configs/cpu.yaml spells it out). `training.prepare` fills the
 # arguments a run leaves out from here (then from the factory's defaults: models.zoo.full_shape)
@@ -190,7 +191,12 @@ class TrainConfig:
     placement: str = flag("pack", "where the workers go: pack (as few nodes as possible: fast "
                                   "all-reduce) or spread (one per node where possible: a lost node "
                                   "takes fewer of them)", choices=PLACEMENTS)
-    gpu: bool = flag(False, "one GPU per worker, bf16 autocast, channels-last")
+    gpu: bool = flag(False, "one GPU per worker, channels-last, in --precision")
+    precision: str = flag("auto", "auto (bf16 on a GPU that has it, fp16 with a gradient scaler on one "
+                                  "that has not, fp32 on a CPU), bf16, fp16 or fp32", choices=PRECISIONS)
+    grad_clip: float = flag(0.0, "clip the gradients' global norm to this (0 = off)")
+    accum_steps: int = flag(1, "batches whose gradients are summed into one optimiser step (the "
+                               "effective batch is accum_steps x batch_size x num_workers)")
     cpus_per_worker: float = flag(0.0, "CPUs per train worker; 0 = auto (at least one CPU left to Ray Data)")
     threads_per_worker: int = flag(0, "torch intra-op threads per worker; 0 = the CPUs Ray assigned it")
     max_failures: int = flag(2, "worker failures survived (restart from the latest checkpoint)")
@@ -233,6 +239,10 @@ class TrainConfig:
             raise ConfigError(f"decision_rule must be one of {DECISION_RULES}")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.grad_clip < 0 or self.accum_steps < 1:
+            raise ConfigError("grad_clip must be >= 0 and accum_steps >= 1")
         if not 0.0 <= self.decision_max_f1_drop <= 0.1:
             raise ConfigError("decision_max_f1_drop must be in [0, 0.1]")
         if not 0.0 <= self.decision_max_accuracy_cost <= 0.1:

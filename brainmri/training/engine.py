@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -246,14 +247,45 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return (batch["x"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
 
 
+# -- precision --------------------------------------------------------------------------------
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def choose_precision(requested: str, device_type: str, bf16_supported: bool = False) -> str:
+    """The precision a run trains in. `auto`: bf16 on a GPU that has it natively (compute
+    capability 8.0 and newer: A100, A10G, L4, H100), fp16 with a gradient scaler on one that
+    has not (T4 on g4dn, V100 on p3: the GPUs rented most cheaply), fp32 on a CPU (autocast
+    there saves nothing for these networks). An explicit choice is kept, except bf16 on a GPU
+    without it (emulated: slower than fp32)."""
+    if requested == "auto":
+        if device_type != "cuda":
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if requested == "bf16" and device_type == "cuda" and not bf16_supported:
+        raise ValueError("precision bf16 needs a GPU with native bf16 (compute capability 8.0 or newer): "
+                         "use fp16 (or auto) on this one")
+    if requested not in AUTOCAST:
+        raise ValueError(f"precision must be auto or one of {', '.join(AUTOCAST)}, got {requested!r}")
+    return requested
+
+
+def device_precision(requested: str, device: torch.device) -> str:
+    """choose_precision for this process's device."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return choose_precision(requested, device.type, bf16)
+
+
 @dataclass
 class Recipe:
     """Everything that trains a network besides its data, built once per worker
     (`training.recipe.build_recipe`): the loss, the optimiser and its schedule, random
     augmentation (its strength and the generator on the batch's device), and the optional
-    parts: weight averaging, MixUp/CutMix, a teacher. `amp`: bf16 autocast; `channels_last`:
-    the memory format the batches take; `tta`: validation runs the network with the test-time
-    flips it will be served with."""
+    parts: weight averaging, MixUp/CutMix, a teacher. `precision`: fp32, or bf16/fp16
+    autocast (fp16 with `scaler`, a GradScaler, so small gradients do not underflow);
+    `grad_clip`: the gradients' global norm is clipped to it (0 = off); `accum_steps`: batches
+    whose gradients are summed before one optimiser step (the scheduler and the weight average
+    count optimiser steps); `channels_last`: the memory format the batches take; `tta`:
+    validation runs the network with the test-time flips it will be served with."""
 
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
@@ -263,7 +295,10 @@ class Recipe:
     ema: EMA | None = None
     mixer: Mixer | None = None
     teacher: Teacher | None = None
-    amp: bool = False
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip: float = 0.0
+    accum_steps: int = 1
     channels_last: bool = False
     tta: bool = False
 
@@ -272,16 +307,39 @@ class Recipe:
         return self.ema.module if self.ema is not None else raw
 
 
+def _optimizer_step(model: nn.Module, r: Recipe) -> None:
+    """One optimiser step from the gradients summed so far, then the schedule and the average."""
+    if r.scaler is not None:
+        r.scaler.unscale_(r.optimizer)  # clip what the optimiser will see, not the scaled values
+    if r.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+    if r.scaler is not None:
+        r.scaler.step(r.optimizer)  # skipped when the fp16 gradients overflowed
+        r.scaler.update()
+    else:
+        r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.scheduler.step()
+    if r.ema is not None:
+        r.ema.update(model)
+
+
 def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.device) -> torch.Tensor:
     """One pass over `batches`; returns the all-reduced float64 tensor [loss x n, correct, n]
-    on `device`. Augmentation runs on the device with the recipe's generator; the weight
-    average, if any, is updated after every step; the mixer, if any, mixes batches after
-    augmentation (accuracy then counts the dominant label); the teacher, if any, adds its
-    distillation term, weighted against the label loss by its `weight`."""
+    on `device`. Augmentation runs on the device with the recipe's generator; the mixer, if
+    any, mixes batches after augmentation (accuracy then counts the dominant label); the
+    teacher, if any, adds its distillation term, weighted against the label loss by its
+    `weight`. With accum_steps k, every k batches make one optimiser step, and DDP all-reduces
+    only on the k-th backward (`no_sync` before it); a last group of fewer than k batches is
+    not stepped (its gradients are dropped, as drop_last drops a partial batch), so every
+    rank makes the same steps."""
     r = recipe
+    k = max(1, r.accum_steps)
+    dtype = AUTOCAST[r.precision]
     model.train()
+    r.optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-    for batch in batches:
+    for i, batch in enumerate(batches):
         x, y = to_device(batch, device)
         x = normalise(augment(to_unit(x), r.aug_strength, r.generator))
         y2, lam = y, 1.0
@@ -289,7 +347,7 @@ def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.dev
             x, y2, lam = r.mixer(x, y, r.generator)
         if r.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.amp):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(x)
             taught = r.teacher(x) if r.teacher is not None else None
         loss = r.criterion(out.float(), y)
@@ -297,23 +355,24 @@ def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.dev
             loss = lam * loss + (1.0 - lam) * r.criterion(out.float(), y2)
         if taught is not None:
             loss = (1.0 - r.teacher.weight) * loss + r.teacher.weight * r.teacher.loss(out, taught)
-        r.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        r.optimizer.step()
-        r.scheduler.step()
-        if r.ema is not None:
-            r.ema.update(model)
+        stepping = (i + 1) % k == 0
+        scaled = (r.scaler.scale(loss) if r.scaler is not None else loss) / k
+        with nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
+            scaled.backward()
+        if stepping:
+            _optimizer_step(model, r)
         # in-place adds of device values and Python scalars: no host-to-device copy, no sync
         n = y.shape[0]
         sums[0] += loss.detach().double() * n
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += n
+    r.optimizer.zero_grad(set_to_none=True)  # a partial last group: dropped
     return all_reduce_sum(sums)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, num_classes: int, device: torch.device,
-             amp: bool = False, channels_last: bool = False, tta: bool = False
+             precision: str = "fp32", channels_last: bool = False, tta: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confusion matrix (rows = true class) and loss sum over this rank's `batches`, summed
     across ranks: the same numbers a single process gets on all the rows. `model` must be
@@ -336,7 +395,8 @@ def evaluate(model: nn.Module, batches, num_classes: int, device: torch.device,
         x = normalise(to_unit(x))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        dtype = AUTOCAST[precision]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = net(x).float()
         stats[-1] += ce(out, y).double()
         stats[:-1] += torch.bincount(y * k + out.argmax(1), minlength=k * k).double()
@@ -407,7 +467,7 @@ def fit(model: nn.Module, recipe: Recipe, train_src, val_src, classes: list[str]
         tr = train_one_epoch(model, train_src.epoch(epoch), recipe, device).cpu()
         t_train = clock.now() - t0
         cm, vloss = evaluate(recipe.served(raw), val_src.epoch(epoch), len(classes), device,
-                             amp=recipe.amp, channels_last=recipe.channels_last, tta=recipe.tta)
+                             precision=recipe.precision, channels_last=recipe.channels_last, tta=recipe.tta)
         metrics = epoch_metrics(epoch, tr, cm, vloss, classes, recipe.scheduler.get_last_lr()[0],
                                 clock.now() - t0, t_train, len(run.resumes), getattr(train_src, "wait", 0.0))
         improved = metrics[METRIC] > run.best

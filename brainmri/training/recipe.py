@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
-from .engine import EMA, Mixer, Recipe, Teacher, lr_lambda
+from .engine import EMA, Mixer, Recipe, Teacher, device_precision, lr_lambda
 
 
 def configure_optimizer(cfg: TrainConfig, raw: nn.Module, steps_per_epoch: int):
@@ -35,14 +35,22 @@ def class_weighted_loss(cfg: TrainConfig, train_counts: list[int], device) -> nn
                                label_smoothing=cfg.label_smoothing)
 
 
+def optimizer_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimiser steps an epoch of `batches_per_epoch` batches makes (accumulation groups)."""
+    return max(1, batches_per_epoch // cfg.accum_steps)
+
+
 def build_recipe(cfg: TrainConfig, raw: nn.Module, train_counts: list[int], device: torch.device,
-                 steps_per_epoch: int, rank: int = 0, teacher: Teacher | None = None,
+                 batches_per_epoch: int, rank: int = 0, teacher: Teacher | None = None,
                  channels_last: bool = True) -> Recipe:
-    """The recipe of `cfg` for `raw` (the unwrapped module). Random draws differ by rank
-    (augmentation, mixing) from seeds fixed by cfg.seed; `teacher`: training.distill's.
+    """The recipe of `cfg` for `raw` (the unwrapped module) on `device`, whose shard gives
+    `batches_per_epoch` batches. Random draws differ by rank (augmentation, mixing) from seeds
+    fixed by cfg.seed; `teacher`: training.distill's; precision: cfg.precision resolved for the
+    device (engine.choose_precision).
     Channels-last on every device by default: cuDNN's and oneDNN's convolutions both prefer it
     (CPU: brainnet's training step at 160 px ~1.3x on one thread, python -m benchmarks.train --only layout)."""
-    optimizer, scheduler = configure_optimizer(cfg, raw, steps_per_epoch)
+    optimizer, scheduler = configure_optimizer(cfg, raw, optimizer_steps(cfg, batches_per_epoch))
+    precision = device_precision(cfg.precision, device)
     return Recipe(
         criterion=class_weighted_loss(cfg, train_counts, device),
         optimizer=optimizer, scheduler=scheduler, aug_strength=cfg.aug_strength,
@@ -51,4 +59,6 @@ def build_recipe(cfg: TrainConfig, raw: nn.Module, train_counts: list[int], devi
         ema=EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None,
         mixer=Mixer(cfg.mix_prob, cfg.mix_alpha, cfg.cutmix_share, cfg.seed * 1000 + rank)
         if cfg.mix_prob > 0 else None,
-        teacher=teacher, amp=device.type == "cuda", channels_last=channels_last, tta=cfg.tta)
+        teacher=teacher, precision=precision,
+        scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+        grad_clip=cfg.grad_clip, accum_steps=cfg.accum_steps, channels_last=channels_last, tta=cfg.tta)

@@ -52,7 +52,7 @@ from .distill import load_teacher, teacher_record
 from .engine import FitState, Recipe, ShardBatches, fit, to_channels_last
 from .finalize import finalize
 from .progress import EpochLines
-from .recipe import build_recipe
+from .recipe import build_recipe, optimizer_steps
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -161,11 +161,11 @@ def train_loop_per_worker(config: dict) -> None:
                          pretrained=cfg.pretrained or None)
     model = ray.train.torch.prepare_model(to_channels_last(model))
     raw = getattr(model, "module", model)  # evaluation and checkpoints use this one
-    steps = max(1, spec.train_rows // world // cfg.batch_size)  # equal shards, drop_last
+    batches = max(1, spec.train_rows // world // cfg.batch_size)  # equal shards, drop_last
     teacher = load_teacher(spec.teacher, device) if spec.teacher else None
-    recipe = build_recipe(cfg, raw, spec.train_counts, device, steps, rank, teacher)
-    run = resume(raw, recipe, steps)  # the driver says so (progress.EpochLines)
-    placed = where_ranks_run(cfg.placement)
+    recipe = build_recipe(cfg, raw, spec.train_counts, device, batches, rank, teacher)
+    run = resume(raw, recipe, optimizer_steps(cfg, batches))  # the driver says so (progress.EpochLines)
+    placed = {**where_ranks_run(cfg.placement), "precision": recipe.precision}
     if rank == 0:  # a replaced worker group rewrites it: where the ranks run now
         (open_location(spec.run_uri) / "placement.json").write_json(placed)
 

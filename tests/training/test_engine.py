@@ -333,3 +333,95 @@ def test_fit_is_the_epoch_loop_stopping_early_and_resuming_where_it_left_off():
     again = fit(model, recipe, train, val, [str(k) for k in range(K)], dev, epochs=5,
                 state=FitState(start=3, best=run.best, history=list(run.history)), on_epoch=on_epoch)
     assert [s[0] for s in seen] == [3, 4] and len(again.history) == 5
+
+
+@pytest.mark.parametrize("requested,device,bf16,want", [
+    ("auto", "cuda", True, "bf16"),  # A100, A10G, L4, H100
+    ("auto", "cuda", False, "fp16"),  # T4, V100: no native bf16, fp16 with a gradient scaler
+    ("auto", "cpu", False, "fp32"),
+    ("fp32", "cuda", True, "fp32"), ("fp16", "cuda", True, "fp16"), ("bf16", "cpu", False, "bf16"),
+])
+def test_precision_is_chosen_by_what_the_device_can_do(requested, device, bf16, want):
+    assert engine.choose_precision(requested, device, bf16) == want
+
+
+def test_bf16_is_refused_on_a_gpu_without_it():
+    with pytest.raises(ValueError, match="native bf16 .*use fp16"):
+        engine.choose_precision("bf16", "cuda", False)
+
+
+def _linear_recipe(model, lr=0.1, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return Recipe(torch.nn.CrossEntropyLoss(), opt, sched, 0.0, torch.Generator().manual_seed(0), **kw)
+
+
+def _linear(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, K))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_precision_the_cpu_has_trains(precision):
+    """fp16 goes through a GradScaler (the recipe makes one for it), bf16 and fp16 autocast."""
+    from brainmri.config import TrainConfig
+    from brainmri.training.recipe import build_recipe
+
+    x, y = _data(16)
+    model = _linear()
+    before = [p.detach().clone() for p in model.parameters()]
+    recipe = build_recipe(TrainConfig(precision=precision, ema_decay=0.0, mix_prob=0.0), model, [4] * K,
+                          torch.device("cpu"), 2, channels_last=False)
+    assert recipe.precision == precision and (recipe.scaler is not None) == (precision == "fp16")
+    sums = train_one_epoch(model, ShardBatches.from_tensors(x, y, 8, False, True, 0).epoch(0), recipe,
+                           torch.device("cpu"))
+    assert sums[2] == 16 and torch.isfinite(sums[0])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    cm, _ = evaluate(model, ShardBatches.from_tensors(x, y, 8, False, False, 0).epoch(0), K,
+                     torch.device("cpu"), precision=precision)
+    assert cm.sum() == 16
+
+
+def test_accumulating_k_batches_is_one_step_of_a_k_times_larger_batch():
+    """For a network without batch statistics: 2 accumulated batches of 4 = 1 batch of 8
+    (the same rows, no augmentation), and a last lone batch is not stepped."""
+    x, y = _data(16)
+    big, small = _linear(), _linear()
+    train_one_epoch(big, ShardBatches.from_tensors(x, y, 8, False, True, 0).epoch(0), _linear_recipe(big),
+                    torch.device("cpu"))
+    acc = _linear_recipe(small, accum_steps=2)
+    train_one_epoch(small, ShardBatches.from_tensors(x, y, 4, False, True, 0).epoch(0), acc, torch.device("cpu"))
+    for a, b in zip(big.parameters(), small.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert acc.scheduler.last_epoch == 2  # optimiser steps, not batches
+    # 3 batches with k = 2: one step, the third batch's gradients dropped
+    lone = _linear()
+    r = _linear_recipe(lone, accum_steps=2)
+    train_one_epoch(lone, ShardBatches.from_tensors(x[:12], y[:12], 4, False, True, 0).epoch(0), r,
+                    torch.device("cpu"))
+    assert r.scheduler.last_epoch == 1 and all(p.grad is None for p in lone.parameters())
+
+
+def test_ddp_all_reduces_only_on_the_stepping_batch(gloo_group, monkeypatch):
+    x, y = _data(16)
+    ddp = torch.nn.parallel.DistributedDataParallel(_linear())
+    entered = []
+    real = ddp.no_sync
+    monkeypatch.setattr(ddp, "no_sync", lambda: (entered.append(1), real())[1])
+    train_one_epoch(ddp, ShardBatches.from_tensors(x, y, 4, False, True, 0).epoch(0),
+                    _linear_recipe(ddp, accum_steps=2), torch.device("cpu"))
+    assert len(entered) == 2  # batches 1 and 3 of 4 skip the all-reduce; 2 and 4 step
+
+
+def test_gradients_are_clipped_to_their_global_norm(monkeypatch):
+    x, y = _data(8)
+    model = _linear()
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, n: (seen.append(n), real(p, n))[1])
+    train_one_epoch(model, ShardBatches.from_tensors(x, y, 8, False, True, 0).epoch(0),
+                    _linear_recipe(model, grad_clip=0.5), torch.device("cpu"))
+    assert seen == [0.5]
+    train_one_epoch(model, ShardBatches.from_tensors(x, y, 8, False, True, 0).epoch(1),
+                    _linear_recipe(model), torch.device("cpu"))
+    assert seen == [0.5]  # 0 = off
