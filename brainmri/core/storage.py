@@ -102,6 +102,16 @@ class Location:
     def name(self) -> str:
         return posixpath.basename(self.path.rstrip("/"))
 
+    def relative(self, path: str) -> str:
+        """`path` (a FileInfo.path listed below this location) relative to it, by the string
+        alone. posixpath.relpath would make an S3 path ('bucket/key', never absolute)
+        absolute against the process's working directory first, which fails where that
+        folder is gone (a Ray job's working-dir copy on a node) and is never what a key means."""
+        root = self.path.rstrip("/") + "/"
+        if not path.startswith(root):
+            raise StorageError(f"{path!r} is not below {self.uri!r}")
+        return path[len(root):]
+
     # -- queries ---------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
@@ -119,8 +129,7 @@ class Location:
         out = []
         for i in self.fs.get_file_info(sel):
             if i.type == pafs.FileType.File and i.path.endswith(suffix):
-                rel = posixpath.relpath(i.path, self.path)
-                out.append(self / rel)
+                out.append(self / self.relative(i.path))
         return sorted(out, key=lambda loc: loc.path)
 
     # -- reads -----------------------------------------------------------------------------

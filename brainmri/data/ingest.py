@@ -38,7 +38,6 @@ import io
 import json
 import os
 import platform
-import posixpath
 import sys
 import tempfile
 import time
@@ -516,7 +515,7 @@ def _tidy(out: Location, shards: list[dict]) -> None:
     now = time.time_ns()
     sel = pafs.FileSelector(out.path, allow_not_found=True, recursive=True)
     for info in out.fs.get_file_info(sel):
-        rel = posixpath.relpath(info.path, out.path)
+        rel = out.relative(info.path)
         if info.type != pafs.FileType.File or rel in keep:
             continue
         if info.base_name.startswith(TMP_PREFIX) and (

@@ -112,7 +112,7 @@ def publish_model(out: Location, name: str, ckpt: dict, metrics: dict,
     check_name(name, "model name")
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}")
-    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "train_model")}
+    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "train_model")}
     blob = dump_state(state)
     digest = hashlib.sha256(blob).hexdigest()
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest[:8]

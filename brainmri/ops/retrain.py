@@ -28,7 +28,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import pyarrow.fs as pafs
@@ -119,10 +119,15 @@ def challenger_config(cfg: RetrainConfig, champion: dict | None, data_uri: str, 
     else:
         base = to_dict(TrainConfig())
     # the config's own merge: --train model_args.width=48 changes the width of the network
-    # the challenger inherits, not the rest of its shape
+    # the challenger inherits, not the rest of its shape; another model (or model_args={})
+    # starts from that model's own shape
+    if cfg.train.get("model", base.get("model")) != base.get("model") or cfg.train.get("model_args") == {}:
+        base["model_args"] = {}
     base = merge(base, cfg.train)
     base.update(data=data_uri, out=store.uri, name=run_name, publish=True, candidate=True)
-    return from_dict(TrainConfig, base)
+    tcfg = from_dict(TrainConfig, base)
+    # the whole network, as the run will record it: champion.json's recipe must rebuild it
+    return replace(tcfg, model_args=full_shape(tcfg.model, tcfg.shape()))
 
 
 def bootstrap_champion(model_uri: str) -> dict:

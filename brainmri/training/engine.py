@@ -347,18 +347,18 @@ def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.dev
             x, y2, lam = r.mixer(x, y, r.generator)
         if r.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(x)
-            taught = r.teacher(x) if r.teacher is not None else None
-        loss = r.criterion(out.float(), y)
-        if lam < 1.0:
-            loss = lam * loss + (1.0 - lam) * r.criterion(out.float(), y2)
-        if taught is not None:
-            loss = (1.0 - r.teacher.weight) * loss + r.teacher.weight * r.teacher.loss(out, taught)
         stepping = (i + 1) % k == 0
-        scaled = (r.scaler.scale(loss) if r.scaler is not None else loss) / k
+        # DDP decides in the forward whether the backward all-reduces: both inside no_sync
         with nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync():
-            scaled.backward()
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(x)
+                taught = r.teacher(x) if r.teacher is not None else None
+            loss = r.criterion(out.float(), y)
+            if lam < 1.0:
+                loss = lam * loss + (1.0 - lam) * r.criterion(out.float(), y2)
+            if taught is not None:
+                loss = (1.0 - r.teacher.weight) * loss + r.teacher.weight * r.teacher.loss(out, taught)
+            ((r.scaler.scale(loss) if r.scaler is not None else loss) / k).backward()
         if stepping:
             _optimizer_step(model, r)
         # in-place adds of device values and Python scalars: no host-to-device copy, no sync

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, TrainConfig, from_dict
-from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import Location, open_location
 from ..data.datasets import resolve_dataset, split_arrays, split_column
 from ..data.transforms import to_model_input
@@ -40,18 +39,20 @@ class Finished:
 
 
 # -- the run's best checkpoint ----------------------------------------------------------------
-def best_checkpoint(run: Location) -> dict:
-    """The checkpoint dict in `run` with the best validation macro-F1 at its own epoch (Ray
-    keeps the top-k by that score and the latest; an earlier epoch wins a tie)."""
-    chosen, score = None, -np.inf
+def best_checkpoint(run: Location) -> tuple[dict, list]:
+    """(the checkpoint dict in `run` with the best validation macro-F1 at its own epoch, the
+    longest history any of its checkpoints holds). Ray keeps the top-k by that score and the
+    latest; an earlier epoch wins a tie."""
+    chosen, score, longest = None, -np.inf, []
     for d in sorted(run.listdir()):
         if d.startswith("checkpoint_") and (run / d / CKPT_FILE).exists():
             state = load_state((run / d / CKPT_FILE).read_bytes())
+            longest = max(longest, state.get("history") or [], key=len)
             if epoch_score(state) > score:
                 chosen, score = state, epoch_score(state)
     if chosen is None:
         raise ConfigError(f"run {run.uri} left no checkpoint to publish")
-    return chosen
+    return chosen, longest
 
 
 # -- the decision rule ------------------------------------------------------------------------
@@ -110,13 +111,15 @@ def finalize(run: Location, out: Location | str, *, stage: str = "released",
     """Publish the best network of a finished training run (see the module docstring).
     `record`: extra keys for the published state (tune's {"tune": {experiment, trial}})."""
     out = open_location(out) if isinstance(out, str) else out
-    state = best_checkpoint(run)
-    history = (run / "history.json").read_json()
-    if not history:
-        raise ConfigError(f"run {run.uri} has no history.json rows: nothing finished to publish")
-    state["history"] = history  # the published model carries the whole run's curves
+    state, latest = best_checkpoint(run)
+    own = state["history"][-1]  # the row of the epoch its weights hold
+    history = (run / "history.json").read_json() if (run / "history.json").exists() else []
+    if len(latest) > len(history):  # history.json lags the last checkpoint (a crash between them)
+        history = latest
+    # the published model carries the whole run's curves, and the metrics of its own epoch
+    state["history"] = history
+    best = next((h for h in reversed(history) if h.get("epoch") == state["epoch"]), own)
     state.update(record or {})
     cfg = from_dict(TrainConfig, state["config"])
-    best = max(history, key=lambda h: h[METRIC])
     dest = publish_network(cfg, state, best, out, name=cfg.model, stage=stage)
     return Finished(dest.uri, state, best)

@@ -83,14 +83,18 @@ def _threads() -> int:
 def _checkpoint_state(spec: RunSpec, raw: nn.Module, recipe: Recipe, epoch: int, run: FitState) -> dict:
     """This run's checkpoint (the format is checkpoints.make_checkpoint's): with weight
     averaging, "model" holds the average (what is validated and served) and "train_model"
-    the weights the optimizer trains."""
+    the weights the optimizer trains; with fp16, "scaler" the gradient scaler's state (a
+    resumed run goes on at the scale it had, instead of skipping steps to find it again)."""
     ema = recipe.ema
-    return make_checkpoint(
+    state = make_checkpoint(
         recipe.served(raw).state_dict(), train_model=raw.state_dict() if ema else None,
         optimizer=recipe.optimizer.state_dict(), scheduler=recipe.scheduler.state_dict(),
         epoch=epoch, best=run.best, bad_epochs=run.bad, history=run.history, resumes=run.resumes,
         config=to_dict(spec.cfg), classes=spec.classes, dataset=spec.dataset, versions=spec.versions,
         params=count_params(raw), distillation=spec.teacher)
+    if recipe.scaler is not None:
+        state["scaler"] = recipe.scaler.state_dict()
+    return state
 
 
 def resume(raw: nn.Module, recipe: Recipe, steps_per_epoch: int = 0) -> FitState:
@@ -108,6 +112,8 @@ def resume(raw: nn.Module, recipe: Recipe, steps_per_epoch: int = 0) -> FitState
         recipe.ema.updates = (state["epoch"] + 1) * steps_per_epoch  # the decay's warm-up goes on
     recipe.optimizer.load_state_dict(state["optimizer"])
     recipe.scheduler.load_state_dict(state["scheduler"])
+    if recipe.scaler is not None and "scaler" in state:
+        recipe.scaler.load_state_dict(state["scaler"])
     start = state["epoch"] + 1
     return FitState(start, state["best"], state["bad_epochs"], state["history"],
                     state.get("resumes", []) + [start])
@@ -323,6 +329,10 @@ def prepare(given: TrainConfig) -> Prepared:
         raise ConfigError(f"{rows} training rows over {cfg.num_workers} workers leave each fewer "
                           f"than one batch of {cfg.batch_size}: use fewer workers or a smaller "
                           "batch_size")
+    if rows // cfg.num_workers // cfg.batch_size < cfg.accum_steps:  # else no step is ever made
+        raise ConfigError(f"{rows} training rows over {cfg.num_workers} workers give each "
+                          f"{rows // cfg.num_workers // cfg.batch_size} batches an epoch, fewer than "
+                          f"accum_steps {cfg.accum_steps}: lower accum_steps or batch_size")
     # read and checked once, here: what each worker loads again (training.distill)
     teacher = teacher_record(cfg, manifest["classes"], manifest_hash(manifest)) if cfg.teacher else None
     return Prepared(cfg, version, manifest, out, teacher)
@@ -418,11 +428,11 @@ def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None
                             else nullcontext()):
         trainer.fit()
     history = (run / "history.json").read_json()
-    best = max(history, key=lambda h: h[METRIC])
-    model_uri = None
+    best, model_uri = max(history, key=lambda h: h[METRIC]), None
     if cfg.publish:
         with failing(tracked):
-            model_uri = finalize(run, out, stage="candidate" if cfg.candidate else "released").model_uri
+            done = finalize(run, out, stage="candidate" if cfg.candidate else "released")
+        model_uri, best = done.model_uri, done.best  # the published epoch's own row
     (run / "summary.json").write_json({"best": best, "model": model_uri, "epochs_run": len(history),
                                        "seconds": time.time() - t0})
     finish_run(tracked, history, model_uri, (META_FILE, MODEL_FILE))

@@ -46,3 +46,24 @@ def test_models_folder_resolves_to_champion_else_newest_released(tmp_path):
         model_file(root.uri)
     with pytest.raises(ValueError, match="stage"):
         publish_model(out, "brainnet", {}, {}, stage="beta")
+
+
+def test_training_state_stays_in_the_checkpoint_not_in_the_published_model(tmp_path):
+    """An fp16 run's gradient scaler (like the optimiser) round-trips through a checkpoint
+    loaded with weights_only, and is dropped from the published model.pt."""
+    import torch
+
+    from brainmri.models.checkpoints import dump_state, load_model_state, load_state
+
+    model = create_model("brainnet", num_classes=4, in_chans=1, image_size=32, width=8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ckpt = make_checkpoint(model.state_dict(), epoch=0, best=0.5, bad_epochs=0, history=[], resumes=[],
+                           config={"model": "brainnet", "image_size": 32, "model_args": {"width": 8}},
+                           classes=["a", "b", "c", "d"], dataset={"uri": "x"}, params=1,
+                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+    ckpt["scaler"] = scaler.state_dict()
+    again = torch.amp.GradScaler("cpu")
+    again.load_state_dict(load_state(dump_state(ckpt))["scaler"])
+    assert again.get_scale() == 1024.0
+    v = publish_model(open_location(str(tmp_path)), "brainnet", ckpt, {"val_macro_f1": 0.5})
+    assert not {"scaler", "optimizer"} & set(load_model_state(v.uri))

@@ -74,6 +74,22 @@ def test_a_training_override_changes_one_shape_argument_of_the_champions_network
     assert got.epochs == 3 and got.candidate and got.publish
 
 
+def test_the_challenger_records_its_whole_network(tmp_path):
+    """What champion.json keeps as the recipe (to_dict of the challenger's config) names the
+    network it trained: with no champion, the recipe's shape, not {} (which a later run would
+    read as the factory's width 32); another model starts from that model's own shape."""
+    from brainmri.config import RECIPE_SHAPES, to_dict
+    from brainmri.models.zoo import full_shape
+    from brainmri.ops.retrain import challenger_config
+
+    store = open_location(str(tmp_path))
+    first = challenger_config(RetrainConfig(), None, "v", store, "r")
+    assert first.model_args == full_shape("brainnet", RECIPE_SHAPES["brainnet"]) and first.model_args["width"] == 40
+    champ = {"recipe": to_dict(first)}
+    other = challenger_config(RetrainConfig(train={"model": "seed_cnn"}), champ, "v", store, "r")
+    assert other.model == "seed_cnn" and other.model_args == full_shape("seed_cnn", {})
+
+
 def test_bad_settings_fail_before_any_work(tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown config key.*train.epocs"):
         RetrainConfig(train={"epocs": 3}).validate()

@@ -28,7 +28,7 @@ from brainmri.ops.tune import (
     trial_config,
 )
 
-from support.tiny import small_lake
+from support.tiny import finished_run, small_lake
 
 SPACE = {
     # after the first epoch a trial's preprocessed shard is cached, so epochs are cheap: enough
@@ -312,45 +312,13 @@ def test_search_against_s3(tmp_path, ray_local, s3_bucket):
     build_model(load_model_state(res.model_uri))
 
 
-def _finished_run(tmp_path, decision_rule: str):
-    """A small real dataset version and a run folder as a finished Train run leaves it
-    (config.json, history.json, two checkpoints: the better one first), without Ray."""
-    import torch
-
-    from brainmri.config import TrainConfig, to_dict
-    from brainmri.data.datasets import manifest_hash, resolve_dataset
-    from brainmri.models.checkpoints import CKPT_FILE, dump_state, make_checkpoint
-    from brainmri.models.zoo import count_params, create_model
-
-    lake, version_uri = small_lake(tmp_path, per_class=10)
-    version, manifest = resolve_dataset(version_uri)
-    cfg = TrainConfig(data=version_uri, out=str(lake), name="t000-brainnet", image_size=64, epochs=2,
-                      model_args={"width": 8}, num_workers=1, publish=False, decision_rule=decision_rule,
-                      decision_max_f1_drop=0.1, decision_max_accuracy_cost=0.1)
-    run = open_location(str(tmp_path / "exp" / "runs" / cfg.name))
-    history = [{"epoch": e, "val_macro_f1": f, "val_accuracy": f} for e, f in ((0, 0.6), (1, 0.5))]
-    for epoch in (0, 1):
-        torch.manual_seed(epoch)
-        net = create_model("brainnet", 4, 1, image_size=64, width=8)
-        state = make_checkpoint(net.state_dict(), epoch=epoch, best=0.6, bad_epochs=epoch,
-                                history=history[:epoch + 1], resumes=[], config=to_dict(cfg),
-                                classes=list(manifest["classes"]),
-                                dataset={"uri": version.uri, "name": manifest["name"],
-                                         "version": manifest["version"],
-                                         "manifest_hash": manifest_hash(manifest)},
-                                params=count_params(net))
-        (run / f"checkpoint_00000{epoch}" / CKPT_FILE).write_bytes(dump_state(state))
-    (run / "history.json").write_json(history)
-    return lake, run, {"trial": "t000-brainnet", "run_uri": run.uri, "history": history}
-
-
 def test_the_winner_is_finished_like_a_train_run(tmp_path):
     """Tune publishes its winner through training.finalize: the best checkpoint (epoch 0 here,
     not the latest) with the decision rule its recipe asks for, exactly what `brainmri train`
     publishes for the same run, and the search recorded."""
     from brainmri.training.finalize import finalize
 
-    lake, run, best = _finished_run(tmp_path, "glioma_recall")
+    lake, run, best = finished_run(tmp_path, "glioma_recall")
     out = open_location(str(lake))
     won = load_model_state(tune_mod.publish_best(out, open_location(str(tmp_path / "exp")), best))
     assert won["epoch"] == 0 and won["tune"] == {"experiment": open_location(str(tmp_path / "exp")).uri,
@@ -360,7 +328,7 @@ def test_the_winner_is_finished_like_a_train_run(tmp_path):
     assert won["inference"] == trained["inference"]
     assert won["history"] == best["history"]
 
-    _, run, best = _finished_run(tmp_path / "argmax", "argmax")
+    _, run, best = finished_run(tmp_path / "argmax", "argmax")
     plain = load_model_state(tune_mod.publish_best(out, open_location(str(tmp_path / "exp")), best))
     assert plain["inference"]["decision"] is None and plain["inference"]["logit_bias"] is None
 

@@ -102,3 +102,32 @@ def publish_untrained(out: Path, seed: int, name: str = "brainnet") -> str:
                            dataset={"uri": "", "name": "none", "version": "none"},
                            params=count_params(model))
     return publish_model(open_location(str(out)), name, ckpt, {"val_macro_f1": 0.25 + seed / 100}).uri
+
+
+def finished_run(root: Path, decision_rule: str, scores=(0.6, 0.5), history_rows: int | None = None):
+    """A small real dataset version and a run folder as a finished Train run leaves it
+    (config.json, history.json, one checkpoint per epoch, each holding the history up to its
+    epoch), without Ray: (lake, run Location, the leaderboard row tune publishes from).
+    `history_rows`: history.json lags the checkpoints by keeping only that many rows."""
+    from brainmri.models.checkpoints import CKPT_FILE, dump_state
+
+    lake, version_uri = small_lake(root, per_class=10)
+    version, manifest = resolve_dataset(version_uri)
+    cfg = TrainConfig(data=version_uri, out=str(lake), name="t000-brainnet", image_size=SIZE,
+                      epochs=len(scores), model_args=dict(MODEL_ARGS), num_workers=1, publish=False,
+                      decision_rule=decision_rule, decision_max_f1_drop=0.1, decision_max_accuracy_cost=0.1)
+    run = open_location(str(root / "exp" / "runs" / cfg.name))
+    history = [{"epoch": e, "val_macro_f1": f, "val_accuracy": f} for e, f in enumerate(scores)]
+    for epoch in range(len(scores)):
+        torch.manual_seed(epoch)
+        net = create_model("brainnet", len(CLASSES), 1, image_size=SIZE, **MODEL_ARGS)
+        state = make_checkpoint(net.state_dict(), epoch=epoch, best=max(scores[:epoch + 1]), bad_epochs=0,
+                                history=history[:epoch + 1], resumes=[], config=to_dict(cfg),
+                                classes=list(manifest["classes"]),
+                                dataset={"uri": version.uri, "name": manifest["name"],
+                                         "version": manifest["version"],
+                                         "manifest_hash": manifest_hash(manifest)},
+                                params=count_params(net))
+        (run / f"checkpoint_00000{epoch}" / CKPT_FILE).write_bytes(dump_state(state))
+    (run / "history.json").write_json(history[:history_rows] if history_rows else history)
+    return lake, run, {"trial": cfg.name, "run_uri": run.uri, "history": history}

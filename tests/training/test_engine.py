@@ -402,15 +402,23 @@ def test_accumulating_k_batches_is_one_step_of_a_k_times_larger_batch():
     assert r.scheduler.last_epoch == 1 and all(p.grad is None for p in lone.parameters())
 
 
-def test_ddp_all_reduces_only_on_the_stepping_batch(gloo_group, monkeypatch):
+def test_ddp_all_reduces_only_on_the_stepping_batch(gloo_group):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
     x, y = _data(16)
-    ddp = torch.nn.parallel.DistributedDataParallel(_linear())
-    entered = []
-    real = ddp.no_sync
-    monkeypatch.setattr(ddp, "no_sync", lambda: (entered.append(1), real())[1])
-    train_one_epoch(ddp, ShardBatches.from_tensors(x, y, 4, False, True, 0).epoch(0),
-                    _linear_recipe(ddp, accum_steps=2), torch.device("cpu"))
-    assert len(entered) == 2  # batches 1 and 3 of 4 skip the all-reduce; 2 and 4 step
+    calls = []
+
+    def counting(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    for k, want in ((1, 4), (2, 2)):  # 4 batches: every one all-reduces, or only the 2nd and 4th
+        calls.clear()
+        ddp = torch.nn.parallel.DistributedDataParallel(_linear())
+        ddp.register_comm_hook(None, counting)
+        train_one_epoch(ddp, ShardBatches.from_tensors(x, y, 4, False, True, 0).epoch(0),
+                        _linear_recipe(ddp, accum_steps=k), torch.device("cpu"))
+        assert len(calls) == want, k
 
 
 def test_gradients_are_clipped_to_their_global_norm(monkeypatch):

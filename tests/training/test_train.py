@@ -114,6 +114,8 @@ def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
     members = {"members": [{"model": "brainnet"}, {"model": "brainnet"}]}  # retraining an ensemble
     with pytest.raises(ConfigError, match="ensemble is not trained as one network"):
         prepare(TrainConfig(data=str(small_lake), out=str(tmp_path), model="ensemble", model_args=members))
+    with pytest.raises(ConfigError, match="fewer than accum_steps 1000"):  # it would never step
+        prepare(TrainConfig(data=str(small_lake), out=str(tmp_path), batch_size=4, accum_steps=1000))
     # the CLI says it in one line and exits 2
     r = subprocess.run([sys.executable, "-m", "brainmri.cli", "train", "--data", str(tmp_path / "x"),
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
