@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from brainmri.cli import build_parser
+from brainmri.cli import build_parser, config_from_args
 from brainmri.config import ConfigError, EvaluateConfig, TrainConfig
 from brainmri.core.storage import StorageError, open_location
 from brainmri.data.datasets import resolve_dataset, split_files
@@ -183,9 +183,11 @@ def test_folder_source_rejects_a_non_utf8_file_name(tmp_path):
 def test_inference_pool_asks_ray_for_a_gpu_per_actor_only_with_gpu():
     assert actor_resources(False) == {"num_cpus": 1, "num_gpus": 0}  # as before: CPU actors
     assert actor_resources(True) == {"num_cpus": 1, "num_gpus": 1}
-    assert build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o",
-                                      "--gpu"]).gpu is True
-    assert build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", "--out", "o"]).gpu is False
+    def gpu(*argv):
+        return config_from_args(build_parser().parse_args(["evaluate", "--model", "m", "--data", "d",
+                                                           "--out", "o", *argv])).gpu
+
+    assert gpu("--gpu") is True and gpu() is False
 
 
 @pytest.fixture
