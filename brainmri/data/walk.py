@@ -169,7 +169,7 @@ def walk_location(loc, classes: list[str]) -> list[FileRecord]:
     import pyarrow.fs as pafs
 
     sel = pafs.FileSelector(loc.path, allow_not_found=True, recursive=True)
-    rels = [posixpath.relpath(i.path, loc.path) for i in loc.fs.get_file_info(sel)
+    rels = [loc.relative(i.path) for i in loc.fs.get_file_info(sel)  # keys, never local paths
             if i.type == pafs.FileType.File]
     records = []
     for rel in sorted(rels, key=_walk_order):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -73,7 +72,7 @@ def fingerprint(incoming: Location) -> tuple[str, int]:
                    if i.type == pafs.FileType.File)
     h = hashlib.sha256()
     for p, size, mtime in items:
-        h.update(f"{os.path.relpath(p, incoming.path)}\0{size}\0{mtime}\n".encode())
+        h.update(f"{incoming.relative(p)}\0{size}\0{mtime}\n".encode())  # keys, never local paths
     return h.hexdigest(), len(items)
 
 

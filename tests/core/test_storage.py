@@ -164,6 +164,23 @@ def test_s3_write_read_list(s3_bucket):
     assert loc.listdir() == ["top.txt"]
 
 
+def test_s3_keys_are_not_resolved_against_the_working_directory(s3_bucket, tmp_path, monkeypatch):
+    """Listing below an S3 prefix is string work on keys: it must not read the process's working
+    directory, which a Ray job's node may have deleted under it (its working-dir copy)."""
+    loc = open_location(f"s3://{s3_bucket}/lake")
+    (loc / "a" / "b.json").write_json({})
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(FileNotFoundError):
+        os.getcwd()
+    assert [f.uri for f in loc.files(".json")] == [f"s3://{s3_bucket}/lake/a/b.json"]
+    assert loc.relative(f"{s3_bucket}/lake/a/b.json") == "a/b.json"
+    with pytest.raises(StorageError, match="not below"):
+        loc.relative(f"{s3_bucket}/lakes/a.json")  # a sibling sharing the prefix's first letters
+
+
 def test_s3_nonexistent_bucket(s3_server):
     with pytest.raises(StorageError) as e:
         open_location("s3://no-such-bucket-here/lake", check=True)

@@ -370,6 +370,24 @@ def test_source_without_testing_folder_gets_a_test_split(tmp_path):
     _check_groups_and_counts(rows, m)
 
 
+def test_ingest_to_s3_does_not_read_the_working_directory(tmp_path, s3_bucket, monkeypatch):
+    """Object keys are never resolved against the local filesystem: an ingest whose working
+    directory is gone (on a cluster node, a job's working-dir copy deleted under it) publishes,
+    where a relpath on S3 keys failed with a bare "[Errno 2] No such file or directory"."""
+    src = tmp_path / "flat"
+    for i, c in enumerate(CLASSES):
+        (src / c).mkdir(parents=True)
+        for k in range(6):
+            (src / c / f"{k}.jpg").write_bytes(synth_jpeg(7000 + 10 * i + k))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    res = ingest(str(src), f"s3://{s3_bucket}/lake", IngestConfig(val_fraction=0.2, workers=1))
+    assert res.created and res.location.is_s3
+    assert sum(res.manifest["rows"].values()) == 6 * len(CLASSES)
+
+
 def test_a_mirrored_copy_lands_in_its_originals_group_and_split(tmp_path):
     """The public data holds left-right mirrored copies of scans; training flips images, so
     a copy on the other side of a split would be a test image the network has seen. Ingest

@@ -212,3 +212,22 @@ def _lose_the_lease(tmp_path):
     assert (root / "champion.json").read_json() == {"fence": 1}  # no champion was written
     assert not (root / "audit").exists() and (root / "seen.json").read_json() == {"fence": 1}
     assert b'"generation": 2' in read_tagged(root / "lock.json")[0]  # the thief's lease kept
+
+
+def test_an_s3_incoming_prefix_is_fingerprinted_by_its_keys_alone(tmp_path, s3_bucket, monkeypatch):
+    """The listing's hash names object keys relative to the prefix, by the string: where the
+    process's working directory is gone (a job's working-dir copy on a node), relpath on an
+    S3 key ('bucket/key' is not absolute) failed with a bare [Errno 2]."""
+    from brainmri.data.walk import walk_location
+    from brainmri.ops.retrain import fingerprint
+
+    inc = open_location(f"s3://{s3_bucket}/incoming")
+    (inc / "glioma" / "a.jpg").write_bytes(b"x")
+    (inc / "notumor" / "b.jpg").write_bytes(b"yy")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    digest, n = fingerprint(inc)
+    assert n == 2 and len(digest) == 64
+    assert sorted(r.path for r in walk_location(inc, ["glioma", "notumor"])) == ["glioma/a.jpg", "notumor/b.jpg"]

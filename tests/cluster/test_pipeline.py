@@ -1,0 +1,100 @@
+"""The pipeline across hosts: ingest (the ray engine, the source in S3), training with its two
+ranks spread over two worker hosts, and evaluation, each submitted as users submit jobs
+(`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`) to a cluster whose
+hosts share nothing but the S3 server (harness.py). Every artefact is read back from this
+machine, another host on the cluster's network, and verified."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from brainmri.core.storage import open_location
+from brainmri.data.datasets import resolve_dataset, verify_shards
+from brainmri.models.checkpoints import load_state
+from tests.cluster import harness as hx
+
+from support.data import real_subset
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
+RUN = "spread"
+PER_CLASS = 8
+# what a host writes locally for a run it takes part in: none of it may stay on a host's disk
+ARTEFACTS = (".parquet", ".pt", ".onnx", "manifest.json", "metadata.json", "placement.json")
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, tmp_path_factory):
+    """The source uploaded, then the three jobs in order; {step: harness Run}."""
+    src = real_subset(tmp_path_factory.mktemp("src"), per_class=PER_CLASS)
+    assert len(cluster.upload(src, "src")) == 4 * PER_CLASS
+    return {step: cluster.submit(entrypoint, cluster.work / f"{step}.log", timeout=600).check()
+            for step, entrypoint in hx.pipeline_jobs(cluster.bucket, RUN)}
+
+
+@pytest.fixture
+def lake(cluster):
+    """s3://<bucket>/lake as this machine's brainmri storage sees it."""
+    with cluster.as_client():
+        yield open_location(f"s3://{cluster.bucket}/lake", check=True)
+
+
+def sha256(loc) -> str:
+    return hashlib.sha256(loc.read_bytes()).hexdigest()
+
+
+def test_ingest_reads_the_source_from_s3_into_a_version_that_verifies(jobs, lake):
+    version, manifest = resolve_dataset(lake.uri, "brain-tumor-mri")
+    assert manifest["source"] == f"s3://{lake.path.split('/')[0]}/src"
+    assert sum(manifest["rows"].values()) == 4 * PER_CLASS and manifest["rows"]["test"] > 0
+    verify_shards(version, manifest)  # every shard's size and sha256, read over the network
+    listed = {"manifest.json", "inventory.csv", "rejects.csv"} | {s["path"] for s in manifest["shards"]}
+    assert {version.relative(f.path) for f in version.files()} == listed  # no debris of any writer
+
+
+def test_train_runs_its_two_ranks_on_two_worker_hosts(jobs, lake, cluster):
+    placed = (lake / "runs" / RUN / "placement.json").read_json()
+    workers = {n["node_id"]: n["node_ip"] for n in cluster.alive_nodes() if not n["is_head_node"]}
+    ranks = placed["ranks"]
+    assert placed["placement"] == "spread" and placed["nodes"] == 2 and len(ranks) == 2
+    assert len({r["node_id"] for r in ranks}) == 2
+    assert all(workers.get(r["node_id"]) == r["ip"] for r in ranks), (ranks, workers)
+    history = (lake / "runs" / RUN / "history.json").read_json()
+    assert [h["epoch"] for h in history] == [0, 1]
+    checkpoints = (lake / "runs" / RUN).files("checkpoint.pt")
+    assert checkpoints and all(load_state(c.read_bytes())["epoch"] in (0, 1) for c in checkpoints)
+
+
+def test_the_published_model_verifies_from_another_host(jobs, lake):
+    [version] = (lake / "models" / "brainnet").listdir()
+    folder = lake / "models" / "brainnet" / version
+    meta = (folder / "metadata.json").read_json()
+    assert meta["sha256"] == sha256(folder / "model.pt") and version.endswith(meta["sha256"][:8])
+    for kind, export in meta["exports"].items():
+        assert "error" not in export, (kind, export)
+        assert export["sha256"] == sha256(folder / export["file"])
+    assert meta["dataset"]["uri"].startswith(f"{lake.uri}/datasets/brain-tumor-mri/")
+    assert load_state((folder / "model.pt").read_bytes())["classes"] == meta["classes"]
+
+
+def test_the_evaluation_report_lands_whole_in_the_bucket(jobs, lake):
+    [report] = (lake / "reports").files("complete.json")
+    folder = open_location(report.uri.rsplit("/", 1)[0])
+    done = report.read_json()
+    assert done["complete"] and "metrics.json" in done["files"]
+    assert all((folder / f).is_file() for f in done["files"])
+    _, manifest = resolve_dataset(lake.uri, "brain-tumor-mri")
+    metrics = (folder / "metrics.json").read_json()
+    assert metrics["counts"]["evaluated"] == manifest["rows"]["test"]
+    [version] = (lake / "models" / "brainnet").listdir()  # the model it evaluated, as published
+    meta = (lake / "models" / "brainnet" / version / "metadata.json").read_json()
+    assert metrics["model"]["sha256"] == meta["sha256"]
+
+
+def test_no_artefact_stays_on_a_hosts_own_disk(jobs, cluster):
+    """Every host's local disk (its /tmp, Ray's temp dir and TMPDIR in it): what it wrote for
+    the run went to S3, nothing of it lies where another host could not reach it."""
+    disks = [n.disk for n in cluster.nodes.values()]
+    left = [p for d in disks for p in d.rglob("*") if p.is_file() and p.name.endswith(ARTEFACTS)]
+    assert all(d.is_dir() for d in disks) and not left, left
