@@ -70,6 +70,12 @@ def unavailable() -> str | None:
     for tool in ("ray", "moto_server"):
         if not (VENV_BIN / tool).exists():
             return f"the cluster needs {VENV_BIN / tool} (the project's venv)"
+    # every host mounts its own disk over /tmp: a checkout or venv under /tmp is hidden there
+    for what, path in (("checkout", REPO), ("venv", VENV_BIN)):
+        for p in {Path(os.path.abspath(path)), path.resolve()}:
+            if p == Path("/tmp") or Path("/tmp") in p.parents:
+                return (f"the cluster's hosts each mount a private /tmp, which hides this {what} ({p}): "
+                        "run the cluster tier from a checkout outside /tmp")
     # what a node needs, tried in a namespace of its own that ends with the probe
     probe = subprocess.run(["unshare", "--net", "--mount", "--uts", "--propagation", "private", "sh", "-c",
                             "mount -t tmpfs tmpfs /dev/shm && ip link set lo up && hostname probe"],

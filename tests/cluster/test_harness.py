@@ -28,6 +28,15 @@ def test_a_missing_tool_is_refused_in_one_line(monkeypatch):
     assert hx.unavailable() == f"the cluster needs {hx.REPO}/no-venv/bin/ray (the project's venv)"
 
 
+def test_a_checkout_under_tmp_is_refused_in_one_line(monkeypatch):
+    """Every host mounts its own disk over /tmp, which would hide a checkout living there."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(hx.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(hx, "REPO", hx.Path("/tmp/checkout"))
+    why = hx.unavailable()
+    assert why and why.startswith("the cluster's hosts each mount a private /tmp, which hides this checkout")
+
+
 def test_namespaces_refused_by_the_kernel_are_refused_in_one_line(monkeypatch, tmp_path):
     """As in a container without CAP_SYS_ADMIN: unshare itself fails."""
     if sys.platform != "linux":
