@@ -9,12 +9,14 @@ import pytest
 
 
 def pytest_collection_modifyitems(items):
-    """A test on the shared Ray cluster is marked `ray` and `slow` (Ray's start alone takes
-    seconds; these tests train or run pipelines), so the markers cannot drift from the code."""
+    """A test on the shared Ray cluster is marked `ray`, and `slow` unless it is marked
+    `quick` (most of them train or run pipelines), so a new Ray test lands in the fast loop
+    only when someone has said it is quick."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-            item.add_marker(pytest.mark.slow)
+            if item.get_closest_marker("quick") is None:
+                item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -333,6 +333,7 @@ def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
     assert res["corpora"]["900"]["bad"] == 4 and res["corpora"]["900"]["near"] == 9
 
 
+@pytest.mark.slow  # its own Ray, a TorchTrainer run and five sections: minutes on 2 cores
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
     """benchmarks.train's feed (streamed vs cached, feed rate per CPU, CPUs per GPU), default
     (`brainmri train`'s default vs a plain loop) and trainer (1-worker TorchTrainer vs the same

@@ -25,6 +25,8 @@ from brainmri.data.walk import FileRecord, walk_location, walk_source
 from support.data import real_subset
 from support.synth import bad_files, synth_array, synth_jpeg
 
+# the Ray engine's tests take seconds once the shared cluster is up: in the fast loop
+pytestmark = pytest.mark.quick
 CFG = dict(val_fraction=0.2, workers=1)
 BAD = {k: v for k, v in bad_files().items() if k in ("truncated.jpg", "not_an_image.jpg", "empty.jpg")}
 

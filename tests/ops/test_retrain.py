@@ -145,7 +145,7 @@ def test_retrain_lifecycle(tmp_path, ray_local):
     shutil.copytree(tmp_path / "more2" / "Training", incoming / "Training", dirs_exist_ok=True)
 
     def crash(stage):
-        if stage == "evaluated":
+        if stage == "trained":  # right after training: both evaluations the rerun does anyway
             raise RuntimeError("simulated crash before promotion")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -204,7 +204,10 @@ def _lose_the_lease(tmp_path):
                     break
             else:
                 pytest.fail("the lease could not be taken over in 200 tries")
-            time.sleep(30)  # the "training": the heartbeat interrupts it within ttl/4
+            # the "training", in short steps: interrupt_main lands between Python steps, not
+            # inside one blocking call, and the heartbeat stops it within ttl/4
+            for _ in range(300):
+                time.sleep(0.1)
 
     cfg = RetrainConfig(store=str(store), incoming=str(incoming), lock_ttl_min=0.01)
     with pytest.raises(LockHeld, match="lost the lease .* while working"):

@@ -231,7 +231,7 @@ def test_resume_with_nothing_to_restore_starts_a_new_search(tmp_path, monkeypatc
     assert ("it has only trials.json" in err) == bool(files)
 
 
-@pytest.mark.slow
+@pytest.mark.quick
 def test_local_ray_has_no_autoscaler_maximum(ray_local):
     assert ray_local.cluster_resources().get("GPU", 0) == 0
     assert cluster_max_gpus() is None  # so a --gpu search here plans one trial and says why

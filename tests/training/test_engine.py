@@ -134,7 +134,10 @@ def _rank(rank: int, world: int, port: int, rows: list[int], out):
     [[0, 1, 2, 3], [], [4, 5, 6, 7, 8, 9, 10]],
 ], ids=["2-ranks-one-empty", "3-ranks-uneven", "3-ranks-one-empty"])
 def test_ranks_with_uneven_or_no_rows_agree_with_a_single_process(split):
-    ctx = mp.get_context("spawn")
+    # fresh processes (no fork of this one's torch threads), forked from one server that
+    # imported torch once rather than each importing it again as spawn's do
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "brainmri.training.engine"])
     q = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank, args=(r, len(split), port, split[r], q)) for r in range(len(split))]
