@@ -165,6 +165,9 @@ class Lease:
         self.lost = threading.Event()
         self._beat: threading.Thread | None = None
         self._stop = threading.Event()
+        # The heartbeat and the main thread's fenced writes both renew: unserialised, one of
+        # them would swap against the version the other just replaced and call the lease lost.
+        self._renewing = threading.Lock()
 
     def _body(self, released: bool = False) -> bytes:
         return (json.dumps({"holder": None if released else self.id, "host": socket.gethostname(),
@@ -212,17 +215,20 @@ class Lease:
 
     def renew(self) -> None:
         """Extend the lease; raises LockHeld if it was lost (taken over)."""
-        tag = write_if(self.loc, self._body(), self._tag) if self._tag and not self.lost.is_set() else None
-        if tag is None:
-            self.lost.set()
-            raise LockHeld(f"lost the lease on {self.loc.uri} (expired and taken over)")
-        self._tag = tag
+        with self._renewing:
+            tag = (write_if(self.loc, self._body(), self._tag)
+                   if self._tag and not self.lost.is_set() else None)
+            if tag is None:
+                self.lost.set()
+                raise LockHeld(f"lost the lease on {self.loc.uri} (expired and taken over)")
+            self._tag = tag
 
     def release(self) -> None:
         self.stop_heartbeat()
-        if self._tag is not None and not self.lost.is_set():
-            write_if(self.loc, self._body(released=True), self._tag)
-        self._tag = None
+        with self._renewing:
+            if self._tag is not None and not self.lost.is_set():
+                write_if(self.loc, self._body(released=True), self._tag)
+            self._tag = None
 
     def __enter__(self):
         return self if self._tag else self.acquire()

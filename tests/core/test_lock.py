@@ -76,6 +76,34 @@ def test_racing_takeovers_of_an_expired_lease_have_one_winner(lock_uri):
     assert loc.read_json()["holder"] == winners[0].id
 
 
+def test_the_heartbeat_and_the_holders_own_writes_never_lose_the_lease(lock_uri):
+    """The heartbeat renews while the holder writes its state (each write renews first): the
+    two renewals must not swap against each other's versions and call a held lease lost."""
+    loc = open_location(lock_uri)
+    lease = Lease(loc, ttl_s=60).acquire()
+    state = open_location(lock_uri.rsplit("/", 1)[0] + "/seen.json")
+    lease.claim(state)
+    errors: list[BaseException] = []
+
+    def renew_often():
+        try:
+            for _ in range(15):
+                lease.renew()
+        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+
+    beats = [threading.Thread(target=renew_often) for _ in range(2)]
+    for t in beats:
+        t.start()
+    for k in range(15):
+        lease.write(state, {"k": k})
+    for t in beats:
+        t.join()
+    assert not errors and not lease.lost.is_set()
+    assert state.read_json()["k"] == 14 and loc.read_json()["holder"] == lease.id
+    lease.release()
+
+
 def test_waiting_for_a_live_holder(lock_uri):
     loc = open_location(lock_uri)
     a = Lease(loc, ttl_s=60).acquire()
