@@ -127,8 +127,9 @@ class IngestConfig:
 
 
 DECISION_RULES = ("argmax", "glioma_recall")
-PLACEMENTS = ("pack", "spread")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # training.engine.choose_precision resolves auto  # Ray's placement group strategies PACK and SPREAD
+PLACEMENTS = ("pack", "spread")  # Ray's placement group strategies PACK and SPREAD
+SEARCHERS = ("random", "tpe")  # how `brainmri tune` chooses its trials (ops/searchers.py)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # training.engine.choose_precision resolves auto
 
 # The recipe's network shape (configs/cpu.yaml spells it out). `training.prepare` fills the
 # arguments a run leaves out from here (then from the factory's defaults: models.zoo.full_shape)
@@ -275,6 +276,9 @@ class TuneConfig:
     placement: str = flag("pack", "where each trial's workers go: pack or spread (see brainmri train "
                                   "--placement)", choices=PLACEMENTS)
     gpu: bool = flag(False, "one GPU per train worker; the winner is evaluated on a GPU too")
+    search: str = flag("random", "how trials are chosen: random (all sampled up front from --seed "
+                                 "and run as a grid) or tpe (Optuna's TPE, seeded, proposes each "
+                                 "trial from the results so far)", choices=SEARCHERS)
     seed: int = flag(0, "sampling seed (each trial's training seed is in its params)")
     evaluate: bool = flag(True, "evaluate the published winner on the dataset's test split")
     limit_train: int = flag(0, "use only N training images per trial (tests, quick looks); 0 = all")
@@ -287,6 +291,8 @@ class TuneConfig:
             raise ConfigError("epochs >= 0, grace_period >= 1, reduction_factor >= 2")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}")
+        if self.search not in SEARCHERS:
+            raise ConfigError(f"search must be one of {', '.join(SEARCHERS)}")
 
 
 @dataclass

@@ -16,8 +16,11 @@ A space file has two sections; `base` fixes TrainConfig keys for every trial, `s
       batch_size: [32, 64]         # a list is a choice
       aug_strength: {uniform: [0.5, 1.5]}
 
-Trials are sampled up front from `seed` and handed to Tune as a grid, so the leaderboard
-names exactly what ran and a resumed search (`Tuner.restore`) runs the same trials. Each
+With `--search random` (the default) trials are sampled up front from `seed` and handed to
+Tune as a grid, so the leaderboard names exactly what ran and a resumed search
+(`Tuner.restore`) runs the same trials. With `--search tpe`, Optuna's TPE proposes each trial
+from the scores so far (ops/searchers.py); the sampled trials are then only checked, before
+Ray starts, and what ran is recorded in trials.json once the search is done. Each
 trial's Train run lives in tune/<experiment>/runs/<trial>/ and, like `brainmri train`,
 resumes from its latest checkpoint when the search is restarted.
 
@@ -43,6 +46,7 @@ from ..core import metrics as M
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import Location, check_name, open_location
 from ..core.tracking import Tracking
+from .searchers import families
 
 # keys a search may not touch: where data and results live, and how a trial is scheduled
 FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "placement", "gpu", "cpus_per_worker",
@@ -86,19 +90,10 @@ def _check_key(key: str, known: set, where: str) -> None:
         raise ConfigError(f"{where}.{key} cannot be searched (set it on the command line)")
 
 
-def _families(dom) -> dict:
-    """The `model` entry as {family: its own parameters} (a name or a list of names allowed)."""
-    if isinstance(dom, str):
-        return {dom: {}}
-    if isinstance(dom, list):
-        return {name: {} for name in dom}
-    return dom
-
-
 def _check_models(dom) -> None:
     from ..models.zoo import check_model_name
 
-    dom = _families(dom)
+    dom = families(dom)
     if not isinstance(dom, dict) or not dom:
         raise ConfigError("space.model: an empty choice (give a model name, a list of names, or "
                           "a mapping family -> its parameters)")
@@ -167,18 +162,18 @@ def nest_params(flat: dict) -> dict:
 def sample_trials(space: dict, n: int, seed: int) -> list[dict]:
     """n flat parameter dicts; a family's own parameters override shared ones of the same key."""
     rng = random.Random(seed)
-    models = _families(space["model"]) if "model" in space else None
+    models = families(space["model"]) if "model" in space else None
     # families are stratified (each gets n/F trials, in shuffled order) so a short search
     # still explores every family; everything else is drawn independently per trial
-    families = None
+    drawn = None
     if models is not None:
         names = sorted(models)
-        families = [names[i % len(names)] for i in range(n)]
-        rng.shuffle(families)
+        drawn = [names[i % len(names)] for i in range(n)]
+        rng.shuffle(drawn)
     out = []
     for i in range(n):
         p: dict = {}
-        family = families[i] if families else None
+        family = drawn[i] if drawn else None
         for key in sorted(k for k in space if k != "model"):
             p[key] = _draw(space[key], rng)
         if family:  # a family's own parameters win over the shared ones
@@ -187,6 +182,14 @@ def sample_trials(space: dict, n: int, seed: int) -> list[dict]:
                 p[key] = _draw(models[family][key], rng)
         out.append({"model": p.pop("model"), **p} if family else p)
     return out
+
+
+def drawn_config(drawn: dict, tid: str, params: dict) -> TrainConfig:
+    """The TrainConfig of a trial a searcher proposed (the same rule as a sampled trial's)."""
+    cfg = from_dict(TuneConfig, drawn["settings"])
+    tcfg = trial_config(drawn["base"], params, cfg, f"{cfg.name}-{tid}")
+    tcfg.cpus_per_worker = drawn["cpus_per_worker"]
+    return tcfg
 
 
 def trial_config(base: dict, params: dict, cfg: TuneConfig, run_name: str) -> TrainConfig:
@@ -204,16 +207,22 @@ def trial_config(base: dict, params: dict, cfg: TuneConfig, run_name: str) -> Tr
 
 
 # -- one trial (runs inside a Tune trial actor) ------------------------------------------------
-def train_trial(config: dict, trials: dict, runs_uri: str, tracking: Tracking | None = None) -> None:
+def train_trial(config: dict, trials: dict, runs_uri: str, tracking: Tracking | None = None,
+                drawn: dict | None = None) -> None:
     """Tune function trainable: one `run_training` whose every epoch report reaches Tune
     through TuneReportCallback (so ASHA can stop it), checkpoints in the experiment's runs/.
-    Tune's config holds only the trial id; its TrainConfig comes from `trials`. With
-    `tracking`, the trial is one MLflow run in the search's experiment."""
+    Tune's config holds the trial id: a grid trial's TrainConfig comes from `trials`; a trial
+    a searcher proposed also holds its params, made into a TrainConfig from `drawn` (the
+    space's base, the search's settings, the planned CPUs per worker). With `tracking`, the
+    trial is one MLflow run in the search's experiment."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..training.train import run_training
 
-    tcfg = from_dict(TrainConfig, trials[config["trial"]])
+    if config["trial"] in trials:
+        tcfg = from_dict(TrainConfig, trials[config["trial"]])
+    else:
+        tcfg = drawn_config(drawn, config["trial"], config["params"])
     run_training(tcfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri),
                  tracking=tracking)
 
@@ -337,12 +346,20 @@ class Search:
     version: Location  # the dataset version every trial trains on
     classes: list[str]  # its manifest's classes, in label order
     restoring: bool
+    base: dict | None = None  # the space file's, for trials a searcher proposes
+    space: dict | None = None
+    most_epochs: int = 0  # planned before a searcher's trials exist (0: from `trials`)
 
     @property
     def epochs(self) -> int:
         """The longest trial's epochs: ASHA's max_t (no trial is stopped at its own end) and
         what the leaderboard calls "completed" (per trial, its own epochs)."""
-        return max(t["train"]["epochs"] for t in self.trials)
+        return self.most_epochs or max(t["train"]["epochs"] for t in self.trials)
+
+    def drawn(self) -> dict:
+        """What a trial proposed by a searcher needs to make its TrainConfig (drawn_config)."""
+        return {"settings": to_dict(self.cfg), "base": self.base or {},
+                "cpus_per_worker": self.cpus_per_worker}
 
 
 def run_search(cfg: TuneConfig, tracking: Tracking | None = None) -> TuneResult:
@@ -422,7 +439,8 @@ def restore_search(cfg: TuneConfig, out: Location, exp: Location) -> Search:
     version, manifest = resolve_dataset(trials[0]["train"]["data"], cfg.dataset)
     init_ray()
     return Search(cfg, out, exp, trials, saved["max_concurrent"], saved["cpus_per_worker"],
-                  version, list(manifest["classes"]), restoring=True)
+                  version, list(manifest["classes"]), restoring=True, base=saved.get("base"),
+                  space=saved.get("space"), most_epochs=saved.get("most_epochs", 0))
 
 
 def plan_search(cfg: TuneConfig, out: Location, exp: Location) -> Search:
@@ -437,16 +455,36 @@ def plan_search(cfg: TuneConfig, out: Location, exp: Location) -> Search:
     # absolute URIs, the exact version: trials run in their own working folders, and a
     # version ingested mid-search must not change what later trials train on
     cfg.data, cfg.out = version.uri, out.uri
-    trials = build_trials(base, params, cfg)
+    trials = build_trials(base, params, cfg)  # every trial checked (for tpe: a sample of them)
+    most = max(t["train"]["epochs"] for t in trials)
+    if cfg.search != "random":
+        most = max([most] + ([] if cfg.epochs else domain_max(space, "epochs")))  # TPE may ask any
+        if base.get("teacher"):  # checked once: the file found now, pinned for every trial
+            base = {**base, "teacher": trials[0]["train"]["teacher"]}
+        trials = []  # proposed as the search goes; recorded when it is done (record_trials)
     init_ray()
     plan = schedule(cfg)
     for t in trials:
         t["train"]["cpus_per_worker"] = plan.cpus_per_worker
     (exp / "trials.json").write_json({"settings": to_dict(cfg), "base": base, "space": space,
                                       "trials": trials, "max_concurrent": plan.trials,
-                                      "cpus_per_worker": plan.cpus_per_worker})
+                                      "cpus_per_worker": plan.cpus_per_worker, "most_epochs": most})
     return Search(cfg, out, exp, trials, plan.trials, plan.cpus_per_worker, version,
-                  list(manifest["classes"]), restoring=False)
+                  list(manifest["classes"]), restoring=False, base=base, space=space,
+                  most_epochs=most)
+
+
+def domain_max(space: dict, key: str) -> list[int]:
+    """The largest value each domain of `key` in the space (shared or a family's) can take."""
+    doms = [space[key]] if key in space else []
+    doms += [sub[key] for sub in families(space.get("model", {})).values() if key in (sub or {})]
+    out = []
+    for d in doms:
+        if isinstance(d, dict):
+            (kind, arg), = d.items()
+            d = arg if kind == "choice" else [arg[1] - 1 if kind == "randint" else arg[1]]
+        out += [int(v) for v in (d if isinstance(d, list) else [d])]
+    return out
 
 
 def build_trials(base: dict, params: list[dict], cfg: TuneConfig) -> list[dict]:
@@ -485,7 +523,7 @@ def make_tuner(search: Search, tracking: Tracking | None = None):
 
     cfg, exp, epochs = search.cfg, search.exp, search.epochs
     trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in search.trials},
-                                     runs_uri=(exp / "runs").uri, tracking=tracking)
+                                     runs_uri=(exp / "runs").uri, tracking=tracking, drawn=search.drawn())
     # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if search.restoring:
@@ -500,9 +538,18 @@ def make_tuner(search: Search, tracking: Tracking | None = None):
                               reduction_factor=cfg.reduction_factor)
     run_config = tune.RunConfig(name=cfg.name, storage_path=(search.out / "tune").path,
                                 storage_filesystem=search.out.fs, verbose=1, callbacks=[_reaper()])
+    if cfg.search == "random":
+        space, how = {"trial": tune.grid_search([t["id"] for t in search.trials])}, {}
+    else:
+        from .searchers import tpe_searcher
+
+        model = (search.base or {}).get("model", TrainConfig.model)
+        space = {}
+        how = {"search_alg": tpe_searcher(search.space, model, cfg.num_samples, cfg.seed),
+               "num_samples": cfg.num_samples}
     return tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search([t["id"] for t in search.trials])},
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, **how,
                                     max_concurrent_trials=search.max_concurrent,
                                     trial_name_creator=lambda t: t.config["trial"],
                                     trial_dirname_creator=lambda t: t.config["trial"]),
@@ -512,8 +559,23 @@ def make_tuner(search: Search, tracking: Tracking | None = None):
 def run_trials(search: Search, tracking: Tracking | None = None) -> dict[str, str]:
     """Run (or resume) every trial; {trial id: first line of its error} for those that failed."""
     grid = make_tuner(search, tracking).fit()
+    if search.cfg.search != "random":
+        record_trials(search, [r.config for r in grid if r.config])
     return {r.config["trial"]: str(r.error).splitlines()[0][:300]
             for r in grid if r.error and r.config}
+
+
+def record_trials(search: Search, configs: list[dict]) -> None:
+    """The trials a searcher proposed, as a sampled search records its own (resolved, in
+    trials.json), in the order they were proposed."""
+    from ..training.train import prepare
+
+    drawn = search.drawn()
+    search.trials = [{"id": c["trial"], "params": c["params"],
+                      "train": to_dict(prepare(drawn_config(drawn, c["trial"], c["params"])).cfg)}
+                     for c in sorted(configs, key=lambda c: c["trial"])]
+    saved = (search.exp / "trials.json").read_json()
+    (search.exp / "trials.json").write_json({**saved, "trials": search.trials})
 
 
 def publish_winner(search: Search, rows: list[dict]) -> tuple[dict | None, str | None, str | None]:
@@ -603,7 +665,8 @@ def leaderboard(exp: Location, trials: list[dict], errors: dict, classes: list[s
             status = "completed" if len(hist) >= epochs else "stopped by ASHA"
         else:
             status = "not run"
-        model = create_model(train["model"], len(classes), 1, image_size=train["image_size"], **train["model_args"])
+        model = create_model(train["model"], len(classes), 1, image_size=train["image_size"],
+                             **train["model_args"])
         rows.append({
             "trial": t["id"], "model": train["model"], "status": status,
             "best_val_macro_f1": best.get(METRIC), "val_accuracy": best.get("val_accuracy"),
@@ -628,8 +691,8 @@ def write_leaderboard(exp: Location, rows: list[dict], cfg: TuneConfig) -> None:
 
     png = search_plot(rows, METRIC)
     (exp / "search.png").write_bytes(png)
-    note = (f"ASHA grace {cfg.grace_period} epochs, reduction factor "
-            f"{cfg.reduction_factor}. Space: `{cfg.space}`.")
+    note = (f"Search: {cfg.search} (seed {cfg.seed}); ASHA grace {cfg.grace_period} epochs, "
+            f"reduction factor {cfg.reduction_factor}. Space: `{cfg.space}`.")
     for name, data in render_leaderboard(rows, cfg.name, METRIC, note, png).items():
         (exp / name).write_bytes(data)
 
