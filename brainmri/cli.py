@@ -12,6 +12,7 @@ import typing
 from .config import (
     MODEL_HELP,
     ConfigError,
+    CvConfig,
     EnsembleConfig,
     EvaluateConfig,
     IngestConfig,
@@ -227,6 +228,23 @@ def cmd_ensemble(a) -> int:
     return 0
 
 
+def cmd_cv(a) -> int:
+    from .ops.cv import run_cv
+
+    res = run_cv(config_from_args(a), tracking_from_args(a))
+    for f in res.folds:
+        m = f["metrics"]
+        print(f"  fold {f['fold']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
+              f"glioma recall {m.get('recall_glioma', float('nan')):.4f}  ({f['report']})")
+    for k in ("accuracy", "macro_f1", "recall_glioma"):
+        if k in res.summary:
+            s = res.summary[k]
+            print(f"{k}: {s['mean']:.4f} +- {s['sd']:.4f} (sd over {len(res.folds)} folds; "
+                  f"min {s['min']:.4f}, max {s['max']:.4f})")
+    print(f"cross-validation {res.uri}/cv.md in {res.seconds / 60:.1f} min")
+    return 0
+
+
 def cmd_retrain(a) -> int:
     from .ops.retrain import retrain
 
@@ -312,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TuneConfig)
     add_config_flags(p, TrackingConfig)
     p.set_defaults(func=cmd_tune, config_cls=TuneConfig)
+
+    p = sub.add_parser("cv", parents=on_ray, help="K-fold cross-validation of a recipe, grouped by "
+                       "duplicate group: mean and spread of accuracy, macro-F1, per-class recall")
+    add_config_flags(p, CvConfig)
+    add_config_flags(p, TrackingConfig)
+    p.set_defaults(func=cmd_cv, config_cls=CvConfig)
 
     p = sub.add_parser("ensemble", parents=cfg, help="publish several trained models (same dataset "
                        "version, classes and input) as one that averages their probabilities")

@@ -296,6 +296,35 @@ class TuneConfig:
 
 
 @dataclass
+class CvConfig:
+    """How `brainmri cv` estimates what a recipe achieves: K-fold cross-validation over the
+    version's train and val rows, grouped by duplicate group (its test split is left out)."""
+
+    data: str = flag("./lake", "dataset version URI, dataset folder URI, or store URI (+ --dataset)")
+    dataset: str = flag("brain-tumor-mri", "dataset name when --data is a store")
+    out: str = flag("./lake", "storage URI: everything under cv/<name>/ (fold datasets, runs, models, "
+                              "reports, cv.json); the summary also beside the dataset version")
+    name: str = flag("", "name of this estimate; '' = cv-<folds>-s<seed>-<recipe name>")
+    folds: int = flag(5, "K: folds, each held out once; no duplicate group straddles two")
+    seed: int = flag(0, "fold assignment seed")
+    recipe: str = flag("", "TrainConfig YAML of the recipe estimated; '' = the default recipe")
+    # TrainConfig overrides on top of the recipe (`--train epochs=8`, `--set train.epochs=8`)
+    train: dict = flag(help="override one training key of the recipe (repeatable), e.g. "
+                            "--train epochs=8", default_factory=dict)
+    max_concurrent: int = flag(0, "folds at once; 0 = as many as fit beside Ray Data's share")
+    gpu: bool = flag(False, "one GPU per train worker; each fold is evaluated on a GPU too")
+
+    def validate(self) -> None:
+        problem = name_problem(self.dataset, "dataset name") or (
+            self.name and name_problem(self.name, "cv name"))
+        if problem:
+            raise ConfigError(problem)
+        if not 2 <= self.folds <= 20 or self.max_concurrent < 0:
+            raise ConfigError("folds must be 2..20 and max_concurrent >= 0")
+        from_dict(TrainConfig, dict(self.train), prefix="train.")  # unknown keys fail now
+
+
+@dataclass
 class RetrainConfig:
     """How the scheduled retraining job (`brainmri retrain`) decides and what it trains."""
 
