@@ -80,16 +80,23 @@ def summary(classes: list[str], precision, recall, f1, support, correct: int) ->
     return out
 
 
-def from_confusion(cm: np.ndarray, classes: list[str]) -> dict:
-    """The schema from a confusion matrix (rows = true class, columns = predicted class)."""
+def rates(cm: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(tp, support, precision, recall, f1) per class of one confusion matrix [k, k] (rows =
+    true class, columns = predicted) or of a stack of them [..., k, k] (the decision rule
+    scores 61 at once): the one place this arithmetic lives."""
     cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support, predicted = cm.sum(-1), cm.sum(-2)
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(support > 0, tp / support, 0.0)
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return tp, support, precision, recall, f1
+
+
+def from_confusion(cm: np.ndarray, classes: list[str]) -> dict:
+    """The schema from a confusion matrix (rows = true class, columns = predicted class)."""
+    tp, support, precision, recall, f1 = rates(cm)
     return summary(classes, precision, recall, f1, support.astype(np.int64), int(tp.sum()))
 
 

@@ -165,3 +165,26 @@ def test_exports_carry_the_decision_rule(tmp_path):
         with torch.no_grad():
             got = torch.as_tensor(np.asarray(net_rt(x)))
         assert torch.allclose(got, want, atol=tol), runtime
+
+
+def test_every_bias_is_scored_as_core_metrics_scores_it_to_the_bit():
+    """The choice scores all BIAS_GRID rules at once; each score is from_confusion's, exactly
+    (an absent class included), so the choice is the one the metrics schema would make."""
+    from brainmri.core.metrics import confusion, from_confusion, key
+    from brainmri.models.decision import BIAS_GRID, _predictions, _scores
+
+    rng = np.random.default_rng(3)
+    for n, absent in ((37, None), (120, 3), (9, 0)):
+        labels = rng.integers(0, 4, n)
+        if absent is not None:
+            labels[labels == absent] = (absent + 1) % 4
+        logits = rng.normal(0, 1.5, (n, 4))
+        logits[np.arange(n), labels] += 1.0
+        for t in (0, 2):
+            preds = _predictions(logits, t)
+            scores = _scores(preds, labels, CLASSES, t)
+            assert [s["bias"] for s in scores] == BIAS_GRID.tolist()
+            for s, p in zip(scores, preds, strict=True):
+                m = from_confusion(confusion(labels, p, 4), CLASSES)
+                assert (s["macro_f1"], s["accuracy"], s["recall"]) == (
+                    m["macro_f1"], m["accuracy"], m[key("recall", CLASSES[t])])
