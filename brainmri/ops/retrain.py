@@ -328,14 +328,41 @@ def evaluate_both(cfg: RetrainConfig, champion: dict | None, version_uri: str, s
     frozen = champion["frozen_test"] if champion else version_uri
     _, frozen_manifest = resolve_dataset(frozen)
     def on_frozen(model: str):
-        return evaluate(EvaluateConfig(model=model, data=frozen, out=store.uri, split="test",
-                                       batch_size=cfg.batch_size, gpu=gpu))
+        return EvaluateConfig(model=model, data=frozen, out=store.uri, split="test",
+                              batch_size=cfg.batch_size, gpu=gpu)
 
-    ch_eval = on_frozen(challenger_model)
-    cp_eval = on_frozen(champion["model"]) if champion else None
+    ch_eval = evaluate(on_frozen(challenger_model))
+    # the champion was scored on this frozen test set by the decision that made it champion
+    # or by a later one: its report stands while weights, shards and settings are the same
+    cp_eval = (earlier_report(on_frozen(champion["model"])) or evaluate(on_frozen(champion["model"]))
+               ) if champion else None
     return Evaluated(frozen, frozen_manifest, ch_eval.report_uri, headline(ch_eval.metrics),
                      cp_eval.report_uri if cp_eval else None,
                      headline(cp_eval.metrics) if cp_eval else None)
+
+
+def earlier_report(ecfg: EvaluateConfig):
+    """The complete report `evaluate(ecfg)` would write over, as its EvalResult, when it scored
+    the same weights (sha256 of model.pt now) on the same dataset split (the manifest's hash,
+    which covers every shard's checksum; the shards verified now) with the same settings: the
+    decision's numbers (headline: argmax counts) would come out the same. None otherwise."""
+    from ..evaluation.evaluate import COMPLETE, EvalResult, report_folder
+    from ..evaluation.inference import open_model
+    from ..evaluation.sources import open_source
+
+    ref = open_model(ecfg.model)
+    src = open_source(ecfg.data, ref.classes, ecfg.split)
+    dest = report_folder(ecfg.out, ref, src, ecfg.runtime)
+    if not (dest / COMPLETE).exists() or not (dest / "metrics.json").exists():
+        return None
+    m = (dest / "metrics.json").read_json()
+    settings = {"split": ecfg.split, "batch_size": ecfg.batch_size, "gpu": ecfg.gpu,
+                "concurrency": ecfg.concurrency, "runtime": ecfg.runtime,
+                "near_dup_distance": ecfg.near_dup_distance}
+    same = (m.get("model", {}).get("sha256") == ref.sha256
+            and m.get("model", {}).get("runtime", {}).get("sha256") == ref.runtime_file(ecfg.runtime)[1]
+            and m.get("data") == src.describe and m.get("settings") == settings)
+    return EvalResult(dest.uri, m, 0.0) if same else None
 
 
 def audit_record(cfg: RetrainConfig, stamp: str, promote: bool, why: str, version_uri: str,

@@ -6,16 +6,17 @@ from __future__ import annotations
 import shutil
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 
 from brainmri.cli import main
-from brainmri.config import ConfigError
+from brainmri.config import ConfigError, EvaluateConfig
 from brainmri.core.lock import Lease, LockHeld, read_tagged, write_if
 from brainmri.core.storage import open_location
 from brainmri.data.ingest import frozen_test_hashes
 from brainmri.models.checkpoints import load_model_state, model_file
-from brainmri.ops.retrain import RetrainConfig, audit_log, decide, retrain, state_root
+from brainmri.ops.retrain import RetrainConfig, audit_log, decide, earlier_report, retrain, state_root
 
 from support.data import real_subset
 
@@ -139,6 +140,7 @@ def test_retrain_lifecycle(tmp_path, ray_local):
     # the new dataset version kept every frozen test image in its test split
     assert rec["dataset"] != champ1["dataset"]
     assert frozen_test_hashes(champ1["frozen_test"]) <= frozen_test_hashes(rec["dataset"])
+    created = (open_location(rec["champion"]["report"]) / "metrics.json").read_json()["created_at"]
 
     # 4. a crash between training and promotion leaves the champion in place and the lease free
     real_subset(tmp_path / "more2", per_class=4, offset=400)
@@ -164,6 +166,16 @@ def test_retrain_lifecycle(tmp_path, ray_local):
     champ = (root / "champion.json").read_json()
     assert champ["model"] == (d5.record["challenger"]["model"] if d5.action == "promoted"
                               else champ1["model"])
+    # the champion's report on the frozen test set from decision 3 stands (same weights, same
+    # shards, same settings): not scored again; other settings would score it again
+    assert d5.record["champion"]["report"] == rec["champion"]["report"]
+    assert d5.record["champion"]["test"] == rec["champion"]["test"]
+    assert (open_location(rec["champion"]["report"]) / "metrics.json").read_json()["created_at"] == created
+    same = EvaluateConfig(model=champ1["model"], data=champ1["frozen_test"], out=str(store), split="test",
+                          batch_size=RetrainConfig().batch_size)
+    assert earlier_report(same).report_uri == rec["champion"]["report"]
+    assert earlier_report(replace(same, batch_size=same.batch_size + 1)) is None
+    assert earlier_report(replace(same, split="val")) is None  # never scored on that split
 
 
 def test_a_running_retrain_keeps_the_next_one_out(tmp_path):
