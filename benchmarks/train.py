@@ -11,8 +11,10 @@
 4. feed: `brainmri train`'s default recipe with the worker cache off (every epoch streams
    the pixel shards, data.pixels: datasets larger than memory) vs on, epochs after the first,
    same script, ratio; then the one-time pixel-shard build, the Ray Data feeds alone on one
-   CPU (pixel shards; decoding JPEGs), images/s per CPU, and the CPUs a GPU needs to be kept
-   fed (its img/s from benchmarks/results/gpu-h200-*.json).
+   CPU (pixel shards; decoding JPEGs), images/s per CPU, against the peer: a plain pyarrow
+   reader of the same shard files (one thread, no Ray); each Parquet compression (none, lz4,
+   zstd) read by both; and the CPUs a GPU needs to be kept fed (its img/s from
+   benchmarks/results/gpu-h200-*.json).
 5. default: `brainmri train`'s default (2 workers, full recipe with augmentation, cache on)
    per epoch vs a plain single-process loop with the same recipe (same model, loss, AdamW,
    schedule, augmentation, batch; data preprocessed in memory; torch threads = all cores);
@@ -49,13 +51,13 @@ from brainmri.models.zoo import count_params, create_model, list_models
 
 def bench_ray_data(lake: str, size: int, limit: int, batch: int) -> float:
 
-    from brainmri.training.train import build_datasets
+    from brainmri.training.train import build_datasets, pixel_batch
 
-    version, manifest = resolve_dataset(lake)
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
+    version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
     ds = build_datasets(cfg, version, manifest)["train"]
     t0, n = time.time(), 0
-    for b in ds.iter_torch_batches(batch_size=batch, dtypes={"x": torch.uint8, "label": torch.int64}):
+    for b in ds.iter_torch_batches(batch_size=batch, collate_fn=pixel_batch(size), device="cpu"):
         n += len(b["label"])
     return n / (time.time() - t0)
 
@@ -162,7 +164,14 @@ def _history(lake, out, name, limit, limit_val, epochs, batch, **kw) -> list[dic
 
 def bench_feed(lake, limit, limit_val, epochs, batch) -> dict:
     """Per-epoch seconds (median of the epochs after the first: the first decodes in both)
-    with the worker cache on and off, and the consumers' summed wait for batches."""
+    with the worker cache on and off, and the consumers' summed wait for batches. The
+    version's pixel shards are built first, as the full-size default builds them with the
+    cache off (a run limited to N rows streams them but would not build them)."""
+    from brainmri.data.datasets import resolve_dataset
+    from brainmri.data.pixels import ensure_pixels
+
+    version, manifest = resolve_dataset(lake, "brain-tumor-mri")
+    ensure_pixels(version, manifest, TrainConfig.image_size)
     out = tempfile.mkdtemp(prefix="bench-feed-")
     res = {}
     for cache in (True, False):
@@ -175,32 +184,101 @@ def bench_feed(lake, limit, limit_val, epochs, batch) -> dict:
     return res
 
 
-def bench_feed_rate(lake, size, limit, batch) -> dict:
-    """The feeds alone, each held to one CPU, images/s (second pass: a streamed epoch's
-    steady state, its start-up included): Ray Data decoding the version's JPEGs (what the
-    cached first epoch and a pixel-shard build do) and Ray Data reading pixel shards (what a
-    streamed epoch does); the decode itself in this process, images per CPU-second; and the
-    one-time pixel-shard build of train + val on all CPUs."""
+def plain_read(files, fs, size: int) -> int:
+    """The peer of the pixel feed: each pixel-shard file read whole by pyarrow on one thread,
+    its x column viewed as uint8 [N, S, S] (data.pixels.from_pixels), no Ray; rows read."""
+    import pyarrow.parquet as pq
+
+    from brainmri.data.pixels import from_pixels
+
+    n = 0
+    for f in files:
+        n += len(from_pixels(pq.read_table(f, filesystem=fs, columns=["x", "label"], use_threads=False),
+                             size)["x"])
+    return n
+
+
+def ray_feed(ds, batch, size, passes=3, shuffle=0) -> list[float]:
+    """A feed dataset on one CPU, iterated as a training worker does (iter_torch_batches with
+    train.pixel_batch, `shuffle` rows of local shuffle buffer): images/s of each pass."""
     from ray.data import ExecutionResources
 
+    from brainmri.training.train import pixel_batch
+
+    ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
+    rates = []
+    for p in range(passes):
+        kw = dict(local_shuffle_buffer_size=shuffle, local_shuffle_seed=p) if shuffle else {}
+        t0, n = time.perf_counter(), 0
+        for b in ds.iter_torch_batches(batch_size=batch, collate_fn=pixel_batch(size), device="cpu", **kw):
+            n += len(b["label"])
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def rewrite_shards(files, fs, compression: str, folder: str) -> list[str]:
+    """Copies of pixel-shard files written with another Parquet `compression` (as
+    data.pixels._write_part writes them), for the compression comparison."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for i, f in enumerate(files):
+        path = os.path.join(folder, f"{compression}-{i}.parquet")
+        pq.write_table(pq.read_table(f, filesystem=fs), path, compression=compression, use_dictionary=False)
+        out.append(path)
+    return out
+
+
+def bench_feed_rate(lake, size, limit, batch, passes=3) -> dict:
+    """The feeds alone, each held to one CPU, images/s: a plain pyarrow reader of the train
+    pixel shards (the peer, no Ray), the Ray Data feed of the same files (what a streamed
+    epoch does; best pass: warm, its start-up included, and the local shuffle a training
+    worker adds), Ray Data decoding the version's JPEGs (what the cached first epoch and a
+    pixel-shard build do), the decode itself in this process (images per CPU-second), the
+    one-time pixel-shard build of train + val on all CPUs, and the shards rewritten with each
+    Parquet compression, read by both."""
+    import pyarrow.fs as pafs
+    import ray.data
+
+    from brainmri.core.storage import open_location
     from brainmri.data.datasets import read_split
-    from brainmri.data.pixels import build_pixels, pixels_root
+    from brainmri.data.pixels import COMPRESSION, build_pixels, pixel_files, pixel_source, pixels_root
     from brainmri.data.transforms import preprocess_many
-    from brainmri.training.train import build_datasets
+    from brainmri.training.train import FEED_BLOCK_BYTES, build_datasets
 
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
     t0 = time.time()
     pix = build_pixels(version, manifest, size)  # a fresh build (a new attempt; same rows)
     out = {"pixels_build_s": time.time() - t0, "pixels_rows": sum(s["rows"] for s in pix["shards"])}
-    for key, pixels in (("ray_data_1cpu", None), ("pixels_1cpu", (pixels_root(version, size), pix))):
-        ds = build_datasets(cfg, version, manifest, pixels)["train"]
-        ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
-        for _ in range(2):
-            t0, n = time.time(), 0
-            for b in ds.iter_torch_batches(batch_size=batch, dtypes={"x": torch.uint8, "label": torch.int64}):
-                n += len(b["label"])
-            out[key] = n / (time.time() - t0)
+    root = pixels_root(version, size)
+    files = pixel_files(root, pix, "train")
+    train_shards = [s for s in pix["shards"] if s["split"] == "train"]  # in the order of `files`
+    out["train_rows"], out["compression"] = pix["rows"]["train"], COMPRESSION
+    whole = replace(cfg, limit_train=0)  # the peer reads whole files: so does the feed
+    by_codec, tmp = {}, tempfile.mkdtemp(prefix="bench-codec-")
+    for codec in ("none", "lz4", "zstd"):
+        ours = codec == COMPRESSION
+        paths, fs = (files, root.fs) if ours else (rewrite_shards(files, root.fs, codec, tmp),
+                                                   pafs.LocalFileSystem())
+        plain = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            n = plain_read(paths, fs, size)
+            plain.append(n / (time.perf_counter() - t0))
+        if ours:
+            ds = build_datasets(whole, version, manifest, (root, pix))["train"]
+        else:  # what build_datasets reads, from the copies
+            copies = {"image_size": size, "shards": [{**s, "path": os.path.basename(p)} for s, p in
+                                                     zip(train_shards, paths, strict=True)]}
+            ds = ray.data.read_datasource(pixel_source(open_location(tmp), copies, "train", FEED_BLOCK_BYTES))
+        by_codec[codec] = {"plain": max(plain), "ray": max(ray_feed(ds, batch, size, passes)),
+                           "mb": sum(i.size for i in fs.get_file_info(paths)) / 1e6}
+    out["codecs"] = by_codec
+    ds = build_datasets(whole, version, manifest, (root, pix))["train"]
+    out["pixels_shuffled_1cpu"] = max(ray_feed(ds, batch, size, passes, shuffle=4 * batch))
+    ds = build_datasets(cfg, version, manifest)["train"]
+    out["ray_data_1cpu"] = max(ray_feed(ds, batch, size, 2))
     blobs = []
     for b in read_split(version, manifest, "train", ["image"], 64):
         blobs += b.column("image").to_pylist()
@@ -308,8 +386,15 @@ def main() -> None:
         r = bench_feed_rate(a.lake, a.size, a.limit, a.batch)
         print(f"[feed] pixel shards (data.pixels), built once: {r['pixels_rows']} images in "
               f"{r['pixels_build_s']:.1f} s on {os.cpu_count()} CPUs")
-        print(f"[feed] Ray Data on 1 CPU, {a.size}px: pixel shards (a streamed epoch) "
-              f"{r['pixels_1cpu']:.0f} img/s per CPU; decoding JPEGs (a build, a cached first epoch) "
+        ours = r["codecs"][r["compression"]]
+        print(f"[feed] {r['train_rows']} train images, {a.size}px, best of 3 passes: plain reader (pyarrow "
+              f"+ numpy, 1 thread, no Ray) {ours['plain']:.0f} img/s; Ray Data feed on 1 CPU "
+              f"{ours['ray']:.0f} img/s, {r['pixels_shuffled_1cpu']:.0f} with the workers' local shuffle; "
+              f"ratio Ray/plain = {ours['ray'] / ours['plain']:.2f} (goal >= 0.5; >= 5000 img/s at 160px)")
+        print("[feed] compression of the pixel shards (" + r["compression"] + " written): " + "; ".join(
+            f"{c} {v['mb']:.0f} MB plain {v['plain']:.0f} img/s Ray {v['ray']:.0f} img/s"
+            for c, v in r["codecs"].items()))
+        print(f"[feed] Ray Data on 1 CPU decoding JPEGs (a build, a cached first epoch) "
               f"{r['ray_data_1cpu']:.0f} img/s per CPU (decode alone: {r['decode_per_cpu_s']:.0f} img "
               "per CPU-second)")
         for (model, size), (rate, src) in sorted(gpu_rates().items()):
@@ -317,7 +402,7 @@ def main() -> None:
                 note = "" if size == a.size else \
                     f" (at {size}px a row is {(size / a.size) ** 2:.1f}x the bytes)"
                 print(f"[feed]   {model} {size}px trains at {rate:.0f} img/s on the GPU of {src} -> needs "
-                      f"{rate / r['pixels_1cpu']:.1f} CPUs of pixel-shard feed per GPU streaming, "
+                      f"{rate / ours['ray']:.1f} CPUs of pixel-shard feed per GPU streaming, "
                       f"{rate / r['ray_data_1cpu']:.1f} decoding{note}")
     if "default" not in a.skip:
         d = bench_default(a.lake, a.limit, a.limit_val, a.epochs, a.batch, threads)

@@ -198,6 +198,9 @@ class TrainConfig:
     grad_clip: float = flag(0.0, "clip the gradients' global norm to this (0 = off)")
     accum_steps: int = flag(1, "batches whose gradients are summed into one optimiser step (the "
                                "effective batch is accum_steps x batch_size x num_workers)")
+    compile: bool = flag(False, "torch.compile the training step (opt-in: the first steps compile, "
+                                "a minute or more on a CPU; validation and checkpoints use the "
+                                "plain module)")
     cpus_per_worker: float = flag(0.0, "CPUs per train worker; 0 = auto (at least one CPU left to Ray Data)")
     threads_per_worker: int = flag(0, "torch intra-op threads per worker; 0 = the CPUs Ray assigned it")
     max_failures: int = flag(2, "worker failures survived (restart from the latest checkpoint)")

@@ -349,6 +349,11 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     rate = load("train").gpu_rates()[("brainnet", 160)][0]
     assert f"brainnet 160px trains at {rate:.0f} img/s" in out and "CPUs of pixel-shard feed per GPU" in out
     assert "pixel shards (data.pixels), built once: " in out
+    # the plain pyarrow reader of the same shard files is the feed's peer, in the same run
+    peer = next(line for line in out.splitlines() if "plain reader (pyarrow" in line)
+    assert "Ray Data feed on 1 CPU" in peer and "ratio Ray/plain = " in peer
+    codecs = next(line for line in out.splitlines() if "[feed] compression of the pixel shards" in line)
+    assert all(f"{c} " in codecs for c in ("none", "lz4", "zstd"))
     assert "[default]" in out and "ratio Ray/plain = " in out
     # trainer: one round, the Ray run between two plain runs, 2 timed epochs each (4 batches of
     # 4), every epoch's rate printed, the overhead the median of the rounds' bracketed ones

@@ -80,6 +80,14 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+def compiled(model: nn.Module, on: bool) -> nn.Module:
+    """The model the training steps run: torch.compile'd when asked, else as given. Compile the
+    DDP wrapper, not its module, so DDP's graph breaks fall at its gradient buckets and the
+    all-reduce still overlaps the backward. It shares its parameters with the plain module,
+    which validation, EMA and checkpoints keep using (no `_orig_mod.` in any state dict)."""
+    return torch.compile(model) if on else model
+
+
 # -- schedule ---------------------------------------------------------------------------------
 def lr_lambda(warmup_epochs: float, epochs: int, steps_per_epoch: int):
     """Linear warm-up, then cosine decay to zero at the last step."""

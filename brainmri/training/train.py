@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,8 +37,16 @@ from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import Location, check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
-from ..data.pixels import ensure_pixels, from_pixels, pixel_files
-from ..data.preprocess import preprocess_batch  # torch-free (Ray Data's decode workers)
+from ..data.pixels import (
+    decode_pixels,
+    ensure_pixels,
+    from_pixels,
+    load_pixels,
+    pixel_files,
+    pixel_source,
+    pixels_root,
+)
+from ..data.preprocess import preprocess_batch  # noqa: F401  (torch-free: what decode_pixels maps)
 from ..models.checkpoints import (
     CKPT_FILE,
     META_FILE,
@@ -49,7 +58,7 @@ from ..models.checkpoints import (
 )
 from ..models.zoo import check_model_name, count_params, create_model, full_shape
 from .distill import load_teacher, teacher_record
-from .engine import FitState, Recipe, ShardBatches, fit, to_channels_last
+from .engine import FitState, Recipe, ShardBatches, compiled, fit, to_channels_last
 from .finalize import finalize
 from .progress import EpochLines
 from .recipe import build_recipe, optimizer_steps
@@ -69,6 +78,23 @@ class RunSpec:
     versions: dict  # the driver's library versions, recorded in every checkpoint
     run_uri: str  # runs/<name>/: history.json beside Ray's checkpoints
     teacher: dict | None = None  # training.distill.teacher_record, checked by the driver
+
+
+def pixel_batch(size: int):
+    """iter_torch_batches' collate_fn for pixel rows: a pyarrow batch -> {'x': uint8 [B, S, S],
+    'label': int64 [B]} tensors over the batch's own buffer (Ray's guidance for speed: an
+    ArrowBatchCollateFn). Ray's default conversion makes one Python bytes object of each
+    fixed_size_binary row. The tensors are read-only views; the loops never write into a batch
+    (they convert to float first), so torch's warning about it is silenced."""
+    from ray.data.collate_fn import ArrowBatchCollateFn  # ray.data: seconds to import, workers only
+
+    class PixelBatch(ArrowBatchCollateFn):
+        def __call__(self, batch) -> dict:
+            b = from_pixels(batch, size)
+            return {"x": torch.from_numpy(b["x"]), "label": torch.from_numpy(b["label"])}
+
+    warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+    return PixelBatch()
 
 
 def _threads() -> int:
@@ -97,15 +123,46 @@ def _checkpoint_state(spec: RunSpec, raw: nn.Module, recipe: Recipe, epoch: int,
     return state
 
 
-def resume(raw: nn.Module, recipe: Recipe, steps_per_epoch: int = 0) -> FitState:
-    """A replaced worker or a re-run driver continues from Ray's latest checkpoint."""
+def checkpoint_dir(epoch: int) -> str:
+    """The folder of an epoch's checkpoint in the run folder, named by its epoch (not Ray's
+    default timestamp), so that `resume` can find one Ray never registered."""
+    return f"checkpoint_{epoch:06d}"
+
+
+def committed_checkpoint(run_uri: str | None, after: int) -> dict | None:
+    """The checkpoint of the last epoch in the run's history.json when that epoch is later
+    than `after` (the epoch of Ray's latest checkpoint; -1: none), else None.
+
+    Rank 0 writes history.json only once report() has persisted the epoch's checkpoint, but
+    Ray's controller registers a checkpoint only when it next polls every rank: a host lost
+    in between (the cluster tier kills one right after an epoch) left Ray's latest checkpoint
+    an epoch behind, or none at all, and the replaced worker group trained the finished
+    epochs again, from epoch 0 after the first one. The file history.json vouches for is
+    whole (persisted before history.json was written)."""
+    if not run_uri:
+        return None
+    run = open_location(run_uri)
+    history = (run / "history.json").read_json() if (run / "history.json").exists() else []
+    last = history[-1]["epoch"] if history else -1
+    path = run / checkpoint_dir(last) / CKPT_FILE
+    if last <= after or not path.exists():  # not newer; or a run from before epoch-named folders
+        return None
+    state = load_state(path.read_bytes())
+    return state if state["epoch"] == last else None
+
+
+def resume(raw: nn.Module, recipe: Recipe, steps_per_epoch: int = 0, run_uri: str | None = None) -> FitState:
+    """A replaced worker or a re-run driver continues from the latest checkpoint: Ray's, or a
+    newer one in the run folder `run_uri` that Ray never registered (committed_checkpoint)."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if not ckpt:
+    state, ckpt = None, ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_state(Path(d, CKPT_FILE).read_bytes())
+    state = committed_checkpoint(run_uri, state["epoch"] if state else -1) or state
+    if state is None:
         return FitState()
-    with ckpt.as_directory() as d:
-        state = load_state(Path(d, CKPT_FILE).read_bytes())
     raw.load_state_dict(state.get("train_model", state["model"]))
     if recipe.ema is not None:
         recipe.ema.module.load_state_dict(state["model"])
@@ -135,8 +192,9 @@ def where_ranks_run(placement: str) -> dict:
             "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)]}
 
 
-def report(metrics: dict, state: dict | None) -> None:
-    """Every rank reports once per epoch; only rank 0 passes a checkpoint (state)."""
+def report(metrics: dict, state: dict | None, epoch: int | None = None) -> None:
+    """Every rank reports once per epoch; only rank 0 passes a checkpoint (state), into the
+    run folder's checkpoint_dir(epoch) (Ray's timestamped name without an epoch)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +206,8 @@ def report(metrics: dict, state: dict | None) -> None:
         # stops this trial early removes it (Ray only reaps it where the State API works)
         pg = ray.util.get_current_placement_group()
         ray.train.report({**metrics, "placement_group": pg.id.hex() if pg else ""},
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint,
+                         checkpoint_dir_name=None if epoch is None else checkpoint_dir(epoch))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -167,17 +226,19 @@ def train_loop_per_worker(config: dict) -> None:
                          pretrained=cfg.pretrained or None)
     model = ray.train.torch.prepare_model(to_channels_last(model))
     raw = getattr(model, "module", model)  # evaluation and checkpoints use this one
+    model = compiled(model, cfg.compile)  # the training steps only
     batches = max(1, spec.train_rows // world // cfg.batch_size)  # equal shards, drop_last
     teacher = load_teacher(spec.teacher, device) if spec.teacher else None
     recipe = build_recipe(cfg, raw, spec.train_counts, device, batches, rank, teacher)
-    run = resume(raw, recipe, optimizer_steps(cfg, batches))  # the driver says so (progress.EpochLines)
+    run = resume(raw, recipe, optimizer_steps(cfg, batches), spec.run_uri)  # the driver says so
+    # (progress.EpochLines)
     placed = {**where_ranks_run(cfg.placement), "precision": recipe.precision}
     if rank == 0:  # a replaced worker group rewrites it: where the ranks run now
         (open_location(spec.run_uri) / "placement.json").write_json(placed)
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
-    loader_kw = dict(batch_size=cfg.batch_size, dtypes={"x": torch.uint8, "label": torch.int64},
+    loader_kw = dict(batch_size=cfg.batch_size, collate_fn=pixel_batch(cfg.image_size),
                      device="cpu", pin_memory=cfg.gpu, prefetch_batches=4 if cfg.gpu else 1)
     train_src = ShardBatches(ray.train.get_dataset_shard("train"), loader_kw, cfg.cache, True, True,
                              cfg.seed * 7919 + rank, pin=cfg.gpu)
@@ -187,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_epoch(epoch: int, metrics: dict, state: FitState, stop: bool) -> None:
         ckpt = _checkpoint_state(spec, raw, recipe, epoch, state) if rank == 0 else None
-        report(metrics, ckpt)  # side effects on rank 0 only
+        report(metrics, ckpt, epoch)  # side effects on rank 0 only
         if rank == 0:  # after report() has persisted the checkpoint: history never runs ahead
             (open_location(spec.run_uri) / "history.json").write_json(state.history)
 
@@ -250,40 +311,43 @@ def _data_config():
 # batch of every streamed epoch then waited for all of them to be decoded (measured: 13-19 s
 # for the 4.4k-image train split on one CPU), and nothing overlapped the model. At 4 MiB
 # (~160 images at 160 px) a decode task hands its blocks on as they fill. Reads stay one
-# task a file, so a split decodes on at most as many CPUs as it has files.
+# task a file, so a split decodes on at most as many CPUs as it has files. The pixel-shard
+# source slices its files to the same size (measured on 1 CPU: 16 and 64 MiB were no faster).
 FEED_BLOCK_BYTES = 4 << 20
 
 
 def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
-    """Ray Data's train and val feeds: {'x': uint8 [B, S, S], 'label'} rows. From the
+    """Ray Data's train and val feeds: pixel rows {'x': fixed_size_binary[S*S], 'label'}
+    (the pixel-shard schema; `pixel_batch` turns a batch of them into tensors). From the
     version's shards (decoding each image), or with `pixels` = (root, pixels.json) from
-    `data.pixels.ensure_pixels` from pixel shards already preprocessed at cfg.image_size."""
+    `data.pixels.ensure_pixels` from pixel shards already preprocessed at cfg.image_size:
+    then Ray Data only reads, with no operator of ours between the file and the worker."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # logs, not bars, in jobs
     ds = {}
     for split, limit in (("train", cfg.limit_train), ("val", cfg.limit_val)):
-        if pixels:  # preprocessed already: only the stored bytes to reshape
+        if pixels:  # preprocessed already: the stored rows are the feed's rows, as they are
             root, pix = pixels
             if pix["image_size"] != cfg.image_size:
                 raise ConfigError(f"pixel shards {root.uri} are {pix['image_size']} px, "
                                   f"not {cfg.image_size}")
-            files, fs, where = pixel_files(root, pix, split), root.fs, f"pixel shards {root.uri}"
-            columns = ["x", "label"]
-            decode = dict(fn=from_pixels, batch_size=None, batch_format="pyarrow")
+            if not pixel_files(root, pix, split):
+                raise ConfigError(f"pixel shards {root.uri} have no {split} shards")
+            d = ray.data.read_datasource(pixel_source(root, pix, split, FEED_BLOCK_BYTES))
         else:
-            files, fs, where = split_files(version, manifest, split), version.fs, f"dataset {version.uri}"
-            columns = ["image", "label"]
-            decode = dict(fn=preprocess_batch, batch_size=32, batch_format="numpy")
-        if not files:
-            raise ConfigError(f"{where} has no {split} shards")
-        # only the two columns are read (the rest of a row is metadata the feed never uses):
-        # Ray Data's projection pushdown hands select_columns to the Parquet scanner
-        # (read_parquet's columns= is deprecated and becomes this same select)
-        d = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
+            files = split_files(version, manifest, split)
+            if not files:
+                raise ConfigError(f"dataset {version.uri} has no {split} shards")
+            # only the two columns are read (the rest of a row is metadata the feed never uses):
+            # Ray Data's projection pushdown hands select_columns to the Parquet scanner
+            # (read_parquet's columns= is deprecated and becomes this same select)
+            d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
         if limit:
             d = d.limit(limit)
-        d = d.map_batches(fn_kwargs={"size": cfg.image_size}, **decode)
+        if not pixels:
+            d = d.map_batches(decode_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=32,
+                              batch_format="numpy")
         d.context.target_max_block_size = FEED_BLOCK_BYTES
         ds[split] = d
     return ds
@@ -394,15 +458,23 @@ def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None
     tracked = start_run(tracking and tracking.named("brainmri-train"), run.uri, cfg.name,  # None: off
                         {**to_dict(cfg), "dataset": dataset_info},
                         {"brainmri.dataset_version": manifest["version"]})
+    if finished(run, cfg.epochs):  # Ray Train would resume past its last epoch and train nothing
+        return _wrap_up(cfg, run, out, tracked, t0)
     init_ray()
     # streaming every epoch (cache off): decode once into pixel shards beside the version,
-    # not once an epoch (data.pixels); the cached feed decodes once in the workers anyway, and
-    # a quick run on the first N rows (limit_*) decodes just those rather than the version
+    # not once an epoch (data.pixels; the shards serve every later run). A quick look at the
+    # first N rows (limit_*) streams shards that exist but does not build the whole version's
+    # for them: it decodes its own rows. The cached feed decodes once in the workers anyway.
     pixels = None
-    if not (cfg.cache or cfg.limit_train or cfg.limit_val):
+    if not cfg.cache:
         with failing(tracked):
-            pixels = ensure_pixels(version, manifest, cfg.image_size)
-        dataset_info["pixels"] = pixels[0].uri
+            if not (cfg.limit_train or cfg.limit_val):
+                pixels = ensure_pixels(version, manifest, cfg.image_size)
+            else:
+                found = load_pixels(version, manifest, cfg.image_size)
+                pixels = (pixels_root(version, cfg.image_size), found) if found else None
+        if pixels:
+            dataset_info["pixels"] = pixels[0].uri
     (run / "config.json").write_json({"config": to_dict(cfg), "dataset": dataset_info, "teacher": p.teacher})
     spec = RunSpec(cfg=cfg, classes=list(classes), train_counts=train_counts,
                    train_rows=min(sum(train_counts), cfg.limit_train or 10**12), dataset=dataset_info,
@@ -427,6 +499,19 @@ def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None
     with failing(tracked), (EpochLines(run / "history.json", cfg.epochs, progress) if progress
                             else nullcontext()):
         trainer.fit()
+    return _wrap_up(cfg, run, out, tracked, t0)
+
+
+def finished(run: Location, epochs: int) -> bool:
+    """Every epoch of the run is in its history.json (rank 0 writes it only after that epoch's
+    checkpoint is persisted): a re-run, such as retrain's after a crash past training, has
+    nothing left to train, and publishes what the run holds without starting Ray."""
+    hist = run / "history.json"
+    return hist.exists() and [h.get("epoch") for h in hist.read_json()] == list(range(epochs))
+
+
+def _wrap_up(cfg: TrainConfig, run: Location, out: Location, tracked, t0: float) -> TrainResult:
+    """After training: `finalize` when the run publishes, summary.json, the tracked run's end."""
     history = (run / "history.json").read_json()
     best, model_uri = max(history, key=lambda h: h[METRIC]), None
     if cfg.publish:

@@ -3,12 +3,16 @@ tests, refused with harness.unavailable()'s one line where namespaces are unavai
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from pathlib import Path
 
 import pytest
 
 from tests.cluster import harness as hx
+
+HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +33,32 @@ def cluster(tmp_path_factory):
         guard.kill()
         guard.wait()
     assert not hx.leftovers(name)
+
+
+@pytest.fixture(scope="session")
+def fault_figures(cluster):
+    """What the fault tests measured, {fault: figures}: written to <cluster work>/faults.json
+    at the session's end, and to $BRAINMRI_CLUSTER_FIGURES when that names a file."""
+    figures: dict = {}
+    yield figures
+    if figures:
+        text = json.dumps(figures, indent=2, sort_keys=True) + "\n"
+        (cluster.work / "faults.json").write_text(text)
+        if os.environ.get("BRAINMRI_CLUSTER_FIGURES"):
+            Path(os.environ["BRAINMRI_CLUSTER_FIGURES"]).write_text(text)
+
+
+def pytest_collection_modifyitems(items):
+    """The fault tests after the other cluster tests: they kill hosts of the session's
+    cluster (test_pipeline's placement and disk checks expect the hosts it started with).
+    Under pytest-xdist every cluster test is one group, run by one worker: one cluster."""
+    for i in items:
+        if i.path.parent == HERE:
+            i.add_marker(pytest.mark.xdist_group("cluster"))
+    faults = [i for i in items if i.path.name == "test_faults.py" and i.path.parent == HERE]
+    if not faults:
+        return
+    rest = [i for i in items if i not in faults]
+    ours = [k for k, i in enumerate(rest) if i.path.parent == HERE]
+    at = (max(ours) + 1) if ours else len(rest)
+    items[:] = rest[:at] + faults + rest[at:]

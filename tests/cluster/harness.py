@@ -28,6 +28,7 @@ imports it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -255,12 +256,12 @@ class Cluster:
         octet = 10 + int(name[1:]) if re.fullmatch(r"w\d{1,2}", name) else None
         if octet is None or name in self.nodes:
             raise ValueError(f"worker name {name!r}: w1..w99, not one of {sorted(self.nodes)}")
-        before = len(self.alive_nodes()) if wait else 0
         self._host(name, octet)
+        ip = self.nodes[name].ip
         self._start(name, [*RAY_START, "--address", f"{self.head.ip}:{GCS_PORT}",
-                           "--node-ip-address", self.nodes[name].ip, "--num-cpus", "1"])
-        if wait:
-            self._wait(lambda: len(self.alive_nodes()) > before, f"{name} joining",
+                           "--node-ip-address", ip, "--num-cpus", "1"])
+        if wait:  # by its address: a host killed just before may still count as alive
+            self._wait(lambda: any(n.get("node_ip") == ip for n in self.alive_nodes()), f"{name} joining",
                        time.monotonic() + timeout, name)
         return self.nodes[name]
 
@@ -326,6 +327,49 @@ class Cluster:
                 return r
             time.sleep(3)
         return r
+
+    def submit_bg(self, entrypoint: list[str], log: Path | str, timeout: float = 600
+                  ) -> concurrent.futures.Future:
+        """submit() in a thread of its own: the future's result is the harness Run, while the
+        caller does something to the cluster meanwhile (kills a host, a driver)."""
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-job")
+        try:
+            return pool.submit(self.submit, entrypoint, log, timeout)
+        finally:
+            pool.shutdown(wait=False)
+
+    def s3(self):
+        """A boto3 S3 client of this machine's for the cluster's bucket."""
+        import boto3
+
+        env = self.s3_env()
+        return boto3.client("s3", endpoint_url=env["BRAINMRI_S3_ENDPOINT"], region_name=env["AWS_REGION"],
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def read_json(self, key: str, client=None):
+        """The JSON object at key in the bucket; None while there is none (or it is torn)."""
+        try:
+            body = (client or self.s3()).get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return json.loads(body)
+        except Exception:  # NoSuchKey, a connection refused: not there (yet)
+            return None
+
+    def node_by_ip(self, ip: str) -> Node:
+        [node] = [n for n in self.nodes.values() if n.ip == ip]
+        return node
+
+    def pids(self, name: str, *words: str) -> list[int]:
+        """Live processes on host `name` whose command line holds every one of `words`."""
+        out = []
+        for pid in _ns_pids(self.nodes[name].ns):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            line = " ".join(a.decode(errors="replace") for a in argv)
+            if all(w in line for w in words):
+                out.append(pid)
+        return out
 
     def upload(self, local: Path, prefix: str) -> list[str]:
         """Copy the files below `local` into the bucket under `prefix`, keyed by their path

@@ -18,7 +18,7 @@ from brainmri.data import pixels as P
 from brainmri.data.datasets import read_split, resolve_dataset
 from brainmri.data.ingest import ingest
 from brainmri.data.preprocess import preprocess_many
-from brainmri.training.train import build_datasets
+from brainmri.training.train import build_datasets, pixel_batch
 
 from support.data import real_subset
 
@@ -46,12 +46,13 @@ def _rows(x, y) -> list[tuple[int, bytes]]:
 
 
 def _feed(version, manifest, pixels, split):
+    """The rows as a training worker gets them (iter_torch_batches with train.pixel_batch)."""
     cfg = TrainConfig(data=str(version.uri), image_size=SIZE, cache=False)
     xs, ys = [], []
-    for b in build_datasets(cfg, version, manifest, pixels)[split].iter_batches(batch_size=7,
-                                                                                batch_format="numpy"):
-        xs.append(b["x"])
-        ys.append(b["label"])
+    for b in build_datasets(cfg, version, manifest, pixels)[split].iter_torch_batches(
+            batch_size=7, collate_fn=pixel_batch(SIZE), device="cpu"):
+        xs.append(b["x"].numpy())
+        ys.append(b["label"].numpy())
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -74,6 +75,9 @@ def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatc
         assert x.dtype == np.uint8 and x.shape == (n, SIZE, SIZE)
         # the feed's order is Ray Data's (training shuffles anyway): the same rows, as a set
         assert sorted(_rows(x, y)) == sorted(_rows(ref_x, ref_y))
+        # the decoding feed (cached runs, a first epoch) hands over the very same rows
+        dx, dy = _feed(version, manifest, None, split)
+        assert dx.dtype == np.uint8 and sorted(_rows(dx, dy)) == sorted(_rows(ref_x, ref_y))
         # the shards themselves, read in the manifest's order, are the source's order
         stored = pa.concat_tables([pq.read_table(p, filesystem=root.fs)
                                    for p in P.pixel_files(root, pix, split)])
@@ -208,3 +212,43 @@ def test_a_second_builder_waits_for_the_first_and_reuses_its_build(lake, ray_loc
     attempts = {s["path"].split("/")[0] for s in built["shards"]}
     names = {p.name for p in Path(root.path).iterdir() if not p.name.startswith(P.LEASE)}
     assert names == {*attempts, P.PIXELS_MANIFEST}  # one build
+
+
+def test_both_feeds_hand_the_workers_the_pixels_of_preprocess():
+    """The decoding feed's map function and the worker's collate_fn: the same uint8 pixels and
+    int64 labels as `preprocess_batch`, with the collate reading the batch's own buffer (no
+    copy of an unsliced single-chunk batch) whatever slice or chunking Ray hands it."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from brainmri.data.preprocess import preprocess_batch
+
+    rng = np.random.default_rng(1)
+    blobs = []
+    for shape in ((40, 30), (25, 50), (33, 33), (60, 20), (20, 20)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    batch = {"image": np.array(blobs, dtype=object), "label": np.array([3, 0, 2, 1, 0])}
+    ref = preprocess_batch(batch, SIZE)
+    t = P.decode_pixels(batch, SIZE)
+    assert t.schema.field("x").type == pa.binary(SIZE * SIZE)
+    collate = pixel_batch(SIZE)
+    got = collate(t)
+    assert got["x"].dtype == torch.uint8 and got["label"].dtype == torch.int64
+    assert np.array_equal(got["x"].numpy(), ref["x"]) and got["label"].tolist() == [3, 0, 2, 1, 0]
+    assert got["x"].data_ptr() == t.column("x").chunk(0).buffers()[1].address  # a view, not a copy
+    part = collate(pa.concat_tables([t.slice(1, 2), t.slice(4, 1)]))
+    assert np.array_equal(part["x"].numpy(), ref["x"][[1, 2, 4]]) and part["label"].tolist() == [0, 2, 0]
+    empty = P.decode_pixels({"image": np.array([], dtype=object), "label": np.array([], np.int64)}, SIZE)
+    assert empty.num_rows == 0 and collate(empty)["x"].shape == (0, SIZE, SIZE)
+
+
+def test_shards_are_written_with_the_measured_compression(lake, ray_local):
+    version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
+    root, pix = P.ensure_pixels(version, manifest, SIZE)
+    meta = pq.ParquetFile(P.pixel_files(root, pix, "train")[0], filesystem=root.fs).metadata
+    codec = meta.row_group(0).column(0).compression
+    assert codec.lower() == {"none": "uncompressed"}.get(P.COMPRESSION, P.COMPRESSION)

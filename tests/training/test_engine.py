@@ -197,6 +197,7 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
     assert row["model"] == "brainnet" and row["backend"] == "gloo" and row["images_per_s"] > 0
     assert row["val_match"] is True and 0 <= row["copy_share"] <= 1 and 0 <= row["augment_share"] <= 1
     assert np.isfinite(row["train_loss"])
+    assert row["resident_images_per_s"] > 0 and row["host_path_ratio"] > 0 and row["compile"] is False
     assert row["teacher_members"] == 2 and row["taught_step_ms"] > 0 and np.isfinite(row["taught_train_loss"])
 
 

@@ -1,0 +1,209 @@
+"""Faults on the cluster in a box (harness.py), each as it happens in production:
+
+- a worker host lost mid-epoch (every process on it SIGKILLed, no notice: a spot reclaim)
+  while a replacement host joins: Ray Train restarts the worker group (FailureConfig,
+  `--max-failures`) from the latest checkpoint in S3 and the run finishes;
+- the job's driver SIGKILLed on the head: the same run name submitted again resumes from
+  the checkpoint in S3, after the last completed epoch;
+- a retrain tick from another host while one runs on the cluster: the lease in S3 lets
+  exactly one of them work and promote; the other says the lease is held, in one line.
+
+Each fault's figures (recovery seconds, epochs repeated, ...) go to the session's
+`fault_figures` (conftest: written to <cluster work>/faults.json, and to
+$BRAINMRI_CLUSTER_FIGURES when set). Runs live under s3://<bucket>/faults, apart from
+test_pipeline's lake (whose tests count its models and reports)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.cluster import harness as hx
+
+from support.data import real_subset
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
+PER_CLASS = 8
+EPOCHS = 3
+# tiny runs: 64 px, width 8, batches of 4 (a few steps an epoch on each of 2 ranks); every
+# epoch streams its rows from S3 through Ray Data (--no-cache: the feed of data larger than
+# memory), else an epoch after the first takes 0.1 s and no fault lands inside one
+TRAIN = ["--num-workers", "2", "--placement", "spread", "--epochs", str(EPOCHS), "--batch-size", "4",
+         "--image-size", "64", "--set", "model_args.width=8", "--no-publish", "--no-cache"]
+
+
+@pytest.fixture(scope="module")
+def lake(cluster, tmp_path_factory):
+    """s3://<bucket>/faults: the source uploaded and ingested (local engine, on the head)."""
+    src = real_subset(tmp_path_factory.mktemp("faults-src"), per_class=PER_CLASS)
+    assert len(cluster.upload(src, "faults/src")) == 4 * PER_CLASS
+    lake = f"s3://{cluster.bucket}/faults"
+    cluster.submit(["jobs/ingest.py", f"{lake}/src", lake], cluster.work / "faults-ingest.log").check()
+    return lake
+
+
+def train_job(lake: str, run: str) -> list[str]:
+    return ["jobs/train.py", "--data", lake, "--out", lake, "--name", run, *TRAIN]
+
+
+def epochs_in(history) -> list[int]:
+    return [h["epoch"] for h in history or []]
+
+
+def wait_for(what: str, ready, timeout: float, job=None, poll: float = 0.25):
+    """ready()'s first truthy value; fails with `what` on the timeout or when `job` (a
+    future) ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = ready()
+        if got:
+            return got
+        if job is not None and job.done():
+            r = job.result()
+            pytest.fail(f"{what}: the job ended first: {r.describe()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def resumed_at(history: list) -> list[int]:
+    """The epochs at which the run resumed (a history row counts its run's resumes so far)."""
+    out, seen = [], 0
+    for h in history:
+        if h.get("resumes", 0) > seen:
+            out.append(h["epoch"])
+            seen = h["resumes"]
+    return out
+
+
+def test_a_worker_host_lost_mid_epoch_is_replaced_and_the_run_resumes_from_s3(cluster, lake,
+                                                                              fault_figures):
+    """Spot reclaim: the host of rank 0 (it writes the checkpoints) is powered off mid-epoch
+    and a new host joins. Ray Train replaces the worker group, which resumes from the last
+    checkpoint in S3: every epoch is in the history exactly once, at most the epoch in flight
+    is trained again, and the killed host is no longer among the ranks."""
+    run, s3 = "nodeloss", cluster.s3()
+    key = f"faults/runs/{run}"
+    job = cluster.submit_bg(train_job(lake, run), cluster.work / f"{run}.log", timeout=900)
+    history = wait_for("the first epoch's checkpoint", lambda: cluster.read_json(f"{key}/history.json", s3),
+                       600, job)
+    placed = cluster.read_json(f"{key}/placement.json", s3)
+    rank0 = cluster.node_by_ip(placed["ranks"][0]["ip"])
+    before = epochs_in(cluster.read_json(f"{key}/history.json", s3) or history)
+    t_kill = time.monotonic()
+    cluster.kill(rank0.name)  # every process on the host, SIGKILL, no notice
+    killed_s = time.monotonic() - t_kill
+    spare = f"w{max(int(n[1:]) for n in cluster.nodes if n.startswith('w')) + 1}"
+    cluster.add_worker(spare)  # the autoscaler's replacement
+    joined_s = time.monotonic() - t_kill
+
+    def regrouped():  # rank 0 of the new worker group rewrites placement.json
+        p = cluster.read_json(f"{key}/placement.json", s3)
+        return p if p and p != placed else None
+
+    new_placed = wait_for("the worker group restarted", regrouped, 600, job)
+    restarted_s = time.monotonic() - t_kill
+    wait_for("an epoch after the kill", lambda: epochs_in(cluster.read_json(f"{key}/history.json", s3))[-1:]
+             > before[-1:], 600, job)
+    next_epoch_s = time.monotonic() - t_kill
+    r = job.result().check()
+    history = cluster.read_json(f"{key}/history.json", s3)
+
+    assert epochs_in(history) == list(range(EPOCHS)), epochs_in(history)  # each epoch once
+    # one restart, from the checkpoint, not from epoch 0
+    assert len(resumed_at(history)) == 1, (before, history)
+    [resumed] = resumed_at(history)
+    assert before and before[-1] + 1 <= resumed <= before[-1] + 2, (before, resumed)
+    ranks = {x["node_id"] for x in new_placed["ranks"]}
+    assert placed["ranks"][0]["node_id"] not in ranks and len(ranks) == 2, (placed, new_placed)
+    assert "resumed from the checkpoint of epoch" in r.output()
+    last = history[-1]
+    fault_figures["worker_host_lost"] = {
+        "killed": rank0.name, "replacement": spare, "epochs": EPOCHS,
+        "last_epoch_checkpointed_at_kill": before[-1], "resumed_at_epoch": resumed,
+        # the epoch in flight at the kill is trained again (0 when its checkpoint had landed)
+        "epochs_repeated": 1 if resumed == before[-1] + 1 else 0,
+        "kill_s": round(killed_s, 2), "replacement_joined_s": round(joined_s, 1),
+        "worker_group_restarted_s": round(restarted_s, 1), "next_epoch_done_s": round(next_epoch_s, 1),
+        "epoch_seconds": [round(h["epoch_seconds"], 2) for h in history],
+        "replacement_used": cluster.nodes[spare].ip in {x["ip"] for x in new_placed["ranks"]},
+        "job_s": round(r.seconds, 1),
+        "final": {k: last[k] for k in ("train_loss", "val_accuracy", "val_macro_f1") if k in last},
+    }
+
+
+def test_a_killed_driver_is_resubmitted_and_resumes_after_the_last_epoch(cluster, lake, fault_figures):
+    """The job's driver (its python on the head) SIGKILLed after an epoch: the job fails,
+    its workers go with it; the same run name submitted again resumes from the checkpoint in
+    S3: it starts after the last completed epoch, not from 0, and every epoch is in the
+    history once."""
+    run, s3 = "driverkill", cluster.s3()
+    key = f"faults/runs/{run}"
+    entry = train_job(lake, run)
+    job = cluster.submit_bg(entry, cluster.work / f"{run}.log", timeout=900)
+    wait_for("the first epoch", lambda: cluster.read_json(f"{key}/history.json", s3), 600, job)
+    # the driver's python (a shell may stand between it and Ray's job supervisor)
+    drivers = [p for p in cluster.pids("head", "jobs/train.py", f"--name {run}")
+               if "python" in hx.Path(f"/proc/{p}/comm").read_text()]
+    assert len(drivers) == 1, drivers
+    done = epochs_in(cluster.read_json(f"{key}/history.json", s3))
+    t_kill = time.monotonic()
+    hx.os.kill(drivers[0], hx.signal.SIGKILL)
+    first = job.result()
+    failed_s = time.monotonic() - t_kill
+    assert not first.ok, first.describe()
+    assert epochs_in(cluster.read_json(f"{key}/history.json", s3))[:len(done)] == done
+
+    again = cluster.submit(entry, cluster.work / f"{run}.log", timeout=900).check()
+    history = cluster.read_json(f"{key}/history.json", s3)
+    assert epochs_in(history) == list(range(EPOCHS)), epochs_in(history)
+    [resumed] = resumed_at(history)
+    assert done[-1] + 1 <= resumed <= done[-1] + 2, (done, resumed)  # after the last epoch, not 0
+    assert f"resumed from the checkpoint of epoch {resumed}" in again.output()
+    fault_figures["driver_killed"] = {
+        "epochs": EPOCHS, "last_epoch_seen_at_kill": done[-1], "resumed_at_epoch": resumed,
+        "epochs_repeated": 1 if resumed == done[-1] + 1 else 0,
+        "job_failed_after_kill_s": round(failed_s, 1), "first_job_s": round(first.seconds, 1),
+        "resubmitted_job_s": round(again.seconds, 1),
+    }
+
+
+def test_two_retrain_ticks_on_two_hosts_exactly_one_works_and_promotes(cluster, lake, fault_figures):
+    """Tick A runs as a job on the cluster (its driver on the head); while it holds the lease,
+    tick B starts on another host (this machine, a client on the cluster's network) on the
+    same store: B exits 0 saying in one line that the lease is held, and by whom; A ingests,
+    trains, evaluates and promotes; one audit record, one champion."""
+    store, ds = lake, "leased"
+    args = ["--store", store, "--dataset", ds, "--incoming", f"{lake}/src",
+            *[f"--train={kv}" for kv in ("epochs=1", "batch_size=4", "image_size=64", "model_args.width=8",
+                                         "num_workers=2", "placement=spread")]]
+    s3 = cluster.s3()
+    lock = f"faults/retrain/{ds}/lock.json"
+    a = cluster.submit_bg(["jobs/retrain.py", *args], cluster.work / "retrain-a.log", timeout=900)
+    def holding():
+        body = cluster.read_json(lock, s3)
+        return body if body and not body.get("released") else None
+
+    held = wait_for("tick A holding the lease", holding, 600, a)
+    t0 = time.monotonic()
+    b = hx.bench.run([str(hx.VENV_BIN / "brainmri"), "retrain", *args], cluster.work / "retrain-b.log",
+                     timeout=300, env=cluster.client_env())
+    b_s = time.monotonic() - t0
+    ra = a.result().check()
+    assert b.ok, b.describe()
+    said = [ln for ln in b.output().splitlines() if ln.startswith("retrain:")]
+    assert len(said) == 1, b.output()
+    assert said[0].startswith(f"retrain: locked: s3://{cluster.bucket}/{lock} is held by {held['host']} "), \
+        said
+    assert held["host"] == cluster.head.ns  # A's driver: the head host
+    assert not a.running() and "retrain: promote" in ra.output(), ra.tail()
+    audit = s3.list_objects_v2(Bucket=cluster.bucket,
+                               Prefix=f"faults/retrain/{ds}/audit/").get("Contents", [])
+    assert len(audit) == 1, audit
+    champion = cluster.read_json(f"faults/retrain/{ds}/champion.json", s3)
+    assert champion and champion.get("model"), champion
+    fault_figures["retrain_lease"] = {
+        "tick_a_host": held["host"], "tick_b_s": round(b_s, 1), "tick_b_line": said[0][:200],
+        "tick_a_s": round(ra.seconds, 1), "audit_records": len(audit),
+    }
