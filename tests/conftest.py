@@ -11,10 +11,12 @@ import pytest
 def pytest_collection_modifyitems(items):
     """A test on the shared Ray cluster is marked `ray`, and `slow` unless it is marked
     `quick` (most of them train or run pipelines), so a new Ray test lands in the fast loop
-    only when someone has said it is quick."""
+    only when someone has said it is quick. Under pytest-xdist (`-n 2 --dist loadgroup`) the
+    Ray tests are one group, run by one worker: one shared Ray cluster, as without xdist."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group("ray"))
             if item.get_closest_marker("quick") is None:
                 item.add_marker(pytest.mark.slow)
 
