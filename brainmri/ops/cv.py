@@ -5,8 +5,9 @@ this data as a mean and a spread, not one split's luck.
     fold i: a dataset version of its own, OUT/cv/<name>/datasets/<dataset>/<version>-k<K>s<seed>f<i>/
             test = fold i (held out); val = some groups of the other folds (the recipe chooses
             its checkpoint and decision rule on them); train = the rest
-    each fold: run_training (the recipe, publishing into the cv store, never OUT/models/) and
-            evaluate on its test split, as Ray tasks, as many at once as the cluster holds
+    each fold: run_training (the recipe, publishing into the cv store, never OUT/models/) as
+            Ray tasks, as many at once as the cluster holds; then the driver evaluates each
+            fold's model on its test split
     --> OUT/cv/<name>/cv.json and cv.md: per fold, and mean, sd, min, max of accuracy,
         macro-F1, balanced accuracy and per-class recall; a copy beside the source version
         (datasets/<dataset>/<version>/cv/<name>.json)
@@ -170,21 +171,28 @@ def fold_config(cfg: CvConfig, fold: Location, store: Location, name: str) -> Tr
     return from_dict(TrainConfig, base)
 
 
-def run_fold(tcfg: dict, done: str) -> dict:
-    """One fold, in its own Ray task: train (resuming a run that exists), evaluate the
-    published model on the fold's test split (the held-out fold), record it in `done`."""
-    from ..config import EvaluateConfig
-    from ..evaluation.evaluate import evaluate
+def train_fold(tcfg: dict) -> dict:
+    """One fold's training, in its own Ray task (resuming a run that exists; a finished one is
+    published without starting Ray Train again) -> its published model and run."""
     from ..training.train import run_training
 
-    tc = from_dict(TrainConfig, tcfg)
-    res = run_training(tc)
-    ev = evaluate(EvaluateConfig(model=res.model_uri, data=tc.data, out=tc.out, split="test",
+    res = run_training(from_dict(TrainConfig, tcfg))
+    return {"model": res.model_uri, "run": res.run_uri}
+
+
+def evaluate_fold(tc: TrainConfig, trained: dict, done: Location) -> dict:
+    """The fold's model on its test split (the held-out fold), from the driver once training
+    is over: inside the training task its evaluation starved for CPUs on a 2-CPU machine
+    (the default recipe's 2 workers), so every fold trains first, then each is evaluated."""
+    from ..config import EvaluateConfig
+    from ..evaluation.evaluate import evaluate
+
+    ev = evaluate(EvaluateConfig(model=trained["model"], data=tc.data, out=tc.out, split="test",
                                  gpu=tc.gpu, n_mistakes=0, cam_per_class=0))
     scores = ev.metrics["metrics"]["all"]  # metrics.json's figures on every image of the fold
-    rec = {"model": res.model_uri, "report": ev.report_uri, "run": res.run_uri,
+    rec = {**trained, "report": ev.report_uri,
            "metrics": {k: v for k, v in scores.items() if isinstance(v, (int, float))}}
-    open_location(done).write_json(rec)
+    done.write_json(rec)
     return rec
 
 
@@ -231,23 +239,23 @@ def run_cv(cfg: CvConfig, tracking=None) -> CvResult:
     plan = concurrency(TuneConfig(workers_per_trial=configs[0].num_workers, gpu=cfg.gpu,
                                   max_concurrent=cfg.max_concurrent, num_samples=cfg.folds),
                        res.get("CPU", 1.0), res.get("GPU", 0.0))
-    task = ray.remote(num_cpus=0.01, max_retries=0)(run_fold)  # it only waits on its trainer
+    task = ray.remote(num_cpus=0.01, max_retries=0)(train_fold)  # it only waits on its trainer
     records: dict[int, dict] = {}
-    pending, running = list(range(cfg.folds)), {}
+    trained: dict[int, dict] = {}
+    done = [store / "folds" / f"fold{i}.json" for i in range(cfg.folds)]
+    pending, running = [i for i in range(cfg.folds) if not done[i].exists()], {}
+    for i in set(range(cfg.folds)) - set(pending):  # finished by an earlier run of this estimate
+        records[i] = done[i].read_json()
     while pending or running:
         while pending and len(running) < plan.trials:
             i = pending.pop(0)
-            done = store / "folds" / f"fold{i}.json"
-            if done.exists():  # finished by an earlier run of the same estimate
-                records[i] = done.read_json()
-                continue
-            tc = configs[i]
             if plan.trials > 1:
-                tc.cpus_per_worker = plan.cpus_per_worker
-            running[task.remote(to_dict(tc), done.uri)] = i
-        if running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            records[running.pop(ready[0])] = ray.get(ready[0])
+                configs[i].cpus_per_worker = plan.cpus_per_worker
+            running[task.remote(to_dict(configs[i]))] = i
+        ready, _ = ray.wait(list(running), num_returns=1)
+        trained[running.pop(ready[0])] = ray.get(ready[0])
+    for i in sorted(trained):
+        records[i] = evaluate_fold(configs[i], trained[i], done[i])
     rows = [{"fold": i, **records[i]} for i in range(cfg.folds)]
     summary = summarise(rows, manifest["classes"])
     doc = {"name": name, "folds": cfg.folds, "seed": cfg.seed, "recipe": to_dict(configs[0]),
