@@ -140,14 +140,14 @@ def pixel_source(root: Location, pix: dict, split: str, block_bytes: int):
     return PixelShards()
 
 
-def pixel_table(x: np.ndarray, label):
-    """uint8 [N, S, S] images and their labels -> the pixel-shard (and feed) table: x as
-    fixed_size_binary[S*S] over the same buffer (no copy), label int64."""
+def pixel_table(x: np.ndarray, label, size: int):
+    """uint8 [N, S, S] images (N may be 0) and their labels -> the pixel-shard (and feed)
+    table: x as fixed_size_binary[S*S] over the same buffer (no copy), label int64."""
     import pyarrow as pa
 
     x = np.ascontiguousarray(x, np.uint8)
     n = len(x)
-    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(x[0].size if n else 1), n, [None, pa.py_buffer(x)])
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size * size), n, [None, pa.py_buffer(x)])
     return pa.table({"x": col, "label": pa.array(np.asarray(label, np.int64))})
 
 
@@ -155,11 +155,7 @@ def decode_pixels(batch: dict, size: int):
     """Ray Data map_batches function, the decoding feed: {'image': bytes, 'label'} -> the
     pixel-shard table, so both feeds hand the workers the same rows (read by `from_pixels`)."""
     x = preprocess_batch(batch, size)
-    if not len(x["x"]):
-        import pyarrow as pa
-
-        return pa.table({"x": pa.array([], pa.binary(size * size)), "label": pa.array([], pa.int64())})
-    return pixel_table(x["x"], x["label"])
+    return pixel_table(x["x"], x["label"], size)
 
 
 def _write_part(batch: dict, folder: Location, split: str, size: int) -> dict:
@@ -176,7 +172,7 @@ def _write_part(batch: dict, folder: Location, split: str, size: int) -> dict:
     if x.shape != (n, size, size):
         raise ValueError(f"preprocessed rows of shape {x.shape[1:]}, expected ({size}, {size})")
     buf = io.BytesIO()
-    pq.write_table(pixel_table(x, batch["label"]), buf, compression=COMPRESSION, use_dictionary=False)
+    pq.write_table(pixel_table(x, batch["label"], size), buf, compression=COMPRESSION, use_dictionary=False)
     data = buf.getvalue()
     name = f"part-{uuid.uuid4().hex[:16]}.parquet"
     (folder / name).write_bytes(data)
