@@ -18,6 +18,7 @@ from .config import (
     IngestConfig,
     PredictConfig,
     RetrainConfig,
+    RunFailed,
     ServeConfig,
     TrackingConfig,
     TrainConfig,
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StorageError, FileNotFoundError) as e:
         print(f"brainmri {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # started, then Ray gave up: not a usage error
+        print(f"brainmri {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

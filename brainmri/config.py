@@ -32,6 +32,11 @@ class ConfigError(ValueError):
     pass
 
 
+class RunFailed(RuntimeError):
+    """A run that started and could not finish (Ray gave up on it after its retries); the
+    message is one line for the user: what failed first, and that a re-run resumes."""
+
+
 def name_problem(name: str, what: str = "name") -> str | None:
     """Why `name` cannot be a path segment (no slashes, no '..'), or None if it can."""
     if not _NAME_RE.match(name or "") or ".." in name:

@@ -60,7 +60,7 @@ def s3_region() -> str:
 
 # Settings (never secrets) that Ray workers need to reach the same S3 endpoint as the driver.
 _WORKER_VARS = ("BRAINMRI_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION",
-                "AWS_DEFAULT_REGION")
+                "AWS_DEFAULT_REGION", "BRAINMRI_S3_MAX_ATTEMPTS")
 
 
 def worker_env() -> dict:
@@ -70,14 +70,47 @@ def worker_env() -> dict:
     return {k: os.environ[k] for k in _WORKER_VARS if os.environ.get(k)}
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
-    kwargs: dict = dict(region=s3_region(), connect_timeout=5, request_timeout=60,
-                        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+# Attempts per S3 request (AWS's standard retry: jittered exponential backoff, 20 s at most
+# between tries). 8 rides out an endpoint gone for a few seconds (measured: tests/core/
+# test_storage_outage.py) and gives up on a longer outage after about half a minute; pyarrow's
+# default, 3, gives up within a second or three.
+S3_MAX_ATTEMPTS = 8
+
+
+def s3_max_attempts() -> int:
+    raw = os.environ.get("BRAINMRI_S3_MAX_ATTEMPTS", "")
+    if not raw:
+        return S3_MAX_ATTEMPTS
+    if not raw.isdigit() or int(raw) < 1:
+        raise StorageError(f"BRAINMRI_S3_MAX_ATTEMPTS={raw!r} must be a whole number >= 1")
+    return int(raw)
+
+
+class S3Storage(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps its settings when pickled. Ray pickles the filesystem
+    into every worker and read task (RunConfig.storage_filesystem, read_parquet(filesystem=));
+    pyarrow's own pickling keeps the endpoint and timeouts but drops the retry strategy, so a
+    worker's checkpoint upload gave up on the first blip. Only settings travel, never
+    credentials: each process resolves those itself."""
+
+    def __init__(self, settings: dict):
+        settings = dict(settings)
+        attempts = settings.pop("max_attempts")
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **settings)
+        self.settings = {**settings, "max_attempts": attempts}
+
+    def __reduce__(self):
+        return S3Storage, (self.settings,)
+
+
+def _s3_filesystem() -> S3Storage:
+    settings: dict = dict(region=s3_region(), connect_timeout=5, request_timeout=60,
+                          max_attempts=s3_max_attempts())
     ep = s3_endpoint()
     if ep:
         u = urlparse(ep)
-        kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
-    return pafs.S3FileSystem(**kwargs)
+        settings.update(endpoint_override=u.netloc, scheme=u.scheme)
+    return S3Storage(settings)
 
 
 @dataclass(frozen=True)

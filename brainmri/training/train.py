@@ -20,6 +20,7 @@ resumes from the latest checkpoint, and a failed worker is replaced and resumes 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
 import time
@@ -31,10 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, TrainConfig, to_dict
+from ..config import ConfigError, RunFailed, TrainConfig, to_dict
 from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
-from ..core.storage import Location, check_name, open_location, worker_env
+from ..core.storage import Location, StorageError, check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
 from ..data.pixels import (
@@ -192,15 +193,19 @@ def where_ranks_run(placement: str) -> dict:
             "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)]}
 
 
-def report(metrics: dict, state: dict | None, epoch: int | None = None) -> None:
+def report(metrics: dict, state: dict | None, epoch: int | None = None) -> str | None:
     """Every rank reports once per epoch; only rank 0 passes a checkpoint (state), into the
-    run folder's checkpoint_dir(epoch) (Ray's timestamped name without an epoch)."""
+    run folder's checkpoint_dir(epoch) (Ray's timestamped name without an epoch).
+    -> the sha256 of the checkpoint file handed to Ray (rank 0), for `verify_persisted`."""
     import ray.train
 
+    digest = None
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if state is not None:
-            Path(tmp, CKPT_FILE).write_bytes(dump_state(state))
+            blob = dump_state(state)
+            Path(tmp, CKPT_FILE).write_bytes(blob)
+            digest = hashlib.sha256(blob).hexdigest()
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         # the worker group's placement group travels with the report: a Tune driver that
         # stops this trial early removes it (Ray only reaps it where the State API works)
@@ -208,6 +213,19 @@ def report(metrics: dict, state: dict | None, epoch: int | None = None) -> None:
         ray.train.report({**metrics, "placement_group": pg.id.hex() if pg else ""},
                          checkpoint=checkpoint,
                          checkpoint_dir_name=None if epoch is None else checkpoint_dir(epoch))
+    return digest
+
+
+def verify_persisted(run_uri: str, epoch: int, digest: str) -> None:
+    """The epoch's checkpoint is in the run folder, byte for byte, before history.json may
+    name the epoch. Ray uploads it with pyarrow's copy_files, which swallows an upload that
+    fails when the file is closed ("Error ignored when destroying file": seen with an S3
+    endpoint down mid-upload), and registers the checkpoint anyway."""
+    path = open_location(run_uri) / checkpoint_dir(epoch) / CKPT_FILE
+    found = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    if found != digest:
+        raise StorageError(f"the checkpoint of epoch {epoch} did not reach {path.uri} intact "
+                           f"({'missing' if found is None else 'sha256 differs'}): the epoch is not recorded")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -248,8 +266,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_epoch(epoch: int, metrics: dict, state: FitState, stop: bool) -> None:
         ckpt = _checkpoint_state(spec, raw, recipe, epoch, state) if rank == 0 else None
-        report(metrics, ckpt, epoch)  # side effects on rank 0 only
+        digest = report(metrics, ckpt, epoch)  # side effects on rank 0 only
         if rank == 0:  # after report() has persisted the checkpoint: history never runs ahead
+            verify_persisted(spec.run_uri, epoch, digest)
             (open_location(spec.run_uri) / "history.json").write_json(state.history)
 
     fit(model, recipe, train_src, val_src, spec.classes, device, epochs=cfg.epochs,
@@ -439,7 +458,7 @@ def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None
     `progress(line)`, when given, gets one line per epoch as the run goes (progress.EpochLines);
     `tracking`: an MLflow run (core.tracking). `given` is not changed: the resolved config is
     the one in the run's config.json and checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
@@ -498,8 +517,24 @@ def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None
     )
     with failing(tracked), (EpochLines(run / "history.json", cfg.epochs, progress) if progress
                             else nullcontext()):
-        trainer.fit()
+        try:
+            trainer.fit()
+        except TrainingFailedError as e:
+            raise RunFailed(f"run {run.uri} failed after {cfg.max_failures} restart(s): {first_cause(e)} "
+                            "(the same command resumes it from its last checkpoint)") from e
     return _wrap_up(cfg, run, out, tracked, t0)
+
+
+def first_cause(e: BaseException) -> str:
+    """One line for what made Ray Train give up: the lowest-ranked worker's own error (not
+    Ray's wrapper and traceback), else the controller's, else Ray's message."""
+    failures = getattr(e, "worker_failures", None) or {}
+    cause = failures[min(failures)] if failures else getattr(e, "controller_failure", None) or e
+    while getattr(cause, "cause", None) is not None:  # RayTaskError(...).cause: the user's error
+        cause = cause.cause
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    text = lines[-1] if lines and "Traceback" in str(cause) else (lines[0] if lines else "")
+    return f"{type(cause).__name__}: {text[:400]}"
 
 
 def finished(run: Location, epochs: int) -> bool:

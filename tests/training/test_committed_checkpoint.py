@@ -33,3 +33,22 @@ def test_nothing_newer_than_ray_s_or_nothing_to_vouch_for_leaves_ray_s(tmp_path)
     # a run from before epoch-named folders: Ray's timestamped ones are Ray's to choose
     old = run_folder(tmp_path / "old", 2, folders=[])
     assert committed_checkpoint(old.uri, after=-1) is None
+
+
+def test_an_epoch_is_recorded_only_when_its_checkpoint_is_in_storage_byte_for_byte(tmp_path):
+    """verify_persisted, before rank 0 writes history.json: pyarrow's copy_files (Ray's
+    upload) swallows a failed upload, and Ray registers the checkpoint anyway."""
+    import hashlib
+
+    import pytest
+
+    from brainmri.core.storage import StorageError
+    from brainmri.training.train import verify_persisted
+
+    run = run_folder(tmp_path, 2)
+    blob = (run / checkpoint_dir(1) / CKPT_FILE).read_bytes()
+    verify_persisted(run.uri, 1, hashlib.sha256(blob).hexdigest())  # there, whole: no error
+    with pytest.raises(StorageError, match=r"checkpoint of epoch 1 did not reach .* \(sha256 differs\)"):
+        verify_persisted(run.uri, 1, hashlib.sha256(blob + b"x").hexdigest())
+    with pytest.raises(StorageError, match=r"checkpoint of epoch 2 did not reach .* \(missing\)"):
+        verify_persisted(run.uri, 2, hashlib.sha256(blob).hexdigest())

@@ -17,17 +17,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from brainmri.config import ConfigError, IngestConfig, TrainConfig, load_config
+from brainmri.config import ConfigError, IngestConfig, RunFailed, TrainConfig, load_config
 from brainmri.core.metrics import confusion, from_confusion
 from brainmri.core.storage import StorageError, open_location
 from brainmri.data.datasets import resolve_dataset, split_files
 from brainmri.data.ingest import ingest
 from brainmri.data.transforms import preprocess_many, to_model_input
-from brainmri.models.checkpoints import CKPT_FILE, build_model, load_model_state
+from brainmri.models.checkpoints import CKPT_FILE, build_model, load_model_state, load_state
 from brainmri.models.decision import inference_record
+from brainmri.training import train as train_module
 from brainmri.training.train import prepare, run_training
 
 from support.data import REPO, real_subset
+from support.outage import OutageRelay
 from support.tiny import train_inprocess
 
 # tiny runs of a few epochs test the mechanics, pinned (no weight averaging or mixing, the
@@ -213,22 +215,70 @@ def test_a_teacher_teaches_every_worker_and_travels_with_the_model(small_lake, r
     assert len((run / "history.json").read_json()) == 2
 
 
-def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path):
+def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path, monkeypatch):
     """Dataset read from and checkpoints/model written to a loopback S3 server; with the
     worker cache off, so Ray Data tasks also build the pixel shards in the bucket and every
-    epoch streams them from it."""
+    epoch streams them from it. The endpoint goes away for 4 s twice (support.outage): in
+    the middle of the first checkpoint's upload and of a worker's pixel-shard read; both are
+    retried through the outage and the run goes on as if nothing happened."""
     lake = f"s3://{s3_bucket}/lake"
     ingest(str(real_subset(tmp_path / "src", per_class=20)), lake,
            IngestConfig(val_fraction=0.25, test_fraction=0.1, workers=1))
-    res = run_training(TrainConfig(data=lake, out=lake, name="t-s3", epochs=2, cache=False, **SMALL))
+    relay = OutageRelay(os.environ["BRAINMRI_S3_ENDPOINT"])
+    monkeypatch.setenv("BRAINMRI_S3_ENDPOINT", relay.endpoint)  # the driver, and workers via worker_env
+    upload = relay.arm("PUT", r"/runs/t-s3/checkpoint_000000/checkpoint\.pt", seconds=4)
+    reads = []  # armed once the driver has built the pixel shards: the workers' reads, not its own
+    build = train_module.ensure_pixels
+
+    def built_then_armed(*a, **kw):
+        out = build(*a, **kw)
+        reads.append(relay.arm("GET", r"/pixels/.*\.parquet", seconds=4))
+        return out
+
+    monkeypatch.setattr(train_module, "ensure_pixels", built_then_armed)
+    with relay:
+        # no restart allowed: the outages are ridden out by the retries, not by Ray Train
+        # restarting the workers
+        res = run_training(TrainConfig(data=lake, out=lake, name="t-s3", epochs=3, cache=False,
+                                       max_failures=0, **SMALL))
+    monkeypatch.setenv("BRAINMRI_S3_ENDPOINT", relay.upstream)  # read back past the relay
+    assert upload.started and reads[0].started, (upload, reads)  # both outages happened, mid-request
     pixels = open_location(res.run_uri + "/config.json").read_json()["dataset"]["pixels"]
     assert pixels.startswith(f"s3://{s3_bucket}/lake/datasets/")
     assert open_location(pixels + "/pixels.json").exists()
     assert res.run_uri.startswith("s3://") and res.model_uri.startswith(f"s3://{s3_bucket}/lake/models/")
     run = open_location(res.run_uri)
     assert len(run.listdir()) >= 3  # checkpoint(s), history, config
-    assert len((run / "history.json").read_json()) == 2
-    assert load_model_state(res.model_uri)["epoch"] in (0, 1)
+    assert [h["epoch"] for h in (run / "history.json").read_json()] == [0, 1, 2]  # each epoch once
+    kept = [d for d in run.listdir() if re.fullmatch(r"checkpoint_\d{6}", d)]
+    assert kept and all(load_state((run / d / CKPT_FILE).read_bytes())["epoch"] == int(d[11:]) for d in kept)
+    assert load_model_state(res.model_uri)["epoch"] in (0, 1, 2)
+
+
+def test_an_s3_outage_longer_than_the_retries_fails_the_run_in_one_line(small_lake, ray_local, s3_bucket,
+                                                                         tmp_path, monkeypatch):
+    """The first checkpoint's upload meets an endpoint gone for longer than the retries last
+    (2 attempts here, not 8, so the test waits seconds, not half a minute): the run fails
+    with one line naming the storage error, and nothing in the bucket passes for a
+    checkpoint or a finished epoch."""
+    lake = f"s3://{s3_bucket}/lake"
+    ingest(str(real_subset(tmp_path / "src", per_class=20)), lake,
+           IngestConfig(val_fraction=0.25, test_fraction=0.1, workers=1))
+    relay = OutageRelay(os.environ["BRAINMRI_S3_ENDPOINT"])
+    monkeypatch.setenv("BRAINMRI_S3_ENDPOINT", relay.endpoint)
+    monkeypatch.setenv("BRAINMRI_S3_MAX_ATTEMPTS", "2")
+    outage = relay.arm("PUT", r"/runs/t-s3-down/checkpoint_000000/", seconds=25)
+    with relay, pytest.raises(RunFailed) as e:
+        run_training(TrainConfig(data=lake, out=lake, name="t-s3-down", epochs=2, max_failures=0, **SMALL))
+    msg = str(e.value)
+    assert "\n" not in msg and "failed after 0 restart(s)" in msg and "resumes it" in msg, msg
+    assert "NETWORK_CONNECTION" in msg or "connect" in msg.lower(), msg
+    assert outage.started is not None
+    relay.wait(outage, 30)
+    monkeypatch.setenv("BRAINMRI_S3_ENDPOINT", relay.upstream)
+    run = open_location(f"{lake}/runs/t-s3-down")
+    assert not (run / "history.json").exists()
+    assert not (run / "checkpoint_000000" / CKPT_FILE).exists()
 
 
 def _train_worker_pids() -> list[int]:
