@@ -163,7 +163,8 @@ def bench_model(name: str, size: int, xs: torch.Tensor, ys: torch.Tensor, args, 
         torch.cuda.empty_cache()
     return {
         "model": name, "image_size": size, "params": params, "batch_size": args.batch_size,
-        "backend": dist.get_backend(), "device": str(device), "bf16_channels_last": cuda,
+        "backend": dist.get_backend(), "device": str(device),
+        "gpu_name": torch.cuda.get_device_name(device) if cuda else "cpu", "bf16_channels_last": cuda,
         "steps": args.steps, "images_per_s": steps_imgs / t_step, "step_ms": 1e3 * t_step / args.steps,
         "compile": args.compile, "resident_images_per_s": steps_imgs / t_resident,
         "host_path_ratio": t_resident / t_step,  # 1.0: the host side costs the step nothing

@@ -333,6 +333,23 @@ def test_scale_benchmark_checks_a_tiny_corpus(tmp_path):
     assert res["corpora"]["900"]["bad"] == 4 and res["corpora"]["900"]["near"] == 9
 
 
+@pytest.mark.slow  # its own Ray and one TorchTrainer run: a minute or two on 2 cores
+def test_gpu_path_benchmark_runs_on_cpu_and_says_how_the_path_compares(tmp_path):
+    """benchmarks.gpu_path, the device measurement prepared on CPU: generated scans (all kept
+    by ingest), the resident step, `brainmri train` streaming pixel shards, the ratio."""
+    out_json = tmp_path / "path.json"
+    r = bench("gpu_path", "--device", "cpu", "--synthetic", "64", "--model", "brainnet", "--size", "64",
+              "--batch-size", "8", "--epochs", "2", "--steps", "2", "--work", str(tmp_path / "w"),
+              "--json", str(out_json), log=tmp_path / "path.log", timeout=900).check()
+    d = json.loads(out_json.read_text())
+    assert d["device"] == "cpu" and d["published"] is None and d["train_rows"] >= 40
+    assert [e["epoch"] for e in d["epochs"]] == [0, 1] and d["path_images_per_s"] > 0
+    assert d["path_over_resident"] == pytest.approx(d["path_images_per_s"] / d["resident_images_per_s"])
+    assert "x the step on resident data; no published rate on record for this device" in r.output()
+    from benchmarks.gpu_path import PUBLISHED
+    assert set(PUBLISHED) == {"H200", "A100"}
+
+
 @pytest.mark.slow  # its own Ray, a TorchTrainer run and five sections: minutes on 2 cores
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
     """benchmarks.train's feed (streamed vs cached, feed rate per CPU, CPUs per GPU), default

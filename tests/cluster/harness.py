@@ -392,6 +392,20 @@ class Cluster:
         if self.nodes[name].proc:
             self.nodes[name].proc.wait()
 
+    def link(self, name: str, up: bool) -> None:
+        """Unplug (up=False) or plug back host `name`'s network cable: the bridge side of its
+        veth pair goes down or up; its processes keep running, unreachable meanwhile."""
+        sh("ip", "link", "set", self.nodes[name].ns, "up" if up else "down")
+
+    def restart(self, name: str, timeout: float = 180) -> None:
+        """Host `name`'s Ray again, as its supervisor (or the autoscaler) would after the
+        raylet gave up: what is left of it killed, its `ray start` run again, joined."""
+        self.kill(name)
+        self._start(name, self.nodes[name].argv)
+        ip = self.nodes[name].ip
+        self._wait(lambda: any(n.get("node_ip") == ip for n in self.alive_nodes()), f"{name} rejoining",
+                   time.monotonic() + timeout, name)
+
     def down(self) -> None:
         for node in self.nodes.values():
             if node.proc:

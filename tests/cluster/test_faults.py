@@ -207,3 +207,55 @@ def test_two_retrain_ticks_on_two_hosts_exactly_one_works_and_promotes(cluster, 
         "tick_a_host": held["host"], "tick_b_s": round(b_s, 1), "tick_b_line": said[0][:200],
         "tick_a_s": round(ra.seconds, 1), "audit_records": len(audit),
     }
+
+
+CUT_S = 30
+
+
+def test_a_worker_hosts_network_cut_for_30_s_never_hangs_the_run(cluster, lake, fault_figures):
+    """The cable of rank 1's host is pulled for 30 s mid-run, then plugged back. Ray's health
+    checks may declare the host dead meanwhile (its raylet then exits when it hears so): the
+    host's supervisor starts Ray on it again. The run either survives (Ray Train restarts the
+    worker group from the checkpoint in S3) or fails with one line and resumes when submitted
+    again under the same name; it never hangs (the job has a deadline), and every epoch ends
+    up in the history once."""
+    run, s3 = "netcut", cluster.s3()
+    key = f"faults/runs/{run}"
+    entry = train_job(lake, run)
+    job = cluster.submit_bg(entry, cluster.work / f"{run}.log", timeout=900)
+    wait_for("the first epoch", lambda: cluster.read_json(f"{key}/history.json", s3), 600, job)
+    placed = cluster.read_json(f"{key}/placement.json", s3)
+    victim = cluster.node_by_ip(placed["ranks"][1]["ip"])
+    before = epochs_in(cluster.read_json(f"{key}/history.json", s3))
+    t_cut = time.monotonic()
+    cluster.link(victim.name, up=False)
+    try:
+        time.sleep(CUT_S)
+    finally:
+        cluster.link(victim.name, up=True)
+    # back on the network: a raylet the head gave up on exits; its host runs Ray again
+    time.sleep(10)
+    declared_dead = not any(n.get("node_ip") == victim.ip for n in cluster.alive_nodes())
+    if declared_dead:
+        cluster.restart(victim.name)
+    first = job.result()
+    first_s = time.monotonic() - t_cut
+    assert first.returncode is not None, f"the run hung past its deadline: {first.describe()}"
+    outcome, again = "survived", None
+    if not first.ok:
+        said = [ln for ln in first.output().splitlines() if ln.startswith("brainmri train: error:")]
+        assert len(said) == 1, first.tail()
+        outcome = "failed in one line, resumed when resubmitted"
+        again = cluster.submit(entry, cluster.work / f"{run}.log", timeout=900).check()
+    history = cluster.read_json(f"{key}/history.json", s3)
+    assert epochs_in(history) == list(range(EPOCHS)), epochs_in(history)  # each epoch once
+    resumed = resumed_at(history)
+    assert all(r >= before[-1] + 1 for r in resumed), (before, resumed)  # never from the start again
+    fault_figures["network_cut"] = {
+        "host": victim.name, "rank": 1, "cut_s": CUT_S, "declared_dead": declared_dead,
+        "outcome": outcome, "first_job_after_cut_s": round(first_s, 1),
+        "line": said[0][:300] if again else None,
+        "resubmitted_job_s": round(again.seconds, 1) if again else None,
+        "last_epoch_checkpointed_at_cut": before[-1], "resumed_at_epochs": resumed,
+        "epochs_repeated": sum(1 for r in resumed if r == before[-1] + 1),
+    }
