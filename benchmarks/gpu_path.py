@@ -21,11 +21,13 @@ On a GPU machine with no package index (Python 3.12, PyTorch, no Ray), carry the
     ../shared/tools/slim-ray-wheel .whl 3.12          # here, once: Ray and its small wheels
     # then in one device call, carrying .whl:
     pip install -q --no-index --no-deps .whl/*.whl && pip install -q --no-deps -e . && \
-      python -m benchmarks.gpu_path --synthetic 8192 --batch-size 256 --epochs 4 --json $OUT/gpu-path.json
+      python -m benchmarks.gpu_path --synthetic 8192 --batch-size 256 --epochs 4 \
+        --json $OUT/gpu-path.json
 
 and on CPU, the check that the script runs (tests/test_benchmarks.py does this):
 
-    python -m benchmarks.gpu_path --device cpu --synthetic 96 --model brainnet --size 64 --batch-size 8 --epochs 2
+    python -m benchmarks.gpu_path --device cpu --synthetic 96 --model brainnet --size 64 \
+        --batch-size 8 --epochs 2
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def main(argv=None) -> int:
                 work / "train.log", timeout=3600).check()
     history = json.loads((lake / "runs" / run / "history.json").read_text())
     timed = history[1:]
-    path_rate = sum(h["train_images"] for h in timed) / sum(h["train_seconds"] for h in timed)
-    waited = sum(h.get("train_feed_wait_seconds", 0.0) for h in timed) / sum(h["train_seconds"] for h in timed)
+    seconds = sum(h["train_seconds"] for h in timed)
+    path_rate = sum(h["train_images"] for h in timed) / seconds
+    waited = sum(h.get("train_feed_wait_seconds", 0.0) for h in timed) / seconds
 
     gpu = resident["gpu_name"]
     ref = next(((k, *v) for k, v in PUBLISHED.items() if k in gpu), None)
@@ -120,8 +123,9 @@ def main(argv=None) -> int:
                          "path_over_published": path_rate / ref[1]} if ref else None,
            "epochs": [{k: h[k] for k in ("epoch", "train_images", "train_seconds", "train_images_per_s",
                                          "train_feed_wait_seconds") if k in h} for h in history]}
-    print(f"{a.model} {a.size}px batch {a.batch_size} on {gpu}: on the device {out['resident_images_per_s']:.0f} "
-          f"img/s; gathered from host memory {out['host_gather_images_per_s']:.0f}; through the data path "
+    print(f"{a.model} {a.size}px batch {a.batch_size} on {gpu}: on the device "
+          f"{out['resident_images_per_s']:.0f} img/s; gathered from host memory "
+          f"{out['host_gather_images_per_s']:.0f}; through the data path "
           f"{path_rate:.0f} (waiting for batches {waited:.0%} of the epoch) = "
           f"{out['path_over_resident']:.2f}x the step on resident data"
           + (f"; {out['published']['path_over_published']:.2f}x the published {ref[1]} img/s of one {ref[0]} "
