@@ -596,6 +596,18 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def with_overrides(recipe: dict, overrides: dict) -> dict:
+    """A recipe (a TrainConfig as a dict) with `--train KEY=VALUE` overrides on top, by the
+    config's own merge: model_args.width=48 changes the width of the recipe's network, not the
+    rest of its shape; another model (or model_args={}) starts from that model's own shape,
+    never from the shape of the model it replaces. Retrain's challenger and cv's folds."""
+    recipe = dict(recipe)
+    other_model = overrides.get("model", recipe.get("model")) != recipe.get("model")
+    if other_model or overrides.get("model_args") == {}:
+        recipe["model_args"] = {}
+    return merge(recipe, overrides)
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None):
     """defaults <- YAML file <- overrides; returns a validated `cls`."""
     data: dict = {}

@@ -26,7 +26,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from ..config import CvConfig, TrainConfig, from_dict, load_config, merge, to_dict
+from ..config import CvConfig, TrainConfig, from_dict, load_config, to_dict, with_overrides
 from ..core.storage import Location, check_name, open_location
 
 COLUMNS = ("accuracy", "macro_f1", "balanced_accuracy")  # and recall_<class> per class
@@ -165,8 +165,8 @@ class CvResult:
 def fold_config(cfg: CvConfig, fold: Location, store: Location, name: str) -> TrainConfig:
     """The recipe (--recipe or the default, then --train overrides) on one fold's version,
     publishing into the cv store."""
-    base = to_dict(load_config(TrainConfig, cfg.recipe) if cfg.recipe else TrainConfig())
-    base = merge(base, cfg.train)
+    base = with_overrides(to_dict(load_config(TrainConfig, cfg.recipe) if cfg.recipe else TrainConfig()),
+                          cfg.train)
     base.update(data=fold.uri, out=store.uri, name=name, publish=True, gpu=cfg.gpu or base["gpu"])
     return from_dict(TrainConfig, base)
 

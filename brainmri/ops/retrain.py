@@ -40,8 +40,8 @@ from ..config import (
     TrainConfig,
     from_dict,
     load_config,
-    merge,
     to_dict,
+    with_overrides,
 )
 from ..core import metrics as M
 from ..core.lock import Lease, LockHeld
@@ -117,12 +117,7 @@ def challenger_config(cfg: RetrainConfig, champion: dict | None, data_uri: str, 
         base["model_args"] = full_shape(base["model"], base.get("model_args") or {})
     else:
         base = to_dict(TrainConfig())
-    # the config's own merge: --train model_args.width=48 changes the width of the network
-    # the challenger inherits, not the rest of its shape; another model (or model_args={})
-    # starts from that model's own shape
-    if cfg.train.get("model", base.get("model")) != base.get("model") or cfg.train.get("model_args") == {}:
-        base["model_args"] = {}
-    base = merge(base, cfg.train)
+    base = with_overrides(base, cfg.train)  # the width of the champion's network, say
     base.update(data=data_uri, out=store.uri, name=run_name, publish=True, candidate=True)
     tcfg = from_dict(TrainConfig, base)
     # the whole network, as the run will record it: champion.json's recipe must rebuild it

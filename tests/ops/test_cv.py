@@ -116,3 +116,18 @@ def test_a_two_fold_estimate_on_local_ray(tmp_path, ray_local, mlflow_server):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "cv")} == {"cv/cv.json", "cv/cv.md"}
     again = run_cv(cfg)  # finished folds are read back, not retrained
     assert again.summary == res.summary and again.seconds < res.seconds
+
+
+def test_a_fold_trains_the_recipe_with_the_overrides_by_the_configs_own_merge(tmp_path):
+    """--train model_args.width=48 changes the width of the recipe's network, not the rest of
+    its shape; --train model=resnet18 starts from resnet18's own shape, not brainnet's (the
+    merge that retrain's challenger uses: config.with_overrides)."""
+    from brainmri.config import TrainConfig
+    from brainmri.ops.cv import fold_config
+
+    store, fold = open_location(str(tmp_path / "cv")), open_location(str(tmp_path / "fold"))
+    default = TrainConfig().model_args
+    wider = fold_config(CvConfig(train={"model_args": {"width": 48}}), fold, store, "f0")
+    assert wider.model_args == {**default, "width": 48} and wider.data == fold.uri and wider.publish
+    other = fold_config(CvConfig(train={"model": "resnet18"}), fold, store, "f0")
+    assert other.model == "resnet18" and other.model_args == {}
