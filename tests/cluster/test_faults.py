@@ -259,3 +259,57 @@ def test_a_worker_hosts_network_cut_for_30_s_never_hangs_the_run(cluster, lake, 
         "last_epoch_checkpointed_at_cut": before[-1], "resumed_at_epochs": resumed,
         "epochs_repeated": sum(1 for r in resumed if r == before[-1] + 1),
     }
+
+
+NOTICE_S, DRAIN_EPOCHS = 10, 30  # streamed tiny epochs take about a second: 30 outlast the notice
+
+
+def test_a_worker_host_drained_with_notice_costs_no_failure_and_loses_at_most_the_epoch_in_flight(
+        cluster, lake, fault_figures):
+    """A spot reclaim with notice: rank 1's host is drained (`ray drain-node`, reason
+    preemption, deadline 10 s: what the autoscaler does on a cloud's notice) while a
+    replacement joins, then powered off at the deadline. Ray 2.60 Train watches Ray's draining
+    nodes and counts the restart for a drained host against
+    FailureConfig.max_preemption_failures (no limit), not max_failures: the run goes on with
+    `--max-failures 0` on the replacement, from the last checkpoint in S3, every epoch once.
+    Killed without notice, the same run would fail (max_failures 0)."""
+    run, s3 = "drain", cluster.s3()
+    key = f"faults/runs/{run}"
+    job = cluster.submit_bg([*train_job(lake, run), "--epochs", str(DRAIN_EPOCHS), "--max-failures", "0",
+                             "--set", "patience=0"],  # no early stop before the last epoch
+                            cluster.work / f"{run}.log", timeout=900)
+    wait_for("the first epoch", lambda: cluster.read_json(f"{key}/history.json", s3), 600, job)
+    placed = cluster.read_json(f"{key}/placement.json", s3)
+    victim = cluster.node_by_ip(placed["ranks"][1]["ip"])
+    spare = f"w{max(int(n[1:]) for n in cluster.nodes if n.startswith('w')) + 1}"
+    drain = [str(hx.VENV_BIN / "ray"), "drain-node", "--address", f"{cluster.head.ip}:{hx.GCS_PORT}",
+             "--node-id", placed["ranks"][1]["node_id"], "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+             "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", str(NOTICE_S)]
+    t_notice = time.monotonic()
+    drained = hx.bench.run(drain, cluster.work / f"{run}-drain.log", timeout=60, env=cluster.client_env())
+    at_notice = epochs_in(cluster.read_json(f"{key}/history.json", s3))
+    assert drained.ok, drained.describe()
+    assert at_notice[-1] < DRAIN_EPOCHS - 1, at_notice  # the run was still going
+    cluster.add_worker(spare)  # the autoscaler's replacement, started on the notice
+    time.sleep(max(0.0, t_notice + NOTICE_S - time.monotonic()))
+    at_kill = epochs_in(cluster.read_json(f"{key}/history.json", s3))
+    cluster.kill(victim.name)  # the cloud takes the host at the deadline
+    r = job.result()
+    assert r.ok, r.tail()  # the preemption did not count as one of the 0 failures allowed
+    history = cluster.read_json(f"{key}/history.json", s3)
+    assert epochs_in(history) == list(range(DRAIN_EPOCHS)), epochs_in(history)  # each epoch once
+    resumed = resumed_at(history)
+    assert resumed, "the worker group never restarted: the drain did not reach the run"
+    assert all(x >= at_notice[-1] + 1 for x in resumed), (at_notice, resumed)
+    new_placed = cluster.read_json(f"{key}/placement.json", s3)
+    assert victim.ip not in {x["ip"] for x in new_placed["ranks"]}, new_placed
+    fault_figures["drain_with_notice"] = {
+        "host": victim.name, "replacement": spare, "notice_s": NOTICE_S, "max_failures": 0,
+        "epochs": DRAIN_EPOCHS, "last_epoch_at_notice": at_notice[-1], "last_epoch_at_kill": at_kill[-1],
+        "resumed_at_epochs": resumed,
+        # the epoch in flight at the deadline is trained again (0 when the group stopped between)
+        "epochs_repeated": sum(1 for x in resumed if x <= at_kill[-1] + 1),
+        "job_after_notice_s": round(time.monotonic() - t_notice, 1),
+        "replacement_used": cluster.nodes[spare].ip in {x["ip"] for x in new_placed["ranks"]},
+        "said": [ln.strip()[:200] for ln in r.output().splitlines() if "preempt" in ln.lower()][:3],
+    }
