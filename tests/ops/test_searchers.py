@@ -12,7 +12,7 @@ from brainmri.config import ConfigError, TuneConfig
 from brainmri.core.metrics import SELECTION_METRIC
 from brainmri.core.storage import open_location
 from brainmri.models.checkpoints import load_model_state
-from brainmri.ops.searchers import OptunaSpace, startup_trials, tpe_searcher
+from brainmri.ops.searchers import OptunaSpace, first_points, startup_trials, tpe_searcher
 from brainmri.ops.tune import domain_max, load_space, run_search
 
 from ops.test_tune import SPACE, _rows, write_space
@@ -77,6 +77,27 @@ def test_the_searcher_is_seeded_and_survives_the_experiments_pickle(tmp_path):
     assert back.suggest("next")["trial"].startswith("t003-")  # the study went on where it was
     assert pickle.loads(pickle.dumps(OptunaSpace(MIXED, "brainnet"))).space == MIXED
     assert startup_trials(8) == 2 and startup_trials(30) == 10 and startup_trials(1) == 2
+
+
+def test_tpe_tries_every_family_first_so_ties_cannot_trap_it_in_one(tmp_path):
+    """The CPU space's seed-0 trap: a family that never learns (every score the same) drawn by
+    both random start-up trials, and TPE, seeing only ties, never leaves it. Every family is
+    tried first now (TPE with a handful of scores still proposes the weak family at times: it
+    models densities, not a ranking; what it no longer does is never see the other one)."""
+    def run(searcher, n):
+        models = []
+        for i in range(n):
+            params = searcher.suggest(f"id{i}")["params"]
+            models.append(params["model"])
+            score = 0.1 if params["model"] == "seed_cnn" else 0.7  # seed_cnn: lr 1e-7, stuck
+            searcher.on_trial_complete(f"id{i}", {SELECTION_METRIC: score, "training_iteration": 1})
+        return models
+
+    assert first_points(MIXED, 8) == [{"model": "brainnet"}, {"model": "seed_cnn"}]
+    assert first_points(MIXED, 1) == [] and first_points({"lr": [1e-3]}, 8) == []
+    for seed in range(4):
+        models = run(tpe_searcher(MIXED, "brainnet", 8, seed=seed), 8)
+        assert models[:2] == ["brainnet", "seed_cnn"], (seed, models)
 
 
 def test_an_unknown_searcher_is_refused():
