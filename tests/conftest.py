@@ -8,17 +8,19 @@ import os
 import pytest
 
 
-def pytest_collection_modifyitems(items):
+def pytest_itemcollected(item):
     """A test on the shared Ray cluster is marked `ray`, and `slow` unless it is marked
     `quick` (most of them train or run pipelines), so a new Ray test lands in the fast loop
     only when someone has said it is quick. Under pytest-xdist (`-n 2 --dist loadgroup`) the
-    Ray tests are one group, run by one worker: one shared Ray cluster, as without xdist."""
-    for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.ray)
-            item.add_marker(pytest.mark.xdist_group("ray"))
-            if item.get_closest_marker("quick") is None:
-                item.add_marker(pytest.mark.slow)
+    Ray tests are one group, run by one worker: one shared Ray cluster, as without xdist.
+    Marked as each test is collected: pytest-xdist reads the groups into the test ids in its
+    pytest_collection_modifyitems, which runs before a conftest's (groups added there were
+    silently ignored, and each worker started a Ray cluster of its own)."""
+    if "ray_local" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.ray)
+        item.add_marker(pytest.mark.xdist_group("ray"))
+        if item.get_closest_marker("quick") is None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

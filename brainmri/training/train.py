@@ -20,7 +20,6 @@ resumes from the latest checkpoint, and a failed worker is replaced and resumes 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import tempfile
 import time
@@ -196,16 +195,16 @@ def where_ranks_run(placement: str) -> dict:
 def report(metrics: dict, state: dict | None, epoch: int | None = None) -> str | None:
     """Every rank reports once per epoch; only rank 0 passes a checkpoint (state), into the
     run folder's checkpoint_dir(epoch) (Ray's timestamped name without an epoch).
-    -> the sha256 of the checkpoint file handed to Ray (rank 0), for `verify_persisted`."""
+    -> the size of the checkpoint file handed to Ray (rank 0), for `verify_persisted`."""
     import ray.train
 
-    digest = None
+    size = None
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if state is not None:
             blob = dump_state(state)
             Path(tmp, CKPT_FILE).write_bytes(blob)
-            digest = hashlib.sha256(blob).hexdigest()
+            size = len(blob)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         # the worker group's placement group travels with the report: a Tune driver that
         # stops this trial early removes it (Ray only reaps it where the State API works)
@@ -213,19 +212,25 @@ def report(metrics: dict, state: dict | None, epoch: int | None = None) -> str |
         ray.train.report({**metrics, "placement_group": pg.id.hex() if pg else ""},
                          checkpoint=checkpoint,
                          checkpoint_dir_name=None if epoch is None else checkpoint_dir(epoch))
-    return digest
+    return size
 
 
-def verify_persisted(run_uri: str, epoch: int, digest: str) -> None:
-    """The epoch's checkpoint is in the run folder, byte for byte, before history.json may
-    name the epoch. Ray uploads it with pyarrow's copy_files, which swallows an upload that
-    fails when the file is closed ("Error ignored when destroying file": seen with an S3
-    endpoint down mid-upload), and registers the checkpoint anyway."""
+def verify_persisted(run_uri: str, epoch: int, size: int) -> None:
+    """The epoch's checkpoint is in the run folder, whole, before history.json may name the
+    epoch. Ray uploads it with pyarrow's copy_files, which swallows an upload that fails when
+    the file is closed ("Error ignored when destroying file": seen with an S3 endpoint down
+    mid-upload), and registers the checkpoint anyway. An S3 object appears only once its
+    upload completed, so its size is the check; reading it back would cost a large network's
+    checkpoint (hundreds of MB with the optimiser's state) every epoch."""
+    import pyarrow.fs as pafs
+
     path = open_location(run_uri) / checkpoint_dir(epoch) / CKPT_FILE
-    found = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-    if found != digest:
-        raise StorageError(f"the checkpoint of epoch {epoch} did not reach {path.uri} intact "
-                           f"({'missing' if found is None else 'sha256 differs'}): the epoch is not recorded")
+    info = path.fs.get_file_info(path.path)
+    found = info.size if info.type == pafs.FileType.File else None
+    if found != size:
+        raise StorageError(f"the checkpoint of epoch {epoch} did not reach {path.uri} whole "
+                           f"({'missing' if found is None else f'{found} bytes, not {size}'}): "
+                           "the epoch is not recorded")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -266,9 +271,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_epoch(epoch: int, metrics: dict, state: FitState, stop: bool) -> None:
         ckpt = _checkpoint_state(spec, raw, recipe, epoch, state) if rank == 0 else None
-        digest = report(metrics, ckpt, epoch)  # side effects on rank 0 only
+        size = report(metrics, ckpt, epoch)  # side effects on rank 0 only
         if rank == 0:  # after report() has persisted the checkpoint: history never runs ahead
-            verify_persisted(spec.run_uri, epoch, digest)
+            verify_persisted(spec.run_uri, epoch, size)
             (open_location(spec.run_uri) / "history.json").write_json(state.history)
 
     fit(model, recipe, train_src, val_src, spec.classes, device, epochs=cfg.epochs,

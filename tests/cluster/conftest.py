@@ -48,13 +48,16 @@ def fault_figures(cluster):
             Path(os.environ["BRAINMRI_CLUSTER_FIGURES"]).write_text(text)
 
 
+def pytest_itemcollected(item):
+    """Under pytest-xdist every cluster test is one group, run by one worker: one cluster.
+    Marked as each test is collected, before pytest-xdist reads the groups (tests/conftest.py)."""
+    if item.path.parent == HERE:
+        item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 def pytest_collection_modifyitems(items):
     """The fault tests after the other cluster tests: they kill hosts of the session's
-    cluster (test_pipeline's placement and disk checks expect the hosts it started with).
-    Under pytest-xdist every cluster test is one group, run by one worker: one cluster."""
-    for i in items:
-        if i.path.parent == HERE:
-            i.add_marker(pytest.mark.xdist_group("cluster"))
+    cluster (test_pipeline's placement and disk checks expect the hosts it started with)."""
     faults = [i for i in items if i.path.name == "test_faults.py" and i.path.parent == HERE]
     if not faults:
         return
