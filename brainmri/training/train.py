@@ -192,7 +192,7 @@ def where_ranks_run(placement: str) -> dict:
             "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)]}
 
 
-def report(metrics: dict, state: dict | None, epoch: int | None = None) -> str | None:
+def report(metrics: dict, state: dict | None, epoch: int | None = None) -> int | None:
     """Every rank reports once per epoch; only rank 0 passes a checkpoint (state), into the
     run folder's checkpoint_dir(epoch) (Ray's timestamped name without an epoch).
     -> the size of the checkpoint file handed to Ray (rank 0), for `verify_persisted`."""
