@@ -122,12 +122,15 @@ def test_a_fold_trains_the_recipe_with_the_overrides_by_the_configs_own_merge(tm
     """--train model_args.width=48 changes the width of the recipe's network, not the rest of
     its shape; --train model=resnet18 starts from resnet18's own shape, not brainnet's (the
     merge that retrain's challenger uses: config.with_overrides)."""
-    from brainmri.config import TrainConfig
+    from brainmri.config import TrainConfig, load_config
     from brainmri.ops.cv import fold_config
+    from support.data import REPO
 
     store, fold = open_location(str(tmp_path / "cv")), open_location(str(tmp_path / "fold"))
-    default = TrainConfig().model_args
-    wider = fold_config(CvConfig(train={"model_args": {"width": 48}}), fold, store, "f0")
-    assert wider.model_args == {**default, "width": 48} and wider.data == fold.uri and wider.publish
-    other = fold_config(CvConfig(train={"model": "resnet18"}), fold, store, "f0")
+    recipe = str(REPO / "configs" / "cpu.yaml")  # its network's whole shape, spelled out
+    shape = load_config(TrainConfig, recipe).model_args
+    assert shape["width"] == 40 and shape["depth"]
+    wider = fold_config(CvConfig(recipe=recipe, train={"model_args": {"width": 48}}), fold, store, "f0")
+    assert wider.model_args == {**shape, "width": 48} and wider.data == fold.uri and wider.publish
+    other = fold_config(CvConfig(recipe=recipe, train={"model": "resnet18"}), fold, store, "f0")
     assert other.model == "resnet18" and other.model_args == {}
