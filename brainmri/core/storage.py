@@ -71,9 +71,9 @@ def worker_env() -> dict:
 
 
 # Attempts per S3 request (AWS's standard retry: jittered exponential backoff, 20 s at most
-# between tries). 8 rides out an endpoint gone for a few seconds (measured: tests/core/
-# test_storage_outage.py) and gives up on a longer outage after about half a minute; pyarrow's
-# default, 3, gives up within a second or three.
+# between tries). 8 rides out an endpoint gone for a few seconds (tests/core/
+# test_storage_outage.py) and gives up on a longer outage after roughly 25-55 s; pyarrow's
+# default, 3, gives up within a second or three (docs/results.md, "S3 unreachable").
 S3_MAX_ATTEMPTS = 8
 
 
