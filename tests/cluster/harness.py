@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -39,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +58,7 @@ OBJECT_STORE = 256 << 20  # bytes a node's object store may hold (its /dev/shm i
 RAY_START = [str(VENV_BIN / "ray"), "start", "--block", "--object-store-memory", str(OBJECT_STORE),
              "--disable-usage-stats"]
 LOCK = Path("/run/lock/brainmri-cluster.lock")  # picking a subnet and making the bridge
+_SUBMISSIONS = itertools.count()  # job ids unique within this process
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,5}$")  # `<name>-head` must fit an interface name (15)
 
 
@@ -317,16 +320,27 @@ class Cluster:
     def submit(self, entrypoint: list[str], log: Path | str, timeout: float = 600) -> bench.Run:
         """`ray job submit` of `python <entrypoint...>` from the repository, as users submit
         (jobs/runtime_env.yaml, the code in the job's working dir); waits for the job's end."""
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
-               "--runtime-env", "jobs/runtime_env.yaml", "--", "python", *entrypoint]
         deadline = time.monotonic() + timeout
-        for _ in range(20):  # the job API answers before the head's job agent has registered
+        for attempt in range(20):  # the job API answers before the head's job agent has registered
+            job_id = f"{self.name}-{os.getpid()}-{next(_SUBMISSIONS)}"
+            cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard, "--submission-id",
+                   job_id, "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--", "python",
+                   *entrypoint]
             r = bench.run(cmd, log, timeout=max(1.0, deadline - time.monotonic()), env=self.client_env(),
                           append=True)
+            if r.returncode is None:
+                # killing the client leaves the job running on the cluster, holding its CPUs
+                # (a later test's job would then wait for them): stop it
+                self.stop_job(job_id, log)
             if r.ok or "No available agent to submit job" not in r.tail():
                 return r
             time.sleep(3)
         return r
+
+    def stop_job(self, job_id: str, log: Path | str) -> None:
+        """`ray job stop` (which waits for the job to end), then what it said to the log."""
+        bench.run([str(VENV_BIN / "ray"), "job", "stop", "--address", self.dashboard, job_id], log,
+                  timeout=120, env=self.client_env(), append=True)
 
     def submit_bg(self, entrypoint: list[str], log: Path | str, timeout: float = 600
                   ) -> concurrent.futures.Future:
@@ -396,6 +410,35 @@ class Cluster:
         """Unplug (up=False) or plug back host `name`'s network cable: the bridge side of its
         veth pair goes down or up; its processes keep running, unreachable meanwhile."""
         sh("ip", "link", "set", self.nodes[name].ns, "up" if up else "down")
+
+    @contextlib.contextmanager
+    def supervise(self, name: str):
+        """While inside: host `name`'s supervisor (systemd's Restart=always, say) runs Ray on it
+        again whenever its `ray start --block` exits (it does when its raylet exits: a raylet
+        the head declared dead exits on hearing so, which may be long after its network came
+        back). Yields a dict: restarts (count), errors (a restart that failed)."""
+        seen = {"restarts": 0, "errors": []}
+        stop = threading.Event()
+
+        def watch():
+            while not stop.wait(0.5):
+                proc = self.nodes[name].proc
+                if proc is None or proc.poll() is None:
+                    continue
+                try:
+                    self.restart(name)
+                    seen["restarts"] += 1
+                except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
+                    seen["errors"].append(f"{type(e).__name__}: {e}")
+                    return
+
+        t = threading.Thread(target=watch, name=f"{self.name}-supervise-{name}", daemon=True)
+        t.start()
+        try:
+            yield seen
+        finally:
+            stop.set()
+            t.join()
 
     def restart(self, name: str, timeout: float = 180) -> None:
         """Host `name`'s Ray again, as its supervisor (or the autoscaler) would after the

@@ -15,6 +15,7 @@ test_pipeline's lake (whose tests count its models and reports)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -209,16 +210,16 @@ def test_two_retrain_ticks_on_two_hosts_exactly_one_works_and_promotes(cluster, 
     }
 
 
-CUT_S = 30
+CUT_S = int(os.environ.get("BRAINMRI_TEST_CUT_S", "30"))
 
 
 def test_a_worker_hosts_network_cut_for_30_s_never_hangs_the_run(cluster, lake, fault_figures):
     """The cable of rank 1's host is pulled for 30 s mid-run, then plugged back. Ray's health
-    checks may declare the host dead meanwhile (its raylet then exits when it hears so): the
-    host's supervisor starts Ray on it again. The run either survives (Ray Train restarts the
-    worker group from the checkpoint in S3) or fails with one line and resumes when submitted
-    again under the same name; it never hangs (the job has a deadline), and every epoch ends
-    up in the history once."""
+    checks may declare the host dead meanwhile (its raylet then exits when it hears so, which
+    under load can be well after the cable is back): the host's supervisor starts Ray on it
+    again. The run either survives (Ray Train restarts the worker group from the checkpoint in
+    S3) or fails with one line and resumes when submitted again under the same name; it never
+    hangs (the job has a deadline), and every epoch ends up in the history once."""
     run, s3 = "netcut", cluster.s3()
     key = f"faults/runs/{run}"
     entry = train_job(lake, run)
@@ -228,18 +229,16 @@ def test_a_worker_hosts_network_cut_for_30_s_never_hangs_the_run(cluster, lake, 
     victim = cluster.node_by_ip(placed["ranks"][1]["ip"])
     before = epochs_in(cluster.read_json(f"{key}/history.json", s3))
     t_cut = time.monotonic()
-    cluster.link(victim.name, up=False)
-    try:
-        time.sleep(CUT_S)
-    finally:
-        cluster.link(victim.name, up=True)
-    # back on the network: a raylet the head gave up on exits; its host runs Ray again
-    time.sleep(10)
-    declared_dead = not any(n.get("node_ip") == victim.ip for n in cluster.alive_nodes())
-    if declared_dead:
-        cluster.restart(victim.name)
-    first = job.result()
+    with cluster.supervise(victim.name) as supervisor:
+        cluster.link(victim.name, up=False)
+        try:
+            time.sleep(CUT_S)
+        finally:
+            cluster.link(victim.name, up=True)
+        first = job.result()
     first_s = time.monotonic() - t_cut
+    assert not supervisor["errors"], supervisor
+    declared_dead = supervisor["restarts"] > 0
     assert first.returncode is not None, f"the run hung past its deadline: {first.describe()}"
     outcome, again = "survived", None
     if not first.ok:

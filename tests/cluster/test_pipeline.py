@@ -7,6 +7,7 @@ machine, another host on the cluster's network, and verified."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -98,3 +99,15 @@ def test_no_artefact_stays_on_a_hosts_own_disk(jobs, cluster):
     disks = [n.disk for n in cluster.nodes.values()]
     left = [p for d in disks for p in d.rglob("*") if p.is_file() and p.name.endswith(ARTEFACTS)]
     assert all(d.is_dir() for d in disks) and not left, left
+
+
+def test_a_job_past_its_deadline_is_stopped_not_left_holding_the_cluster(cluster):
+    """The harness's deadline kills `ray job submit`, a client; the job itself would run on,
+    holding CPUs a later job waits for (one such left-over starved the next fault test). The
+    harness stops it on the cluster (`ray job stop`)."""
+    sleeper = ["-c", "__import__('time').sleep(600)"]
+    r = cluster.submit(sleeper, cluster.work / "deadline.log", timeout=20)
+    assert r.returncode is None, r.describe()
+    jobs = json.loads(cluster._http(f"{cluster.dashboard}/api/jobs/") or b"[]")
+    mine = [j for j in jobs if "sleep(600)" in j.get("entrypoint", "")]
+    assert mine and all(j["status"] == "STOPPED" for j in mine), mine
