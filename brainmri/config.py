@@ -209,6 +209,10 @@ class TrainConfig:
     cpus_per_worker: float = flag(0.0, "CPUs per train worker; 0 = auto (at least one CPU left to Ray Data)")
     threads_per_worker: int = flag(0, "torch intra-op threads per worker; 0 = the CPUs Ray assigned it")
     max_failures: int = flag(2, "worker failures survived (restart from the latest checkpoint)")
+    # a worker waiting longer fails (FeedStalled), so a feed starved of CPUs ends the run
+    # instead of hanging it; generous: a first batch includes Ray Data's start-up
+    feed_timeout_s: float = flag(600.0, "seconds a worker waits for its next batch before it fails; 0 = "
+                                        "for ever")
     keep_checkpoints: int = flag(2, "checkpoints kept: the top k by validation macro-F1, and the latest")
     limit_train: int = flag(0, "use only the first N training images (quick runs, tests); 0 = all")
     limit_val: int = flag(0, "use only the first N validation images; 0 = all")
@@ -234,8 +238,10 @@ class TrainConfig:
             raise ConfigError("image_size >= 32, epochs >= 1, batch_size >= 1, num_workers >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
             raise ConfigError("lr > 0, weight_decay >= 0, label_smoothing in [0, 1)")
-        if min(self.aug_strength, self.warmup_epochs, self.patience, self.time_budget_min) < 0:
-            raise ConfigError("aug_strength, warmup_epochs, patience and time_budget_min must be >= 0")
+        if min(self.aug_strength, self.warmup_epochs, self.patience, self.time_budget_min,
+               self.feed_timeout_s) < 0:
+            raise ConfigError("aug_strength, warmup_epochs, patience, time_budget_min and feed_timeout_s "
+                              "must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("ema_decay must be in [0, 1) (0 = no weight averaging)")
         if not (0.0 <= self.mix_prob <= 1.0 and 0.0 <= self.cutmix_share <= 1.0):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
+import queue
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -189,6 +191,55 @@ class Teacher:
 
 
 # -- batches ----------------------------------------------------------------------------------
+class FeedStalled(RuntimeError):
+    """No batch came from the feed within its deadline: the worker fails (Ray Train then
+    restarts the group or the run ends in one line) instead of waiting for ever."""
+
+
+def within(batches, seconds: float, what: str = "the feed"):
+    """`batches` (an iterator), each item due within `seconds` of the previous one (0: no
+    deadline); FeedStalled when one is not. Ray Data schedules its read and decode tasks
+    on CPUs the workers do not hold: when a lost host leaves none (the replacement group took
+    the last ones), they wait for a CPU, and the workers for them, with nothing said. The
+    iterator runs in a thread of its own, one batch ahead, so that the wait can end."""
+    if not seconds:
+        yield from batches
+        return
+    q: queue.Queue = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def pump():
+        try:
+            for b in batches:
+                while not done.is_set():
+                    try:
+                        q.put(("batch", b), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(("error", e))
+
+    threading.Thread(target=pump, name="feed", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, item = q.get(timeout=seconds)
+            except queue.Empty:
+                raise FeedStalled(f"no batch from {what} in {seconds:g} s (Ray Data's tasks may be "
+                                  "waiting for a CPU that no host has free: see feed_timeout_s)") from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        done.set()
+
+
 class ShardBatches:
     """A worker's batches, epoch after epoch, as {'x': uint8 [B,H,W], 'label': int64 [B]}.
 
@@ -201,9 +252,10 @@ class ShardBatches:
     asks the (collective) streaming split for an epoch the other ranks do not."""
 
     def __init__(self, it, loader_kw: dict, cache: bool, shuffle: bool, drop_last: bool,
-                 seed: int, pin: bool = False):
+                 seed: int, pin: bool = False, stall_s: float = 0.0):
         self.it, self.kw, self.cache, self.shuffle, self.drop_last = it, loader_kw, cache, shuffle, drop_last
         self.seed, self.pin, self.x, self.y = seed, pin, None, None
+        self.stall_s = stall_s  # a streamed batch's deadline (`within`); 0: none
         self.wait = 0.0  # seconds the last epoch's consumer waited for its batches (feed stalls)
 
     @classmethod
@@ -229,7 +281,8 @@ class ShardBatches:
             xs, ys = [], []
             extra = dict(local_shuffle_buffer_size=4 * bs, local_shuffle_seed=self.seed + epoch) \
                 if self.shuffle else {}
-            for b in self.it.iter_torch_batches(**self.kw, drop_last=self.drop_last, **extra):
+            stream = self.it.iter_torch_batches(**self.kw, drop_last=self.drop_last, **extra)
+            for b in within(stream, self.stall_s, "Ray Data's shard of this worker"):
                 if self.cache:
                     xs.append(b["x"])
                     ys.append(b["label"])

@@ -264,10 +264,10 @@ def train_loop_per_worker(config: dict) -> None:
     loader_kw = dict(batch_size=cfg.batch_size, collate_fn=pixel_batch(cfg.image_size),
                      device="cpu", pin_memory=cfg.gpu, prefetch_batches=4 if cfg.gpu else 1)
     train_src = ShardBatches(ray.train.get_dataset_shard("train"), loader_kw, cfg.cache, True, True,
-                             cfg.seed * 7919 + rank, pin=cfg.gpu)
+                             cfg.seed * 7919 + rank, pin=cfg.gpu, stall_s=cfg.feed_timeout_s)
     # each rank evaluates its own part of the validation rows (possibly none)
     val_src = ShardBatches(ray.train.get_dataset_shard("val"), loader_kw, cfg.cache, False, False,
-                           0, pin=cfg.gpu)
+                           0, pin=cfg.gpu, stall_s=cfg.feed_timeout_s)
 
     def on_epoch(epoch: int, metrics: dict, state: FitState, stop: bool) -> None:
         ckpt = _checkpoint_state(spec, raw, recipe, epoch, state) if rank == 0 else None
@@ -358,7 +358,13 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
                                   f"not {cfg.image_size}")
             if not pixel_files(root, pix, split):
                 raise ConfigError(f"pixel shards {root.uri} have no {split} shards")
-            d = ray.data.read_datasource(pixel_source(root, pix, split, FEED_BLOCK_BYTES))
+            # reads without a CPU of their own: reading and unpacking a pixel shard costs a few
+            # ms of CPU an MB, and a read that needed one waited for ever once a lost host left
+            # none that the replacement worker group did not hold (measured on the cluster tier).
+            # Without a CPU to count, Ray Data would start them all at once: one in flight per
+            # rank (a read hands on a file's rows far faster than a rank trains on them)
+            d = ray.data.read_datasource(pixel_source(root, pix, split, FEED_BLOCK_BYTES), num_cpus=0,
+                                         concurrency=cfg.num_workers)
         else:
             files = split_files(version, manifest, split)
             if not files:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -437,3 +438,34 @@ def test_gradients_are_clipped_to_their_global_norm(monkeypatch):
     train_one_epoch(model, ShardBatches.from_tensors(x, y, 8, False, True, 0).epoch(1),
                     _linear_recipe(model), torch.device("cpu"))
     assert seen == [0.5]  # 0 = off
+
+
+def _slow(items, pause_after: int, pause_s: float):
+    for i, x in enumerate(items):
+        if i == pause_after:
+            time.sleep(pause_s)
+        yield x
+
+
+def test_within_passes_every_batch_in_order_and_ends():
+    assert list(engine.within(iter(range(50)), 5.0)) == list(range(50))
+    assert list(engine.within(iter([]), 5.0)) == []
+    assert list(engine.within(iter(range(3)), 0)) == [0, 1, 2]  # no deadline: the iterator itself
+
+
+def test_within_fails_a_batch_later_than_its_deadline():
+    got = []
+    t0 = time.monotonic()
+    with pytest.raises(engine.FeedStalled, match=r"no batch from the test feed in 0.5 s"):
+        for x in engine.within(_slow(range(10), 3, 30.0), 0.5, "the test feed"):
+            got.append(x)
+    assert got == [0, 1, 2] and time.monotonic() - t0 < 5  # failed at the deadline, not after the wait
+
+
+def test_within_raises_the_feeds_own_error():
+    def broken():
+        yield 1
+        raise OSError("shard unreadable")
+
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(engine.within(broken(), 5.0))

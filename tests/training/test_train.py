@@ -478,3 +478,27 @@ def test_streamed_epochs_come_in_small_blocks_with_every_row(small_lake, ray_loc
     for e in res.history:
         assert e["train_images"] == 2 * per_rank and e["val_n"] == manifest["rows"]["val"]
         assert 0 <= e["train_feed_wait_seconds"] <= e["train_seconds"] <= e["epoch_seconds"]
+
+
+def test_a_feed_starved_of_cpus_fails_the_run_in_one_line_instead_of_hanging(small_lake, ray_local):
+    """The workers hold every CPU of the (4-CPU) test cluster, as a replacement worker group
+    does on a cluster that lost a host and got none back: the first epoch's decode tasks
+    (the cached feed decodes once) wait for a CPU that never frees. Each worker's feed
+    deadline fails it, and with no failures allowed the run ends in one line."""
+    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-starved", epochs=1, max_failures=0,
+                      cpus_per_worker=2, feed_timeout_s=10, **SMALL)
+    t0 = time.monotonic()
+    with pytest.raises(RunFailed) as e:
+        run_training(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "no batch from Ray Data" in msg and "feed_timeout_s" in msg, msg
+    assert time.monotonic() - t0 < 300
+
+
+def test_streamed_pixel_shards_need_no_cpu_the_workers_hold(small_lake, ray_local):
+    """The same workers holding every CPU, streaming pixel shards (cache off): their reads
+    ask for no CPU of their own, so the run trains its epochs instead of waiting for one."""
+    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-streamed-full", epochs=2,
+                      cpus_per_worker=2, cache=False, feed_timeout_s=120, **SMALL)
+    res = run_training(cfg)
+    assert [e["epoch"] for e in res.history] == [0, 1]
