@@ -96,18 +96,36 @@ def run(cmd: list[str], log: Path | str, *, timeout: float | None = None, env: d
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ if env is None else env, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    # A Ctrl-C while Popen is still returning (the command may have started its own children
+    # already: seen under load) would leave `p` unset and the group running: it is held back
+    # until `p` is known, then raised, and the group killed like any other interruption.
+    # Python runs signal handlers in the main thread only, so other threads need nothing.
+    held: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum)) if main else None
+    if main and before is None:  # a handler set outside Python: the default comes closest
+        before = signal.SIG_DFL
+    p = None
     with open(log, "ab" if append else "wb") as f:
         start = f.tell()
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=f,
-                             stderr=subprocess.STDOUT, start_new_session=True)
         try:
+            p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=f,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            if main:
+                signal.signal(signal.SIGINT, before)
+                main = False  # restored
+            if held:
+                raise KeyboardInterrupt
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
+            if main:  # Popen itself failed
+                signal.signal(signal.SIGINT, before)
             seconds = time.perf_counter() - t0  # the command's own, not the clean-up's
-            kill_group(p)
+            if p is not None:
+                kill_group(p)
     return Run(list(cmd), rc, seconds, log, start, log.stat().st_size)
 
 

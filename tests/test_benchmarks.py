@@ -81,7 +81,11 @@ def test_ctrl_c_during_a_run_kills_its_process_group(tmp_path):
     """SIGINT to the process waiting in harness.run (a Ctrl-C): the command's group, which
     the terminal's SIGINT does not reach (a session of its own), is killed before it exits."""
     log = tmp_path / "c.log"
-    code = f"import sys; from benchmarks.harness import run; run({WAITS!r}, sys.argv[1])"
+    # as a shell starts it: SIGINT deliverable and Python's handler in place, whatever this
+    # test process inherited or was left with (a child keeps blocked and ignored signals)
+    code = ("import signal, sys; signal.pthread_sigmask(signal.SIG_SETMASK, []); "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"from benchmarks.harness import run; run({WAITS!r}, sys.argv[1])")
     driver = subprocess.Popen([sys.executable, "-c", code, str(log)], cwd=REPO)
     sleeper = None
     try:
@@ -92,7 +96,12 @@ def test_ctrl_c_during_a_run_kills_its_process_group(tmp_path):
             sleeper = int(text.split()[0]) if text.endswith("\n") else None
         assert sleeper is not None and alive(sleeper)
         driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=60) != 0
+        try:
+            rc = driver.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            sig = [ln for ln in open(f"/proc/{driver.pid}/status") if ln.startswith("Sig")]
+            pytest.fail(f"the driver did not end within 60 s of SIGINT; its signals: {sig}")
+        assert rc != 0
         assert not alive(sleeper)
     finally:
         driver.kill()
