@@ -110,19 +110,18 @@ def run(cmd: list[str], log: Path | str, *, timeout: float | None = None, env: d
         start = f.tell()
         t0 = time.perf_counter()
         try:
-            p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=f,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-            if main:
-                signal.signal(signal.SIGINT, before)
-                main = False  # restored
+            try:
+                p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=f,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, before)
             if held:
                 raise KeyboardInterrupt
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            if main:  # Popen itself failed
-                signal.signal(signal.SIGINT, before)
             seconds = time.perf_counter() - t0  # the command's own, not the clean-up's
             if p is not None:
                 kill_group(p)

@@ -217,8 +217,9 @@ def ray_feed(ds, batch, size, passes=3, shuffle=0) -> list[dict]:
             if first is None:
                 first, n_first = time.perf_counter() - t0, n
         total = time.perf_counter() - t0
-        out.append({"rate": n / total, "first_s": first or total,
-                    "steady": (n - n_first) / max(total - (first or total), 1e-9)})
+        first = total if first is None else first  # no batch: the pass was all start-up
+        out.append({"rate": n / total, "first_s": first,
+                    "steady": (n - n_first) / max(total - first, 1e-9)})
     return out
 
 

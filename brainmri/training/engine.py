@@ -208,20 +208,23 @@ def within(batches, seconds: float, what: str = "the feed"):
     q: queue.Queue = queue.Queue(maxsize=1)
     done = threading.Event()
 
+    def put(item) -> bool:  # False once the consumer has gone (the thread then ends)
+        while not done.is_set():
+            try:
+                q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def pump():
         try:
             for b in batches:
-                while not done.is_set():
-                    try:
-                        q.put(("batch", b), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if done.is_set():
+                if not put(("batch", b)):
                     return
-            q.put(("end", None))
+            put(("end", None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            q.put(("error", e))
+            put(("error", e))
 
     threading.Thread(target=pump, name="feed", daemon=True).start()
     try:
