@@ -251,13 +251,12 @@ def bench_feed_rate(lake, size, limit, batch, passes=3) -> dict:
     one-time pixel-shard build of train + val on all CPUs, and the shards rewritten with each
     Parquet compression, read by both."""
     import pyarrow.fs as pafs
-    import ray.data
 
     from brainmri.core.storage import open_location
     from brainmri.data.datasets import read_split
-    from brainmri.data.pixels import COMPRESSION, build_pixels, pixel_files, pixel_source, pixels_root
+    from brainmri.data.pixels import COMPRESSION, build_pixels, pixel_files, pixels_root, read_pixels
     from brainmri.data.transforms import preprocess_many
-    from brainmri.training.train import FEED_BLOCK_BYTES, build_datasets
+    from brainmri.training.train import build_datasets
 
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
@@ -286,7 +285,7 @@ def bench_feed_rate(lake, size, limit, batch, passes=3) -> dict:
         else:  # what build_datasets reads, from the copies
             copies = {"image_size": size, "shards": [{**s, "path": os.path.basename(p)} for s, p in
                                                      zip(train_shards, paths, strict=True)]}
-            ds = ray.data.read_datasource(pixel_source(open_location(tmp), copies, "train", FEED_BLOCK_BYTES))
+            ds = read_pixels(open_location(tmp), copies, "train", concurrency=1)
         fed = best(ray_feed(ds, batch, size, passes))
         by_codec[codec] = {"plain": max(plain), "ray": fed["rate"], "ray_first_s": fed["first_s"],
                            "ray_steady": fed["steady"],

@@ -38,13 +38,14 @@ from ..core.storage import Location, StorageError, check_name, open_location, wo
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
 from ..data.pixels import (
+    PIXEL_BLOCK_BYTES,
     decode_pixels,
     ensure_pixels,
     from_pixels,
     load_pixels,
     pixel_files,
-    pixel_source,
     pixels_root,
+    read_pixels,
 )
 from ..data.preprocess import preprocess_batch  # noqa: F401  (torch-free: what decode_pixels maps)
 from ..models.checkpoints import (
@@ -335,8 +336,8 @@ def _data_config():
 # batch of every streamed epoch then waited for all of them to be decoded (measured: 13-19 s
 # for the 4.4k-image train split on one CPU), and nothing overlapped the model. At 4 MiB
 # (~160 images at 160 px) a decode task hands its blocks on as they fill. Reads stay one
-# task a file, so a split decodes on at most as many CPUs as it has files. The pixel-shard
-# source slices its files to the same size (measured on 1 CPU: 16 and 64 MiB were no faster).
+# task a file, so a split decodes on at most as many CPUs as it has files. Pixel shards,
+# which only need reading, go in whole files (data.pixels.PIXEL_BLOCK_BYTES).
 FEED_BLOCK_BYTES = 4 << 20
 
 
@@ -358,13 +359,9 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
                                   f"not {cfg.image_size}")
             if not pixel_files(root, pix, split):
                 raise ConfigError(f"pixel shards {root.uri} have no {split} shards")
-            # reads without a CPU of their own: reading and unpacking a pixel shard costs a few
-            # ms of CPU an MB, and a read that needed one waited for ever once a lost host left
-            # none that the replacement worker group did not hold (measured on the cluster tier).
-            # Without a CPU to count, Ray Data would start them all at once: one in flight per
-            # rank (a read hands on a file's rows far faster than a rank trains on them)
-            d = ray.data.read_datasource(pixel_source(root, pix, split, FEED_BLOCK_BYTES), num_cpus=0,
-                                         concurrency=cfg.num_workers)
+            # one read in flight per rank: a read hands on a file's rows far faster than a rank
+            # trains on them
+            d = read_pixels(root, pix, split, concurrency=cfg.num_workers)
         else:
             files = split_files(version, manifest, split)
             if not files:
@@ -378,7 +375,7 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
         if not pixels:
             d = d.map_batches(decode_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=32,
                               batch_format="numpy")
-        d.context.target_max_block_size = FEED_BLOCK_BYTES
+        d.context.target_max_block_size = PIXEL_BLOCK_BYTES if pixels else FEED_BLOCK_BYTES
         ds[split] = d
     return ds
 

@@ -93,6 +93,23 @@ def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatc
     assert again["shards"] == pix["shards"]
 
 
+def test_the_feed_moves_whole_files_not_slivers(lake, ray_local, monkeypatch):
+    """One block a shard file: Ray Data's executor costs the same per block whatever its size,
+    and left to itself it splits a few files' reads into ~200 blocks of a row or two (its
+    read_op_min_num_blocks). A block over block_bytes is cut at that size, in file order."""
+    monkeypatch.setattr(P, "SHARD_BYTES", 5 * SIZE * SIZE)  # 5 rows a file
+    version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
+    pix = P.build_pixels(version, manifest, SIZE)
+    root = P.pixels_root(version, SIZE)
+    files = [s["rows"] for s in pix["shards"] if s["split"] == "train"]
+    blocks = [b.num_rows for b in P.read_pixels(root, pix, "train", concurrency=1).iter_batches(
+        batch_size=None, batch_format="pyarrow")]
+    assert sorted(blocks) == sorted(files) and len(files) >= 3, (blocks, files)
+    cut = P.read_pixels(root, pix, "train", concurrency=1, block_bytes=2 * SIZE * SIZE)
+    blocks = [b.num_rows for b in cut.iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert max(blocks) == 2 and sum(blocks) == sum(files), blocks
+
+
 def test_another_size_or_dataset_version_is_another_set(lake, ray_local):
     version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
     P.ensure_pixels(version, manifest, SIZE)
