@@ -52,7 +52,11 @@ from .searchers import families
 FIXED = {"data", "dataset", "out", "name", "publish", "num_workers", "placement", "gpu", "cpus_per_worker",
          "limit_train", "limit_val"}
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
-TRIAL_CPU = 0.01  # a trial's own driver only waits on its TorchTrainer (Tune refuses 0)
+# a trial's own driver only waits on its TorchTrainer: it asks for memory, not a CPU (Tune
+# refuses an empty request). Even 0.01 CPU would leave 0.99 of some host's CPU, where a read
+# or decode task needing a whole one never runs, and would stop two trials whose workers take
+# a whole CPU each from fitting beside one CPU for Ray Data (3 one-CPU hosts: the cluster tier)
+TRIAL_RESOURCES = {"CPU": 0, "memory": 256 << 20}
 
 
 # -- the search space ----------------------------------------------------------------------
@@ -284,8 +288,8 @@ def concurrency(cfg: TuneConfig, cpus: float, gpus: float = 0.0,
                 max_gpus: float | None = None) -> Plan:
     """The search's Plan from the cluster's resources now (`cpus`, `gpus`) and, with --gpu,
     the most GPUs its autoscaler may bring (`max_gpus`; None where unknown), so that trials
-    never starve each other or Ray Data: every running trial leaves one CPU for its data
-    pipeline. A pure function: run_search reads the cluster, tests pass numbers.
+    never starve each other or Ray Data: workers get at most one CPU each, and at least one
+    whole CPU is left for Ray Data (by default one per running trial). A pure function: run_search reads the cluster, tests pass numbers.
 
     GPU trials on an autoscaling cluster (GPU nodes at min_workers 0, or fewer now than it
     may add) are sized from --max-concurrent, else from the autoscaler's maximum, else 1;
@@ -312,14 +316,15 @@ def concurrency(cfg: TuneConfig, cpus: float, gpus: float = 0.0,
         return Plan(conc, 2.0, f"brainmri tune: the cluster has {gpus:g} GPUs now; planning {conc} "
                                f"trial(s) of {w} GPU worker(s) at once ({why}); they wait for the "
                                "autoscaler to bring the GPUs")
-    fit = max(1, int(cpus // (w + 1)))  # w workers at 1 CPU + 1 CPU of data loading per trial
+    # by default as many trials as have w workers at 1 CPU and 1 CPU of data loading each;
+    # --max-concurrent may ask for more, down to one CPU of data loading for them all (reads of
+    # pixel shards need none; a decode task needs a whole one: with 0.99 free it would wait)
+    fit = max(1, int(cpus // (w + 1)))
     conc = min(cfg.max_concurrent or fit, max(1, int(cpus - 1)))
-    # what is left after each trial's driver and one whole CPU for its data pipeline (a read
-    # task needs a whole CPU: with 0.99 free it would wait forever)
-    per = math.floor(min(1.0, (cpus - conc * (1 + TRIAL_CPU)) / (conc * w)) * 4) / 4
+    per = math.floor(min(1.0, (cpus - 1) / (conc * w)) * 4) / 4
     if per <= 0:
         raise ConfigError(f"{conc} trials of {w} workers do not fit in {cpus:g} CPUs with one "
-                          "CPU per trial left for data loading: lower --max-concurrent")
+                          "CPU left for data loading: lower --max-concurrent")
     return Plan(conc, per)
 
 
@@ -524,8 +529,7 @@ def make_tuner(search: Search, tracking: Tracking | None = None):
     cfg, exp, epochs = search.cfg, search.exp, search.epochs
     trainable = tune.with_parameters(train_trial, trials={t["id"]: t["train"] for t in search.trials},
                                      runs_uri=(exp / "runs").uri, tracking=tracking, drawn=search.drawn())
-    # the trial driver only waits on its TorchTrainer (Tune refuses an empty request)
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(trainable, TRIAL_RESOURCES)
     if search.restoring:
         print(f"brainmri tune: warning: --resume: unpickling the Tune experiment state under "
               f"{exp.uri} to restore the search (only safe for storage you trust)",

@@ -296,16 +296,25 @@ class Cluster:
                 raise RuntimeError(f"cluster {self.name}: {what}: {why}\n{tails}")
             time.sleep(1)
 
-    def _http(self, url: str, timeout: float = 5) -> bytes | None:
-        """The body at url (None: no answer yet). Ray's API with the cluster's token."""
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+    def request(self, url: str, data: bytes | None = None, method: str | None = None,
+                headers: dict | None = None, timeout: float = 5) -> tuple[int | None, bytes | None]:
+        """(HTTP status, body) of a request from this machine to the cluster's network, with
+        the cluster's token (Ray's APIs ask for it; a Serve route ignores it); (None, None)
+        while nothing answers."""
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.read()
+                return r.status, r.read()
         except urllib.error.HTTPError as e:
-            return e.read() if e.code < 500 else None
+            return e.code, e.read()
         except OSError:
-            return None
+            return None, None
+
+    def _http(self, url: str, timeout: float = 5) -> bytes | None:
+        """The body at url (None: no answer yet, or a server error)."""
+        status, body = self.request(url, timeout=timeout)
+        return body if status is not None and status < 500 else None
 
     def alive_nodes(self) -> list[dict]:
         """Ray's live nodes ({node_id, node_ip, is_head_node, ...}), by the State API."""

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import pytest
 
 from brainmri.core.storage import open_location
 from brainmri.data.datasets import resolve_dataset, verify_shards
 from brainmri.models.checkpoints import load_state
+from brainmri.serving.app import APP
 from tests.cluster import harness as hx
 
-from support.data import real_subset
+from support.data import CLASSES, real_subset
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 RUN = "spread"
+SERVE_PORT = 8000
 PER_CLASS = 8
 # what a host writes locally for a run it takes part in: none of it may stay on a host's disk
 ARTEFACTS = (".parquet", ".pt", ".onnx", "manifest.json", "metadata.json", "placement.json")
@@ -93,6 +96,91 @@ def test_the_evaluation_report_lands_whole_in_the_bucket(jobs, lake):
     assert metrics["model"]["sha256"] == meta["sha256"]
 
 
+def serve_replicas(cluster) -> tuple[str, list[dict]]:
+    """The Serve application's status and its replicas ({node_id, state, ...}), by the
+    dashboard's Serve API ("" and [] before it exists)."""
+    _, body = cluster.request(f"{cluster.dashboard}/api/serve/applications/")
+    try:
+        app = json.loads(body)["applications"].get(APP, {})
+    except (TypeError, ValueError, KeyError):
+        return "", []
+    deployments = app.get("deployments", {}).values()
+    return app.get("status", ""), [r for d in deployments for r in d.get("replicas", [])]
+
+
+def test_serve_answers_through_the_head_from_replicas_on_the_worker_hosts(jobs, lake, cluster, tmp_path):
+    """`brainmri serve` as a detached job: two one-CPU replicas land on two worker hosts (the
+    head has no CPU), each loads the published model from S3, and a scan POSTed to the head's
+    address is answered by one of them through the head's proxy. Deleted after (the fault
+    tests need the CPUs); run before the disk check, which then covers the replicas too."""
+    model = f"{lake.uri}/models/brainnet"
+    cluster.submit(["jobs/serve.py", "--model", model, "--host", "0.0.0.0", "--port", str(SERVE_PORT),
+                    "--replicas", "2", "--cpus-per-replica", "1", "--poll-s", "0", "--detach"],
+                   cluster.work / "serve.log", timeout=300).check()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            status, replicas = serve_replicas(cluster)
+            if status == "RUNNING" and len(replicas) == 2 and all(r["state"] == "RUNNING" for r in replicas):
+                break
+            assert time.monotonic() < deadline, (status, replicas, hx.tail(cluster.work / "serve.log"))
+            time.sleep(2)
+        workers = {n["node_id"] for n in cluster.alive_nodes() if not n["is_head_node"]}
+        assert len({r["node_id"] for r in replicas}) == 2 and {r["node_id"] for r in replicas} <= workers
+        scan = next((real_subset(tmp_path, per_class=1) / "Training").rglob("*.jpg"))
+        code, body = cluster.request(f"http://{cluster.head.ip}:{SERVE_PORT}/predict", data=scan.read_bytes(),
+                                     headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert code == 200, (code, body)
+        answer = json.loads(body)
+        [version] = (lake / "models" / "brainnet").listdir()
+        assert answer["ok"] and answer["class"] in CLASSES and answer["model"]["version"] == version, answer
+    finally:
+        cluster.request(f"{cluster.dashboard}/api/serve/applications/", method="DELETE", timeout=60)
+        deadline = time.monotonic() + 120
+        while serve_replicas(cluster)[1] and time.monotonic() < deadline:
+            time.sleep(2)
+    assert not serve_replicas(cluster)[1], "the replicas outlived the application's deletion"
+
+
+# two trials of one 1-CPU worker: on the tier's three 1-CPU hosts they run at once on two of
+# them, the third left to Ray Data (ops.tune.concurrency); tiny, as the pipeline's train job
+TUNE_SPACE = {"base": {"epochs": 2, "image_size": 64, "batch_size": 8, "warmup_epochs": 0.5, "patience": 0},
+              "space": {"model": {"brainnet": {"model_args.width": [8]}}, "lr": [1e-3, 3e-3]}}
+
+
+def test_tune_runs_two_trials_at_once_on_two_worker_hosts(jobs, lake, cluster):
+    """`jobs/tune.py --max-concurrent 2`, its space read from the bucket and its results
+    written to another store: the two trials' ranks ran on two different worker hosts, at the
+    same time (each trial's placement.json, written when its workers start, is older than the
+    other's last history.json), and the winner is published and verifies."""
+    import yaml
+
+    cluster.s3().put_object(Bucket=cluster.bucket, Key="spaces/tiny.yaml", Body=yaml.safe_dump(TUNE_SPACE))
+    out = f"s3://{cluster.bucket}/tuned"
+    cluster.submit(["jobs/tune.py", "--data", lake.uri, "--out", out, "--space",
+                    f"s3://{cluster.bucket}/spaces/tiny.yaml", "--name", "two", "--num-samples", "2",
+                    "--max-concurrent", "2", "--grace-period", "2", "--no-evaluate"],
+                   cluster.work / "tune.log", timeout=600).check()
+    with cluster.as_client():
+        runs = open_location(out) / "tune" / "two" / "runs"
+        placed = {f.uri: f.read_json() for f in runs.files("placement.json")}
+        assert len(placed) == 2, list(placed)
+        nodes = [{r["node_id"] for r in p["ranks"]} for p in placed.values()]
+        workers = {n["node_id"] for n in cluster.alive_nodes() if not n["is_head_node"]}
+        assert all(len(n) == 1 for n in nodes) and nodes[0] != nodes[1] and nodes[0] | nodes[1] <= workers
+        s3, spans = cluster.s3(), []
+        for uri in placed:
+            key = uri.split(f"s3://{cluster.bucket}/", 1)[1]
+            start = s3.head_object(Bucket=cluster.bucket, Key=key)["LastModified"]
+            end = s3.head_object(Bucket=cluster.bucket, Key=key.replace("placement.json", "history.json"))
+            spans.append((start, end["LastModified"]))
+        (a0, a1), (b0, b1) = spans
+        assert a0 <= b1 and b0 <= a1, spans  # both running at once
+        [model] = (open_location(out) / "models" / "brainnet").listdir()
+        folder = open_location(out) / "models" / "brainnet" / model
+        assert (folder / "metadata.json").read_json()["sha256"] == sha256(folder / "model.pt")
+
+
 def test_no_artefact_stays_on_a_hosts_own_disk(jobs, cluster):
     """Every host's local disk (its /tmp, Ray's temp dir and TMPDIR in it): what it wrote for
     the run went to S3, nothing of it lies where another host could not reach it."""
@@ -108,6 +196,6 @@ def test_a_job_past_its_deadline_is_stopped_not_left_holding_the_cluster(cluster
     sleeper = ["-c", "__import__('time').sleep(600)"]
     r = cluster.submit(sleeper, cluster.work / "deadline.log", timeout=20)
     assert r.returncode is None, r.describe()
-    jobs = json.loads(cluster._http(f"{cluster.dashboard}/api/jobs/") or b"[]")
+    jobs = json.loads(cluster.request(f"{cluster.dashboard}/api/jobs/")[1] or b"[]")
     mine = [j for j in jobs if "sleep(600)" in j.get("entrypoint", "")]
     assert mine and all(j["status"] == "STOPPED" for j in mine), mine

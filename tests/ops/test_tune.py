@@ -100,13 +100,18 @@ def test_sampling_is_seeded_and_conditional(tmp_path):
     assert cfg.name == "run-1" and cfg.out == "o"
 
 
-def test_concurrency_leaves_a_cpu_per_trial_for_data():
-    # 2-core laptop: one trial; its worker gets what is left after the trial's driver and a
-    # whole CPU for Ray Data's read tasks (0.99 free would deadlock them)
-    assert concurrency(TuneConfig(), cpus=2) == (1, 0.75, "")
-    assert concurrency(TuneConfig(workers_per_trial=2), cpus=2) == (1, 0.25, "")
-    assert concurrency(TuneConfig(), cpus=16) == (8, 0.75, "")
+def test_concurrency_leaves_a_whole_cpu_for_data():
+    # 2-core laptop: one trial; its worker gets a CPU, the other is Ray Data's (the trial's
+    # driver asks for memory, not CPU: 0.99 of a CPU free would deadlock a decode task)
+    assert concurrency(TuneConfig(), cpus=2) == (1, 1.0, "")
+    assert concurrency(TuneConfig(workers_per_trial=2), cpus=2) == (1, 0.5, "")
+    assert concurrency(TuneConfig(), cpus=16) == (8, 1.0, "")
     assert concurrency(TuneConfig(max_concurrent=2), cpus=16) == (2, 1.0, "")
+    # --max-concurrent may share one CPU of data loading: 3 one-CPU hosts run 2 trials of a
+    # whole CPU each (on two hosts, as their workers cannot share one), never 3
+    assert concurrency(TuneConfig(max_concurrent=2), cpus=3) == (2, 1.0, "")
+    assert concurrency(TuneConfig(max_concurrent=3), cpus=3) == (2, 1.0, "")
+    assert concurrency(TuneConfig(max_concurrent=2, workers_per_trial=2), cpus=4) == (2, 0.75, "")
     # GPU cluster: bounded by GPUs and by 2 CPUs per GPU worker
     assert concurrency(TuneConfig(gpu=True), cpus=16, gpus=4) == (4, 2.0, "")
     assert concurrency(TuneConfig(gpu=True, workers_per_trial=2), cpus=64, gpus=8) == (4, 2.0, "")
