@@ -51,13 +51,13 @@ from brainmri.models.zoo import count_params, create_model, list_models
 
 def bench_ray_data(lake: str, size: int, limit: int, batch: int) -> float:
 
-    from brainmri.training.train import build_datasets, pixel_batch
+    from brainmri.training.train import BlockBatches, build_datasets
 
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
     ds = build_datasets(cfg, version, manifest)["train"]
     t0, n = time.time(), 0
-    for b in ds.iter_torch_batches(batch_size=batch, collate_fn=pixel_batch(size), device="cpu"):
+    for b in BlockBatches(ds, size).iter_torch_batches(batch_size=batch):
         n += len(b["label"])
     return n / (time.time() - t0)
 
@@ -199,20 +199,20 @@ def plain_read(files, fs, size: int) -> int:
 
 
 def ray_feed(ds, batch, size, passes=3, shuffle=0) -> list[dict]:
-    """A feed dataset on one CPU, iterated as a training worker does (iter_torch_batches with
-    train.pixel_batch, `shuffle` rows of local shuffle buffer), each pass:
+    """A feed dataset on one CPU, iterated as a training worker does (train.BlockBatches,
+    its local shuffle when `shuffle`), each pass:
     {rate: images/s of the whole pass, first_s: seconds to its first batch (Ray Data starting
     the pass's execution), steady: images/s after the first batch}."""
     from ray.data import ExecutionResources
 
-    from brainmri.training.train import pixel_batch
+    from brainmri.training.train import BlockBatches
 
     ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
     out = []
     for p in range(passes):
         kw = dict(local_shuffle_buffer_size=shuffle, local_shuffle_seed=p) if shuffle else {}
         t0, n, first, n_first = time.perf_counter(), 0, None, 0
-        for b in ds.iter_torch_batches(batch_size=batch, collate_fn=pixel_batch(size), device="cpu", **kw):
+        for b in BlockBatches(ds, size).iter_torch_batches(batch_size=batch, **kw):
             n += len(b["label"])
             if first is None:
                 first, n_first = time.perf_counter() - t0, n

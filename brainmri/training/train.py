@@ -12,10 +12,11 @@
     finalize (publishing runs): best checkpoint,  (with ema_decay: the averaged weights throughout)
       decision rule on val, exports, card
 
-The loops themselves live in `engine` (no Ray there), the finishing step in `finalize`. The driver never materialises the
-dataset; workers read their shard with `get_dataset_shard`. Re-running with the same run name
-resumes from the latest checkpoint, and a failed worker is replaced and resumes the same way
-(FailureConfig). The driver prints one line per epoch from the run's history.json (`progress`).
+The loops themselves live in `engine` (no Ray there), the finishing step in `finalize`. The
+driver never materialises the dataset; workers read their shard with `get_dataset_shard`.
+Re-running with the same run name resumes from the latest checkpoint, and a failed worker is
+replaced and resumes the same way (FailureConfig). The driver prints one line per epoch from
+the run's history.json (`progress`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -81,21 +83,57 @@ class RunSpec:
     teacher: dict | None = None  # training.distill.teacher_record, checked by the driver
 
 
-def pixel_batch(size: int):
-    """iter_torch_batches' collate_fn for pixel rows: a pyarrow batch -> {'x': uint8 [B, S, S],
-    'label': int64 [B]} tensors over the batch's own buffer (Ray's guidance for speed: an
-    ArrowBatchCollateFn). Ray's default conversion makes one Python bytes object of each
-    fixed_size_binary row. The tensors are read-only views; the loops never write into a batch
-    (they convert to float first), so torch's warning about it is silenced."""
-    from ray.data.collate_fn import ArrowBatchCollateFn  # ray.data: seconds to import, workers only
+class BlockBatches:
+    """A worker's Ray Data shard of pixel rows ({'x': fixed_size_binary[S*S], 'label'}) as
+    torch batches {'x': uint8 [B, S, S], 'label': int64 [B]}, cut here from whole blocks: what
+    `ShardBatches` asks of a Ray DataIterator (`iter_torch_batches`), done once a block
+    instead of once a batch. A block is a shard file (data.pixels.read_pixels) or 4 MiB of
+    decoded rows; its column is viewed as one uint8 array (from_pixels: no copy), the local
+    shuffle permutes the whole block (better mixed than Ray Data's sliding buffer of a few
+    batches, and one gather a block instead of one a batch), and batches are slices of it.
+    Ray Data's own batcher (format conversion, its shuffle buffer, a collate per batch) cost
+    ~1.6 ms of one CPU a batch of 64 at 160 px: measured in benchmarks/train.py's feed."""
 
-    class PixelBatch(ArrowBatchCollateFn):
-        def __call__(self, batch) -> dict:
-            b = from_pixels(batch, size)
-            return {"x": torch.from_numpy(b["x"]), "label": torch.from_numpy(b["label"])}
+    def __init__(self, it, size: int):
+        self.it, self.size = it, size
 
-    warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-    return PixelBatch()
+    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
+                           local_shuffle_buffer_size: int | None = None,
+                           local_shuffle_seed: int | None = None, pin_memory: bool = False,
+                           prefetch_batches: int = 1, **_):
+        rng = np.random.default_rng(local_shuffle_seed) if local_shuffle_buffer_size else None
+        rest = None  # the last block's rows that did not fill a batch: (x, y)
+        for block in self.it.iter_batches(batch_size=None, batch_format="pyarrow",
+                                          prefetch_batches=prefetch_batches):
+            b = from_pixels(block, self.size)
+            x, y = b["x"], b["label"]
+            if rng is not None:
+                order = rng.permutation(len(y))
+                x, y = x[order], y[order]
+            at = 0
+            if rest is not None:  # complete the held batch from the head of this block
+                at = min(batch_size - len(rest[1]), len(y))
+                rest = (np.concatenate([rest[0], x[:at]]), np.concatenate([rest[1], y[:at]]))
+                if len(rest[1]) < batch_size:
+                    continue
+                yield self._tensors(*rest, pin_memory)
+                rest = None
+            end = at + (len(y) - at) // batch_size * batch_size
+            for i in range(at, end, batch_size):
+                yield self._tensors(x[i:i + batch_size], y[i:i + batch_size], pin_memory)
+            if end < len(y):
+                rest = (x[end:], y[end:])
+        if rest is not None and not drop_last:
+            yield self._tensors(*rest, pin_memory)
+
+    @staticmethod
+    def _tensors(x: np.ndarray, y: np.ndarray, pin: bool) -> dict:
+        # views of a block may be read-only: the loops never write into a batch (they convert
+        # to float first), so torch's warning about it is silenced
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            b = {"x": torch.from_numpy(x), "label": torch.from_numpy(y)}
+        return {k: v.pin_memory() for k, v in b.items()} if pin else b
 
 
 def _threads() -> int:
@@ -262,13 +300,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
-    loader_kw = dict(batch_size=cfg.batch_size, collate_fn=pixel_batch(cfg.image_size),
-                     device="cpu", pin_memory=cfg.gpu, prefetch_batches=4 if cfg.gpu else 1)
-    train_src = ShardBatches(ray.train.get_dataset_shard("train"), loader_kw, cfg.cache, True, True,
-                             cfg.seed * 7919 + rank, pin=cfg.gpu, stall_s=cfg.feed_timeout_s)
+    loader_kw = dict(batch_size=cfg.batch_size, pin_memory=cfg.gpu, prefetch_batches=1)  # 1 block
+    train_src = ShardBatches(BlockBatches(ray.train.get_dataset_shard("train"), cfg.image_size), loader_kw,
+                             cfg.cache, True, True, cfg.seed * 7919 + rank, pin=cfg.gpu,
+                             stall_s=cfg.feed_timeout_s)
     # each rank evaluates its own part of the validation rows (possibly none)
-    val_src = ShardBatches(ray.train.get_dataset_shard("val"), loader_kw, cfg.cache, False, False,
-                           0, pin=cfg.gpu, stall_s=cfg.feed_timeout_s)
+    val_src = ShardBatches(BlockBatches(ray.train.get_dataset_shard("val"), cfg.image_size), loader_kw,
+                           cfg.cache, False, False, 0, pin=cfg.gpu, stall_s=cfg.feed_timeout_s)
 
     def on_epoch(epoch: int, metrics: dict, state: FitState, stop: bool) -> None:
         ckpt = _checkpoint_state(spec, raw, recipe, epoch, state) if rank == 0 else None
@@ -343,7 +381,7 @@ FEED_BLOCK_BYTES = 4 << 20
 
 def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
     """Ray Data's train and val feeds: pixel rows {'x': fixed_size_binary[S*S], 'label'}
-    (the pixel-shard schema; `pixel_batch` turns a batch of them into tensors). From the
+    (the pixel-shard schema; `BlockBatches` turns a worker's blocks of them into tensors). From the
     version's shards (decoding each image), or with `pixels` = (root, pixels.json) from
     `data.pixels.ensure_pixels` from pixel shards already preprocessed at cfg.image_size:
     then Ray Data only reads, with no operator of ours between the file and the worker."""

@@ -18,7 +18,7 @@ from brainmri.data import pixels as P
 from brainmri.data.datasets import read_split, resolve_dataset
 from brainmri.data.ingest import ingest
 from brainmri.data.preprocess import preprocess_many
-from brainmri.training.train import build_datasets, pixel_batch
+from brainmri.training.train import BlockBatches, build_datasets
 
 from support.data import real_subset
 
@@ -46,11 +46,11 @@ def _rows(x, y) -> list[tuple[int, bytes]]:
 
 
 def _feed(version, manifest, pixels, split):
-    """The rows as a training worker gets them (iter_torch_batches with train.pixel_batch)."""
+    """The rows as a training worker gets them (train.BlockBatches over the dataset)."""
     cfg = TrainConfig(data=str(version.uri), image_size=SIZE, cache=False)
     xs, ys = [], []
-    for b in build_datasets(cfg, version, manifest, pixels)[split].iter_torch_batches(
-            batch_size=7, collate_fn=pixel_batch(SIZE), device="cpu"):
+    for b in BlockBatches(build_datasets(cfg, version, manifest, pixels)[split], SIZE).iter_torch_batches(
+            batch_size=7):
         xs.append(b["x"].numpy())
         ys.append(b["label"].numpy())
     return np.concatenate(xs), np.concatenate(ys)
@@ -232,15 +232,26 @@ def test_a_second_builder_waits_for_the_first_and_reuses_its_build(lake, ray_loc
 
 
 def test_both_feeds_hand_the_workers_the_pixels_of_preprocess():
-    """The decoding feed's map function and the worker's collate_fn: the same uint8 pixels and
-    int64 labels as `preprocess_batch`, with the collate reading the batch's own buffer (no
-    copy of an unsliced single-chunk batch) whatever slice or chunking Ray hands it."""
+    """The decoding feed's map function and the worker's batches (train.BlockBatches): the
+    same uint8 pixels and int64 labels as `preprocess_batch`, a batch reading its block's own
+    buffer (no copy of an unsliced single-chunk block) whatever slice or chunking Ray hands it."""
     import io
 
     import torch
     from PIL import Image
 
     from brainmri.data.preprocess import preprocess_batch
+
+    class Blocks:  # a DataIterator's blocks, as Ray Data hands them over
+        def __init__(self, *tables):
+            self.tables = tables
+
+        def iter_batches(self, batch_size, batch_format, **kw):
+            assert batch_size is None and batch_format == "pyarrow"
+            return iter(self.tables)
+
+    def batches(*tables):
+        return list(BlockBatches(Blocks(*tables), SIZE).iter_torch_batches(batch_size=5))
 
     rng = np.random.default_rng(1)
     blobs = []
@@ -252,15 +263,14 @@ def test_both_feeds_hand_the_workers_the_pixels_of_preprocess():
     ref = preprocess_batch(batch, SIZE)
     t = P.decode_pixels(batch, SIZE)
     assert t.schema.field("x").type == pa.binary(SIZE * SIZE)
-    collate = pixel_batch(SIZE)
-    got = collate(t)
+    [got] = batches(t)
     assert got["x"].dtype == torch.uint8 and got["label"].dtype == torch.int64
     assert np.array_equal(got["x"].numpy(), ref["x"]) and got["label"].tolist() == [3, 0, 2, 1, 0]
     assert got["x"].data_ptr() == t.column("x").chunk(0).buffers()[1].address  # a view, not a copy
-    part = collate(pa.concat_tables([t.slice(1, 2), t.slice(4, 1)]))
+    [part] = batches(pa.concat_tables([t.slice(1, 2), t.slice(4, 1)]))
     assert np.array_equal(part["x"].numpy(), ref["x"][[1, 2, 4]]) and part["label"].tolist() == [0, 2, 0]
     empty = P.decode_pixels({"image": np.array([], dtype=object), "label": np.array([], np.int64)}, SIZE)
-    assert empty.num_rows == 0 and collate(empty)["x"].shape == (0, SIZE, SIZE)
+    assert empty.num_rows == 0 and batches(empty) == []
 
 
 def test_shards_are_written_with_the_measured_compression(lake, ray_local):

@@ -104,6 +104,40 @@ def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_l
         check_same_network(run, TrainConfig(model="seed_cnn"))
 
 
+def test_block_batches_cut_every_row_once_across_uneven_blocks():
+    """train.BlockBatches, as a worker's feed: blocks of 5, 3, 0, 9 and 2 rows in batches of
+    4 - every row once and in order without shuffling, full batches across block edges, the
+    last partial batch kept or dropped; shuffled, the same rows in a seeded per-block order."""
+    from brainmri.data.pixels import pixel_table
+
+    S = 2
+    sizes, rows = [5, 3, 0, 9, 2], 19
+    x = np.arange(rows * S * S, dtype=np.uint32).astype(np.uint8).reshape(rows, S, S)
+    x[:, 0, 0] = np.arange(rows)  # each row's id in its first pixel
+    table = pixel_table(x, np.arange(rows) % 4, S)
+    starts = np.cumsum([0, *sizes])
+
+    class Blocks:
+        def iter_batches(self, batch_size, batch_format, **kw):
+            assert batch_size is None and batch_format == "pyarrow"
+            return iter([table.slice(a, n) for a, n in zip(starts, sizes)])
+
+    def ids(drop_last=False, seed=None):
+        kw = dict(local_shuffle_buffer_size=16, local_shuffle_seed=seed) if seed is not None else {}
+        feed = train_module.BlockBatches(Blocks(), S)
+        got = list(feed.iter_torch_batches(batch_size=4, drop_last=drop_last, **kw))
+        assert all(b["x"].dtype == torch.uint8 and b["x"].shape[1:] == (S, S) for b in got)
+        assert all(torch.equal(b["label"], b["x"][:, 0, 0].long() % 4) for b in got)  # rows kept whole
+        return [b["x"][:, 0, 0].tolist() for b in got]
+
+    assert ids() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18]]
+    assert ids(drop_last=True) == ids()[:4]
+    shuffled = ids(seed=1)
+    assert [len(b) for b in shuffled] == [4, 4, 4, 4, 3] and shuffled != ids()
+    assert sorted(sum(shuffled, [])) == list(range(rows)) and ids(seed=1) == shuffled != ids(seed=2)
+    assert sorted(sum(shuffled[:2], [])) == list(range(8))  # mixed within blocks, not across them
+
+
 def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'resnet9000'"):
         prepare(load_config(TrainConfig, overrides=["model=resnet9000", f"data={small_lake}"]))
