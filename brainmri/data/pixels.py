@@ -38,7 +38,7 @@ import numpy as np
 
 from ..core.lock import Lease
 from ..core.storage import Location, StorageError
-from .datasets import manifest_hash, split_files, verify_shards
+from .datasets import manifest_hash, read_known_files, read_shards, split_files, verify_shards
 from .preprocess import PREPROCESS_ID, preprocess_batch
 
 PIXELS_MANIFEST = "pixels.json"
@@ -100,46 +100,6 @@ def from_pixels(batch, size: int) -> dict:
     return {"x": x.reshape(n, size, size), "label": label}
 
 
-def pixel_source(root: Location, pix: dict, split: str, block_bytes: int):
-    """A Ray Data datasource of the split's pixel shards (`ray.data.read_datasource`): one read
-    task a file, reading it whole with pyarrow and handing it on in zero-copy slices of about
-    `block_bytes`. The files and their rows are known from pixels.json (verified before use),
-    so nothing lists or samples them: measured on 1 CPU of a loaded machine, read_parquet's
-    listing operator (Ray 2.60, datasource v2) took 4-13 s before the first batch of every
-    epoch, this source 0.1 s. A file whose rows differ from its record raises StorageError."""
-    import pyarrow.parquet as pq
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    shards = [s for s in pix["shards"] if s["split"] == split]
-    row_bytes = int(pix["image_size"]) ** 2
-    step = max(1, block_bytes // row_bytes)
-
-    def reader(shard: dict):
-        path, fs, rows = (root / shard["path"]).path, root.fs, int(shard["rows"])
-
-        def read():
-            t = pq.read_table(path, filesystem=fs, columns=["x", "label"], use_threads=False)
-            if t.num_rows != rows:
-                raise StorageError(f"pixel shard {path} holds {t.num_rows} rows, its record {rows}")
-            for i in range(0, rows, step):
-                yield t.slice(i, step)
-        return ReadTask(read, BlockMetadata(num_rows=rows, size_bytes=rows * row_bytes,
-                                            input_files=[path], exec_stats=None))
-
-    class PixelShards(Datasource):
-        def get_name(self) -> str:
-            return "PixelShards"
-
-        def estimate_inmemory_data_size(self) -> int:
-            return sum(s["rows"] for s in shards) * row_bytes
-
-        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None) -> list:
-            return [reader(s) for s in shards]
-
-    return PixelShards()
-
-
 # Ray Data's block of pixel rows: a whole shard file (1,310 rows at 160 px is 34 MB; 224 px,
 # 66 MB). Ray Data's executor costs ~25-30 ms of one CPU per block it moves, whatever its
 # size (measured on 1 CPU, 4,385 train rows at 160 px: 4 MiB blocks 7,600 img/s, 8 MiB
@@ -150,22 +110,17 @@ PIXEL_BLOCK_BYTES = 128 << 20
 
 def read_pixels(root: Location, pix: dict, split: str, *, concurrency: int | None = None,
                 block_bytes: int = PIXEL_BLOCK_BYTES):
-    """The split's pixel shards as a Ray Data dataset (`pixel_source`), one block a file.
-    Reads ask for no CPU of their own (reading and unpacking a shard costs a few ms of CPU an
-    MB, and a read that needed one waited for ever once a lost host left none that the
-    replacement worker group did not hold: measured on the cluster tier); without a CPU to
-    count, Ray Data would start them all at once, so `concurrency` bounds how many are in
-    flight. override_num_blocks = the number of files: left to itself, Ray Data
-    (`read_op_min_num_blocks`, 200) splits a few read tasks' output into ~200 blocks of a
-    handful of rows each (16 rows here), and pays its per-block cost on every one of them
-    (4,200 img/s on one CPU, against ~24,000 for whole files)."""
-    import ray.data
-
-    files = sum(1 for s in pix["shards"] if s["split"] == split)
-    ds = ray.data.read_datasource(pixel_source(root, pix, split, block_bytes), num_cpus=0,
-                                  concurrency=concurrency, override_num_blocks=max(1, files))
-    ds.context.target_max_block_size = block_bytes  # or Ray Data re-slices each block to its default
-    return ds
+    """The split's pixel shards as a Ray Data dataset, one block a file
+    (datasets.read_known_files over pixels.json, verified before use: nothing listed, nothing
+    split into slivers). Reads ask for no CPU of their own (reading and unpacking a shard
+    costs a few ms of CPU an MB, and a read that needed one waited for ever once a lost host
+    left none that the replacement worker group did not hold: measured on the cluster tier);
+    without a CPU to count, Ray Data would start them all at once, so `concurrency` bounds
+    how many are in flight."""
+    row_bytes = int(pix["image_size"]) ** 2
+    records = [{**s, "bytes": int(s["rows"]) * row_bytes} for s in pix["shards"] if s["split"] == split]
+    return read_known_files("PixelShards", root, records, ["x", "label"], block_bytes, whole=True,
+                            concurrency=concurrency, num_cpus=0)
 
 
 def pixel_table(x: np.ndarray, label, size: int):
@@ -214,7 +169,6 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
     """Preprocess `splits` of the version with Ray Data into pixel shards; pixels.json last.
     Every source row is accounted for: a split whose shards do not add up to the manifest's
     row count raises, and no pixels.json is written."""
-    import ray.data
 
     verify_shards(version, manifest, splits)  # the source, as every reader of it does (cached)
     root = pixels_root(version, size)
@@ -225,7 +179,7 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
         expected = manifest["rows"][split]
         if files:
             folder = root / attempt / split
-            d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
+            d = read_shards(version, manifest, split, ["image", "label"])
             d = d.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=32, batch_format="numpy")
             d = d.map_batches(_write_part, fn_kwargs={"folder": folder, "split": split, "size": size},
                               batch_size=shard_rows(size), batch_format="numpy")

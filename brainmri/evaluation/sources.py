@@ -22,7 +22,15 @@ from ..config import IngestConfig
 from ..core.storage import Location, StorageError, open_location
 from ..data import dicom
 from ..data import images as im
-from ..data.datasets import MANIFEST, SPLITS, manifest_hash, split_files, verify_shards
+from ..data.datasets import (
+    MANIFEST,
+    SHARD_BLOCK_BYTES,
+    SPLITS,
+    manifest_hash,
+    read_known_files,
+    split_files,
+    verify_shards,
+)
 from ..data.walk import place, pseudonym, walk_source
 from .inference import load_folder_batch, prepare_dataset_batch
 
@@ -44,6 +52,7 @@ class Source:
     files: list[tuple[str, int]] = field(default_factory=list)  # folder: (relative path, label)
     walk_rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, detail)
     shard_paths: list[str] = field(default_factory=list)  # dataset: Parquet files of the split
+    shards: list[dict] = field(default_factory=list)  # dataset: their manifest records, in order
     split: str = ""
     dataset_uri: str = ""
     classes: list[str] = field(default_factory=list)
@@ -129,7 +138,7 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
                 "counts": manifest["counts"][split], "created_at": manifest.get("created_at")}
     data_id = f"{manifest['name']}-{manifest['version']}-{split}"
     return Source("dataset", version, data_id, describe, shard_paths=shards, split=split,
-                  dataset_uri=version.uri)
+                  dataset_uri=version.uri, shards=[s for s in manifest["shards"] if s["split"] == split])
 
 
 def _folder_source(loc: Location, classes: list[str]) -> Source:
@@ -178,8 +187,8 @@ def to_ray_dataset(src: Source, size: int, batch_size: int):
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # evaluate draws its own
     if src.kind == "dataset":
-        ds = ray.data.read_parquet(src.shard_paths, filesystem=src.location.fs).select_columns(
-            DATASET_COLUMNS)  # pushed down into the read: other columns are never loaded
+        # the listed shards, no listing; other columns are never loaded
+        ds = read_known_files("DatasetShards", src.location, src.shards, DATASET_COLUMNS, SHARD_BLOCK_BYTES)
         return ds.map_batches(prepare_dataset_batch, fn_kwargs={"size": size},
                               batch_size=batch_size, batch_format="numpy")
     items = [{"path": p, "label": label} for p, label in src.files]

@@ -289,7 +289,8 @@ def concurrency(cfg: TuneConfig, cpus: float, gpus: float = 0.0,
     """The search's Plan from the cluster's resources now (`cpus`, `gpus`) and, with --gpu,
     the most GPUs its autoscaler may bring (`max_gpus`; None where unknown), so that trials
     never starve each other or Ray Data: workers get at most one CPU each, and at least one
-    whole CPU is left for Ray Data (by default one per running trial). A pure function: run_search reads the cluster, tests pass numbers.
+    whole CPU is left for Ray Data (by default one per running trial). A pure function:
+    run_search reads the cluster, tests pass numbers.
 
     GPU trials on an autoscaling cluster (GPU nodes at min_workers 0, or fewer now than it
     may add) are sized from --max-concurrent, else from the autoscaler's maximum, else 1;

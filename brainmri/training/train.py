@@ -4,7 +4,7 @@
     ------------------------------------------  ---------------------------------------------
     prepare: a resolved copy of the config,     model -> DDP (prepare_model); build_recipe: AdamW,
       dataset, storage and model checked          warm-up+cosine, EMA, mixing, teacher (recipe)
-    Ray Data: read_parquet -> preprocess        engine.fit, each epoch:
+    Ray Data: read_shards -> preprocess         engine.fit, each epoch:
       (decode, fit, normalise; streaming)         train_one_epoch on its own shard, augmenting
     TorchTrainer(N workers, RunConfig(storage))   evaluate (plain module, no DDP) on its own
       train: equal shards; val: every row once    part of val (maybe none); one all-reduce
@@ -38,7 +38,7 @@ from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import Location, StorageError, check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
-from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
+from ..data.datasets import manifest_hash, read_shards, resolve_dataset, split_files, verify_shards
 from ..data.pixels import (
     PIXEL_BLOCK_BYTES,
     decode_pixels,
@@ -401,13 +401,10 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
             # trains on them
             d = read_pixels(root, pix, split, concurrency=cfg.num_workers)
         else:
-            files = split_files(version, manifest, split)
-            if not files:
+            if not split_files(version, manifest, split):
                 raise ConfigError(f"dataset {version.uri} has no {split} shards")
-            # only the two columns are read (the rest of a row is metadata the feed never uses):
-            # Ray Data's projection pushdown hands select_columns to the Parquet scanner
-            # (read_parquet's columns= is deprecated and becomes this same select)
-            d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
+            # only the two columns are read (the rest of a row is metadata the feed never uses)
+            d = read_shards(version, manifest, split, ["image", "label"], FEED_BLOCK_BYTES)
         if limit:
             d = d.limit(limit)
         if not pixels:

@@ -151,3 +151,30 @@ def test_split_arrays_are_the_rule_on_the_rows_in_order_up_to_the_limit(version,
     groups = split_column(loc, manifest, "train", "group", limit)
     assert len(groups) == len(y) and all(isinstance(g, str) and g for g in groups)
     assert split_column(loc, manifest, "train", "no_such_column", limit) is None
+
+
+def test_ray_reads_each_listed_shard_in_blocks_of_its_rows_and_refuses_a_short_one(version, tmp_path,
+                                                                                    ray_local):
+    """datasets.read_shards (the decoding feed's reader): every row of the split once, in
+    blocks of about block_bytes cut from each file (not Ray Data's ~200 slivers, not a whole
+    file), nothing listed; a shard holding other rows than its record says fails the read in
+    one line naming the file."""
+    from brainmri.data.datasets import read_shards, read_split
+
+    loc = open_location(str(version))
+    manifest = load_manifest(loc)
+    [shard] = [s for s in manifest["shards"] if s["split"] == "train"]
+    per_row = shard["bytes"] / shard["rows"]
+    ds = read_shards(loc, manifest, "train", ["image", "label"], block_bytes=int(3 * per_row))
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    # pieces of at most 3 rows (the file's row groups may cut them shorter), merged by Ray
+    # Data up to about block_bytes: many small blocks, none a whole file
+    sizes = [b.num_rows for b in blocks]
+    assert len(blocks) >= shard["rows"] // 6 and max(sizes) <= 6, sizes
+    assert blocks[0].column_names == ["image", "label"]
+    want = [r for b in read_split(loc, manifest, "train", ["image", "label"]) for r in b.to_pylist()]
+    assert [r for b in blocks for r in b.to_pylist()] == want  # every row once, in file order
+    short = dict(manifest, shards=[{**s, "rows": s["rows"] + 1} if s is shard else s
+                                   for s in manifest["shards"]])
+    with pytest.raises(Exception, match=f"{shard['path']} holds {shard['rows']} rows, its record"):
+        read_shards(loc, short, "train", ["label"], block_bytes=1 << 20).materialize()
