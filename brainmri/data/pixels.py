@@ -38,7 +38,7 @@ import numpy as np
 
 from ..core.lock import Lease
 from ..core.storage import Location, StorageError
-from .datasets import manifest_hash, read_known_files, read_shards, split_files, verify_shards
+from .datasets import manifest_hash, read_known_files, split_files, verify_shards
 from .preprocess import PREPROCESS_ID, preprocess_batch
 
 PIXELS_MANIFEST = "pixels.json"
@@ -169,6 +169,7 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
     """Preprocess `splits` of the version with Ray Data into pixel shards; pixels.json last.
     Every source row is accounted for: a split whose shards do not add up to the manifest's
     row count raises, and no pixels.json is written."""
+    import ray.data
 
     verify_shards(version, manifest, splits)  # the source, as every reader of it does (cached)
     root = pixels_root(version, size)
@@ -179,7 +180,10 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
         expected = manifest["rows"][split]
         if files:
             folder = root / attempt / split
-            d = read_shards(version, manifest, split, ["image", "label"])
+            # read_parquet, not read_shards: its sliver blocks bundle into full files of
+            # shard_rows (5 train files at 160 px); one task a source file left a remainder
+            # file after each (7), and every extra file is an extra block each streamed epoch
+            d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
             d = d.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=32, batch_format="numpy")
             d = d.map_batches(_write_part, fn_kwargs={"folder": folder, "split": split, "size": size},
                               batch_size=shard_rows(size), batch_format="numpy")
