@@ -108,17 +108,21 @@ def read_known_files(name: str, root: Location, records: list[dict], columns: li
         path, rows = (root / rec["path"]).path, int(rec["rows"])
         step = max(1, int(block_bytes * rows / max(1, int(rec["bytes"]))))  # rows a block
 
+        def check(n: int) -> None:
+            if n != rows:
+                raise StorageError(f"{path} holds {n} rows, its record {rows}")
+
         def read():
             if whole:
                 t = pq.read_table(path, filesystem=root.fs, columns=columns, use_threads=False)
-                parts = (t.slice(i, step) for i in range(0, t.num_rows, step))
-            else:
-                f = pq.ParquetFile(root.fs.open_input_file(path))
-                t = f.metadata
-                parts = (pa.Table.from_batches([b]) for b in f.iter_batches(batch_size=step, columns=columns))
-            if t.num_rows != rows:
-                raise StorageError(f"{path} holds {t.num_rows} rows, its record {rows}")
-            yield from parts
+                check(t.num_rows)
+                yield from (t.slice(i, step) for i in range(0, t.num_rows, step))
+                return
+            with root.fs.open_input_file(path) as src:
+                f = pq.ParquetFile(src)
+                check(f.metadata.num_rows)
+                for b in f.iter_batches(batch_size=step, columns=columns):
+                    yield pa.Table.from_batches([b])
 
         return ReadTask(read, BlockMetadata(num_rows=rows, size_bytes=int(rec["bytes"]), input_files=[path],
                                             exec_stats=None))

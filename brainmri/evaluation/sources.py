@@ -51,8 +51,7 @@ class Source:
     describe: dict  # what the report says about the data
     files: list[tuple[str, int]] = field(default_factory=list)  # folder: (relative path, label)
     walk_rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, detail)
-    shard_paths: list[str] = field(default_factory=list)  # dataset: Parquet files of the split
-    shards: list[dict] = field(default_factory=list)  # dataset: their manifest records, in order
+    shards: list[dict] = field(default_factory=list)  # dataset: the split's manifest records, in order
     split: str = ""
     dataset_uri: str = ""
     classes: list[str] = field(default_factory=list)
@@ -90,8 +89,9 @@ class Source:
         import pyarrow.parquet as pq
 
         want, out = pa.array(sorted(set(paths)), pa.string()), {}
-        for shard in self.shard_paths:  # one shard at a time: memory stays one shard's worth
-            t = pq.ParquetFile(self.location.fs.open_input_file(shard)).read(columns=["path", "image"])
+        for shard in self.shards:  # one shard at a time: memory stays one shard's worth
+            path = (self.location / shard["path"]).path
+            t = pq.ParquetFile(self.location.fs.open_input_file(path)).read(columns=["path", "image"])
             t = t.filter(pc.is_in(t.column("path"), value_set=want))
             out.update(zip(t.column("path").to_pylist(), t.column("image").to_pylist(), strict=False))
         return out
@@ -128,8 +128,7 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if list(manifest["classes"]) != list(classes):
         raise StorageError(f"dataset classes {manifest['classes']} differ from the model's {classes}")
-    shards = split_files(version, manifest, split)
-    if not shards:
+    if not split_files(version, manifest, split):
         raise StorageError(f"dataset {version.uri} has no {split} rows")
     verify_shards(version, manifest, (split,))
     describe = {"kind": "dataset version", "uri": version.uri, "name": manifest["name"],
@@ -137,8 +136,8 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
                 "manifest_hash": manifest_hash(manifest), "rows": manifest["rows"][split],
                 "counts": manifest["counts"][split], "created_at": manifest.get("created_at")}
     data_id = f"{manifest['name']}-{manifest['version']}-{split}"
-    return Source("dataset", version, data_id, describe, shard_paths=shards, split=split,
-                  dataset_uri=version.uri, shards=[s for s in manifest["shards"] if s["split"] == split])
+    return Source("dataset", version, data_id, describe, split=split, dataset_uri=version.uri,
+                  shards=[s for s in manifest["shards"] if s["split"] == split])
 
 
 def _folder_source(loc: Location, classes: list[str]) -> Source:

@@ -100,7 +100,7 @@ class BlockBatches:
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
                            local_shuffle_buffer_size: int | None = None,
                            local_shuffle_seed: int | None = None, pin_memory: bool = False,
-                           prefetch_batches: int = 1, **_):
+                           prefetch_batches: int = 1):
         rng = np.random.default_rng(local_shuffle_seed) if local_shuffle_buffer_size else None
         rest = None  # the last block's rows that did not fill a batch: (x, y)
         for block in self.it.iter_batches(batch_size=None, batch_format="pyarrow",
@@ -404,7 +404,7 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
             if not split_files(version, manifest, split):
                 raise ConfigError(f"dataset {version.uri} has no {split} shards")
             # only the two columns are read (the rest of a row is metadata the feed never uses)
-            d = read_shards(version, manifest, split, ["image", "label"], FEED_BLOCK_BYTES)
+            d = read_shards(version, manifest, split, ["image", "label"])
         if limit:
             d = d.limit(limit)
         if not pixels:
