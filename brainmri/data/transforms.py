@@ -15,7 +15,8 @@ presets name theirs):
 - every split (train, val, test, evaluation, prediction): `preprocess_many` (or
   `preprocess` for one image) -- decode -> grey -> fit square -> percentile normalise, uint8
   [N, S, S]. The only loop over encoded images; `preprocess_batch` wraps it for Ray Data.
-- training only: `augment`, on float [0, 1] batches (`to_unit`) in the train worker.
+- training only: `augment`, on float [0, 1] batches (`to_unit`) in the train worker, after
+  `resize` when the recipe trains early epochs smaller (progressive resizing).
 - everywhere: `to_model_input` (or `normalise` after `augment`) -- the fixed MEAN/STD
   normalisation to float [N, 1, S, S] right before the network.
 """
@@ -54,6 +55,14 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 def to_model_input(x_u8: torch.Tensor) -> torch.Tensor:
     """The deterministic path: uint8 [B,H,W] -> normalised float [B,1,H,W]."""
     return normalise(to_unit(x_u8))
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float [B,1,H,W] -> [B,1,size,size], antialiased (a plain bilinear step down from 160 to
+    80 px would alias: every other pixel dropped). Identity at the batch's own size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def augment(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..core import metrics as M
 from ..core.metrics import SELECTION_METRIC as METRIC
-from ..data.transforms import augment, normalise, to_unit
+from ..data.transforms import augment, normalise, resize, to_unit
 from ..models.decision import InferenceNet
 
 
@@ -349,7 +349,9 @@ class Recipe:
     `grad_clip`: the gradients' global norm is clipped to it (0 = off); `accum_steps`: batches
     whose gradients are summed before one optimiser step (the scheduler and the weight average
     count optimiser steps); `channels_last`: the memory format the batches take; `tta`:
-    validation runs the network with the test-time flips it will be served with."""
+    validation runs the network with the test-time flips it will be served with; `sizes`: the
+    side each epoch trains at (progressive resizing, `recipe.train_sizes`; () = the batches'
+    own), validation always at the batches' own."""
 
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
@@ -365,6 +367,7 @@ class Recipe:
     accum_steps: int = 1
     channels_last: bool = False
     tta: bool = False
+    sizes: tuple[int, ...] = ()
 
     def served(self, raw: nn.Module) -> nn.Module:
         """The weights validated, checkpointed and published: the average when there is one."""
@@ -388,7 +391,8 @@ def _optimizer_step(model: nn.Module, r: Recipe) -> None:
         r.ema.update(model)
 
 
-def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.device) -> torch.Tensor:
+def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.device,
+                    size: int | None = None) -> torch.Tensor:
     """One pass over `batches`; returns the all-reduced float64 tensor [loss x n, correct, n]
     on `device`. Augmentation runs on the device with the recipe's generator; the mixer, if
     any, mixes batches after augmentation (accuracy then counts the dominant label); the
@@ -396,7 +400,7 @@ def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.dev
     `weight`. With accum_steps k, every k batches make one optimiser step, and DDP all-reduces
     only on the k-th backward (`no_sync` before it); a last group of fewer than k batches is
     not stepped (its gradients are dropped, as drop_last drops a partial batch), so every
-    rank makes the same steps."""
+    rank makes the same steps. `size`: the side to train at (resized before augmentation)."""
     r = recipe
     k = max(1, r.accum_steps)
     dtype = AUTOCAST[r.precision]
@@ -405,7 +409,10 @@ def train_one_epoch(model: nn.Module, batches, recipe: Recipe, device: torch.dev
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
     for i, batch in enumerate(batches):
         x, y = to_device(batch, device)
-        x = normalise(augment(to_unit(x), r.aug_strength, r.generator))
+        x = to_unit(x)
+        if size is not None:
+            x = resize(x, size)
+        x = normalise(augment(x, r.aug_strength, r.generator))
         y2, lam = y, 1.0
         if r.mixer is not None:
             x, y2, lam = r.mixer(x, y, r.generator)
@@ -494,11 +501,12 @@ class FitState:
 
 def epoch_metrics(epoch: int, tr: torch.Tensor, cm: torch.Tensor, vloss: torch.Tensor,
                   classes: list[str], lr: float, seconds: float, train_seconds: float,
-                  resumes: int, feed_wait: float = 0.0) -> dict:
+                  resumes: int, feed_wait: float = 0.0, train_size: int | None = None) -> dict:
     """One epoch's report: train sums [loss*n, correct, n] and the validation confusion
     matrix (both already summed over ranks) in the metrics schema (val_ prefixed).
     `feed_wait`: the seconds of `train_seconds` this rank waited for batches (a starved
-    model: more CPUs for Ray Data, or the cache)."""
+    model: more CPUs for Ray Data, or the cache); `train_size`: the side it trained at under
+    progressive resizing (None: the image size)."""
     vm = M.from_confusion(cm.numpy(), classes)
     n = max(1.0, tr[2].item())
     return {
@@ -506,7 +514,7 @@ def epoch_metrics(epoch: int, tr: torch.Tensor, cm: torch.Tensor, vloss: torch.T
         "train_accuracy": tr[1].item() / n, "train_images": int(tr[2].item()),
         "val_loss": vloss.item() / max(1, vm["n"]), "lr": lr, "epoch_seconds": seconds,
         "train_seconds": train_seconds, "train_feed_wait_seconds": feed_wait,
-        "train_images_per_s": tr[2].item() / max(train_seconds, 1e-9),
+        "train_images_per_s": tr[2].item() / max(train_seconds, 1e-9), "train_image_size": train_size,
         **{f"val_{key}": v for key, v in vm.items()},
         "val_confusion": cm.numpy().astype(int).tolist(), "resumes": resumes,
     }
@@ -528,12 +536,14 @@ def fit(model: nn.Module, recipe: Recipe, train_src, val_src, classes: list[str]
     clock = Stopwatch(device)
     for epoch in range(run.start, epochs):
         t0 = clock.now()
-        tr = train_one_epoch(model, train_src.epoch(epoch), recipe, device).cpu()
+        size = recipe.sizes[epoch] if epoch < len(recipe.sizes) else None
+        tr = train_one_epoch(model, train_src.epoch(epoch), recipe, device, size).cpu()
         t_train = clock.now() - t0
         cm, vloss = evaluate(recipe.served(raw), val_src.epoch(epoch), len(classes), device,
                              precision=recipe.precision, channels_last=recipe.channels_last, tta=recipe.tta)
         metrics = epoch_metrics(epoch, tr, cm, vloss, classes, recipe.scheduler.get_last_lr()[0],
-                                clock.now() - t0, t_train, len(run.resumes), getattr(train_src, "wait", 0.0))
+                                clock.now() - t0, t_train, len(run.resumes), getattr(train_src, "wait", 0.0),
+                                size)
         improved = metrics[METRIC] > run.best
         run.best, run.bad = (metrics[METRIC], 0) if improved else (run.best, run.bad + 1)
         metrics["best_val_macro_f1"] = run.best

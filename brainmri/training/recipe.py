@@ -40,6 +40,20 @@ def optimizer_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return max(1, batches_per_epoch // cfg.accum_steps)
 
 
+def train_sizes(cfg: TrainConfig) -> tuple[int, ...]:
+    """The side each epoch trains at: with progressive resizing (cfg.start_image_size), equal
+    stages from start_image_size up to image_size in steps of 16 px, the last stage at
+    image_size (as EfficientNetV2's progressive learning, without its regularisation ramp);
+    () when off. A function of the epoch alone, so a resumed run trains the same sizes."""
+    start, full = cfg.start_image_size, cfg.image_size
+    if not start or start >= full:
+        return ()
+    stages = [*range(start, full, 16), full]
+    n = min(len(stages), cfg.epochs)  # fewer epochs than stages: every stage gets one, ends kept
+    picked = [stages[round(k * (len(stages) - 1) / (n - 1))] for k in range(n)] if n > 1 else [full]
+    return tuple(picked[e * n // cfg.epochs] for e in range(cfg.epochs))
+
+
 def build_recipe(cfg: TrainConfig, raw: nn.Module, train_counts: list[int], device: torch.device,
                  batches_per_epoch: int, rank: int = 0, teacher: Teacher | None = None,
                  channels_last: bool = True) -> Recipe:
@@ -61,4 +75,5 @@ def build_recipe(cfg: TrainConfig, raw: nn.Module, train_counts: list[int], devi
         if cfg.mix_prob > 0 else None,
         teacher=teacher, precision=precision,
         scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
-        grad_clip=cfg.grad_clip, accum_steps=cfg.accum_steps, channels_last=channels_last, tta=cfg.tta)
+        grad_clip=cfg.grad_clip, accum_steps=cfg.accum_steps, channels_last=channels_last, tta=cfg.tta,
+        sizes=train_sizes(cfg))

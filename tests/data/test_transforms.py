@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from brainmri.data.transforms import augment, fit_square, preprocess, to_model_input, to_unit
+from brainmri.data.transforms import augment, fit_square, preprocess, resize, to_model_input, to_unit
 
 
 def _jpeg(arr: np.ndarray, quality=90) -> bytes:
@@ -50,3 +50,14 @@ def test_augment_is_random_but_strength_zero_is_identity():
     assert a1.shape == x.shape and not torch.allclose(a1, a2)
     assert a1.min() >= 0 and a1.max() <= 1
     assert to_model_input(torch.zeros(2, 8, 8, dtype=torch.uint8)).shape == (2, 1, 8, 8)
+
+
+def test_resize_is_antialiased_and_the_identity_at_the_batch_size():
+    """Progressive resizing's step down: a 1-pixel checkerboard averages to grey instead of
+    aliasing to one of its colours, a constant stays constant, the own size is untouched."""
+    i = torch.arange(96)
+    x = ((i.view(96, 1) + i.view(1, 96)) % 2).float().expand(2, 1, 96, 96).clone()
+    third = resize(x, 32)  # plain bilinear lands on single pixels here: all 0 or all 1
+    assert third.shape == (2, 1, 32, 32) and (third - 0.5).abs().max() < 0.2
+    assert torch.allclose(resize(torch.full((1, 1, 40, 40), 0.3), 24), torch.full((1, 1, 24, 24), 0.3))
+    assert resize(x, 96) is x

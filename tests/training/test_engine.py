@@ -340,6 +340,45 @@ def test_fit_is_the_epoch_loop_stopping_early_and_resuming_where_it_left_off():
     assert [s[0] for s in seen] == [3, 4] and len(again.history) == 5
 
 
+def test_progressive_resizing_trains_each_epoch_at_its_stage_and_validates_at_full_size():
+    """cfg.start_image_size: equal stages of 16 px up to image_size, the last at image_size;
+    fit trains each epoch at its stage's side (the history says which) and validates at the
+    batches' own side; a resumed run picks the same sizes up."""
+    from brainmri.config import ConfigError, TrainConfig
+    from brainmri.training.engine import FitState, fit
+    from brainmri.training.recipe import train_sizes
+
+    sizes = train_sizes(TrainConfig(image_size=160, start_image_size=80, epochs=40))
+    assert sorted(set(sizes)) == [80, 96, 112, 128, 144, 160] and list(sizes) == sorted(sizes)
+    assert sizes.count(160) >= 6 and sizes[-1] == 160 and len(sizes) == 40
+    assert train_sizes(TrainConfig(image_size=160, start_image_size=150, epochs=3)) == (150, 150, 160)
+    # fewer epochs than stages: the first and the last are kept
+    assert train_sizes(TrainConfig(image_size=160, start_image_size=80, epochs=3)) == (80, 112, 160)
+    assert train_sizes(TrainConfig(image_size=160, start_image_size=80, epochs=1)) == (160,)
+    assert train_sizes(TrainConfig(start_image_size=0)) == ()
+    assert train_sizes(TrainConfig(start_image_size=160)) == ()
+    with pytest.raises(ConfigError, match="start_image_size"):
+        TrainConfig(image_size=128, start_image_size=144).validate()
+
+    x, y = _data(16)
+    model = _model()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    recipe = Recipe(torch.nn.CrossEntropyLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                    0.5, torch.Generator().manual_seed(0), sizes=(SIZE // 2, SIZE // 2 + 8, SIZE))
+    train = ShardBatches.from_tensors(x, y, 8, True, True, 0)
+    val = ShardBatches.from_tensors(x, y, 8, False, False, 0)
+    run = fit(model, recipe, train, val, [str(k) for k in range(K)], torch.device("cpu"), epochs=2)
+    trained = [s for t, s in seen if t]
+    assert trained == [SIZE // 2] * 2 + [SIZE // 2 + 8] * 2 and {s for t, s in seen if not t} == {SIZE}
+    assert [h["train_image_size"] for h in run.history] == [SIZE // 2, SIZE // 2 + 8]
+    seen.clear()
+    fit(model, recipe, train, val, [str(k) for k in range(K)], torch.device("cpu"), epochs=3,
+        state=FitState(start=2, best=run.best, history=list(run.history)))
+    assert {s for t, s in seen if t} == {SIZE}
+
+
 @pytest.mark.parametrize("requested,device,bf16,want", [
     ("auto", "cuda", True, "bf16"),  # A100, A10G, L4, H100
     ("auto", "cuda", False, "fp16"),  # T4, V100: no native bf16, fp16 with a gradient scaler
