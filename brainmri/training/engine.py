@@ -545,7 +545,10 @@ def fit(model: nn.Module, recipe: Recipe, train_src, val_src, classes: list[str]
                                 clock.now() - t0, t_train, len(run.resumes), getattr(train_src, "wait", 0.0),
                                 size)
         improved = metrics[METRIC] > run.best
-        run.best, run.bad = (metrics[METRIC], 0) if improved else (run.best, run.bad + 1)
+        # an epoch trained below the final side does not count against patience: validation
+        # runs at the full side, where a network trained smaller scores below what it will
+        counts = size is None or size == recipe.sizes[-1]
+        run.best, run.bad = (metrics[METRIC], 0) if improved else (run.best, run.bad + counts)
         metrics["best_val_macro_f1"] = run.best
         run.history.append({key: v for key, v in metrics.items() if key != "val_confusion"})
         run.start = epoch + 1

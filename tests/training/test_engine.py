@@ -378,6 +378,14 @@ def test_progressive_resizing_trains_each_epoch_at_its_stage_and_validates_at_fu
         state=FitState(start=2, best=run.best, history=list(run.history)))
     assert {s for t, s in seen if t} == {SIZE}
 
+    # patience counts only epochs at the final side: nothing learns (lr 0), yet the two small
+    # epochs do not stop the run
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    still = Recipe(torch.nn.CrossEntropyLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                   0.0, torch.Generator().manual_seed(0), sizes=(SIZE // 2,) * 3 + (SIZE,) * 3)
+    stuck = fit(model, still, train, val, [str(k) for k in range(K)], torch.device("cpu"), epochs=6, patience=2)
+    assert len(stuck.history) == 5 and stuck.bad == 2  # without the rule: 3 (epochs 1, 2 counted)
+
 
 @pytest.mark.parametrize("requested,device,bf16,want", [
     ("auto", "cuda", True, "bf16"),  # A100, A10G, L4, H100
