@@ -165,7 +165,7 @@ class TrainConfig:
     # early epochs at a lower resolution cost a fraction of the compute (a 2x smaller side is
     # ~4x fewer pixels); the last stage and all validation are at image_size
     start_image_size: int = flag(0, "progressive resizing: train the first epochs at this side, growing "
-                                    "in equal stages of 16 px to image_size (0 = off)")
+                                    "in equal stages of 16 px to image_size (0, or >= image_size: off)")
     epochs: int = flag(40, "maximum epochs (early stopping may end sooner)")
     batch_size: int = flag(64, "batch size per worker")
     lr: float = flag(7.7e-3, "peak AdamW learning rate (reached after warm-up)")
@@ -240,9 +240,8 @@ class TrainConfig:
                               f"{type(self.model_args).__name__}")
         if self.image_size < 32 or self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ConfigError("image_size >= 32, epochs >= 1, batch_size >= 1, num_workers >= 1")
-        if self.start_image_size and not 32 <= self.start_image_size <= self.image_size:
-            raise ConfigError(f"start_image_size must be 0 (off) or in [32, image_size={self.image_size}], "
-                              f"got {self.start_image_size}")
+        if self.start_image_size and self.start_image_size < 32:
+            raise ConfigError(f"start_image_size must be 0 (off) or >= 32, got {self.start_image_size}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
             raise ConfigError("lr > 0, weight_decay >= 0, label_smoothing in [0, 1)")
         if min(self.aug_strength, self.warmup_epochs, self.patience, self.time_budget_min,

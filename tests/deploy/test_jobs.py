@@ -6,9 +6,10 @@ What the test changes, and only this: the dashboard port 8265 becomes a free por
 start` line gets flags appended that keep this head apart from any other Ray on the machine
 (its own ports and --temp-dir, --block so that it dies with the test, 4 logical CPUs,
 no usage stats); `ray stop` is not run (it would stop every Ray on the machine) but the head is
-stopped. The commands run in a copy of the project (its code, the venv linked in as `.venv`)
-whose `lake/` holds a small real subset ingested as the README's main job does, with HOME
-pointing at an empty folder (a fresh machine: no ~/.ray/auth_token)."""
+stopped (without Ray's 30 s drain on SIGTERM). The commands run in a copy of the project (its
+code, the venv linked in as `.venv`) whose `lake/` holds a small real subset ingested as the
+README's main job does, with HOME pointing at an empty folder (a fresh machine: no
+~/.ray/auth_token)."""
 
 from __future__ import annotations
 
@@ -102,14 +103,17 @@ def local_cluster(project, tmp_path):
     extra = ["--block", "--temp-dir", temp, "--port", str(free_port()),
              "--dashboard-agent-listen-port", str(free_port()),
              "--ray-client-server-port", str(free_port()), "--num-cpus", "4", "--disable-usage-stats"]
+    # stopped by SIGTERM below: Ray 2.60 then drains the node for up to 30 s first (for Serve
+    # proxies under Kubernetes); nothing here serves, so no drain
     head = subprocess.Popen(["bash", "-c", f"exec {lines[i]} {shlex.join(extra)}"], cwd=project,
-                            env=env, stdout=open(tmp_path / "head.log", "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+                            stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         wait_for_dashboard(dash, head, tmp_path / "head.log")
         yield lambda line, **kw: run_line(line, project, env, **kw), lines[i + 1:-1]
     finally:
-        head.terminate()  # `ray start --block` stops its cluster (13 s; SIGTERM to all at once: 65 s)
+        head.terminate()  # `ray start --block` stops its cluster (SIGTERM to all at once: 65 s)
         try:
             head.wait(60)
         except subprocess.TimeoutExpired:
