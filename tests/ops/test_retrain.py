@@ -44,11 +44,14 @@ def test_decision_rule():
     assert not ok and "macro-F1 -0.1000" in why
 
 
-def test_a_challenger_builds_the_network_its_champion_recorded(tmp_path):
+def test_a_challenger_builds_the_network_its_champion_recorded(tmp_path, monkeypatch):
     """A champion trained when {} meant the factory's brainnet (width 32) gets a width-32
-    challenger, not the recipe's width 40; a given recipe or no champion gets the recipe's."""
-    from brainmri.config import TrainConfig, to_dict
+    challenger, not the recipe's (pinned to width 40 here, apart from the factory's); a given
+    recipe or no champion gets the recipe's."""
+    from brainmri.config import RECIPE_SHAPES, TrainConfig, to_dict
     from brainmri.ops.retrain import challenger_config
+
+    monkeypatch.setitem(RECIPE_SHAPES["brainnet"], "width", 40)
 
     store = open_location(str(tmp_path))
     old = {"recipe": {**to_dict(TrainConfig()), "model_args": {}}}
@@ -75,13 +78,16 @@ def test_a_training_override_changes_one_shape_argument_of_the_champions_network
     assert got.epochs == 3 and got.candidate and got.publish
 
 
-def test_the_challenger_records_its_whole_network(tmp_path):
+def test_the_challenger_records_its_whole_network(tmp_path, monkeypatch):
     """What champion.json keeps as the recipe (to_dict of the challenger's config) names the
     network it trained: with no champion, the recipe's shape, not {} (which a later run would
-    read as the factory's width 32); another model starts from that model's own shape."""
+    read as the factory's width 32); another model starts from that model's own shape. The
+    recipe's width is pinned to 40, apart from the factory's."""
     from brainmri.config import RECIPE_SHAPES, to_dict
     from brainmri.models.zoo import full_shape
     from brainmri.ops.retrain import challenger_config
+
+    monkeypatch.setitem(RECIPE_SHAPES["brainnet"], "width", 40)
 
     store = open_location(str(tmp_path))
     first = challenger_config(RetrainConfig(), None, "v", store, "r")

@@ -67,15 +67,17 @@ def _predict(state, version, manifest, split="val", as_validated=False):
     return from_confusion(confusion(np.asarray(t.column("label")), pred, 4), state["classes"])
 
 
-def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_lake, tmp_path):
+def test_a_run_records_its_whole_network_and_a_rerun_must_build_the_same(small_lake, tmp_path, monkeypatch):
     """prepare fills the recipe's shape into model_args (so checkpoints name the whole
     network); the factory's defaults stay those older checkpoints were built with; a re-run
-    must build the network its run recorded."""
+    must build the network its run recorded. The recipe's width is pinned to 40 here, apart
+    from the factory's 32, whatever the shipped recipe's is (width 32 today)."""
     from brainmri.config import RECIPE_SHAPES, to_dict
     from brainmri.models.checkpoints import build_model
     from brainmri.models.zoo import create_model, model_defaults
     from brainmri.training.train import check_same_network
 
+    monkeypatch.setitem(RECIPE_SHAPES["brainnet"], "width", 40)
     given = TrainConfig(data=str(small_lake), out=str(tmp_path))
     cfg = prepare(given).cfg
     assert cfg.model_args == {**RECIPE_SHAPES["brainnet"], "dropout": 0.2} and cfg.model_args["width"] == 40
