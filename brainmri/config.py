@@ -141,7 +141,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # training.engine.choose_precisio
 # and the run records all of them, so every checkpoint names its whole network. The
 # factories' own defaults (models.zoo) never change: a checkpoint that recorded fewer
 # arguments (trained before the recipe's shape changed) is rebuilt exactly as it was trained.
-# Width 32: it trains the recipe's 40 epochs in 16-19 min on 2 cores; width 40 (configs/cpu-wide.yaml)
+# Width 32: it trains the recipe's 40 epochs in 16-21 min on 2 cores; width 40 (configs/cpu-wide.yaml)
 # scored 0.4 points more best validation macro-F1 over two seeds in 26-30 min, and did not fit
 # 20 min at that quality (benchmarks/results/quality-20261206-plan.md).
 RECIPE_SHAPES = {"brainnet": {"width": 32, "depth": [1, 1, 2, 1], "kernel": 3, "stem_stride": 4}}

@@ -26,11 +26,11 @@ LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # drain notices of preemptible nodes: none here
     "RAY_TRAIN_METRICS_ENABLED": "0",  # Train's Prometheus gauges: no dashboard to read them
     "RAY_enable_metrics_collection": "0",  # every process's metrics export, same reason
-    # the Train controller collects one report per worker per poll (2 s apart by default) and a
-    # worker's next report waits for it: epochs shorter than a poll (a quick look, a small
-    # dataset) waited for it, and a finished run sat up to 6 s more before shutting down. A poll
-    # is a small RPC to each worker; a hanging one is still only failed after 10 min
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S stays Ray's 2 s: at 0.25 s (short epochs no longer wait
+    # for the controller's poll) a Tune trial stopped by ASHA had its controller see the dead
+    # worker, retry and reserve a new placement group before it was killed itself; Ray 2.60
+    # registers a group for clean-up only once its workers start, so that CPU stayed reserved
+    # and the next run's Ray Data starved (the full suite, 2026-12-06 22:24 UTC)
 }
 
 
