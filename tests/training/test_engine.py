@@ -384,7 +384,8 @@ def test_progressive_resizing_trains_each_epoch_at_its_stage_and_validates_at_fu
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     still = Recipe(torch.nn.CrossEntropyLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                    0.0, torch.Generator().manual_seed(0), sizes=(SIZE // 2,) * 3 + (SIZE,) * 3)
-    stuck = fit(model, still, train, val, [str(k) for k in range(K)], torch.device("cpu"), epochs=6, patience=2)
+    stuck = fit(model, still, train, val, [str(k) for k in range(K)], torch.device("cpu"), epochs=6,
+                patience=2)
     assert len(stuck.history) == 5 and stuck.bad == 2  # without the rule: 3 (epochs 1, 2 counted)
 
 
