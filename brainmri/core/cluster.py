@@ -30,7 +30,7 @@ LOCAL_RAY_ENV = {
     # for the controller's poll) a Tune trial stopped by ASHA had its controller see the dead
     # worker, retry and reserve a new placement group before it was killed itself; Ray 2.60
     # registers a group for clean-up only once its workers start, so that CPU stayed reserved
-    # and the next run's Ray Data starved (the full suite, 2026-12-06 22:24 UTC)
+    # and the next run's Ray Data starved
 }
 
 

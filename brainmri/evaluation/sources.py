@@ -28,7 +28,6 @@ from ..data.datasets import (
     SPLITS,
     manifest_hash,
     read_known_files,
-    split_files,
     verify_shards,
 )
 from ..data.walk import place, pseudonym, walk_source
@@ -128,7 +127,8 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if list(manifest["classes"]) != list(classes):
         raise StorageError(f"dataset classes {manifest['classes']} differ from the model's {classes}")
-    if not split_files(version, manifest, split):
+    records = [s for s in manifest["shards"] if s["split"] == split]
+    if not records:
         raise StorageError(f"dataset {version.uri} has no {split} rows")
     verify_shards(version, manifest, (split,))
     describe = {"kind": "dataset version", "uri": version.uri, "name": manifest["name"],
@@ -137,7 +137,7 @@ def _dataset_source(loc: Location, classes: list[str], split: str) -> Source:
                 "counts": manifest["counts"][split], "created_at": manifest.get("created_at")}
     data_id = f"{manifest['name']}-{manifest['version']}-{split}"
     return Source("dataset", version, data_id, describe, split=split, dataset_uri=version.uri,
-                  shards=[s for s in manifest["shards"] if s["split"] == split])
+                  shards=records)
 
 
 def _folder_source(loc: Location, classes: list[str]) -> Source:
