@@ -227,6 +227,12 @@ def train_trial(config: dict, trials: dict, runs_uri: str, tracking: Tracking | 
         tcfg = from_dict(TrainConfig, trials[config["trial"]])
     else:
         tcfg = drawn_config(drawn, config["trial"], config["params"])
+    # Tune, not Ray Train, restarts a trial whose worker died (RunConfig's failure_config below;
+    # the restarted trial resumes its Train run from the last checkpoint). A Train controller
+    # that restarts its own workers reserves a new placement group first, and when the worker
+    # died because ASHA stopped the trial, that group is made just before the controller is
+    # killed and before anyone can know its id to remove it: a CPU lost for the whole search.
+    tcfg.max_failures = 0
     run_training(tcfg, callbacks=[TuneReportCallback()], storage=open_location(runs_uri),
                  tracking=tracking)
 
@@ -361,6 +367,13 @@ class Search:
         """The longest trial's epochs: ASHA's max_t (no trial is stopped at its own end) and
         what the leaderboard calls "completed" (per trial, its own epochs)."""
         return self.most_epochs or max(t["train"]["epochs"] for t in self.trials)
+
+    @property
+    def max_failures(self) -> int:
+        """Restarts Tune grants each trial: the trials' own `max_failures` (Ray Train's inside
+        a trial is 0, see train_trial)."""
+        found = [t["train"].get("max_failures", TrainConfig.max_failures) for t in self.trials]
+        return max(found or [(self.base or {}).get("max_failures", TrainConfig.max_failures)])
 
     def drawn(self) -> dict:
         """What a trial proposed by a searcher needs to make its TrainConfig (drawn_config)."""
@@ -542,7 +555,8 @@ def make_tuner(search: Search, tracking: Tracking | None = None):
                               grace_period=min(cfg.grace_period, epochs),
                               reduction_factor=cfg.reduction_factor)
     run_config = tune.RunConfig(name=cfg.name, storage_path=(search.out / "tune").path,
-                                storage_filesystem=search.out.fs, verbose=1, callbacks=[_reaper()])
+                                storage_filesystem=search.out.fs, verbose=1, callbacks=[_reaper()],
+                                failure_config=tune.FailureConfig(max_failures=search.max_failures))
     if cfg.search == "random":
         space, how = {"trial": tune.grid_search([t["id"] for t in search.trials])}, {}
     else:

@@ -256,7 +256,13 @@ def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, m
     # so ASHA's rung at epoch 3 has the brainnet trials to compare the stuck ones with
     settings = TuneConfig(data="lake", out="out", space="space.yaml", name="tiny",
                           num_samples=4, seed=0, grace_period=3, max_concurrent=1)
+    before = set(ray_local.util.placement_group_table())
     res = run_search(settings)
+    # every trial's workers' placement group is gone, the stopped trials' too: one left
+    # reserved is a CPU the next run's Ray Data waits for
+    kept = {k: v["state"] for k, v in ray_local.util.placement_group_table().items()
+            if k not in before and v["state"] != "REMOVED"}
+    assert not kept, kept
 
     exp = open_location(res.experiment_uri)
     rows = _rows(exp)
@@ -344,6 +350,28 @@ def test_the_search_lasts_as_long_as_its_longest_trial():
     trials = [{"id": f"t{i}", "train": {"epochs": e}} for i, e in enumerate((2, 6, 4))]
     search = Search(TuneConfig(), None, None, trials, 1, 1.0, None, [], False)
     assert search.epochs == 6
+
+
+def test_tune_restarts_a_failed_trial_not_ray_train(tmp_path, monkeypatch):
+    """A trial's Train run never restarts its own workers (a restart reserves a placement
+    group that an ASHA stop would leak); Tune restarts the trial instead, as often as the
+    trials allow, and the restarted trial resumes its Train run."""
+    import ray.tune.integration.ray_train as tune_train
+
+    import brainmri.training.train as train_mod
+    from brainmri.config import TrainConfig, to_dict
+
+    seen = []
+    monkeypatch.setattr(train_mod, "run_training", lambda tcfg, **kw: seen.append(tcfg))
+    monkeypatch.setattr(tune_train, "TuneReportCallback", object)  # outside a Tune session
+    given = to_dict(TrainConfig(name="t", max_failures=3))
+    tune_mod.train_trial({"trial": "t000"}, {"t000": given}, str(tmp_path / "runs"))
+    assert seen[0].max_failures == 0 and given["max_failures"] == 3
+    trials = [{"id": f"t{i}", "train": {"epochs": 2, "max_failures": m}} for i, m in enumerate((1, 3))]
+    assert Search(TuneConfig(), None, None, trials, 1, 1.0, None, [], False).max_failures == 3
+    assert Search(TuneConfig(), None, None, [], 1, 1.0, None, [], False,
+                  base={"max_failures": 5}).max_failures == 5
+    assert Search(TuneConfig(), None, None, [], 1, 1.0, None, [], False).max_failures == 2
 
 
 def test_a_trial_is_completed_when_it_ran_its_own_epochs(tmp_path):
