@@ -15,6 +15,10 @@ from ..core.storage import Location, StorageError, check_name, open_location
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 SHARD_BLOCK_BYTES = 4 << 20  # Ray Data blocks of a version's encoded rows: ~200 scans (read_shards)
+# a read task of a version's shards covers this many rows (2 of ingest's 64-row groups, about
+# one block): whatever is fused after the read (decoding: ~2.3 ms an image, 0.3 s a task) then
+# runs on every free CPU, not in one task a file (`--only data`'s 1024 scans decoded in 2 tasks)
+SHARD_TASK_ROWS = 128
 
 
 def dataset_root(store: Location, name: str) -> Location:
@@ -86,25 +90,31 @@ def read_split(version: Location, manifest: dict, split: str, columns: list[str]
 
 def read_known_files(name: str, root: Location, records: list[dict], columns: list[str],
                      block_bytes: int, *, whole: bool = False, concurrency: int | None = None,
-                     num_cpus: float | None = None):
+                     num_cpus: float | None = None, task_rows: int = 0, limit: int = 0):
     """A Ray Data dataset over Parquet files a verified record already lists (a version's
-    manifest, pixels.json): `records` = [{path (under root), rows, bytes (in memory)}], one
-    read task a file, handing on `columns` in blocks of about `block_bytes` (`whole`: the file
-    read at once and sliced, zero-copy; else streamed a record batch at a time). A file whose
-    rows differ from its record raises StorageError.
+    manifest, pixels.json): `records` = [{path (under root), rows, bytes (in memory)}], handing
+    on `columns` in blocks of about `block_bytes` (`whole`: each file read at once and sliced,
+    zero-copy; else streamed a row group at a time). One read task a file, or with `task_rows`
+    one a range of that many rows of a file (the row groups it overlaps are read), so that
+    the operator after the read, fused into it, runs on every CPU however few the files are.
+    `limit`: only the first `limit` rows in the records' order (0: all), cut in the reads
+    themselves, so no limit operator stands between the read and the next one (Ray Data fuses
+    a read with the map after it, and a limit in between split them into two operators whose
+    blocks cross the object store). A file whose rows differ from its record raises
+    StorageError.
 
     Ray 2.60's read_parquet costs two things this does not: a listing operator before the
     first batch of every pass (0.9 s here for 5 local files, 4-13 s on a loaded machine), and,
     given few files, splitting each read task's output into ~200 blocks in all
     (read_op_min_num_blocks; 16-row blocks for 5 files) while its executor costs ~25-30 ms of
-    one CPU per block whatever its size: override_num_blocks = the number of files."""
-    import pyarrow as pa
+    one CPU per block whatever its size: override_num_blocks = the number of tasks."""
     import pyarrow.parquet as pq
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    def task(rec: dict) -> ReadTask:
+    def task(rec: dict, lo: int, hi: int) -> ReadTask:
+        """Rows [lo, hi) of the record's file."""
         path, rows = (root / rec["path"]).path, int(rec["rows"])
         step = max(1, int(block_bytes * rows / max(1, int(rec["bytes"]))))  # rows a block
 
@@ -116,39 +126,58 @@ def read_known_files(name: str, root: Location, records: list[dict], columns: li
             if whole:
                 t = pq.read_table(path, filesystem=root.fs, columns=columns, use_threads=False)
                 check(t.num_rows)
+                t = t.slice(lo, hi - lo)
                 yield from (t.slice(i, step) for i in range(0, t.num_rows, step))
                 return
             with root.fs.open_input_file(path) as src:
                 f = pq.ParquetFile(src)
                 check(f.metadata.num_rows)
-                for b in f.iter_batches(batch_size=step, columns=columns):
-                    yield pa.Table.from_batches([b])
+                at = 0  # the first row of row group g
+                for g in range(f.metadata.num_row_groups):
+                    n = f.metadata.row_group(g).num_rows
+                    if at < hi and at + n > lo:
+                        t = f.read_row_group(g, columns=columns)
+                        t = t.slice(max(lo - at, 0), min(hi, at + n) - max(lo, at))
+                        yield from (t.slice(i, step) for i in range(0, t.num_rows, step))
+                    at += n
 
-        return ReadTask(read, BlockMetadata(num_rows=rows, size_bytes=int(rec["bytes"]), input_files=[path],
+        size = int(rec["bytes"]) * (hi - lo) // max(1, rows)
+        return ReadTask(read, BlockMetadata(num_rows=hi - lo, size_bytes=size, input_files=[path],
                                             exec_stats=None))
+
+    tasks, left = [], limit or sum(int(r["rows"]) for r in records)
+    for rec in records:
+        rows = min(int(rec["rows"]), left)
+        per = task_rows or rows or 1
+        tasks += [task(rec, lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+        left -= rows
+        if left <= 0:
+            break
 
     class KnownFiles(Datasource):
         def get_name(self) -> str:
             return name
 
         def estimate_inmemory_data_size(self) -> int:
-            return sum(int(r["bytes"]) for r in records)
+            return sum(t.metadata.size_bytes for t in tasks)
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None) -> list:
-            return [task(r) for r in records]
+            return tasks
 
     ds = ray.data.read_datasource(KnownFiles(), num_cpus=num_cpus, concurrency=concurrency,
-                                  override_num_blocks=max(1, len(records)))
+                                  override_num_blocks=max(1, len(tasks)))
     ds.context.target_max_block_size = block_bytes  # or Ray Data re-slices each block to its default
     return ds
 
 
 def read_shards(version: Location, manifest: dict, split: str, columns: list[str],
-                block_bytes: int = SHARD_BLOCK_BYTES):
+                block_bytes: int = SHARD_BLOCK_BYTES, limit: int = 0):
     """The split's shards (as the manifest lists them) as a Ray Data dataset of `columns`
-    (read_known_files), streamed from each file in blocks of about `block_bytes` of its rows."""
+    (read_known_files): its first `limit` rows (0: all), streamed in blocks of about
+    `block_bytes`, a read task every SHARD_TASK_ROWS rows of a file."""
     records = [s for s in manifest["shards"] if s["split"] == split]
-    return read_known_files("DatasetShards", version, records, columns, block_bytes)
+    return read_known_files("DatasetShards", version, records, columns, block_bytes,
+                            task_rows=SHARD_TASK_ROWS, limit=limit)
 
 
 def split_arrays(version: Location, manifest: dict, split: str, size: int, limit: int = 0,

@@ -109,18 +109,18 @@ PIXEL_BLOCK_BYTES = 128 << 20
 
 
 def read_pixels(root: Location, pix: dict, split: str, *, concurrency: int | None = None,
-                block_bytes: int = PIXEL_BLOCK_BYTES):
+                block_bytes: int = PIXEL_BLOCK_BYTES, limit: int = 0):
     """The split's pixel shards as a Ray Data dataset, one block a file
     (datasets.read_known_files over pixels.json, verified before use: nothing listed, nothing
     split into slivers). Reads ask for no CPU of their own (reading and unpacking a shard
     costs a few ms of CPU an MB, and a read that needed one waited for ever once a lost host
     left none that the replacement worker group did not hold: measured on the cluster tier);
     without a CPU to count, Ray Data would start them all at once, so `concurrency` bounds
-    how many are in flight."""
+    how many are in flight. `limit`: the first `limit` rows only (0: all)."""
     row_bytes = int(pix["image_size"]) ** 2
     records = [{**s, "bytes": int(s["rows"]) * row_bytes} for s in pix["shards"] if s["split"] == split]
     return read_known_files("PixelShards", root, records, ["x", "label"], block_bytes, whole=True,
-                            concurrency=concurrency, num_cpus=0)
+                            concurrency=concurrency, num_cpus=0, limit=limit)
 
 
 def pixel_table(x: np.ndarray, label, size: int):

@@ -25,6 +25,7 @@ from ..data import images as im
 from ..data.datasets import (
     MANIFEST,
     SHARD_BLOCK_BYTES,
+    SHARD_TASK_ROWS,
     SPLITS,
     manifest_hash,
     read_known_files,
@@ -187,7 +188,8 @@ def to_ray_dataset(src: Source, size: int, batch_size: int):
     ray.data.DataContext.get_current().enable_progress_bars = False  # evaluate draws its own
     if src.kind == "dataset":
         # the listed shards, no listing; other columns are never loaded
-        ds = read_known_files("DatasetShards", src.location, src.shards, DATASET_COLUMNS, SHARD_BLOCK_BYTES)
+        ds = read_known_files("DatasetShards", src.location, src.shards, DATASET_COLUMNS, SHARD_BLOCK_BYTES,
+                              task_rows=SHARD_TASK_ROWS)
         return ds.map_batches(prepare_dataset_batch, fn_kwargs={"size": size},
                               batch_size=batch_size, batch_format="numpy")
     items = [{"path": p, "label": label} for p, label in src.files]

@@ -399,17 +399,23 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
                 raise ConfigError(f"pixel shards {root.uri} have no {split} shards")
             # one read in flight per rank: a read hands on a file's rows far faster than a rank
             # trains on them
-            d = read_pixels(root, pix, split, concurrency=cfg.num_workers)
+            d = read_pixels(root, pix, split, concurrency=cfg.num_workers, limit=limit)
         else:
             if not split_files(version, manifest, split):
                 raise ConfigError(f"dataset {version.uri} has no {split} shards")
-            # only the two columns are read (the rest of a row is metadata the feed never uses)
-            d = read_shards(version, manifest, split, ["image", "label"])
-        if limit:
-            d = d.limit(limit)
+            # only the two columns are read (the rest of a row is metadata the feed never uses);
+            # the limit is cut in the reads, so the decode below is fused into them
+            d = read_shards(version, manifest, split, ["image", "label"], limit=limit)
         if not pixels:
-            d = d.map_batches(decode_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=32,
+            # a block at a time (batch_size None): Ray Data fuses the decode into the read task
+            # only then (a map with a batch size may not follow a read that could change the
+            # number of rows), so the encoded bytes never cross the object store
+            d = d.map_batches(decode_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=None,
                               batch_format="numpy")
+            # one operator (the read and its decode): nothing to reserve CPUs from, and Ray
+            # Data's reservation held it to one task on 2 free CPUs (436-462 img/s a warm pass
+            # of 1024 scans; 870-874 without it, benchmarks/train.py --only data)
+            d.context.op_resource_reservation_enabled = False
         d.context.target_max_block_size = PIXEL_BLOCK_BYTES if pixels else FEED_BLOCK_BYTES
         ds[split] = d
     return ds

@@ -178,3 +178,34 @@ def test_ray_reads_each_listed_shard_in_blocks_of_its_rows_and_refuses_a_short_o
                                    for s in manifest["shards"]])
     with pytest.raises(Exception, match=f"{shard['path']} holds {shard['rows']} rows, its record"):
         read_shards(loc, short, "train", ["label"], block_bytes=1 << 20).materialize()
+
+
+def test_reads_cut_at_a_limit_in_row_ranges_and_the_decode_fuses_into_them(version, tmp_path, ray_local):
+    """read_known_files with task_rows: a read task a range of rows of a file (the range's
+    row groups read, sliced to it), so the operator fused after it runs on every CPU; with
+    a limit, only the first rows in file order are read, so no limit operator sits between
+    the read and the decode, and Ray Data fuses them (the encoded bytes never cross the
+    object store)."""
+    from brainmri.data.datasets import read_known_files, read_split
+    from brainmri.training.train import build_datasets
+
+    loc = open_location(str(version))
+    manifest = load_manifest(loc)
+    records = [s for s in manifest["shards"] if s["split"] == "train"]
+    want = [r for b in read_split(loc, manifest, "train", ["image", "label"]) for r in b.to_pylist()]
+    assert len(want) > 13
+    for task_rows, limit in ((5, 13), (5, 0), (0, 7), (64, 0)):
+        ds = read_known_files("Rows", loc, records, ["image", "label"], 1 << 20, task_rows=task_rows,
+                              limit=limit)
+        ds.context.execution_options.preserve_order = True
+        got = [r for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") for r in b.to_pylist()]
+        assert got == want[:limit or len(want)], (task_rows, limit)  # each row once, in file order
+        tasks = -(-(limit or len(want)) // task_rows) if task_rows else 1
+        assert ds.stats().count("tasks executed") == 1 and f"{tasks} tasks executed" in ds.stats()
+
+    cfg = TrainConfig(data=str(version), out=str(tmp_path), image_size=32, limit_train=9, limit_val=3)
+    feed = build_datasets(cfg, loc, manifest)
+    assert feed["train"].count() == 9 and feed["val"].count() == 3
+    list(feed["train"].iter_batches(batch_size=None))
+    assert "ReadDatasetShards->MapBatches(decode_pixels)" in feed["train"].stats()  # one fused operator
+    assert not feed["train"].context.op_resource_reservation_enabled

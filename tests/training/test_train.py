@@ -29,6 +29,7 @@ from brainmri.training import train as train_module
 from brainmri.training.train import prepare, run_training
 
 from support.data import REPO, real_subset
+from support.nodes import kill_node, node_env
 from support.outage import OutageRelay
 from support.tiny import train_inprocess
 
@@ -364,16 +365,15 @@ def test_killed_worker_is_replaced_and_resumes(small_lake, ray_local):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
-    """The driver (a `brainmri train` process with its own local Ray) is killed after its
-    first checkpoint; running the same command again continues from that checkpoint.
-    6 epochs of a second or two: the killed driver's workers outlive it for a moment (Ray
-    reaps them when it notices) and, with 3, sometimes finished the run themselves, which
-    the re-run then rightly published without training."""
+    """The driver's machine (a `brainmri train` process with its own local Ray: every
+    process of it) dies after its first checkpoint; running the same command again continues
+    from that checkpoint. Killing only the driver's process group left its workers training
+    until they noticed, sometimes to the run's end (support.nodes)."""
     epochs = 6
     cmd = [sys.executable, "-m", "brainmri.cli", "train", "--data", str(small_lake), "--out",
            str(small_lake), "--name", "t-driver", "--epochs", str(epochs), "--image-size", "64",
            "--batch-size", "16", "--set", "model_args={width: 16}", "--set", "patience=0"]
-    env = dict(os.environ, RAY_ADDRESS="")  # its own cluster, not the tests' one
+    env = node_env(dict(os.environ, RAY_ADDRESS=""))  # its own cluster, not the tests' one
     run = open_location(small_lake) / "runs" / "t-driver"
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
@@ -382,7 +382,7 @@ def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
     while time.time() < deadline and not ((run / "checkpoint_manager_snapshot.json").exists()
                                           and (run / "history.json").exists()):
         time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGKILL)
+    assert kill_node(env) >= 3  # the driver, Ray's daemons, the workers
     p.wait()
     done = len((run / "history.json").read_json())
     assert 1 <= done < epochs
@@ -494,22 +494,27 @@ def test_too_many_workers_for_the_training_rows_fail_before_ray(tiny_val_lake, t
         prepare(TrainConfig(data=str(tiny_val_lake), out=str(tmp_path), num_workers=4, batch_size=16))
 
 
-def test_streamed_epochs_come_in_small_blocks_with_every_row(small_lake, ray_local, monkeypatch):
-    """With the worker cache off every epoch streams: the feed is cut into blocks of about
-    FEED_BLOCK_BYTES (one block per file or split would decode a whole epoch before its first
-    batch), and each epoch still trains on the same equal shards and validates every row."""
+def test_streamed_epochs_come_in_small_blocks_with_every_row_and_need_no_cpu(small_lake, ray_local,
+                                                                            monkeypatch):
+    """With the worker cache off every epoch streams: the decoding feed is cut into blocks of
+    about FEED_BLOCK_BYTES (one block per file or split would decode a whole epoch before its
+    first batch), and the run streams pixel shards, each epoch training on the same equal
+    shards and validating every row. Its workers hold every CPU of the (4-CPU) test cluster:
+    the reads of pixel shards ask for no CPU of their own, so the run trains its epochs
+    instead of waiting for one."""
     from brainmri.training import train as T
 
     version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
     monkeypatch.setattr(T, "FEED_BLOCK_BYTES", 200_000)  # a handful of encoded scans
     cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-stream", epochs=2, cache=False,
-                      **SMALL)
+                      cpus_per_worker=2, feed_timeout_s=120, **SMALL)
     ds = T.build_datasets(cfg, version, manifest)["train"].materialize()
     rows = manifest["rows"]["train"]
     # 128 rows x 64 x 64 bytes decoded: >= 3 blocks of <= 200 kB (Ray's default: one a file)
     assert ds.count() == rows and ds.num_blocks() >= rows * 64 * 64 // 200_000 + 1
     res = run_training(cfg)  # streams pixel shards (data.pixels), built before the workers start
     assert "/pixels/64px-" in open_location(res.run_uri + "/config.json").read_json()["dataset"]["pixels"]
+    assert [e["epoch"] for e in res.history] == [0, 1]
     per_rank = rows // 2 // SMALL["batch_size"] * SMALL["batch_size"]
     for e in res.history:
         assert e["train_images"] == 2 * per_rank and e["val_n"] == manifest["rows"]["val"]
@@ -529,12 +534,3 @@ def test_a_feed_starved_of_cpus_fails_the_run_in_one_line_instead_of_hanging(sma
     msg = str(e.value)
     assert "\n" not in msg and "no batch from Ray Data" in msg and "feed_timeout_s" in msg, msg
     assert time.monotonic() - t0 < 300
-
-
-def test_streamed_pixel_shards_need_no_cpu_the_workers_hold(small_lake, ray_local):
-    """The same workers holding every CPU, streaming pixel shards (cache off): their reads
-    ask for no CPU of their own, so the run trains its epochs instead of waiting for one."""
-    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-streamed-full", epochs=2,
-                      cpus_per_worker=2, cache=False, feed_timeout_s=120, **SMALL)
-    res = run_training(cfg)
-    assert [e["epoch"] for e in res.history] == [0, 1]
