@@ -219,6 +219,9 @@ def ray_feed(ds, batch, size, passes=3, shuffle=0) -> list[dict]:
     from brainmri.training.train import BlockBatches
 
     ds.context.execution_options.resource_limits = ExecutionResources(cpu=1)
+    # the limit is the resource allocator's to hold: the decoding feed turns it off (it would
+    # run one task on any number of CPUs), so it is turned back on for this 1-CPU figure
+    ds.context.op_resource_reservation_enabled = True
     out = []
     for p in range(passes):
         kw = dict(local_shuffle_buffer_size=shuffle, local_shuffle_seed=p) if shuffle else {}

@@ -412,9 +412,11 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
             # number of rows), so the encoded bytes never cross the object store
             d = d.map_batches(decode_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=None,
                               batch_format="numpy")
-            # one operator (the read and its decode): nothing to reserve CPUs from, and Ray
-            # Data's reservation held it to one task on 2 free CPUs (436-462 img/s a warm pass
-            # of 1024 scans; 870-874 without it, benchmarks/train.py --only data)
+            # one operator (the read and its decode): nothing to share CPUs with, and Ray Data's
+            # resource allocator held it to one task on 2 free CPUs whatever its reservation
+            # ratio (436-527 img/s a warm pass of 1024 scans, 806-874 without the allocator:
+            # benchmarks/results/train-cpu-20261207-feed.txt); Ray's scheduler still runs no
+            # more tasks than there are free CPUs
             d.context.op_resource_reservation_enabled = False
         d.context.target_max_block_size = PIXEL_BLOCK_BYTES if pixels else FEED_BLOCK_BYTES
         ds[split] = d
