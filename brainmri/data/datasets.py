@@ -149,9 +149,10 @@ def read_known_files(name: str, root: Location, records: list[dict], columns: li
     for rec in records:
         rows = min(int(rec["rows"]), left)
         per = task_rows or rows or 1
-        tasks += [task(rec, lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+        # an empty file still gets its task: it checks that the file holds no rows either
+        tasks += [task(rec, lo, min(lo + per, rows)) for lo in range(0, max(rows, 1), per)]
         left -= rows
-        if left <= 0:
+        if limit and left <= 0:
             break
 
     class KnownFiles(Datasource):

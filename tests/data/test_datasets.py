@@ -203,6 +203,12 @@ def test_reads_cut_at_a_limit_in_row_ranges_and_the_decode_fuses_into_them(versi
         tasks = -(-(limit or len(want)) // task_rows) if task_rows else 1
         assert ds.stats().count("tasks executed") == 1 and f"{tasks} tasks executed" in ds.stats()
 
+    # an empty file is still read, so a record that says 0 rows of a file that holds some fails
+    empty = [{**records[0], "rows": 0}]
+    said = f"{records[0]['path']} holds {records[0]['rows']} rows, its record 0"
+    with pytest.raises(Exception, match=said):
+        read_known_files("Rows", loc, empty, ["label"], 1 << 20, task_rows=5).materialize()
+
     cfg = TrainConfig(data=str(version), out=str(tmp_path), image_size=32, limit_train=9, limit_val=3)
     feed = build_datasets(cfg, loc, manifest)
     assert feed["train"].count() == 9 and feed["val"].count() == 3
