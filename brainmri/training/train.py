@@ -413,8 +413,8 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
             d = d.map_batches(decode_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=None,
                               batch_format="numpy")
             # one operator (the read and its decode): nothing to share CPUs with, and Ray Data's
-            # resource allocator held it to one task on 2 free CPUs whatever its reservation
-            # ratio (436-527 img/s a warm pass of 1024 scans, 806-874 without the allocator:
+            # resource allocator held it to one task on 2 free CPUs, at reservation ratio 0.5
+            # or 1.0 (454-547 img/s a warm pass of 1024 scans, 806-874 without the allocator:
             # benchmarks/results/train-cpu-20261207-feed.txt); Ray's scheduler still runs no
             # more tasks than there are free CPUs
             d.context.op_resource_reservation_enabled = False
