@@ -190,8 +190,10 @@ def to_ray_dataset(src: Source, size: int, batch_size: int):
         # the listed shards, no listing; other columns are never loaded
         ds = read_known_files("DatasetShards", src.location, src.shards, DATASET_COLUMNS, SHARD_BLOCK_BYTES,
                               task_rows=SHARD_TASK_ROWS)
+        # a block at a time, so Ray Data fuses it into the read (as the training feed's decode):
+        # the encoded bytes never cross the object store; the inference actors batch themselves
         return ds.map_batches(prepare_dataset_batch, fn_kwargs={"size": size},
-                              batch_size=batch_size, batch_format="numpy")
+                              batch_size=None, batch_format="numpy")
     items = [{"path": p, "label": label} for p, label in src.files]
     blocks = max(1, min(len(items) // batch_size + 1, 2 * (os.cpu_count() or 1), 200))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
