@@ -623,8 +623,11 @@ def track_search(search: Search, tracking: Tracking | None, rows: list[dict], mo
     """The search's MLflow side, from the driver once Tune is done: every trial's run tagged
     with its leaderboard status and rank; the runs of trials Tune ended (ASHA's stops, errors)
     closed as KILLED or FAILED, since their actor died inside run_training; the winner's run
-    given the published model and its test report. An outage now only warns: the search is
-    done and its leaderboard written."""
+    given the published model and its test report. A trial ASHA stopped was killed right
+    after it reported the epoch that stopped it, often before Train's controller logged that
+    epoch: the epochs its run lacks are logged from the leaderboard's history before it is
+    closed (tagged brainmri.epochs_logged_at_end, as after training). An outage now only
+    warns: the search is done and its leaderboard written."""
     if tracking is None:
         return
     from ..core import tracking as T
@@ -641,6 +644,9 @@ def track_search(search: Search, tracking: Tracking | None, rows: list[dict], mo
                     continue  # never started
                 run.set_tags({"brainmri.status": r["status"], "brainmri.rank": r["rank"]})
                 if r["status"] in ended:
+                    missed = run.log_missing_epochs(r["history"])
+                    if missed:
+                        run.set_tags({"brainmri.epochs_logged_at_end": ",".join(map(str, missed))})
                     run.end(ended[r["status"]])
                 if model_uri and r is rows[0]:
                     T.log_model(run, model_uri, (META_FILE, MODEL_FILE))

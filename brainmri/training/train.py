@@ -22,10 +22,13 @@ the run's history.json (`progress`).
 from __future__ import annotations
 
 import math
+import signal
 import tempfile
+import threading
 import time
+import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -566,14 +569,34 @@ def run_training(given: TrainConfig, callbacks=None, storage=None, progress=None
             worker_runtime_env={"env_vars": worker_env()} if worker_env() else None,
             callbacks=[*(callbacks or []), *run_callbacks(tracked)]),
     )
-    with failing(tracked), (EpochLines(run / "history.json", cfg.epochs, progress) if progress
-                            else nullcontext()):
+    with failing(tracked), _sigint_restored(), (EpochLines(run / "history.json", cfg.epochs, progress)
+                                                if progress else nullcontext()):
         try:
             trainer.fit()
         except TrainingFailedError as e:
+            # the frames Ray's fit left in the traceback hold the run's controller actor (and its
+            # dataset actors) for as long as the error is kept: their locals go, the lines stay
+            traceback.clear_frames(e.__traceback__)
             raise RunFailed(f"run {run.uri} failed after {cfg.max_failures} restart(s): {first_cause(e)} "
                             "(the same command resumes it from its last checkpoint)") from e
     return _wrap_up(cfg, run, out, tracked, t0)
+
+
+@contextmanager
+def _sigint_restored():
+    """Ray Train's fit, called from the main thread, installs a SIGINT handler (Ctrl-C aborts
+    the run gracefully) that holds the run's controller actor and leaves it installed: the
+    finished run's controller and its dataset actors (~1 GB) then live on in a process that
+    trains again (a test session, a scheduler, a notebook) until the next fit replaces it.
+    The handler from before fit comes back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Ray installs none off the main thread (Tune's trials)
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def first_cause(e: BaseException) -> str:

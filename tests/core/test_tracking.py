@@ -1,8 +1,9 @@
 """brainmri.core.tracking without a Ray cluster: URIs shown redacted, params flattened, a dead
 tracking server refused in one line before anything is written, tracking off never imports
 mlflow; against a real `mlflow server`: a run reused on resume, the epochs an outage cost logged
-at the end, FAILED when training raises. (Tracked training, tune and retrain on Ray:
-tests/ops/test_tracked_runs.py.)"""
+at the end, FAILED when training raises. (A tracked tune
+search and retrain on Ray: tests/ops/test_tune.py, tests/ops/test_retrain.py, with the checks of
+support/tracked.py.)"""
 
 from __future__ import annotations
 

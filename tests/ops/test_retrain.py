@@ -1,8 +1,10 @@
 """Scheduled retraining on local Ray with a few real scans: no-op, challenger, rejection of a
-worse challenger, frozen test set, lease, and a crash before promotion."""
+worse challenger, frozen test set, lease, a crash before promotion, and the promotion tracked
+in MLflow."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import time
@@ -19,6 +21,14 @@ from brainmri.models.checkpoints import load_model_state, model_file
 from brainmri.ops.retrain import RetrainConfig, audit_log, decide, earlier_report, retrain, state_root
 
 from support.data import real_subset
+from support.tracked import (
+    assert_epochs_logged,
+    assert_model_logged,
+    assert_no_secret,
+    assert_report_logged,
+    runs_of,
+    tracked,
+)
 
 # a recipe small enough for CI: brainnet width 8 at 64 px, one worker
 TINY = {"epochs": 4, "image_size": 64, "batch_size": 16, "warmup_epochs": 0.5, "patience": 0,
@@ -106,14 +116,18 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_retrain_lifecycle(tmp_path, ray_local):
+def test_retrain_lifecycle(tmp_path, ray_local, mlflow_server, capsys):
+    """The first two ticks are tracked into a real `mlflow server` through a URI with a
+    password (support.tracked): the challenger's run with its epochs, model, test report and
+    audit record, the registered model's `champion` alias on it; nothing new, nothing logged."""
     incoming = real_subset(tmp_path / "incoming", per_class=40)
     store = tmp_path / "store"
     root = state_root(open_location(str(store)), "brain-tumor-mri")
     cfg = dict(store=str(store), incoming=str(incoming), train=TINY)
+    tracking, client = tracked(mlflow_server)
 
     # 1. first run: nothing to beat; the challenger becomes the champion
-    d1 = retrain(RetrainConfig(**cfg))
+    d1 = retrain(RetrainConfig(**cfg), tracking=tracking)
     assert d1.action == "promoted" and d1.reason == "no champion yet"
     champ1 = unfenced((root / "champion.json").read_json())
     assert champ1["model"] == d1.record["challenger"]["model"]
@@ -123,11 +137,29 @@ def test_retrain_lifecycle(tmp_path, ray_local):
     load_model_state(champ1["model"])
     runs_before = sorted((store / "runs").iterdir())
 
-    # 2. nothing new: exit quietly, write nothing
-    d2 = retrain(RetrainConfig(**cfg))
+    # ...tracked: the challenger's run (the default experiment of retrain) and the registry
+    rec = d1.record
+    runs = runs_of(client, "retrain-brain-tumor-mri")
+    run = runs[rec["challenger"]["run"]]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["brainmri.decision"] == "promoted"
+    assert run.data.params["candidate"] == "True" and run.data.params["epochs"] == str(TINY["epochs"])
+    assert_epochs_logged(client, run, (open_location(rec["challenger"]["run"]) / "history.json").read_json())
+    assert_model_logged(client, run, rec["challenger"]["model"], tmp_path)
+    assert_report_logged(client, run.info.run_id, rec["challenger"]["report"])
+    audit = client.download_artifacts(run.info.run_id, "retrain/audit.json", str(tmp_path / "audit"))
+    assert json.loads(open(audit).read())["id"] == rec["id"]
+    mv = client.get_model_version_by_alias("brainnet", "champion")
+    assert mv.run_id == run.info.run_id and mv.tags["brainmri.model"] == rec["challenger"]["model"]
+
+    # 2. nothing new: exit quietly, write nothing, log nothing
+    d2 = retrain(RetrainConfig(**cfg), tracking=tracking)
     assert d2.action == "noop" and "unchanged" in d2.reason
     assert len(audit_log(str(store), "brain-tumor-mri")) == 1
     assert sorted((store / "runs").iterdir()) == runs_before
+    assert sorted(runs_of(client, "retrain-brain-tumor-mri")) == sorted(runs)
+    captured = capsys.readouterr()
+    assert_no_secret(store, client, runs.values(), captured.out + captured.err)
 
     # 3. new scans and a deliberately bad recipe: trained and evaluated, but not promoted
     real_subset(tmp_path / "more", per_class=8, offset=300)

@@ -11,7 +11,7 @@ import pytest
 from brainmri.config import ConfigError, TuneConfig
 from brainmri.core.metrics import SELECTION_METRIC
 from brainmri.core.storage import open_location
-from brainmri.models.checkpoints import load_model_state
+from brainmri.models.checkpoints import build_model, load_model_state
 from brainmri.ops.searchers import OptunaSpace, first_points, startup_trials, tpe_searcher
 from brainmri.ops.tune import domain_max, load_space, run_search
 
@@ -107,30 +107,41 @@ def test_an_unknown_searcher_is_refused():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_tpe_search_runs_ranks_publishes_and_resumes(tmp_path, ray_local, monkeypatch):
+def test_tpe_search_against_s3_runs_ranks_publishes_and_resumes(tmp_path, ray_local, monkeypatch, s3_bucket):
+    """The experiment, its trials' runs and the winner in a bucket of the loopback S3 server,
+    restored from there by --resume; model_args.<arg> searched both at the top level (every
+    family accepts it) and under a family."""
     small_lake(tmp_path, per_class=12)
     doc = {"base": {**SPACE["base"], "epochs": 2},
-           "space": {"model": {"brainnet": {"model_args.width": [8, 12]}},
-                     "lr": {"loguniform": [1e-3, 1e-2]}}}
+           "space": {"model": {"brainnet": {"model_args.kernel": [3, 5]}},
+                     "model_args.width": [8, 12], "lr": {"loguniform": [1e-3, 1e-2]}}}
     write_space(tmp_path / "space.yaml", doc)
     load_space(str(tmp_path / "space.yaml"))
     monkeypatch.chdir(tmp_path)
-    settings = TuneConfig(data="lake", out="out", space="space.yaml", name="tpe", search="tpe",
+    out = f"s3://{s3_bucket}/lake"
+    settings = TuneConfig(data="lake", out=out, space="space.yaml", name="tpe", search="tpe",
                           num_samples=3, seed=0, grace_period=2, max_concurrent=1, evaluate=False)
     res = run_search(settings)
+    assert res.experiment_uri == f"{out}/tune/tpe"
     exp = open_location(res.experiment_uri)
     rows = _rows(exp)
     assert sorted(r["trial"] for r in rows) == ["t000-brainnet", "t001-brainnet", "t002-brainnet"]
     assert all(r["status"] == "completed" for r in rows) and "Search: tpe (seed 0)" in (
         exp / "leaderboard.md").read_bytes().decode()
+    assert (exp / "leaderboard.html").exists()
     saved = (exp / "trials.json").read_json()
     assert [t["id"] for t in saved["trials"]] == ["t000-brainnet", "t001-brainnet", "t002-brainnet"]
     for t in saved["trials"]:  # each trial trained with what the searcher proposed
         assert t["train"]["lr"] == pytest.approx(t["params"]["lr"])
         assert t["train"]["model_args"]["width"] == t["params"]["model_args.width"]
+        assert t["train"]["model_args"]["kernel"] == t["params"]["model_args.kernel"]
         assert t["train"]["name"] == f"tpe-{t['id']}" and 1e-3 <= t["params"]["lr"] <= 1e-2
-    assert load_model_state(res.model_uri)["tune"]["trial"] == rows[0]["trial"]
-    # --resume of the finished search restores Tune's state and the searcher: nothing reruns
+    assert res.model_uri.startswith(f"{out}/models/brainnet/")
+    state = load_model_state(res.model_uri)
+    assert state["tune"]["trial"] == rows[0]["trial"]
+    build_model(state)
+    # --resume of the finished search restores Tune's state and the searcher from the bucket:
+    # nothing reruns
     again = run_search(TuneConfig(**{**settings.__dict__, "resume": True}))
     assert sorted(r["trial"] for r in again.leaderboard) == sorted(r["trial"] for r in rows)
     assert [r["epochs_run"] for r in again.leaderboard] == [int(r["epochs_run"]) for r in rows]

@@ -29,6 +29,7 @@ from brainmri.ops.tune import (
 )
 
 from support.tiny import finished_run, small_lake
+from support.tracked import assert_epochs_logged, assert_model_logged, assert_no_secret, runs_of, tracked
 
 SPACE = {
     # after the first epoch a trial's preprocessed shard is cached, so epochs are cheap: enough
@@ -248,7 +249,12 @@ def _rows(exp) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, monkeypatch, capsys):
+def test_tiny_search_stops_early_tracks_each_trial_and_publishes_the_winner(tmp_path, ray_local,
+                                                                          monkeypatch, capsys,
+                                                                          mlflow_server):
+    """Tracked into a real `mlflow server` through a URI with a password (support.tracked):
+    each trial is one run of the search's experiment, its epochs logged while it trained, the
+    trials ASHA stopped closed as KILLED, the winner's run carrying the model."""
     small_lake(tmp_path, per_class=40)
     write_space(tmp_path / "space.yaml", SPACE)
     monkeypatch.chdir(tmp_path)  # relative paths, as typed on a command line: trials run elsewhere
@@ -257,7 +263,9 @@ def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, m
     settings = TuneConfig(data="lake", out="out", space="space.yaml", name="tiny",
                           num_samples=4, seed=0, grace_period=3, max_concurrent=1)
     before = set(ray_local.util.placement_group_table())
-    res = run_search(settings)
+    tracking, client = tracked(mlflow_server)
+    res = run_search(settings, tracking)
+    captured = capsys.readouterr()
     # every trial's workers' placement group is gone, the stopped trials' too: one left
     # reserved is a CPU the next run's Ray Data waits for
     kept = {k: v["state"] for k, v in ray_local.util.placement_group_table().items()
@@ -290,6 +298,27 @@ def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, m
     assert open_location(res.report_uri + "/report.html").exists()
     assert res.report_uri in (exp / "leaderboard.html").read_bytes().decode()
 
+    # MLflow: the experiment is the search's name, one run a trial
+    runs = runs_of(client, "tiny")
+    assert sorted(runs) == sorted(r["run_uri"] for r in res.leaderboard)
+    assert client.get_experiment_by_name("tiny").tags["brainmri.tune"] == res.experiment_uri
+    for row in res.leaderboard:
+        run = runs[row["run_uri"]]
+        trial = json.loads(row["config"])
+        assert run.info.run_name == row["run_uri"].rsplit("/", 1)[-1]
+        if "model_args.width" in trial:
+            assert run.data.params["model_args.width"] == str(trial["model_args.width"])
+        assert float(run.data.params["lr"]) == trial["lr"]
+        assert run.data.params["dataset.version"] == run.data.tags["brainmri.dataset_version"]
+        assert run.data.tags["brainmri.status"] == row["status"]
+        # a trial ASHA stopped died inside run_training: the search's driver closes its run
+        expected = {"completed": "FINISHED", "stopped by ASHA": "KILLED"}[row["status"]]
+        assert run.info.status == expected, row["status"]
+        assert_epochs_logged(client, run, row["history"], stopped=row["status"] == "stopped by ASHA")
+    winner = runs[res.leaderboard[0]["run_uri"]]
+    assert_model_logged(client, client.get_run(winner.info.run_id), res.model_uri, tmp_path)
+    assert_no_secret(tmp_path / "out", client, runs.values(), captured.out + captured.err)
+
     # the same command again is refused, leaving what Tune wrote as it was...
     folder = tmp_path / "out" / "tune" / "tiny"
     assert (folder / "tuner.pkl").exists()  # Tune's pickled state: what --resume would unpickle
@@ -304,23 +333,6 @@ def test_tiny_search_stops_early_and_publishes_the_winner(tmp_path, ray_local, m
     assert "unpickling the Tune experiment state under" in capsys.readouterr().err
     assert [r["trial"] for r in again.leaderboard] == [r["trial"] for r in rows]
     assert [r["epochs_run"] for r in again.leaderboard] == [int(r["epochs_run"]) for r in rows]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_search_against_s3(tmp_path, ray_local, s3_bucket):
-    lake, version = small_lake(tmp_path, per_class=10)
-    doc = {"base": {**SPACE["base"], "epochs": 1}, "space": {"model": ["brainnet"],
-                                                              "model_args.width": [8]}}
-    # model_args.<arg> may also be searched at the top level when every family accepts it
-    res = run_search(TuneConfig(data=str(lake), out=f"s3://{s3_bucket}/lake",
-                                space=write_space(tmp_path / "s.yaml", doc), name="s3search",
-                                num_samples=2, evaluate=False))
-    assert res.experiment_uri == f"s3://{s3_bucket}/lake/tune/s3search"
-    exp = open_location(res.experiment_uri)
-    assert len(_rows(exp)) == 2 and (exp / "leaderboard.html").exists()
-    assert res.model_uri.startswith(f"s3://{s3_bucket}/lake/models/brainnet/")
-    build_model(load_model_state(res.model_uri))
 
 
 def test_the_winner_is_finished_like_a_train_run(tmp_path):

@@ -163,7 +163,15 @@ def test_bad_configs_fail_before_any_worker(small_lake, tmp_path):
 
 def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_local):
     cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-local", epochs=8, **SMALL)
+    before, others = signal.getsignal(signal.SIGINT), set(_ray_pids("ray::TrainController"))
     res = run_training(cfg)
+    # Ray Train's Ctrl-C handler, which holds the run's controller, is gone with the run: so
+    # is the controller (it lived on, ~1 GB with its dataset actors, until the next run)
+    assert signal.getsignal(signal.SIGINT) is before
+    deadline = time.time() + 30
+    while set(_ray_pids("ray::TrainController")) - others and time.time() < deadline:
+        time.sleep(0.5)
+    assert not set(_ray_pids("ray::TrainController")) - others
     h = res.history
     assert [e["epoch"] for e in h] == list(range(cfg.epochs))
     assert h[-1]["train_loss"] < h[0]["train_loss"]
@@ -192,11 +200,58 @@ def test_train_two_workers_learns_checkpoints_and_publishes(small_lake, ray_loca
     assert meta["metrics"]["epoch"] == res.best["epoch"]
 
 
-def test_weight_average_flips_and_decision_rule_travel_with_the_model(small_lake, ray_local):
+def _train_worker_pids() -> list[int]:
+    return _ray_pids("ray::RayTrainWorker")
+
+
+def _ray_pids(prefix: str) -> list[int]:
+    """PIDs of the Ray processes whose command line starts with `prefix` (an actor's class) of
+    *this* test session's cluster (children of its raylet), never another cluster's."""
+    import ray
+
+    raylets = {p.process.pid for p in ray._private.worker._global_node.all_processes["raylet"]}
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            ppid = int(next(line.split()[1] for line in open(f"/proc/{pid}/status")
+                            if line.startswith("PPid:")))
+        except (OSError, StopIteration):
+            continue
+        if cmd.startswith(prefix) and ppid in raylets:
+            out.append(int(pid))
+    return out
+
+
+def test_a_killed_worker_is_replaced_and_the_average_flips_and_rule_travel_with_the_model(small_lake,
+                                                                                         ray_local):
+    """A worker dies mid-run (SIGKILL, after the first checkpoint): Ray Train replaces it and
+    the run resumes from the checkpoint, its weight average too, nothing trained twice or lost.
+    Then the model: validation ran the averaged weights with their flips, the decision rule
+    was chosen on validation, and all of it travels with the published weights."""
     cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-decide", epochs=4, tta=True,
                       decision_rule="glioma_recall", decision_max_f1_drop=0.05,
+                      max_failures=2, cache=False,  # streamed epochs: time to kill
                       **dict(SMALL, ema_decay=0.9, mix_prob=0.5))
-    res = run_training(cfg)
+    run = open_location(small_lake) / "runs" / "t-decide"
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault("res", run_training(cfg)), daemon=True)
+    th.start()
+    deadline = time.time() + 400
+    # wait until the controller has registered a checkpoint (it snapshots its manager then)
+    while time.time() < deadline and not (run / "checkpoint_manager_snapshot.json").exists():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    pids = _train_worker_pids()
+    assert pids, "no train worker found to kill"
+    os.kill(pids[-1], signal.SIGKILL)  # a worker dies mid-run (epoch 2 is under way)
+    th.join(timeout=600)
+    res = box["res"]
+    assert [e["epoch"] for e in res.history] == list(range(4))  # nothing trained twice, nothing lost
+    assert res.history[-1]["resumes"] >= 1  # restarted from a checkpoint, not from scratch
+
     state = load_model_state(res.model_uri)
     version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
     # validation ran the averaged weights with their flips: the published weights reproduce it
@@ -255,9 +310,10 @@ def test_a_teacher_teaches_every_worker_and_travels_with_the_model(small_lake, r
 def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path, monkeypatch):
     """Dataset read from and checkpoints/model written to a loopback S3 server; with the
     worker cache off, so Ray Data tasks also build the pixel shards in the bucket and every
-    epoch streams them from it. The endpoint goes away for 4 s twice (support.outage): in
-    the middle of the first checkpoint's upload and of a worker's pixel-shard read; both are
-    retried through the outage and the run goes on as if nothing happened."""
+    epoch streams them from it, with the workers holding every CPU. The endpoint goes away
+    for 4 s twice (support.outage): in the middle of the first checkpoint's upload and of a
+    worker's pixel-shard read; both are retried through the outage and the run goes on as if
+    nothing happened."""
     lake = f"s3://{s3_bucket}/lake"
     ingest(str(real_subset(tmp_path / "src", per_class=20)), lake,
            IngestConfig(val_fraction=0.25, test_fraction=0.1, workers=1))
@@ -276,8 +332,10 @@ def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path, monkeypatc
     with relay:
         # no restart allowed: the outages are ridden out by the retries, not by Ray Train
         # restarting the workers
+        # the workers hold every CPU of the (4-CPU) test cluster: the reads of pixel shards
+        # ask for no CPU of their own, so the run trains its epochs instead of waiting for one
         res = run_training(TrainConfig(data=lake, out=lake, name="t-s3", epochs=3, cache=False,
-                                       max_failures=0, **SMALL))
+                                       max_failures=0, cpus_per_worker=2, feed_timeout_s=120, **SMALL))
     monkeypatch.setenv("BRAINMRI_S3_ENDPOINT", relay.upstream)  # read back past the relay
     assert upload.started and reads[0].started, (upload, reads)  # both outages happened, mid-request
     pixels = open_location(res.run_uri + "/config.json").read_json()["dataset"]["pixels"]
@@ -290,6 +348,12 @@ def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path, monkeypatc
     kept = [d for d in run.listdir() if re.fullmatch(r"checkpoint_\d{6}", d)]
     assert kept and all(load_state((run / d / CKPT_FILE).read_bytes())["epoch"] == int(d[11:]) for d in kept)
     assert load_model_state(res.model_uri)["epoch"] in (0, 1, 2)
+    # each epoch trained on the same equal shards and validated every row
+    _, manifest = resolve_dataset(lake, "brain-tumor-mri")
+    per_rank = manifest["rows"]["train"] // 2 // SMALL["batch_size"] * SMALL["batch_size"]
+    for e in res.history:
+        assert e["train_images"] == 2 * per_rank and e["val_n"] == manifest["rows"]["val"]
+        assert 0 <= e["train_feed_wait_seconds"] <= e["train_seconds"] <= e["epoch_seconds"]
 
 
 def test_an_s3_outage_longer_than_the_retries_fails_the_run_in_one_line(small_lake, ray_local, s3_bucket,
@@ -318,91 +382,22 @@ def test_an_s3_outage_longer_than_the_retries_fails_the_run_in_one_line(small_la
     assert not (run / "checkpoint_000000" / CKPT_FILE).exists()
 
 
-def _train_worker_pids() -> list[int]:
-    """PIDs of RayTrainWorker processes of *this* test session's cluster (children of its
-    raylet), never those of another Ray cluster on the machine."""
-    import ray
-
-    raylets = {p.process.pid for p in ray._private.worker._global_node.all_processes["raylet"]}
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-            ppid = int(next(line.split()[1] for line in open(f"/proc/{pid}/status")
-                            if line.startswith("PPid:")))
-        except (OSError, StopIteration):
-            continue
-        if cmd.startswith("ray::RayTrainWorker") and ppid in raylets:
-            out.append(int(pid))
-    return out
-
-
-def test_killed_worker_is_replaced_and_resumes(small_lake, ray_local):
-    cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-kill", epochs=4,
-                      max_failures=2, cache=False,  # streamed epochs: time to kill
-                      **dict(SMALL, ema_decay=0.9))  # the average resumes too
-    run = open_location(small_lake) / "runs" / "t-kill"
-    box = {}
-    th = threading.Thread(target=lambda: box.setdefault("res", run_training(cfg)), daemon=True)
-    th.start()
-    deadline = time.time() + 400
-    # wait until the controller has registered a checkpoint (it snapshots its manager then)
-    while time.time() < deadline and not (run / "checkpoint_manager_snapshot.json").exists():
-        time.sleep(0.5)
-    time.sleep(1.0)
-    pids = _train_worker_pids()
-    assert pids, "no train worker found to kill"
-    os.kill(pids[-1], signal.SIGKILL)  # a worker dies mid-run (epoch 2 is under way)
-    th.join(timeout=600)
-    res = box["res"]
-    h = res.history
-    assert [e["epoch"] for e in h] == list(range(4))  # nothing trained twice, nothing lost
-    assert h[-1]["resumes"] >= 1  # restarted from a checkpoint, not from scratch
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_rerun_of_killed_driver_resumes(small_lake, tmp_path):
-    """The driver's machine (a `brainmri train` process with its own local Ray: every
-    process of it) dies after its first checkpoint; running the same command again continues
-    from that checkpoint. Killing only the driver's process group left its workers training
-    until they noticed, sometimes to the run's end (support.nodes)."""
-    epochs = 6
-    cmd = [sys.executable, "-m", "brainmri.cli", "train", "--data", str(small_lake), "--out",
-           str(small_lake), "--name", "t-driver", "--epochs", str(epochs), "--image-size", "64",
-           "--batch-size", "16", "--set", "model_args={width: 16}", "--set", "patience=0"]
-    env = node_env(dict(os.environ, RAY_ADDRESS=""))  # its own cluster, not the tests' one
-    run = open_location(small_lake) / "runs" / "t-driver"
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.time() + 400
-    # killed once the controller has registered a checkpoint (its snapshot) and history shows it
-    while time.time() < deadline and not ((run / "checkpoint_manager_snapshot.json").exists()
-                                          and (run / "history.json").exists()):
-        time.sleep(0.5)
-    assert kill_node(env) >= 3  # the driver, Ray's daemons, the workers
-    p.wait()
-    done = len((run / "history.json").read_json())
-    assert 1 <= done < epochs
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    h = (run / "history.json").read_json()
-    assert [e["epoch"] for e in h] == list(range(epochs)) and h[-1]["resumes"] >= 1
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_console_is_one_line_per_epoch_and_ray_only_with_verbose(small_lake):
-    """`brainmri train` prints one line per epoch from the driver and a summary; Ray's own
-    output (per-rank TrainingReport dumps, worker start-up, Ray Data plans) comes back with
-    --verbose. The same run is resumed for a third epoch with --verbose."""
+def test_console_is_one_line_per_epoch_and_a_rerun_of_a_killed_driver_resumes_verbose(small_lake):
+    """`brainmri train` prints one line per epoch from the driver and a summary. The same run
+    is then continued to 8 epochs, and the driver's machine (the `brainmri train` process with
+    its own local Ray: every process of it) dies after a checkpoint of its own; running the same
+    command again, with --verbose, continues from that checkpoint, and Ray's own output
+    (per-rank TrainingReport dumps, worker start-up, Ray Data plans) comes back. Killing only
+    the driver's process group left its workers training until they noticed, sometimes to the
+    run's end (support.nodes)."""
     cmd = [sys.executable, "-m", "brainmri.cli", "train", "--data", str(small_lake), "--out",
            str(small_lake), "--name", "t-console", "--image-size", "64", "--batch-size", "16",
-           "--set", "model_args={width: 8}"]
+           "--set", "model_args={width: 8}", "--set", "patience=0"]
     env = {k: v for k, v in os.environ.items() if k != "BRAINMRI_VERBOSE"}
-    env["RAY_ADDRESS"] = ""  # its own cluster, not the tests' one
+    env = node_env(dict(env, RAY_ADDRESS=""))  # its own cluster, not the tests' one
+    history = open_location(small_lake) / "runs" / "t-console" / "history.json"
 
     def run(*argv):
         r = subprocess.run(cmd + list(argv), cwd=REPO, env=env, capture_output=True, text=True,
@@ -423,11 +418,26 @@ def test_console_is_one_line_per_epoch_and_ray_only_with_verbose(small_lake):
     assert "TrainingReport(" not in out and "Reporting training result" not in out
     assert len(out.encode()) < 1500, out  # 452 bytes measured (14,639 before issue 15)
 
-    out = run("--epochs", "3", "--verbose")
-    assert "resumed from the checkpoint of epoch 2" in out
-    assert [ln[:10] for ln in out.splitlines() if ln.startswith("epoch")] == ["epoch 3/3:"]
+    # the machine dies once the continued run has persisted an epoch of its own
+    p = subprocess.Popen(cmd + ["--epochs", "8"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and p.poll() is None and not (
+            history.exists() and len(history.read_json()) >= 3):
+        time.sleep(0.5)
+    assert kill_node(env) >= 3  # the driver, Ray's daemons, the workers
+    p.wait()
+    done = len(history.read_json())
+    assert 3 <= done < 8, done
+
+    out = run("--epochs", "8", "--verbose")
+    assert f"resumed from the checkpoint of epoch {done}" in out
+    assert [ln[:10] for ln in out.splitlines() if ln.startswith("epoch")] == [
+        f"epoch {k}/8:" for k in range(done + 1, 9)]
     assert "Reporting training result" in out and "TrainingReport(" in out  # from each rank
     assert "(RayTrainWorker pid=" in out and "Execution plan of Dataset" in out
+    h = history.read_json()
+    assert [e["epoch"] for e in h] == list(range(8)) and h[-1]["resumes"] >= 2
 
 
 # -- worker counts and tiny validation sets -----------------------------------------------------
@@ -494,14 +504,11 @@ def test_too_many_workers_for_the_training_rows_fail_before_ray(tiny_val_lake, t
         prepare(TrainConfig(data=str(tiny_val_lake), out=str(tmp_path), num_workers=4, batch_size=16))
 
 
-def test_streamed_epochs_come_in_small_blocks_with_every_row_and_need_no_cpu(small_lake, ray_local,
-                                                                            monkeypatch):
-    """With the worker cache off every epoch streams: the decoding feed is cut into blocks of
-    about FEED_BLOCK_BYTES (one block per file or split would decode a whole epoch before its
-    first batch), and the run streams pixel shards, each epoch training on the same equal
-    shards and validating every row. Its workers hold every CPU of the (4-CPU) test cluster:
-    the reads of pixel shards ask for no CPU of their own, so the run trains its epochs
-    instead of waiting for one."""
+@pytest.mark.quick
+def test_the_decoding_feed_comes_in_small_blocks_with_every_row(small_lake, ray_local, monkeypatch):
+    """With the worker cache off the decoding feed is cut into blocks of about
+    FEED_BLOCK_BYTES (one block per file or split would decode a whole epoch before its first
+    batch). A streamed run (pixel shards, every CPU held by the workers): test_train_against_s3."""
     from brainmri.training import train as T
 
     version, manifest = resolve_dataset(str(small_lake), "brain-tumor-mri")
@@ -512,13 +519,6 @@ def test_streamed_epochs_come_in_small_blocks_with_every_row_and_need_no_cpu(sma
     rows = manifest["rows"]["train"]
     # 128 rows x 64 x 64 bytes decoded: >= 3 blocks of <= 200 kB (Ray's default: one a file)
     assert ds.count() == rows and ds.num_blocks() >= rows * 64 * 64 // 200_000 + 1
-    res = run_training(cfg)  # streams pixel shards (data.pixels), built before the workers start
-    assert "/pixels/64px-" in open_location(res.run_uri + "/config.json").read_json()["dataset"]["pixels"]
-    assert [e["epoch"] for e in res.history] == [0, 1]
-    per_rank = rows // 2 // SMALL["batch_size"] * SMALL["batch_size"]
-    for e in res.history:
-        assert e["train_images"] == 2 * per_rank and e["val_n"] == manifest["rows"]["val"]
-        assert 0 <= e["train_feed_wait_seconds"] <= e["train_seconds"] <= e["epoch_seconds"]
 
 
 def test_a_feed_starved_of_cpus_fails_the_run_in_one_line_instead_of_hanging(small_lake, ray_local):
@@ -528,9 +528,14 @@ def test_a_feed_starved_of_cpus_fails_the_run_in_one_line_instead_of_hanging(sma
     deadline fails it, and with no failures allowed the run ends in one line."""
     cfg = TrainConfig(data=str(small_lake), out=str(small_lake), name="t-starved", epochs=1, max_failures=0,
                       cpus_per_worker=2, feed_timeout_s=10, **SMALL)
-    t0 = time.monotonic()
+    t0, others = time.monotonic(), set(_ray_pids("ray::TrainController"))
     with pytest.raises(RunFailed) as e:
         run_training(cfg)
     msg = str(e.value)
     assert "\n" not in msg and "no batch from Ray Data" in msg and "feed_timeout_s" in msg, msg
     assert time.monotonic() - t0 < 300
+    # the error kept (here by pytest) does not keep the failed run's controller alive
+    deadline = time.time() + 30
+    while set(_ray_pids("ray::TrainController")) - others and time.time() < deadline:
+        time.sleep(0.5)
+    assert not set(_ray_pids("ray::TrainController")) - others
