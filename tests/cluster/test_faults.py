@@ -2,9 +2,9 @@
 
 - a worker host lost mid-epoch (every process on it SIGKILLed, no notice: a spot reclaim)
   while a replacement host joins: Ray Train restarts the worker group (FailureConfig,
-  `--max-failures`) from the latest checkpoint in S3 and the run finishes;
-- the job's driver SIGKILLed on the head: the same run name submitted again resumes from
-  the checkpoint in S3, after the last completed epoch;
+  `--max-failures`) from the latest checkpoint in S3; then, in the same run, the job's driver
+  SIGKILLed on the head: the same run name submitted again resumes from the checkpoint in
+  S3, after the last completed epoch, and the run finishes;
 - a retrain tick from another host while one runs on the cluster: the lease in S3 lets
   exactly one of them work and promote; the other says the lease is held, in one line.
 
@@ -78,17 +78,28 @@ def resumed_at(history: list) -> list[int]:
     return out
 
 
-def test_a_worker_host_lost_mid_epoch_is_replaced_and_the_run_resumes_from_s3(cluster, lake,
-                                                                              fault_figures):
-    """Spot reclaim: the host of rank 0 (it writes the checkpoints) is powered off mid-epoch
-    and a new host joins. Ray Train replaces the worker group, which resumes from the last
-    checkpoint in S3: every epoch is in the history exactly once, at most the epoch in flight
-    is trained again, and the killed host is no longer among the ranks."""
-    run, s3 = "nodeloss", cluster.s3()
+# the host-lost restart, then the driver killed an epoch later: room for both and a last epoch
+TWO_FAULT_EPOCHS = 5
+
+
+def test_a_worker_host_lost_then_the_driver_killed_the_run_resumes_from_s3_each_time(cluster, lake,
+                                                                                      fault_figures):
+    """Two faults of one run, one after the other. Spot reclaim: the host of rank 0 (it writes
+    the checkpoints) is powered off mid-epoch and a new host joins; Ray Train replaces the
+    worker group, which resumes from the last checkpoint in S3 (at most the epoch in flight is
+    trained again, and the killed host is no longer among the ranks). Then, once the new group
+    has finished an epoch, the job's driver (its python on the head) is SIGKILLed: the job
+    fails, its workers go with it, and the same run name submitted again resumes from the
+    checkpoint in S3, after the last completed epoch, not from 0. Every epoch is in the
+    history exactly once."""
+    run, s3 = "twofaults", cluster.s3()
     key = f"faults/runs/{run}"
-    job = cluster.submit_bg(train_job(lake, run), cluster.work / f"{run}.log", timeout=900)
+    entry = [*train_job(lake, run), "--epochs", str(TWO_FAULT_EPOCHS), "--set", "patience=0"]
+    job = cluster.submit_bg(entry, cluster.work / f"{run}.log", timeout=900)
     history = wait_for("the first epoch's checkpoint", lambda: cluster.read_json(f"{key}/history.json", s3),
                        600, job)
+
+    # 1. the host of rank 0 lost, a replacement joining
     placed = cluster.read_json(f"{key}/placement.json", s3)
     rank0 = cluster.node_by_ip(placed["ranks"][0]["ip"])
     before = epochs_in(cluster.read_json(f"{key}/history.json", s3) or history)
@@ -108,63 +119,47 @@ def test_a_worker_host_lost_mid_epoch_is_replaced_and_the_run_resumes_from_s3(cl
     wait_for("an epoch after the kill", lambda: epochs_in(cluster.read_json(f"{key}/history.json", s3))[-1:]
              > before[-1:], 600, job)
     next_epoch_s = time.monotonic() - t_kill
-    r = job.result().check()
-    history = cluster.read_json(f"{key}/history.json", s3)
 
-    assert epochs_in(history) == list(range(EPOCHS)), epochs_in(history)  # each epoch once
-    # one restart, from the checkpoint, not from epoch 0
-    assert len(resumed_at(history)) == 1, (before, history)
-    [resumed] = resumed_at(history)
-    assert before and before[-1] + 1 <= resumed <= before[-1] + 2, (before, resumed)
-    ranks = {x["node_id"] for x in new_placed["ranks"]}
-    assert placed["ranks"][0]["node_id"] not in ranks and len(ranks) == 2, (placed, new_placed)
-    assert "resumed from the checkpoint of epoch" in r.output()
-    last = history[-1]
-    fault_figures["worker_host_lost"] = {
-        "killed": rank0.name, "replacement": spare, "epochs": EPOCHS,
-        "last_epoch_checkpointed_at_kill": before[-1], "resumed_at_epoch": resumed,
-        # the epoch in flight at the kill is trained again (0 when its checkpoint had landed)
-        "epochs_repeated": 1 if resumed == before[-1] + 1 else 0,
-        "kill_s": round(killed_s, 2), "replacement_joined_s": round(joined_s, 1),
-        "worker_group_restarted_s": round(restarted_s, 1), "next_epoch_done_s": round(next_epoch_s, 1),
-        "epoch_seconds": [round(h["epoch_seconds"], 2) for h in history],
-        "replacement_used": cluster.nodes[spare].ip in {x["ip"] for x in new_placed["ranks"]},
-        "job_s": round(r.seconds, 1),
-        "final": {k: last[k] for k in ("train_loss", "val_accuracy", "val_macro_f1") if k in last},
-    }
-
-
-def test_a_killed_driver_is_resubmitted_and_resumes_after_the_last_epoch(cluster, lake, fault_figures):
-    """The job's driver (its python on the head) SIGKILLed after an epoch: the job fails,
-    its workers go with it; the same run name submitted again resumes from the checkpoint in
-    S3: it starts after the last completed epoch, not from 0, and every epoch is in the
-    history once."""
-    run, s3 = "driverkill", cluster.s3()
-    key = f"faults/runs/{run}"
-    entry = train_job(lake, run)
-    job = cluster.submit_bg(entry, cluster.work / f"{run}.log", timeout=900)
-    wait_for("the first epoch", lambda: cluster.read_json(f"{key}/history.json", s3), 600, job)
-    # the driver's python (a shell may stand between it and Ray's job supervisor)
+    # 2. the driver killed (a shell may stand between its python and Ray's job supervisor)
     drivers = [p for p in cluster.pids("head", "jobs/train.py", f"--name {run}")
                if "python" in hx.Path(f"/proc/{p}/comm").read_text()]
     assert len(drivers) == 1, drivers
     done = epochs_in(cluster.read_json(f"{key}/history.json", s3))
-    t_kill = time.monotonic()
+    assert done[-1] < TWO_FAULT_EPOCHS - 1, done  # the run was still going
+    t_driver = time.monotonic()
     hx.os.kill(drivers[0], hx.signal.SIGKILL)
     first = job.result()
-    failed_s = time.monotonic() - t_kill
+    failed_s = time.monotonic() - t_driver
     assert not first.ok, first.describe()
+    assert "resumed from the checkpoint of epoch" in first.output()  # the host loss's restart
     assert epochs_in(cluster.read_json(f"{key}/history.json", s3))[:len(done)] == done
-
     again = cluster.submit(entry, cluster.work / f"{run}.log", timeout=900).check()
+
     history = cluster.read_json(f"{key}/history.json", s3)
-    assert epochs_in(history) == list(range(EPOCHS)), epochs_in(history)
-    [resumed] = resumed_at(history)
-    assert done[-1] + 1 <= resumed <= done[-1] + 2, (done, resumed)  # after the last epoch, not 0
-    assert f"resumed from the checkpoint of epoch {resumed}" in again.output()
+    assert epochs_in(history) == list(range(TWO_FAULT_EPOCHS)), epochs_in(history)  # each epoch once
+    # two restarts, each from the checkpoint: never from epoch 0
+    assert len(resumed_at(history)) == 2, (before, done, history)
+    host_resumed, driver_resumed = resumed_at(history)
+    assert before and before[-1] + 1 <= host_resumed <= before[-1] + 2, (before, host_resumed)
+    assert done[-1] + 1 <= driver_resumed <= done[-1] + 2, (done, driver_resumed)  # after the last epoch
+    assert f"resumed from the checkpoint of epoch {driver_resumed}" in again.output()
+    ranks = {x["node_id"] for x in new_placed["ranks"]}
+    assert placed["ranks"][0]["node_id"] not in ranks and len(ranks) == 2, (placed, new_placed)
+    last = history[-1]
+    fault_figures["worker_host_lost"] = {
+        "killed": rank0.name, "replacement": spare, "epochs": TWO_FAULT_EPOCHS,
+        "last_epoch_checkpointed_at_kill": before[-1], "resumed_at_epoch": host_resumed,
+        # the epoch in flight at the kill is trained again (0 when its checkpoint had landed)
+        "epochs_repeated": 1 if host_resumed == before[-1] + 1 else 0,
+        "kill_s": round(killed_s, 2), "replacement_joined_s": round(joined_s, 1),
+        "worker_group_restarted_s": round(restarted_s, 1), "next_epoch_done_s": round(next_epoch_s, 1),
+        "epoch_seconds": [round(h["epoch_seconds"], 2) for h in history],
+        "replacement_used": cluster.nodes[spare].ip in {x["ip"] for x in new_placed["ranks"]},
+        "final": {k: last[k] for k in ("train_loss", "val_accuracy", "val_macro_f1") if k in last},
+    }
     fault_figures["driver_killed"] = {
-        "epochs": EPOCHS, "last_epoch_seen_at_kill": done[-1], "resumed_at_epoch": resumed,
-        "epochs_repeated": 1 if resumed == done[-1] + 1 else 0,
+        "epochs": TWO_FAULT_EPOCHS, "last_epoch_seen_at_kill": done[-1], "resumed_at_epoch": driver_resumed,
+        "epochs_repeated": 1 if driver_resumed == done[-1] + 1 else 0,
         "job_failed_after_kill_s": round(failed_s, 1), "first_job_s": round(first.seconds, 1),
         "resubmitted_job_s": round(again.seconds, 1),
     }
