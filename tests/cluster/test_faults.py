@@ -131,7 +131,8 @@ def test_a_worker_host_lost_then_the_driver_killed_the_run_resumes_from_s3_each_
     first = job.result()
     failed_s = time.monotonic() - t_driver
     assert not first.ok, first.describe()
-    assert "resumed from the checkpoint of epoch" in first.output()  # the host loss's restart
+    # (the first job's "resumed from ..." line may not be out: its console polls history.json
+    # every 2 s, and the driver dies right after the new group's first epoch lands there)
     assert epochs_in(cluster.read_json(f"{key}/history.json", s3))[:len(done)] == done
     again = cluster.submit(entry, cluster.work / f"{run}.log", timeout=900).check()
 
