@@ -596,7 +596,8 @@ def _sigint_restored():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        if before is not None:  # None: a handler not set from Python, which Python cannot set back
+            signal.signal(signal.SIGINT, before)
 
 
 def first_cause(e: BaseException) -> str:
