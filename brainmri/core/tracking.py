@@ -242,6 +242,13 @@ class TrackedRun:
             self.log_epoch(h, ts)
         return [int(h["epoch"]) for h in missing]
 
+    def catch_up(self, history: list[dict]) -> None:
+        """log_missing_epochs, the epochs so logged named in the tag
+        brainmri.epochs_logged_at_end (they were not logged while the run trained)."""
+        missed = self.log_missing_epochs(history)
+        if missed:
+            self.set_tags({"brainmri.epochs_logged_at_end": ",".join(map(str, missed))})
+
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
 
@@ -327,9 +334,7 @@ def finish_run(run: TrackedRun | None, history: list[dict], model: str | None,
         return
     try:
         with run.talking("finish the run"):
-            missed = run.log_missing_epochs(history)
-            if missed:
-                run.set_tags({"brainmri.epochs_logged_at_end": ",".join(map(str, missed))})
+            run.catch_up(history)
             if model:
                 log_model(run, model, model_files)
             run.end("FINISHED")

@@ -644,9 +644,7 @@ def track_search(search: Search, tracking: Tracking | None, rows: list[dict], mo
                     continue  # never started
                 run.set_tags({"brainmri.status": r["status"], "brainmri.rank": r["rank"]})
                 if r["status"] in ended:
-                    missed = run.log_missing_epochs(r["history"])
-                    if missed:
-                        run.set_tags({"brainmri.epochs_logged_at_end": ",".join(map(str, missed))})
+                    run.catch_up(r["history"])
                     run.end(ended[r["status"]])
                 if model_uri and r is rows[0]:
                     T.log_model(run, model_uri, (META_FILE, MODEL_FILE))
