@@ -173,20 +173,22 @@ def _history(lake, out, name, limit, limit_val, epochs, batch, **kw) -> list[dic
     return run_training(cfg).history
 
 
-def bench_feed(lake, limit, limit_val, epochs, batch) -> dict:
+def bench_feed(lake, size, limit, limit_val, epochs, batch) -> dict:
     """Per-epoch seconds (median of the epochs after the first: the first decodes in both)
-    with the worker cache on and off, and the consumers' summed wait for batches. The
-    version's pixel shards are built first, as the full-size default builds them with the
-    cache off (a run limited to N rows streams them but would not build them)."""
+    of the default recipe at `size` px with the worker cache on and off, and the consumers'
+    summed wait for batches. The version's pixel shards are built first, as the full-size
+    default builds them with the cache off (a run limited to N rows streams them but would
+    not build them)."""
     from brainmri.data.datasets import resolve_dataset
     from brainmri.data.pixels import ensure_pixels
 
     version, manifest = resolve_dataset(lake, "brain-tumor-mri")
-    ensure_pixels(version, manifest, TrainConfig.image_size)
+    ensure_pixels(version, manifest, size)
     out = tempfile.mkdtemp(prefix="bench-feed-")
     res = {}
     for cache in (True, False):
-        hist = _history(lake, out, f"feed-{int(cache)}", limit, limit_val, epochs, batch, cache=cache)
+        hist = _history(lake, out, f"feed-{int(cache)}", limit, limit_val, epochs, batch, cache=cache,
+                        image_size=size)
         later = hist[1:] or hist
         res["cached" if cache else "streamed"] = {
             "epoch_s": float(np.median([h["epoch_seconds"] for h in later])),
@@ -410,7 +412,7 @@ def main() -> None:
             print(f"  {name:22s} {count_params(m) / 1e6:6.2f} M params  {rate:6.1f} img/s  "
                   f"epoch ~{n_train / rate / 60:5.1f} min")
     if "feed" not in a.skip:
-        f = bench_feed(a.lake, a.limit, a.limit_val, a.epochs, a.batch)
+        f = bench_feed(a.lake, a.size, a.limit, a.limit_val, a.epochs, a.batch)
         c, st = f["cached"], f["streamed"]
         print(f"[feed] default recipe, {a.limit or 'all'} images, {a.size}px: "
               f"cached epoch {c['epoch_s']:.1f} s; "

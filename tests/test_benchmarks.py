@@ -373,6 +373,8 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
             "--limit-val", "4", "--batch", "4", "--epochs", "2", "--size", "64", "--rounds", "1"]
     out = bench("train", *args, log=tmp_path / "train.log", timeout=600).check().output()
     assert "ratio streamed/cached = " in out and "img/s per CPU" in out
+    # the feed section trains and builds at --size, the size its line names
+    assert "pixel shards at 64 px" in out and "pixel shards at 160 px" not in out
     # the GPU's rate comes from the committed benchmarks/results/gpu-*.json (whichever they say)
     rate = load("train").gpu_rates()[("brainnet", 160)][0]
     assert f"brainnet 160px trains at {rate:.0f} img/s" in out and "CPUs of pixel-shard feed per GPU" in out
