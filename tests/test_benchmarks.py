@@ -463,3 +463,25 @@ def test_hard_images_counts_the_misses_models_share_and_what_a_goal_needs(tmp_pa
         assert why in err and err.count("\n") == 1
     assert h.main([a]) == 2
     assert h.main([a, b, "--goal", "98.5"]) == 2 and "--goal is an accuracy" in capsys.readouterr().err
+
+
+def test_suite_cpu_counts_the_cpu_of_the_processes_a_command_starts(tmp_path):
+    """benchmarks.suite_cpu on a command whose child burns ~1.5 s of CPU: the child is seen,
+    its CPU counted (a floor: the last sampling interval is lost), the command's exit status
+    passed on, and a process that was running before the command (this one) left out."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    out = tmp_path / "cpu.json"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}]); sys.exit(3)"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.suite_cpu", "--interval", "0.1", "--json", str(out),
+                        "--", sys.executable, "-c", parent],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    d = json.loads(out.read_text())
+    assert d["returncode"] == 3 and d["processes"] >= 2 and 1.2 <= d["cpu_s"] <= 1.5 + 2 * d["wall_s"]
+    assert d["kinds"]["other"]["cpu_s"] >= 1.2 and d["startup_cpu_s"] >= 1.2  # young: under 6 s old
+    assert "burned" in r.stdout and "other" in r.stdout
+    load("suite_cpu")  # importable as benchmarks.suite_cpu, and its kinds:
+    k = load("suite_cpu").kind
+    assert k("ray::RayTrainWorker.__init__") == "Ray Train run actors"
+    assert k("ray::MapWorker(MapBatches(decode))") == "Ray Data and other tasks"
+    assert k("/x/bin/python -m brainmri train --data lake") == "commands (brainmri, jobs/, benchmarks, ray)"
