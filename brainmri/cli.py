@@ -307,8 +307,25 @@ def cmd_serve(a) -> int:
     return run(config_from_args(a))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, and one hint: a list flag (`--classes a b`) takes every value after it, so
+    `ingest --classes a b SRC DEST` leaves no positional arguments; the error says so."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        lists = [o for a in self._actions if a.nargs == "+" for o in a.option_strings
+                 if o in getattr(self, "_given", ())]
+        if lists and "arguments are required" in message:
+            message += (f" ({lists[0]} took every value after it: give the positional arguments "
+                        f"first, or end its list with --)")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="brainmri", description=__doc__)
+    ap = _Parser(prog="brainmri", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     cfg = [_config_parent()]
     on_ray = [_config_parent(), _console_parent()]

@@ -342,3 +342,22 @@ def test_python_m_brainmri_help():
     assert r.returncode == 0, r.stderr[-2000:]
     for cmd in ("ingest", "train", "tune", "retrain", "evaluate", "calibrate", "predict", "serve"):
         assert cmd in r.stdout
+
+
+def test_a_list_flag_before_the_positionals_says_how_to_write_it(tmp_path, capsys):
+    """`--classes a b SRC DEST`: argparse gives SRC and DEST to --classes; the one-line error
+    says so, and both ways out parse (positionals first, or the list ended with --)."""
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["ingest", "--classes", "glioma", "notumor", src, dest])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("brainmri ingest: error: the following arguments are required: source, dest")
+    assert "(--classes took every value after it: give the positional arguments first" in err
+    for argv in (["ingest", src, dest, "--classes", "glioma", "notumor"],
+                 ["ingest", "--classes", "glioma", "notumor", "--", src, dest]):
+        a = cli.build_parser().parse_args(argv)
+        assert (a.source, a.dest, a.classes) == (src, dest, ["glioma", "notumor"])
+    with pytest.raises(SystemExit):  # no list flag given: argparse's message alone
+        cli.build_parser().parse_args(["ingest", src])
+    assert "took every value" not in capsys.readouterr().err
