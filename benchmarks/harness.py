@@ -139,18 +139,23 @@ def kill_group(p: subprocess.Popen, wait_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes whose process group is pgid, from /proc."""
-    out = []
+def proc_stats():
+    """(pid, name, fields) of each process in /proc now, `fields` being /proc/<pid>/stat after
+    the name: [0] state, [1] parent, [2] process group, [11] and [12] user and system CPU in
+    clock ticks, [19] start in ticks since boot. A process gone meanwhile is skipped."""
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                stat = Path(f"/proc/{d}/stat").read_text()
             except OSError:  # gone meanwhile
                 continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(d))
-    return out
+            head, _, rest = stat.rpartition(")")  # the name may hold spaces and parentheses
+            yield int(d), head[head.find("(") + 1:], rest.split()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes whose process group is pgid, from /proc."""
+    return [pid for pid, _, f in proc_stats() if int(f[2]) == pgid and f[0] != "Z"]
 
 
 def print_result(out: dict) -> None:
@@ -292,14 +297,8 @@ class PeakRSS:
 def descendants(pid: int) -> list[int]:
     """pid and every process below it (by the parent ids in /proc/<pid>/stat)."""
     children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:  # gone meanwhile
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d))
+    for p, _, f in proc_stats():
+        children.setdefault(int(f[1]), []).append(p)
     out, todo = [], [pid]
     while todo:
         p = todo.pop()

@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from benchmarks import harness
+
 HZ = os.sysconf("SC_CLK_TCK")
 YOUNG_S = 6.0  # a process's CPU while this young counts as its start-up
 
@@ -66,21 +68,18 @@ def sample(seen: dict, boot: float, skip: set) -> None:
     """One pass over /proc: each process's title, start time and CPU seconds so far
     ({pid-starttime: {...}}: a pid reused is another process)."""
     now = time.time()
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) in skip:
+    for pid, name, fields in harness.proc_stats():
+        if pid in skip:
             continue
         try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{d}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
         except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
         cpu = (int(fields[11]) + int(fields[12])) / HZ  # utime + stime
         start = boot + int(fields[19]) / HZ
-        p = seen.setdefault(f"{d}-{fields[19]}", {"title": cmd or stat[stat.find("(") + 1:stat.rfind(")")],
-                                                   "start": start, "cpu": 0.0, "young_cpu": 0.0})
+        p = seen.setdefault(f"{pid}-{fields[19]}", {"title": cmd or name, "start": start, "cpu": 0.0,
+                                                     "young_cpu": 0.0})
         if cmd and not cmd.startswith("ray::IDLE"):  # an idle Ray worker takes its actor's name
             p["title"] = cmd
         p["cpu"] = cpu

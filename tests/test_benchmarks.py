@@ -480,8 +480,7 @@ def test_suite_cpu_counts_the_cpu_of_the_processes_a_command_starts(tmp_path):
     assert d["returncode"] == 3 and d["processes"] >= 2 and 1.2 <= d["cpu_s"] <= 1.5 + 2 * d["wall_s"]
     assert d["kinds"]["other"]["cpu_s"] >= 1.2 and d["startup_cpu_s"] >= 1.2  # young: under 6 s old
     assert "burned" in r.stdout and "other" in r.stdout
-    load("suite_cpu")  # importable as benchmarks.suite_cpu, and its kinds:
-    k = load("suite_cpu").kind
+    k = load("suite_cpu").kind  # the kinds it names
     assert k("ray::RayTrainWorker.__init__") == "Ray Train run actors"
     assert k("ray::MapWorker(MapBatches(decode))") == "Ray Data and other tasks"
     assert k("/x/bin/python -m brainmri train --data lake") == "commands (brainmri, jobs/, benchmarks, ray)"
