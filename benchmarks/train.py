@@ -211,11 +211,21 @@ def plain_read(files, fs, size: int) -> int:
     return n
 
 
-def ray_feed(ds, batch, size, passes=3, shuffle=0) -> list[dict]:
+def machine_cpu_s() -> float:
+    """CPU-seconds spent so far by every process on this machine (/proc/stat): what a feed
+    costs wherever Ray runs its parts (its executor thread, tasks, daemons), on a quiet machine."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system (not idle iowait) irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None) -> list[dict]:
     """A feed dataset on one CPU, iterated as a training worker does (train.BlockBatches,
-    its local shuffle when `shuffle`), each pass:
+    its local shuffle when `shuffle`; `pixels`: the PixelReader of a pixel-shard feed), each pass:
     {rate: images/s of the whole pass, first_s: seconds to its first batch (Ray Data starting
-    the pass's execution), steady: images/s after the first batch}."""
+    the pass's execution), steady: images/s after the first batch, per_cpu_s: images per
+    CPU-second of the whole machine}."""
     from ray.data import ExecutionResources
 
     from brainmri.training.train import BlockBatches
@@ -227,14 +237,14 @@ def ray_feed(ds, batch, size, passes=3, shuffle=0) -> list[dict]:
     out = []
     for p in range(passes):
         kw = dict(local_shuffle_buffer_size=shuffle, local_shuffle_seed=p) if shuffle else {}
-        t0, n, first, n_first = time.perf_counter(), 0, None, 0
-        for b in BlockBatches(ds, size).iter_torch_batches(batch_size=batch, **kw):
+        c0, t0, n, first, n_first = machine_cpu_s(), time.perf_counter(), 0, None, 0
+        for b in BlockBatches(ds, size, pixels).iter_torch_batches(batch_size=batch, **kw):
             n += len(b["label"])
             if first is None:
                 first, n_first = time.perf_counter() - t0, n
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, machine_cpu_s() - c0
         first = total if first is None else first  # no batch: the pass was all start-up
-        out.append({"rate": n / total, "first_s": first,
+        out.append({"rate": n / total, "first_s": first, "per_cpu_s": n / max(cpu, 1e-2),
                     "steady": (n - n_first) / max(total - first, 1e-9)})
     return out
 
@@ -242,7 +252,7 @@ def ray_feed(ds, batch, size, passes=3, shuffle=0) -> list[dict]:
 def best(passes: list[dict]) -> dict:
     """The best pass of ray_feed (its rate), with the best start-up and steady rate seen."""
     return {"rate": max(p["rate"] for p in passes), "first_s": min(p["first_s"] for p in passes),
-            "steady": max(p["steady"] for p in passes)}
+            "steady": max(p["steady"] for p in passes), "per_cpu_s": max(p["per_cpu_s"] for p in passes)}
 
 
 def rewrite_shards(files, fs, compression: str, folder: str) -> list[str]:
@@ -270,7 +280,8 @@ def bench_feed_rate(lake, size, limit, batch, passes=3) -> dict:
 
     from brainmri.core.storage import open_location
     from brainmri.data.datasets import read_split
-    from brainmri.data.pixels import COMPRESSION, build_pixels, pixel_files, pixels_root, read_pixels
+    from brainmri.data.pixels import (COMPRESSION, PixelReader, build_pixels, pixel_files, pixels_root,
+                                      read_pixels)
     from brainmri.data.transforms import preprocess_many
     from brainmri.training.train import build_datasets
 
@@ -283,32 +294,35 @@ def bench_feed_rate(lake, size, limit, batch, passes=3) -> dict:
     files = pixel_files(root, pix, "train")
     train_shards = [s for s in pix["shards"] if s["split"] == "train"]  # in the order of `files`
     out["train_rows"], out["compression"] = pix["rows"]["train"], COMPRESSION
-    # the peer reads whole files: so does the feed; one rank's feed (one read in flight: the
-    # product's reads ask for no CPU, so the 1-CPU limit below would not hold them to one)
+    # the peer reads whole files: so does a rank of the feed (data.pixels.PixelReader)
     whole = replace(cfg, limit_train=0, num_workers=1)
     by_codec, tmp = {}, tempfile.mkdtemp(prefix="bench-codec-")
     for codec in ("none", "lz4", "zstd"):
         ours = codec == COMPRESSION
         paths, fs = (files, root.fs) if ours else (rewrite_shards(files, root.fs, codec, tmp),
                                                    pafs.LocalFileSystem())
-        plain = []
+        plain, plain_cpu = [], []
         for _ in range(passes):
-            t0 = time.perf_counter()
+            c0, t0 = machine_cpu_s(), time.perf_counter()
             n = plain_read(paths, fs, size)
             plain.append(n / (time.perf_counter() - t0))
+            plain_cpu.append(n / max(machine_cpu_s() - c0, 1e-2))
         if ours:
             ds = build_datasets(whole, version, manifest, (root, pix))["train"]
+            reader = PixelReader(root.uri, size)
         else:  # what build_datasets reads, from the copies
             copies = {"image_size": size, "shards": [{**s, "path": os.path.basename(p)} for s, p in
                                                      zip(train_shards, paths, strict=True)]}
-            ds = read_pixels(open_location(tmp), copies, "train", concurrency=1)
-        fed = best(ray_feed(ds, batch, size, passes))
-        by_codec[codec] = {"plain": max(plain), "ray": fed["rate"], "ray_first_s": fed["first_s"],
-                           "ray_steady": fed["steady"],
+            ds, reader = read_pixels(open_location(tmp), copies, "train"), PixelReader(tmp, size)
+        fed = best(ray_feed(ds, batch, size, passes, pixels=reader))
+        by_codec[codec] = {"plain": max(plain), "plain_per_cpu_s": max(plain_cpu), "ray": fed["rate"],
+                           "ray_first_s": fed["first_s"], "ray_steady": fed["steady"],
+                           "ray_per_cpu_s": fed["per_cpu_s"],
                            "mb": sum(i.size for i in fs.get_file_info(paths)) / 1e6}
     out["codecs"] = by_codec
     ds = build_datasets(whole, version, manifest, (root, pix))["train"]
-    out["pixels_shuffled_1cpu"] = best(ray_feed(ds, batch, size, passes, shuffle=4 * batch))["rate"]
+    out["pixels_shuffled_1cpu"] = best(ray_feed(ds, batch, size, passes, shuffle=4 * batch,
+                                                pixels=PixelReader(root.uri, size)))["rate"]
     ds = build_datasets(cfg, version, manifest)["train"]
     out["ray_data_1cpu"] = best(ray_feed(ds, batch, size, 2))["rate"]
     blobs = []
@@ -423,12 +437,14 @@ def main() -> None:
               f"{r['pixels_build_s']:.1f} s on {os.cpu_count()} CPUs")
         ours = r["codecs"][r["compression"]]
         print(f"[feed] {r['train_rows']} train images, {a.size}px, best of 3 passes: plain reader (pyarrow "
-              f"+ numpy, 1 thread, no Ray) {ours['plain']:.0f} img/s; Ray Data feed on 1 CPU "
-              f"{ours['ray']:.0f} img/s, {r['pixels_shuffled_1cpu']:.0f} with the workers' local shuffle; "
-              f"ratio Ray/plain = {ours['ray'] / ours['plain']:.2f} (goal >= 0.5; >= 5000 img/s at 160px)")
+              f"+ numpy, 1 thread, no Ray) {ours['plain']:.0f} img/s; the pixel feed (Ray Data on 1 CPU "
+              f"dealing the rows, this process reading them) {ours['ray']:.0f} img/s, "
+              f"{r['pixels_shuffled_1cpu']:.0f} with the workers' local shuffle; ratio Ray/plain = "
+              f"{ours['ray'] / ours['plain']:.2f} (goal >= 0.5; >= 5000 img/s at 160px)")
         print(f"[feed]   where a Ray pass's time goes: {ours['ray_first_s']:.2f} s to its first batch "
               f"(Ray Data starting the pass), then {ours['ray_steady']:.0f} img/s "
-              f"(ratio to plain {ours['ray_steady'] / ours['plain']:.2f})")
+              f"(ratio to plain {ours['ray_steady'] / ours['plain']:.2f}); per CPU-second of the whole "
+              f"machine: feed {ours['ray_per_cpu_s']:.0f}, plain {ours['plain_per_cpu_s']:.0f} images")
         print("[feed] compression of the pixel shards (" + r["compression"] + " written): " + "; ".join(
             f"{c} {v['mb']:.0f} MB plain {v['plain']:.0f} img/s Ray {v['ray']:.0f} img/s"
             for c, v in r["codecs"].items()))
@@ -440,7 +456,7 @@ def main() -> None:
                 note = "" if size == a.size else \
                     f" (at {size}px a row is {(size / a.size) ** 2:.1f}x the bytes)"
                 print(f"[feed]   {model} {size}px trains at {rate:.0f} img/s on the GPU of {src} -> needs "
-                      f"{rate / ours['ray']:.1f} CPUs of pixel-shard feed per GPU streaming, "
+                      f"{rate / ours['ray_per_cpu_s']:.1f} CPUs of pixel-shard feed per GPU streaming, "
                       f"{rate / r['ray_data_1cpu']:.1f} decoding{note}")
     if "default" not in a.skip:
         d = bench_default(a.lake, a.limit, a.limit_val, a.epochs, a.batch, threads)

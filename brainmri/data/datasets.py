@@ -89,14 +89,13 @@ def read_split(version: Location, manifest: dict, split: str, columns: list[str]
 
 
 def read_known_files(name: str, root: Location, records: list[dict], columns: list[str],
-                     block_bytes: int, *, whole: bool = False, concurrency: int | None = None,
-                     num_cpus: float | None = None, task_rows: int = 0, limit: int = 0):
+                     block_bytes: int, *, task_rows: int = 0, limit: int = 0):
     """A Ray Data dataset over Parquet files a verified record already lists (a version's
-    manifest, pixels.json): `records` = [{path (under root), rows, bytes (in memory)}], handing
-    on `columns` in blocks of about `block_bytes` (`whole`: each file read at once and sliced,
-    zero-copy; else streamed a row group at a time). One read task a file, or with `task_rows`
-    one a range of that many rows of a file (the row groups it overlaps are read), so that
-    the operator after the read, fused into it, runs on every CPU however few the files are.
+    manifest): `records` = [{path (under root), rows, bytes (in memory)}], handing on
+    `columns` in blocks of about `block_bytes`, streamed a row group at a time. One read task
+    a file, or with `task_rows` one a range of that many rows of a file (the row groups it
+    overlaps are read), so that the operator after the read, fused into it, runs on every CPU
+    however few the files are.
     `limit`: only the first `limit` rows in the records' order (0: all), cut in the reads
     themselves, so no limit operator stands between the read and the next one (Ray Data fuses
     a read with the map after it, and a limit in between split them into two operators whose
@@ -123,12 +122,6 @@ def read_known_files(name: str, root: Location, records: list[dict], columns: li
                 raise StorageError(f"{path} holds {n} rows, its record {rows}")
 
         def read():
-            if whole:
-                t = pq.read_table(path, filesystem=root.fs, columns=columns, use_threads=False)
-                check(t.num_rows)
-                t = t.slice(lo, hi - lo)
-                yield from (t.slice(i, step) for i in range(0, t.num_rows, step))
-                return
             with root.fs.open_input_file(path) as src:
                 f = pq.ParquetFile(src)
                 check(f.metadata.num_rows)
@@ -165,8 +158,7 @@ def read_known_files(name: str, root: Location, records: list[dict], columns: li
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None) -> list:
             return tasks
 
-    ds = ray.data.read_datasource(KnownFiles(), num_cpus=num_cpus, concurrency=concurrency,
-                                  override_num_blocks=max(1, len(tasks)))
+    ds = ray.data.read_datasource(KnownFiles(), override_num_blocks=max(1, len(tasks)))
     ds.context.target_max_block_size = block_bytes  # or Ray Data re-slices each block to its default
     return ds
 

@@ -6,8 +6,9 @@ it the decode itself), a third of a 2-core node's epoch and the same CPUs the mo
 Pixel shards hold the output of `preprocess` (uint8 [S, S], the one preprocessing rule) as
 Parquet, built once per version, image size and rule by Ray Data tasks spread over the
 cluster (each preprocesses, writes and hashes its own file), so a streamed epoch only reads
-and decompresses bytes (`read_pixels`), and a worker views them as uint8 arrays in place
-(`from_pixels`). Random augmentation still happens per batch, on the worker.
+and decompresses bytes: Ray Data deals each rank its rows (`read_pixels`), the rank reads
+them from the files (`PixelReader`) and views them as uint8 arrays in place (`from_pixels`).
+Random augmentation still happens per batch, on the worker.
 
 Layout, beside the version's own shards (which it never touches):
 
@@ -38,18 +39,17 @@ import numpy as np
 
 from ..core.lock import Lease
 from ..core.storage import Location, StorageError
-from .datasets import manifest_hash, read_known_files, split_files, verify_shards
+from .datasets import manifest_hash, split_files, verify_shards
 from .preprocess import PREPROCESS_ID, preprocess_batch
 
 PIXELS_MANIFEST = "pixels.json"
 LEASE = "build.lease"
 # a shard file holds about this many bytes of pixels before compression (1310 rows at 160 px,
-# 128 at 512 px): one task's memory, and a split streams from at most as many readers
+# 128 at 512 px): one build task's memory, and what a rank holds of a file while reading it
 SHARD_BYTES = 32 << 20
 # Parquet codec of the shards, by measurement (benchmarks/train.py --only feed): the 4385 train
 # scans at 160 px are 112 MB raw, 88 MB lz4, 83 MB zstd; one thread reads them at ~197k, 123k
-# and 39k images/s. lz4 keeps most of zstd's saving (object storage) at 3x its read speed;
-# Ray Data's own per-epoch costs dwarf either (4-5k images/s on 1 CPU with any codec)
+# and 39k images/s. lz4 keeps most of zstd's saving (object storage) at 3x its read speed
 COMPRESSION = "lz4"
 STALE_S = 6 * 3600  # unreferenced attempts older than this are a dead build's: deleted
 LEASE_TTL_S = 120.0
@@ -100,27 +100,100 @@ def from_pixels(batch, size: int) -> dict:
     return {"x": x.reshape(n, size, size), "label": label}
 
 
-# Ray Data's block of pixel rows: a whole shard file (1,310 rows at 160 px is 34 MB; 224 px,
-# 66 MB). Ray Data's executor costs ~25-30 ms of one CPU per block it moves, whatever its
-# size (measured on 1 CPU, 4,385 train rows at 160 px: 4 MiB blocks 7,600 img/s, 8 MiB
-# 10,500, 16 MiB 17,400, whole files 22,000-25,000), and a worker's batches are views into
-# its block, so bigger blocks cost no copy; the cap only bounds a worker's memory.
-PIXEL_BLOCK_BYTES = 128 << 20
+def read_pixels(root: Location, pix: dict, split: str, *, limit: int = 0):
+    """The split's pixel shards (as the verified pixels.json lists them) as a Ray Data dataset
+    of references, one row an image: {'path' (under root), 'rows' (the file's, as recorded),
+    'row'}, one block a shard file, in the manifest's order. `limit`: the first `limit` rows
+    only (0: all). A worker turns its blocks into pixels with `PixelReader`.
+
+    Why references and not the pixels themselves: pixel shards need no work but reading, and
+    moving the bytes through Ray's object store costs more than reading them. Measured on this
+    2-core machine (benchmarks/results/feed-20261207b.md): a 34 MB block's put takes ~20 ms
+    against 4 ms for a memcpy, and read tasks on one CPU handed on 4,385 train images at
+    17-19k images/s a pass where one pyarrow thread reads them at ~100k. Ray Data still plans
+    every epoch: which rank gets which rows (streaming_split, equal for training, every row
+    once for validation), re-made when a worker group is replaced; each rank reads the shard
+    files its rows name, from the bucket, on its own node."""
+    import pyarrow as pa
+    import ray.data
+
+    tables, left = [], limit or split_rows(pix["shards"], split)
+    for s in pix["shards"]:
+        if s["split"] != split or left <= 0:
+            continue
+        n = min(int(s["rows"]), left)
+        left -= n
+        tables.append(pa.table({"path": pa.array([s["path"]] * n, pa.string()),
+                                "rows": pa.array(np.full(n, int(s["rows"]), np.int64)),
+                                "row": pa.array(np.arange(n, dtype=np.int64))}))
+    if not tables:
+        tables = [pa.table({"path": pa.array([], pa.string()), "rows": pa.array([], pa.int64()),
+                            "row": pa.array([], pa.int64())})]
+    return ray.data.from_arrow(tables)
 
 
-def read_pixels(root: Location, pix: dict, split: str, *, concurrency: int | None = None,
-                block_bytes: int = PIXEL_BLOCK_BYTES, limit: int = 0):
-    """The split's pixel shards as a Ray Data dataset, one block a file
-    (datasets.read_known_files over pixels.json, verified before use: nothing listed, nothing
-    split into slivers). Reads ask for no CPU of their own (reading and unpacking a shard
-    costs a few ms of CPU an MB, and a read that needed one waited for ever once a lost host
-    left none that the replacement worker group did not hold: measured on the cluster tier);
-    without a CPU to count, Ray Data would start them all at once, so `concurrency` bounds
-    how many are in flight. `limit`: the first `limit` rows only (0: all)."""
-    row_bytes = int(pix["image_size"]) ** 2
-    records = [{**s, "bytes": int(s["rows"]) * row_bytes} for s in pix["shards"] if s["split"] == split]
-    return read_known_files("PixelShards", root, records, ["x", "label"], block_bytes, whole=True,
-                            concurrency=concurrency, num_cpus=0, limit=limit)
+class PixelReader:
+    """A worker's side of the pixel feed: blocks of `read_pixels` references -> their pixel
+    rows {'x': uint8 [N, S, S], 'label': int64 [N]}, read from the shard files by this process
+    (pyarrow, whole files: a shard is one row group). The file a block names is read once
+    (the next block, usually of the same file after a split, reuses it); rows that are a run
+    of the file are a view of it, others a gather. `rows_of` reads one block ahead on a
+    thread (pyarrow releases the GIL), so the next file's read overlaps this one's training.
+    A file that does not hold its recorded rows raises StorageError."""
+
+    def __init__(self, uri: str, size: int):
+        self.uri, self.size = uri, int(size)
+        self._root, self._file = None, (None, None)
+
+    def _read(self, path: str, rows: int) -> dict:
+        import pyarrow.parquet as pq
+
+        from ..core.storage import open_location
+
+        if self._file[0] != path:
+            self._root = self._root or open_location(self.uri)
+            t = pq.read_table((self._root / path).path, filesystem=self._root.fs, columns=["x", "label"],
+                              use_threads=False)
+            if t.num_rows != rows:
+                raise StorageError(f"{(self._root / path).uri} holds {t.num_rows} rows, its record {rows}")
+            self._file = (path, from_pixels(t, self.size))
+        return self._file[1]
+
+    def rows(self, block) -> dict:
+        """One block of references -> its pixel rows, in the block's order."""
+        n = block.num_rows
+        if n == 0:
+            return {"x": np.zeros((0, self.size, self.size), np.uint8), "label": np.zeros(0, np.int64)}
+        paths = block.column("path").to_numpy(zero_copy_only=False)
+        recorded = block.column("rows").to_numpy()
+        row = block.column("row").to_numpy()
+        cuts = [0, *(np.flatnonzero(paths[1:] != paths[:-1]) + 1).tolist(), n]
+        xs, ys = [], []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            f, r = self._read(str(paths[a]), int(recorded[a])), row[a:b]
+            if r[-1] - r[0] == b - a - 1 and np.all(np.diff(r) == 1):  # a run of the file: a view
+                xs.append(f["x"][r[0]:r[-1] + 1])
+                ys.append(f["label"][r[0]:r[-1] + 1])
+            else:
+                xs.append(f["x"][r])
+                ys.append(f["label"][r])
+        if len(xs) == 1:
+            return {"x": xs[0], "label": ys[0]}
+        return {"x": np.concatenate(xs), "label": np.concatenate(ys)}
+
+    def rows_of(self, blocks):
+        """`rows` of each block, the next block's read started before this one is handed on."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="pixel-read") as pool:
+            ahead = None
+            for block in blocks:
+                nxt = pool.submit(self.rows, block)
+                if ahead is not None:
+                    yield ahead.result()
+                ahead = nxt
+            if ahead is not None:
+                yield ahead.result()
 
 
 def pixel_table(x: np.ndarray, label, size: int):

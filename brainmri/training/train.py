@@ -43,7 +43,7 @@ from ..core.storage import Location, StorageError, check_name, open_location, wo
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
 from ..data.datasets import manifest_hash, read_shards, resolve_dataset, split_files, verify_shards
 from ..data.pixels import (
-    PIXEL_BLOCK_BYTES,
+    PixelReader,
     decode_pixels,
     ensure_pixels,
     from_pixels,
@@ -87,18 +87,19 @@ class RunSpec:
 
 
 class BlockBatches:
-    """A worker's Ray Data shard of pixel rows ({'x': fixed_size_binary[S*S], 'label'}) as
-    torch batches {'x': uint8 [B, S, S], 'label': int64 [B]}, cut here from whole blocks: what
-    `ShardBatches` asks of a Ray DataIterator (`iter_torch_batches`), done once a block
-    instead of once a batch. A block is a shard file (data.pixels.read_pixels) or 4 MiB of
-    decoded rows; its column is viewed as one uint8 array (from_pixels: no copy), the local
+    """A worker's Ray Data shard as torch batches {'x': uint8 [B, S, S], 'label': int64 [B]},
+    cut here from whole blocks: what `ShardBatches` asks of a Ray DataIterator
+    (`iter_torch_batches`), done once a block instead of once a batch. A block is 4 MiB of
+    decoded pixel rows ({'x': fixed_size_binary[S*S], 'label'}, the decoding feed) or, with
+    `pixels` (data.pixels.PixelReader), a shard file's references, whose rows this process
+    reads from the file. Either is viewed as one uint8 array (from_pixels: no copy), the local
     shuffle permutes the whole block (better mixed than Ray Data's sliding buffer of a few
     batches, and one gather a block instead of one a batch), and batches are slices of it.
     Ray Data's own batcher (format conversion, its shuffle buffer, a collate per batch) cost
     ~1.6 ms of one CPU a batch of 64 at 160 px: measured in benchmarks/train.py's feed."""
 
-    def __init__(self, it, size: int):
-        self.it, self.size = it, size
+    def __init__(self, it, size: int, pixels: PixelReader | None = None):
+        self.it, self.size, self.pixels = it, size, pixels
 
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False,
                            local_shuffle_buffer_size: int | None = None,
@@ -106,9 +107,10 @@ class BlockBatches:
                            prefetch_batches: int = 1):
         rng = np.random.default_rng(local_shuffle_seed) if local_shuffle_buffer_size else None
         rest = None  # the last block's rows that did not fill a batch: (x, y)
-        for block in self.it.iter_batches(batch_size=None, batch_format="pyarrow",
-                                          prefetch_batches=prefetch_batches):
-            b = from_pixels(block, self.size)
+        blocks = self.it.iter_batches(batch_size=None, batch_format="pyarrow",
+                                      prefetch_batches=prefetch_batches)
+        rows = self.pixels.rows_of(blocks) if self.pixels else (from_pixels(b, self.size) for b in blocks)
+        for b in rows:
             x, y = b["x"], b["label"]
             if rng is not None:
                 order = rng.permutation(len(y))
@@ -304,12 +306,18 @@ def train_loop_per_worker(config: dict) -> None:
     # uint8 batches, pinned on a GPU worker so the copy overlaps compute; augmentation and
     # normalisation happen on the device (engine.train_one_epoch)
     loader_kw = dict(batch_size=cfg.batch_size, pin_memory=cfg.gpu, prefetch_batches=1)  # 1 block
-    train_src = ShardBatches(BlockBatches(ray.train.get_dataset_shard("train"), cfg.image_size), loader_kw,
-                             cfg.cache, True, True, cfg.seed * 7919 + rank, pin=cfg.gpu,
-                             stall_s=cfg.feed_timeout_s)
+    # streaming pixel shards, Ray Data deals this rank references and it reads the rows itself
+    pixels = spec.dataset.get("pixels")
+
+    def batches(split: str) -> BlockBatches:
+        reader = PixelReader(pixels, cfg.image_size) if pixels else None
+        return BlockBatches(ray.train.get_dataset_shard(split), cfg.image_size, reader)
+
+    train_src = ShardBatches(batches("train"), loader_kw, cfg.cache, True, True, cfg.seed * 7919 + rank,
+                             pin=cfg.gpu, stall_s=cfg.feed_timeout_s)
     # each rank evaluates its own part of the validation rows (possibly none)
-    val_src = ShardBatches(BlockBatches(ray.train.get_dataset_shard("val"), cfg.image_size), loader_kw,
-                           cfg.cache, False, False, 0, pin=cfg.gpu, stall_s=cfg.feed_timeout_s)
+    val_src = ShardBatches(batches("val"), loader_kw, cfg.cache, False, False, 0, pin=cfg.gpu,
+                           stall_s=cfg.feed_timeout_s)
 
     def on_epoch(epoch: int, metrics: dict, state: FitState, stop: bool) -> None:
         ckpt = _checkpoint_state(spec, raw, recipe, epoch, state) if rank == 0 else None
@@ -376,18 +384,16 @@ def _data_config():
 # output is one block of a whole Parquet file's images (or of the whole split): the first
 # batch of every streamed epoch then waited for all of them to be decoded (measured: 13-19 s
 # for the 4.4k-image train split on one CPU), and nothing overlapped the model. At 4 MiB
-# (~160 images at 160 px) a decode task hands its blocks on as they fill. Reads stay one
-# task a file, so a split decodes on at most as many CPUs as it has files. Pixel shards,
-# which only need reading, go in whole files (data.pixels.PIXEL_BLOCK_BYTES).
+# (~160 images at 160 px) a decode task hands its blocks on as they fill.
 FEED_BLOCK_BYTES = 4 << 20
 
 
 def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
-    """Ray Data's train and val feeds: pixel rows {'x': fixed_size_binary[S*S], 'label'}
-    (the pixel-shard schema; `BlockBatches` turns a worker's blocks of them into tensors). From the
-    version's shards (decoding each image), or with `pixels` = (root, pixels.json) from
-    `data.pixels.ensure_pixels` from pixel shards already preprocessed at cfg.image_size:
-    then Ray Data only reads, with no operator of ours between the file and the worker."""
+    """Ray Data's train and val feeds, turned into tensors by a worker's `BlockBatches`: pixel
+    rows {'x': fixed_size_binary[S*S], 'label'} decoded from the version's shards, or with
+    `pixels` = (root, pixels.json) from `data.pixels.ensure_pixels` (shards preprocessed at
+    cfg.image_size already) references to their rows, which the workers read themselves
+    (data.pixels.read_pixels says why)."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # logs, not bars, in jobs
@@ -400,16 +406,13 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
                                   f"not {cfg.image_size}")
             if not pixel_files(root, pix, split):
                 raise ConfigError(f"pixel shards {root.uri} have no {split} shards")
-            # one read in flight per rank: a read hands on a file's rows far faster than a rank
-            # trains on them
-            d = read_pixels(root, pix, split, concurrency=cfg.num_workers, limit=limit)
+            d = read_pixels(root, pix, split, limit=limit)  # references: the ranks read the rows
         else:
             if not split_files(version, manifest, split):
                 raise ConfigError(f"dataset {version.uri} has no {split} shards")
             # only the two columns are read (the rest of a row is metadata the feed never uses);
             # the limit is cut in the reads, so the decode below is fused into them
             d = read_shards(version, manifest, split, ["image", "label"], limit=limit)
-        if not pixels:
             # a block at a time (batch_size None): Ray Data fuses the decode into the read task
             # only then (a map with a batch size may not follow a read that could change the
             # number of rows), so the encoded bytes never cross the object store
@@ -421,7 +424,7 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
             # benchmarks/results/train-cpu-20261207-feed.txt); Ray's scheduler still runs no
             # more tasks than there are free CPUs
             d.context.op_resource_reservation_enabled = False
-        d.context.target_max_block_size = PIXEL_BLOCK_BYTES if pixels else FEED_BLOCK_BYTES
+            d.context.target_max_block_size = FEED_BLOCK_BYTES
         ds[split] = d
     return ds
 

@@ -49,8 +49,9 @@ def _feed(version, manifest, pixels, split):
     """The rows as a training worker gets them (train.BlockBatches over the dataset)."""
     cfg = TrainConfig(data=str(version.uri), image_size=SIZE, cache=False)
     xs, ys = [], []
-    for b in BlockBatches(build_datasets(cfg, version, manifest, pixels)[split], SIZE).iter_torch_batches(
-            batch_size=7):
+    reader = P.PixelReader(pixels[0].uri, SIZE) if pixels else None
+    feed = BlockBatches(build_datasets(cfg, version, manifest, pixels)[split], SIZE, reader)
+    for b in feed.iter_torch_batches(batch_size=7):
         xs.append(b["x"].numpy())
         ys.append(b["label"].numpy())
     return np.concatenate(xs), np.concatenate(ys)
@@ -93,21 +94,46 @@ def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatc
     assert again["shards"] == pix["shards"]
 
 
-def test_the_feed_moves_whole_files_not_slivers(lake, ray_local, monkeypatch):
-    """One block a shard file: Ray Data's executor costs the same per block whatever its size,
-    and left to itself it splits a few files' reads into ~200 blocks of a row or two (its
-    read_op_min_num_blocks). A block over block_bytes is cut at that size, in file order."""
+def test_ray_data_deals_references_and_the_rank_reads_the_rows(lake, ray_local, monkeypatch):
+    """The pixel feed's blocks hold references, one block a shard file (the bytes never cross
+    Ray's object store); PixelReader reads what a block names, in the block's order, whatever
+    slice, mix of files or order Ray Data's split hands a rank, and refuses a file that does
+    not hold its recorded rows."""
+    import pyarrow.compute as pc
+
     monkeypatch.setattr(P, "SHARD_BYTES", 5 * SIZE * SIZE)  # 5 rows a file
     version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
     pix = P.build_pixels(version, manifest, SIZE)
     root = P.pixels_root(version, SIZE)
-    files = [s["rows"] for s in pix["shards"] if s["split"] == "train"]
-    blocks = [b.num_rows for b in P.read_pixels(root, pix, "train", concurrency=1).iter_batches(
-        batch_size=None, batch_format="pyarrow")]
-    assert sorted(blocks) == sorted(files) and len(files) >= 3, (blocks, files)
-    cut = P.read_pixels(root, pix, "train", concurrency=1, block_bytes=2 * SIZE * SIZE)
-    blocks = [b.num_rows for b in cut.iter_batches(batch_size=None, batch_format="pyarrow")]
-    assert max(blocks) == 2 and sum(blocks) == sum(files), blocks
+    shards = [s for s in pix["shards"] if s["split"] == "train"]
+    blocks = list(P.read_pixels(root, pix, "train").iter_batches(batch_size=None, batch_format="pyarrow"))
+    assert [b.num_rows for b in blocks] == [s["rows"] for s in shards] and len(shards) >= 3
+    assert set(blocks[0].column_names) == {"path", "rows", "row"}  # no pixels
+    cut = P.read_pixels(root, pix, "train", limit=7).iter_batches(batch_size=None, batch_format="pyarrow")
+    assert sum(b.num_rows for b in cut) == 7
+
+    def stored(i):  # shard i as written
+        return P.from_pixels(pq.read_table((root / shards[i]["path"]).path, filesystem=root.fs), SIZE)
+
+    reader = P.PixelReader(root.uri, SIZE)
+    a, b = blocks[0], blocks[1]
+    mixed = pa.concat_tables([a.slice(3, 2), b.take([4, 0, 2])])  # a run of one file, a gather of another
+    got = reader.rows(mixed)
+    want_x = np.concatenate([stored(0)["x"][3:5], stored(1)["x"][[4, 0, 2]]])
+    want_y = np.concatenate([stored(0)["label"][3:5], stored(1)["label"][[4, 0, 2]]])
+    assert np.array_equal(got["x"], want_x) and np.array_equal(got["label"], want_y)
+    assert reader.rows(a.slice(0, 0))["x"].shape == (0, SIZE, SIZE)
+    # rows_of reads a block ahead on its thread: the same rows, the blocks' order
+    ahead = list(reader.rows_of(iter(blocks)))
+    assert [len(r["x"]) for r in ahead] == [s["rows"] for s in shards]
+    assert all(np.array_equal(r["x"], stored(i)["x"]) for i, r in enumerate(ahead))
+    # a record that does not match its file: one line naming the file, from the thread too
+    wrong = a.set_column(1, "rows", pc.add(a.column("rows"), 1))
+    name = shards[0]["path"]
+    with pytest.raises(StorageError, match=rf"{name} holds {shards[0]['rows']} rows, its record"):
+        P.PixelReader(root.uri, SIZE).rows(wrong)
+    with pytest.raises(StorageError, match="its record"):
+        list(P.PixelReader(root.uri, SIZE).rows_of(iter([b, wrong])))
 
 
 def test_another_size_or_dataset_version_is_another_set(lake, ray_local):
