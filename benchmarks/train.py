@@ -448,8 +448,9 @@ def main() -> None:
               f"{ours['ray'] / ours['plain']:.2f} (goal >= 0.5; >= 5000 img/s at 160px)")
         print(f"[feed]   where a Ray pass's time goes: {ours['ray_first_s']:.2f} s to its first batch "
               f"(Ray Data starting the pass), then {ours['ray_steady']:.0f} img/s "
-              f"(ratio to plain {ours['ray_steady'] / ours['plain']:.2f}); images per CPU-second of the whole "
-              f"machine over 10 passes: feed {ours['ray_per_cpu_s']:.0f}, plain {ours['plain_per_cpu_s']:.0f}")
+              f"(ratio to plain {ours['ray_steady'] / ours['plain']:.2f}); images per CPU-second of the "
+              f"whole machine over 10 passes: feed {ours['ray_per_cpu_s']:.0f}, "
+              f"plain {ours['plain_per_cpu_s']:.0f}")
         print("[feed] compression of the pixel shards (" + r["compression"] + " written): " + "; ".join(
             f"{c} {v['mb']:.0f} MB plain {v['plain']:.0f} img/s Ray {v['ray']:.0f} img/s"
             for c, v in r["codecs"].items()))
