@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import contextmanager
 import tempfile
 import time
 from dataclasses import replace
@@ -217,15 +218,37 @@ def machine_cpu_s() -> float:
     daemons), on a quiet machine. A pass of a fast feed is a few ticks: sum many."""
     with open("/proc/stat") as f:
         ticks = [int(v) for v in f.readline().split()[1:]]
-    busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system (not idle iowait) irq softirq steal
+    busy = sum(ticks[:3]) + sum(ticks[5:7])  # user nice system irq softirq (not idle, iowait, steal)
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def one_core():
+    """Every thread of this process on one core while a feed or its peer is timed: the
+    consumer, a pixel feed's read-ahead thread, Ray Data's executor threads (started by
+    threads already pinned) and Ray's core-worker threads. Ray's daemons are other processes:
+    machine_cpu_s counts them."""
+    before = os.sched_getaffinity(0)
+
+    def pin(cores):
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except OSError:  # a thread that ended meanwhile
+                pass
+
+    pin({min(before)})
+    try:
+        yield
+    finally:
+        pin(before)
 
 
 def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None) -> list[dict]:
     """A feed dataset on one CPU, iterated as a training worker does (train.BlockBatches,
     its local shuffle when `shuffle`; `pixels`: the PixelReader of a pixel-shard feed), each pass:
     {rate: images/s of the whole pass, first_s: seconds to its first batch (Ray Data starting
-    the pass's execution), steady: images/s after the first batch, n: images, cpu_s:
+    the pass's execution, and for a pixel feed the first file's read), n: images, cpu_s:
     CPU-seconds of the whole machine}."""
     from ray.data import ExecutionResources
 
@@ -238,23 +261,21 @@ def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None) -> list[dict]:
     out = []
     for p in range(passes):
         kw = dict(local_shuffle_buffer_size=shuffle, local_shuffle_seed=p) if shuffle else {}
-        c0, t0, n, first, n_first = machine_cpu_s(), time.perf_counter(), 0, None, 0
+        c0, t0, n, first = machine_cpu_s(), time.perf_counter(), 0, None
         for b in BlockBatches(ds, size, pixels).iter_torch_batches(batch_size=batch, **kw):
             n += len(b["label"])
             if first is None:
-                first, n_first = time.perf_counter() - t0, n
+                first = time.perf_counter() - t0
         total, cpu = time.perf_counter() - t0, machine_cpu_s() - c0
         first = total if first is None else first  # no batch: the pass was all start-up
-        out.append({"rate": n / total, "first_s": first, "n": n, "cpu_s": cpu,
-                    "steady": (n - n_first) / max(total - first, 1e-9)})
+        out.append({"rate": n / total, "first_s": first, "n": n, "cpu_s": cpu})
     return out
 
 
 def best(passes: list[dict]) -> dict:
-    """The best pass of ray_feed (its rate), with the best start-up and steady rate seen, and
-    images per CPU-second of the whole machine over all the passes."""
+    """The best pass of ray_feed (its rate), with the best start-up seen, and images per
+    CPU-second of the whole machine over all the passes."""
     return {"rate": max(p["rate"] for p in passes), "first_s": min(p["first_s"] for p in passes),
-            "steady": max(p["steady"] for p in passes),
             "per_cpu_s": sum(p["n"] for p in passes) / max(sum(p["cpu_s"] for p in passes), 1e-2)}
 
 
@@ -272,10 +293,11 @@ def rewrite_shards(files, fs, compression: str, folder: str) -> list[str]:
 
 
 def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
-    """The feeds alone, each held to one CPU, images/s: a plain pyarrow reader of the train
-    pixel shards (the peer, no Ray), the Ray Data feed of the same files (what a streamed
-    epoch does; best pass: warm, its start-up included, and the local shuffle a training
-    worker adds), Ray Data decoding the version's JPEGs (what the cached first epoch and a
+    """The feeds alone, images/s: a plain pyarrow reader of the train pixel shards (the peer,
+    no Ray) and the pixel feed of the same files (what a streamed epoch does: Ray Data deals
+    the rows, this process reads them; best pass: warm, its start-up included; and with the
+    local shuffle a training worker adds), both with this process on one core (`one_core`);
+    Ray Data decoding the version's JPEGs on 1 CPU (its resource limit; what the cached first epoch and a
     pixel-shard build do), the decode itself in this process (images per CPU-second), the
     one-time pixel-shard build of train + val on all CPUs, and the shards rewritten with each
     Parquet compression, read by both, `cpu_passes` passes each (for images per CPU-second of
@@ -306,11 +328,12 @@ def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
         paths, fs = (files, root.fs) if ours else (rewrite_shards(files, root.fs, codec, tmp),
                                                    pafs.LocalFileSystem())
         plain, images, c0 = [], 0, machine_cpu_s()
-        for _ in range(cpu_passes):
-            t0 = time.perf_counter()
-            n = plain_read(paths, fs, size)
-            plain.append(n / (time.perf_counter() - t0))
-            images += n
+        with one_core():
+            for _ in range(cpu_passes):
+                t0 = time.perf_counter()
+                n = plain_read(paths, fs, size)
+                plain.append(n / (time.perf_counter() - t0))
+                images += n
         plain_cpu = images / max(machine_cpu_s() - c0, 1e-2)
         if ours:
             ds = build_datasets(whole, version, manifest, (root, pix))["train"]
@@ -319,15 +342,17 @@ def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
             copies = {"image_size": size, "shards": [{**s, "path": os.path.basename(p)} for s, p in
                                                      zip(train_shards, paths, strict=True)]}
             ds, reader = read_pixels(open_location(tmp), copies, "train"), PixelReader(tmp, size)
-        fed = best(ray_feed(ds, batch, size, cpu_passes, pixels=reader))
+        with one_core():
+            fed = best(ray_feed(ds, batch, size, cpu_passes, pixels=reader))
         by_codec[codec] = {"plain": max(plain), "plain_per_cpu_s": plain_cpu, "ray": fed["rate"],
-                           "ray_first_s": fed["first_s"], "ray_steady": fed["steady"],
+                           "ray_first_s": fed["first_s"],
                            "ray_per_cpu_s": fed["per_cpu_s"],
                            "mb": sum(i.size for i in fs.get_file_info(paths)) / 1e6}
     out["codecs"] = by_codec
     ds = build_datasets(whole, version, manifest, (root, pix))["train"]
-    out["pixels_shuffled_1cpu"] = best(ray_feed(ds, batch, size, passes, shuffle=4 * batch,
-                                                pixels=PixelReader(root.uri, size)))["rate"]
+    with one_core():
+        out["pixels_shuffled_1cpu"] = best(ray_feed(ds, batch, size, passes, shuffle=4 * batch,
+                                                    pixels=PixelReader(root.uri, size)))["rate"]
     ds = build_datasets(cfg, version, manifest)["train"]
     out["ray_data_1cpu"] = best(ray_feed(ds, batch, size, 2))["rate"]
     blobs = []
@@ -441,16 +466,15 @@ def main() -> None:
         print(f"[feed] pixel shards (data.pixels), built once: {r['pixels_rows']} images in "
               f"{r['pixels_build_s']:.1f} s on {os.cpu_count()} CPUs")
         ours = r["codecs"][r["compression"]]
-        print(f"[feed] {r['train_rows']} train images, {a.size}px, best of 10 passes: plain reader (pyarrow "
-              f"+ numpy, 1 thread, no Ray) {ours['plain']:.0f} img/s; the pixel feed (Ray Data on 1 CPU "
-              f"dealing the rows, this process reading them) {ours['ray']:.0f} img/s, "
-              f"{r['pixels_shuffled_1cpu']:.0f} with the workers' local shuffle; ratio Ray/plain = "
-              f"{ours['ray'] / ours['plain']:.2f} (goal >= 0.5; >= 5000 img/s at 160px)")
-        print(f"[feed]   where a Ray pass's time goes: {ours['ray_first_s']:.2f} s to its first batch "
-              f"(Ray Data starting the pass), then {ours['ray_steady']:.0f} img/s "
-              f"(ratio to plain {ours['ray_steady'] / ours['plain']:.2f}); images per CPU-second of the "
-              f"whole machine over 10 passes: feed {ours['ray_per_cpu_s']:.0f}, "
-              f"plain {ours['plain_per_cpu_s']:.0f}")
+        print(f"[feed] {r['train_rows']} train images, {a.size}px, this process on one core, best of 10 "
+              f"passes: plain reader (pyarrow + numpy, no Ray) {ours['plain']:.0f} img/s; the pixel feed "
+              f"(Ray Data dealing the rows, this process reading them) {ours['ray']:.0f} img/s; ratio "
+              f"feed/plain = {ours['ray'] / ours['plain']:.2f} (goal >= 0.5; >= 5000 img/s at 160px); "
+              f"with the workers' local shuffle {r['pixels_shuffled_1cpu']:.0f} img/s (best of 3)")
+        print(f"[feed]   a pass's first batch after {ours['ray_first_s']:.2f} s (Ray Data starting the "
+              f"pass, the first file's read); images per CPU-second of the whole machine over 10 passes: "
+              f"feed {ours['ray_per_cpu_s']:.0f}, plain {ours['plain_per_cpu_s']:.0f} "
+              f"(ratio {ours['ray_per_cpu_s'] / ours['plain_per_cpu_s']:.2f})")
         print("[feed] compression of the pixel shards (" + r["compression"] + " written): " + "; ".join(
             f"{c} {v['mb']:.0f} MB plain {v['plain']:.0f} img/s Ray {v['ray']:.0f} img/s"
             for c, v in r["codecs"].items()))

@@ -45,7 +45,8 @@ from .preprocess import PREPROCESS_ID, preprocess_batch
 PIXELS_MANIFEST = "pixels.json"
 LEASE = "build.lease"
 # a shard file holds about this many bytes of pixels before compression (1310 rows at 160 px,
-# 128 at 512 px): one build task's memory, and what a rank holds of a file while reading it
+# 128 at 512 px): one build task's memory; a rank holds up to three (the file it takes
+# batches from, the next one read ahead, a shuffled copy)
 SHARD_BYTES = 32 << 20
 # Parquet codec of the shards, by measurement (benchmarks/train.py --only feed): the 4385 train
 # scans at 160 px are 112 MB raw, 88 MB lz4, 83 MB zstd; one thread reads them at ~197k, 123k
@@ -136,10 +137,10 @@ class PixelReader:
     """A worker's side of the pixel feed: blocks of `read_pixels` references -> their pixel
     rows {'x': uint8 [N, S, S], 'label': int64 [N]}, read from the shard files by this process
     (pyarrow, whole files: a shard is one row group). The file a block names is read once
-    (the next block, usually of the same file after a split, reuses it); rows that are a run
-    of the file are a view of it, others a gather. `rows_of` reads one block ahead on a
-    thread (pyarrow releases the GIL), so the next file's read overlaps this one's training.
-    A file that does not hold its recorded rows raises StorageError."""
+    (a next block of the same file, a split's remainder, reuses it); rows that are a run of
+    the file are a view of it, others a gather. A file that cannot be read or does not hold
+    its recorded rows raises StorageError naming it. `rows_of` reads one block ahead on a
+    thread (pyarrow releases the GIL), so the next file's read overlaps this one's training."""
 
     def __init__(self, uri: str, size: int):
         self.uri, self.size = uri, int(size)
@@ -150,14 +151,21 @@ class PixelReader:
 
         from ..core.storage import open_location
 
-        if self._file[0] != path:
-            self._root = self._root or open_location(self.uri)
-            t = pq.read_table((self._root / path).path, filesystem=self._root.fs, columns=["x", "label"],
-                              use_threads=False)
-            if t.num_rows != rows:
-                raise StorageError(f"{(self._root / path).uri} holds {t.num_rows} rows, its record {rows}")
-            self._file = (path, from_pixels(t, self.size))
-        return self._file[1]
+        name, got = self._file
+        if name == path:
+            return got
+        self._root = self._root or open_location(self.uri)
+        where = self._root / path  # a path from the verified pixels.json; `/` refuses '..'
+        try:
+            t = pq.read_table(where.path, filesystem=self._root.fs, columns=["x", "label"], use_threads=False)
+        except OSError as e:  # a missing file, storage that does not answer: one line, naming it
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise StorageError(f"pixel shard {where.uri} could not be read: {first}") from None
+        if t.num_rows != rows:
+            raise StorageError(f"{where.uri} holds {t.num_rows} rows, its record {rows}")
+        got = from_pixels(t, self.size)
+        self._file = (path, got)
+        return got
 
     def rows(self, block) -> dict:
         """One block of references -> its pixel rows, in the block's order."""
@@ -185,15 +193,18 @@ class PixelReader:
         """`rows` of each block, the next block's read started before this one is handed on."""
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(1, thread_name_prefix="pixel-read") as pool:
-            ahead = None
-            for block in blocks:
-                nxt = pool.submit(self.rows, block)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="pixel-read") as pool:
+                ahead = None
+                for block in blocks:
+                    nxt = pool.submit(self.rows, block)
+                    if ahead is not None:
+                        yield ahead.result()
+                    ahead = nxt
                 if ahead is not None:
                     yield ahead.result()
-                ahead = nxt
-            if ahead is not None:
-                yield ahead.result()
+        finally:
+            self._file = (None, None)  # not held between epochs
 
 
 def pixel_table(x: np.ndarray, label, size: int):

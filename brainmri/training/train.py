@@ -407,6 +407,8 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
             if not pixel_files(root, pix, split):
                 raise ConfigError(f"pixel shards {root.uri} have no {split} shards")
             d = read_pixels(root, pix, split, limit=limit)  # references: the ranks read the rows
+            if split == "train":  # files in another order each epoch (a block is a file)
+                d = d.randomize_block_order()
         else:
             if not split_files(version, manifest, split):
                 raise ConfigError(f"dataset {version.uri} has no {split} shards")

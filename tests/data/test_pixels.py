@@ -127,6 +127,7 @@ def test_ray_data_deals_references_and_the_rank_reads_the_rows(lake, ray_local, 
     ahead = list(reader.rows_of(iter(blocks)))
     assert [len(r["x"]) for r in ahead] == [s["rows"] for s in shards]
     assert all(np.array_equal(r["x"], stored(i)["x"]) for i, r in enumerate(ahead))
+    assert reader._file == (None, None)  # no file held between epochs
     # a record that does not match its file: one line naming the file, from the thread too
     wrong = a.set_column(1, "rows", pc.add(a.column("rows"), 1))
     name = shards[0]["path"]
@@ -134,6 +135,9 @@ def test_ray_data_deals_references_and_the_rank_reads_the_rows(lake, ray_local, 
         P.PixelReader(root.uri, SIZE).rows(wrong)
     with pytest.raises(StorageError, match="its record"):
         list(P.PixelReader(root.uri, SIZE).rows_of(iter([b, wrong])))
+    gone = a.set_column(0, "path", pa.array(["gone/part-x.parquet"] * a.num_rows))
+    with pytest.raises(StorageError, match=r"pixel shard .*gone/part-x.parquet could not be read: "):
+        P.PixelReader(root.uri, SIZE).rows(gone)
 
 
 def test_another_size_or_dataset_version_is_another_set(lake, ray_local):

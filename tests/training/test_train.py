@@ -334,8 +334,8 @@ def test_train_against_s3(small_lake, ray_local, s3_bucket, tmp_path, monkeypatc
     with relay:
         # no restart allowed: the outages are ridden out by the retries, not by Ray Train
         # restarting the workers
-        # the workers hold every CPU of the (4-CPU) test cluster: the reads of pixel shards
-        # ask for no CPU of their own, so the run trains its epochs instead of waiting for one
+        # the workers hold every CPU of the (4-CPU) test cluster: the ranks read the pixel
+        # shards themselves (no Ray Data task waits for a CPU), so the run trains its epochs
         res = run_training(TrainConfig(data=lake, out=lake, name="t-s3", epochs=3, cache=False,
                                        max_failures=0, cpus_per_worker=2, feed_timeout_s=120, **SMALL))
     monkeypatch.setenv("BRAINMRI_S3_ENDPOINT", relay.upstream)  # read back past the relay
