@@ -28,8 +28,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 PER_CLASS = 8
 EPOCHS = 3
 # tiny runs: 64 px, width 8, batches of 4 (a few steps an epoch on each of 2 ranks); every
-# epoch streams its rows from S3 through Ray Data (--no-cache: the feed of data larger than
-# memory), else an epoch after the first takes 0.1 s and no fault lands inside one
+# epoch streams its rows from S3 (--no-cache: the feed of data larger than memory; Ray Data
+# deals the rows, each rank reads its pixel shards from the bucket), else an epoch after the
+# first takes 0.1 s and no fault lands inside one
 TRAIN = ["--num-workers", "2", "--placement", "spread", "--epochs", str(EPOCHS), "--batch-size", "4",
          "--image-size", "64", "--set", "model_args.width=8", "--no-publish", "--no-cache"]
 
