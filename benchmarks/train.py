@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from contextlib import contextmanager
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -306,8 +306,14 @@ def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
 
     from brainmri.core.storage import open_location
     from brainmri.data.datasets import read_split
-    from brainmri.data.pixels import (COMPRESSION, PixelReader, build_pixels, pixel_files, pixels_root,
-                                      read_pixels)
+    from brainmri.data.pixels import (
+        COMPRESSION,
+        PixelReader,
+        build_pixels,
+        pixel_files,
+        pixels_root,
+        read_pixels,
+    )
     from brainmri.data.transforms import preprocess_many
     from brainmri.training.train import build_datasets
 

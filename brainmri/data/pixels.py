@@ -38,7 +38,7 @@ import uuid
 import numpy as np
 
 from ..core.lock import Lease
-from ..core.storage import Location, StorageError
+from ..core.storage import Location, StorageError, open_location
 from .datasets import manifest_hash, split_files, verify_shards
 from .preprocess import PREPROCESS_ID, preprocess_batch
 
@@ -118,19 +118,18 @@ def read_pixels(root: Location, pix: dict, split: str, *, limit: int = 0):
     import pyarrow as pa
     import ray.data
 
+    def refs(path: str, rows: int, n: int):  # the first n rows of a file of `rows`
+        return pa.table({"path": pa.array([path] * n, pa.string()),
+                         "rows": pa.array(np.full(n, rows, np.int64)),
+                         "row": pa.array(np.arange(n, dtype=np.int64))})
+
     tables, left = [], limit or split_rows(pix["shards"], split)
     for s in pix["shards"]:
-        if s["split"] != split or left <= 0:
-            continue
-        n = min(int(s["rows"]), left)
-        left -= n
-        tables.append(pa.table({"path": pa.array([s["path"]] * n, pa.string()),
-                                "rows": pa.array(np.full(n, int(s["rows"]), np.int64)),
-                                "row": pa.array(np.arange(n, dtype=np.int64))}))
-    if not tables:
-        tables = [pa.table({"path": pa.array([], pa.string()), "rows": pa.array([], pa.int64()),
-                            "row": pa.array([], pa.int64())})]
-    return ray.data.from_arrow(tables)
+        if s["split"] == split and left > 0:
+            n = min(int(s["rows"]), left)
+            left -= n
+            tables.append(refs(s["path"], int(s["rows"]), n))
+    return ray.data.from_arrow(tables or [refs("", 0, 0)])
 
 
 class PixelReader:
@@ -148,8 +147,6 @@ class PixelReader:
 
     def _read(self, path: str, rows: int) -> dict:
         import pyarrow.parquet as pq
-
-        from ..core.storage import open_location
 
         name, got = self._file
         if name == path:
@@ -179,7 +176,7 @@ class PixelReader:
         xs, ys = [], []
         for a, b in zip(cuts[:-1], cuts[1:]):
             f, r = self._read(str(paths[a]), int(recorded[a])), row[a:b]
-            if r[-1] - r[0] == b - a - 1 and np.all(np.diff(r) == 1):  # a run of the file: a view
+            if np.all(np.diff(r) == 1):  # a run of the file: a view
                 xs.append(f["x"][r[0]:r[-1] + 1])
                 ys.append(f["label"][r[0]:r[-1] + 1])
             else:

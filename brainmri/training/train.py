@@ -92,9 +92,10 @@ class BlockBatches:
     (`iter_torch_batches`), done once a block instead of once a batch. A block is 4 MiB of
     decoded pixel rows ({'x': fixed_size_binary[S*S], 'label'}, the decoding feed) or, with
     `pixels` (data.pixels.PixelReader), a shard file's references, whose rows this process
-    reads from the file. Either is viewed as one uint8 array (from_pixels: no copy), the local
-    shuffle permutes the whole block (better mixed than Ray Data's sliding buffer of a few
-    batches, and one gather a block instead of one a batch), and batches are slices of it.
+    reads from the file. Either is viewed as one uint8 array (from_pixels: no copy; rows of a
+    file that are not one run are gathered), the local shuffle permutes the whole block
+    (better mixed than Ray Data's sliding buffer of a few batches, and one gather a block
+    instead of one a batch), and batches are slices of it.
     Ray Data's own batcher (format conversion, its shuffle buffer, a collate per batch) cost
     ~1.6 ms of one CPU a batch of 64 at 160 px: measured in benchmarks/train.py's feed."""
 
