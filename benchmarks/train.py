@@ -174,10 +174,12 @@ def _history(lake, out, name, limit, limit_val, epochs, batch, **kw) -> list[dic
     return run_training(cfg).history
 
 
-def bench_feed(lake, size, limit, limit_val, epochs, batch) -> dict:
+def bench_feed(lake, size, limit, limit_val, epochs, batch, rounds: int = 1) -> dict:
     """Per-epoch seconds (median of the epochs after the first: the first decodes in both)
     of the default recipe at `size` px with the worker cache on and off, and the consumers'
-    summed wait for batches. The version's pixel shards are built first, as the full-size
+    summed wait for batches. `rounds` > 1: cached then streamed, then streamed then cached, and
+    so on (a machine that drifts slows both alike); each mode's figure is the median of its
+    runs', and each round's ratio is kept. The version's pixel shards are built first, as the full-size
     default builds them with the cache off (a run limited to N rows streams them but would
     not build them)."""
     from brainmri.data.datasets import resolve_dataset
@@ -186,15 +188,19 @@ def bench_feed(lake, size, limit, limit_val, epochs, batch) -> dict:
     version, manifest = resolve_dataset(lake, "brain-tumor-mri")
     ensure_pixels(version, manifest, size)
     out = tempfile.mkdtemp(prefix="bench-feed-")
-    res = {}
-    for cache in (True, False):
-        hist = _history(lake, out, f"feed-{int(cache)}", limit, limit_val, epochs, batch, cache=cache,
-                        image_size=size)
-        later = hist[1:] or hist
-        res["cached" if cache else "streamed"] = {
-            "epoch_s": float(np.median([h["epoch_seconds"] for h in later])),
-            "wait_s": float(np.median([h["train_feed_wait_seconds"] for h in later]))}
+    runs = {"cached": [], "streamed": []}
+    for r in range(rounds):
+        for cache in (True, False) if r % 2 == 0 else (False, True):
+            hist = _history(lake, out, f"feed-{r}-{int(cache)}", limit, limit_val, epochs, batch, cache=cache,
+                            image_size=size)
+            later = hist[1:] or hist
+            runs["cached" if cache else "streamed"].append({
+                "epoch_s": float(np.median([h["epoch_seconds"] for h in later])),
+                "wait_s": float(np.median([h["train_feed_wait_seconds"] for h in later]))})
+    res = {mode: {k: float(np.median([x[k] for x in rs])) for k in ("epoch_s", "wait_s")}
+           for mode, rs in runs.items()}
     res["ratio"] = res["streamed"]["epoch_s"] / res["cached"]["epoch_s"]
+    res["round_ratios"] = [st["epoch_s"] / c["epoch_s"] for c, st in zip(runs["cached"], runs["streamed"])]
     return res
 
 
@@ -244,9 +250,10 @@ def one_core():
         pin(before)
 
 
-def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None) -> list[dict]:
+def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None, min_s=0.0) -> list[dict]:
     """A feed dataset on one CPU, iterated as a training worker does (train.BlockBatches,
-    its local shuffle when `shuffle`; `pixels`: the PixelReader of a pixel-shard feed), each pass:
+    its local shuffle when `shuffle`; `pixels`: the PixelReader of a pixel-shard feed), `passes`
+    passes and more until `min_s` seconds have gone, each pass:
     {rate: images/s of the whole pass, first_s: seconds to its first batch (Ray Data starting
     the pass's execution, and for a pixel feed the first file's read), n: images, cpu_s:
     CPU-seconds of the whole machine}."""
@@ -258,8 +265,9 @@ def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None) -> list[dict]:
     # the limit is the resource allocator's to hold: the decoding feed turns it off (it would
     # run one task on any number of CPUs), so it is turned back on for this 1-CPU figure
     ds.context.op_resource_reservation_enabled = True
-    out = []
-    for p in range(passes):
+    out, start = [], time.perf_counter()
+    while len(out) < passes or time.perf_counter() - start < min_s:
+        p = len(out)
         kw = dict(local_shuffle_buffer_size=shuffle, local_shuffle_seed=p) if shuffle else {}
         c0, t0, n, first = machine_cpu_s(), time.perf_counter(), 0, None
         for b in BlockBatches(ds, size, pixels).iter_torch_batches(batch_size=batch, **kw):
@@ -292,7 +300,7 @@ def rewrite_shards(files, fs, compression: str, folder: str) -> list[str]:
     return out
 
 
-def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
+def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10, cpu_s=2.0) -> dict:
     """The feeds alone, images/s: a plain pyarrow reader of the train pixel shards (the peer,
     no Ray) and the pixel feed of the same files (what a streamed epoch does: Ray Data deals
     the rows, this process reads them; best pass: warm, its start-up included; and with the
@@ -300,8 +308,10 @@ def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
     Ray Data decoding the version's JPEGs on 1 CPU (its resource limit; what the cached first epoch and a
     pixel-shard build do), the decode itself in this process (images per CPU-second), the
     one-time pixel-shard build of train + val on all CPUs, and the shards rewritten with each
-    Parquet compression, read by both, `cpu_passes` passes each (for images per CPU-second of
-    the whole machine: a pass is a few ticks)."""
+    Parquet compression, read by both, `cpu_passes` passes each and more until `cpu_s` seconds
+    have gone (for images per CPU-second of the whole machine: a pass is a few 10 ms ticks, and
+    Ray's daemons tick on the other core meanwhile: ten passes of the plain reader, 0.4 s, gave
+    0.57-1.48 for the feed/plain ratio of that figure in four runs)."""
     import pyarrow.fs as pafs
 
     from brainmri.core.storage import open_location
@@ -333,9 +343,9 @@ def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
         ours = codec == COMPRESSION
         paths, fs = (files, root.fs) if ours else (rewrite_shards(files, root.fs, codec, tmp),
                                                    pafs.LocalFileSystem())
-        plain, images, c0 = [], 0, machine_cpu_s()
+        plain, images, c0, start = [], 0, machine_cpu_s(), time.perf_counter()
         with one_core():
-            for _ in range(cpu_passes):
+            while len(plain) < cpu_passes or time.perf_counter() - start < cpu_s:
                 t0 = time.perf_counter()
                 n = plain_read(paths, fs, size)
                 plain.append(n / (time.perf_counter() - t0))
@@ -349,10 +359,11 @@ def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10) -> dict:
                                                      zip(train_shards, paths, strict=True)]}
             ds, reader = read_pixels(open_location(tmp), copies, "train"), PixelReader(tmp, size)
         with one_core():
-            fed = best(ray_feed(ds, batch, size, cpu_passes, pixels=reader))
+            passes_fed = ray_feed(ds, batch, size, cpu_passes, pixels=reader, min_s=cpu_s)
+        fed = best(passes_fed)
         by_codec[codec] = {"plain": max(plain), "plain_per_cpu_s": plain_cpu, "ray": fed["rate"],
                            "ray_first_s": fed["first_s"],
-                           "ray_per_cpu_s": fed["per_cpu_s"],
+                           "ray_per_cpu_s": fed["per_cpu_s"], "passes": (len(plain), len(passes_fed)),
                            "mb": sum(i.size for i in fs.get_file_info(paths)) / 1e6}
     out["codecs"] = by_codec
     ds = build_datasets(whole, version, manifest, (root, pix))["train"]
@@ -409,6 +420,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160, help="image size (default 160, the CPU recipe)")
     ap.add_argument("--batch", type=int, default=64, help="batch size")
     ap.add_argument("--limit", type=int, default=1024, help="images for the pipeline benchmarks")
+    ap.add_argument("--feed-rounds", type=int, default=1,
+                    help="feed: runs of each mode, cached and streamed alternating in order (default 1)")
+    ap.add_argument("--data-passes", type=int, default=5,
+                    help="data: passes of each side (the first is cold)")
     ap.add_argument("--model", default="brainnet", help="model for the Ray-vs-plain comparison")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model in the model table")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the feed and default runs")
@@ -420,6 +435,8 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     ap.add_argument("--only", nargs="*", default=[], choices=SECTIONS, help="run only these sections")
     a = ap.parse_args()
+    if a.data_passes < 1 or a.feed_rounds < 1:
+        ap.error("--data-passes and --feed-rounds: at least 1")
     if a.members < 2:
         ap.error("--members: the teacher ensemble needs at least 2")
     a.skip = [s for s in SECTIONS if s in a.skip or (a.only and s not in a.only)]
@@ -431,13 +448,17 @@ def main() -> None:
     # a new local Ray (never one already running on this machine), as `brainmri train` starts it
     init_ray(address="local")
     if "data" not in a.skip:
-        rd = bench_ray_data(a.lake, a.size, a.limit, a.batch)
-        il = bench_imagefolder(a.source, a.size, a.limit, a.batch, workers=2)
-        print(f"[data] decoding JPEGs, {a.limit} images, {a.size}px, 3 passes: Ray Data Parquet->batches "
-              f"on {os.cpu_count()} CPUs " + " / ".join(f"{r:.0f}" for r in rd) + " img/s; ImageFolder+"
-              "DataLoader(2 workers) " + " / ".join(f"{r:.0f}" for r in il) + " img/s; ratio Ray/plain "
-              f"= {max(rd[1:]) / max(il[1:]):.2f} warm (best of passes 2-3), {rd[0] / il[0]:.2f} cold "
-              "(first pass; goal >= 1.0)")
+        rd, il = [], []
+        for _ in range(a.data_passes):  # alternating, so that a drifting machine slows both alike
+            rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
+            il += bench_imagefolder(a.source, a.size, a.limit, a.batch, workers=2, passes=1)
+        warm = float(np.median(rd[1:] or rd)) / float(np.median(il[1:] or il))
+        print(f"[data] decoding JPEGs, {a.limit} images, {a.size}px, {a.data_passes} passes each, "
+              f"alternating: Ray Data Parquet->batches on {os.cpu_count()} CPUs "
+              + " / ".join(f"{r:.0f}" for r in rd) + " img/s; ImageFolder+DataLoader(2 workers) "
+              + " / ".join(f"{r:.0f}" for r in il) + f" img/s; ratio Ray/plain = {warm:.2f} warm (medians "
+              f"of passes 2-{a.data_passes}; goal >= 1.0), {rd[0] / il[0]:.2f} cold (each side's first "
+              "pass: Ray's includes starting its worker processes and Ray Data's actors)")
     if "trainer" not in a.skip:
         t = bench_trainer(a.lake, a.model, a.size, a.batch, a.limit, a.epochs, threads, a.rounds)
         print(f"[trainer] {a.model} {a.size}px batch {a.batch}, {a.limit or 'all'} images, {a.rounds} rounds "
@@ -462,9 +483,11 @@ def main() -> None:
             print(f"  {name:22s} {count_params(m) / 1e6:6.2f} M params  {rate:6.1f} img/s  "
                   f"epoch ~{n_train / rate / 60:5.1f} min")
     if "feed" not in a.skip:
-        f = bench_feed(a.lake, a.size, a.limit, a.limit_val, a.epochs, a.batch)
+        f = bench_feed(a.lake, a.size, a.limit, a.limit_val, a.epochs, a.batch, a.feed_rounds)
         c, st = f["cached"], f["streamed"]
-        print(f"[feed] default recipe, {a.limit or 'all'} images, {a.size}px: "
+        rounds = "" if a.feed_rounds == 1 else (f", {a.feed_rounds} rounds (medians; each round's ratio "
+                                                + " ".join(f"{x:.2f}" for x in f["round_ratios"]) + ")")
+        print(f"[feed] default recipe, {a.limit or 'all'} images, {a.size}px{rounds}: "
               f"cached epoch {c['epoch_s']:.1f} s; "
               f"streamed (cache off) {st['epoch_s']:.1f} s (waiting for batches {st['wait_s']:.1f} s); "
               f"ratio streamed/cached = {f['ratio']:.2f} (goal <= 1.1)")
@@ -472,13 +495,14 @@ def main() -> None:
         print(f"[feed] pixel shards (data.pixels), built once: {r['pixels_rows']} images in "
               f"{r['pixels_build_s']:.1f} s on {os.cpu_count()} CPUs")
         ours = r["codecs"][r["compression"]]
-        print(f"[feed] {r['train_rows']} train images, {a.size}px, this process on one core, best of 10 "
-              f"passes: plain reader (pyarrow + numpy, no Ray) {ours['plain']:.0f} img/s; the pixel feed "
+        print(f"[feed] {r['train_rows']} train images, {a.size}px, this process on one core, best of "
+              f"{ours['passes'][0]} / {ours['passes'][1]} passes (at least 10, at least 2 s): plain reader "
+              f"(pyarrow + numpy, no Ray) {ours['plain']:.0f} img/s; the pixel feed "
               f"(Ray Data dealing the rows, this process reading them) {ours['ray']:.0f} img/s; ratio "
               f"feed/plain = {ours['ray'] / ours['plain']:.2f} (goal >= 0.5; >= 5000 img/s at 160px); "
               f"with the workers' local shuffle {r['pixels_shuffled_1cpu']:.0f} img/s (best of 3)")
         print(f"[feed]   a pass's first batch after {ours['ray_first_s']:.2f} s (Ray Data starting the "
-              f"pass, the first file's read); images per CPU-second of the whole machine over 10 passes: "
+              f"pass, the first file's read); images per CPU-second of the whole machine over those passes: "
               f"feed {ours['ray_per_cpu_s']:.0f}, plain {ours['plain_per_cpu_s']:.0f} "
               f"(ratio {ours['ray_per_cpu_s'] / ours['plain_per_cpu_s']:.2f})")
         print("[feed] compression of the pixel shards (" + r["compression"] + " written): " + "; ".join(

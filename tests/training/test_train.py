@@ -470,21 +470,26 @@ def _evaluate_in_process(state, version, manifest) -> dict:
             "val_loss": loss.item() / len(ys)}
 
 
-@pytest.mark.parametrize("workers,batch", [(2, 16), (3, 8), (3, 3)],
-                         ids=["2w-val-under-one-batch", "3w-val-exactly-one-batch", "3w-uneven-remainders"])
-def test_more_workers_than_validation_batches(tiny_val_lake, ray_local, workers, batch):
+@pytest.mark.parametrize("workers,batch,cache", [(2, 16, True), (3, 8, True), (3, 3, True), (3, 3, False)],
+                         ids=["2w-val-under-one-batch", "3w-val-exactly-one-batch", "3w-uneven-remainders",
+                              "3w-uneven-remainders-pixel-feed"])
+def test_more_workers_than_validation_batches(tiny_val_lake, ray_local, workers, batch, cache):
     """Ranks with no validation rows (or a partial batch) neither hang nor skew the metrics:
     every epoch's metrics equal a single-process evaluation of the same weights on the same
-    rows. Two epochs: the second one comes from the workers' caches, empty ones included."""
+    rows. Two epochs: the second one comes from the workers' caches, empty ones included; with
+    the cache off, from the pixel shards again (each rank reading the rows Ray Data dealt it,
+    data.pixels.PixelReader, a rank dealt none reading nothing)."""
     version, manifest = resolve_dataset(str(tiny_val_lake), "brain-tumor-mri")
     n_val = manifest["rows"]["val"]
     assert n_val == 8 and manifest["rows"]["train"] // workers >= batch
-    cfg = TrainConfig(data=str(tiny_val_lake), out=str(tiny_val_lake), name=f"t-val-{workers}-{batch}",
-                      epochs=2, **dict(SMALL, num_workers=workers, batch_size=batch))
+    cfg = TrainConfig(data=str(tiny_val_lake), out=str(tiny_val_lake),
+                      name=f"t-val-{workers}-{batch}-{int(cache)}", epochs=2, cache=cache,
+                      **dict(SMALL, num_workers=workers, batch_size=batch))
     res = run_training(cfg)
     assert [e["epoch"] for e in res.history] == [0, 1]
     assert all(e["val_n"] == n_val for e in res.history)  # every row once, none twice
     state = load_model_state(res.model_uri)
+    assert ("pixels" in state["dataset"]) is not cache  # the streamed run read pixel shards
     reported = res.history[state["epoch"]]
     again = _evaluate_in_process(state, version, manifest)
     for key in ("val_n", "val_accuracy", "val_macro_f1", "val_recall_glioma", "val_balanced_accuracy"):
