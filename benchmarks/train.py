@@ -80,7 +80,7 @@ def bench_imagefolder(src: str, size: int, limit: int, batch: int, workers: int,
             return torch.from_numpy(preprocess(f.read(), size))
 
     ds = ImageFolder(os.path.join(src, "Training"), loader=load)
-    idx = np.random.default_rng(0).permutation(len(ds))[:limit]
+    idx = np.random.default_rng(0).permutation(len(ds))[:limit or None]  # 0: all
     rates = []
     for _ in range(passes):
         dl = DataLoader(Subset(ds, idx.tolist()), batch_size=batch, num_workers=workers)
@@ -423,7 +423,7 @@ def main() -> None:
     ap.add_argument("--feed-rounds", type=int, default=1,
                     help="feed: runs of each mode, cached and streamed alternating in order (default 1)")
     ap.add_argument("--data-passes", type=int, default=5,
-                    help="data: passes of each side (the first is cold)")
+                    help="data: passes of each side, at least 2 (the first is cold)")
     ap.add_argument("--model", default="brainnet", help="model for the Ray-vs-plain comparison")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model in the model table")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the feed and default runs")
@@ -435,8 +435,10 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     ap.add_argument("--only", nargs="*", default=[], choices=SECTIONS, help="run only these sections")
     a = ap.parse_args()
-    if a.data_passes < 1 or a.feed_rounds < 1:
-        ap.error("--data-passes and --feed-rounds: at least 1")
+    if a.data_passes < 2:
+        ap.error("--data-passes: at least 2 (the first pass of each side is cold)")
+    if a.feed_rounds < 1:
+        ap.error("--feed-rounds: at least 1")
     if a.members < 2:
         ap.error("--members: the teacher ensemble needs at least 2")
     a.skip = [s for s in SECTIONS if s in a.skip or (a.only and s not in a.only)]
@@ -449,10 +451,14 @@ def main() -> None:
     init_ray(address="local")
     if "data" not in a.skip:
         rd, il = [], []
-        for _ in range(a.data_passes):  # alternating, so that a drifting machine slows both alike
-            rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
+        for p in range(a.data_passes):  # alternating, so that a drifting machine slows both alike
+            ray_first = p % 2 == 0  # and which goes first in turn (the cold passes: Ray's first)
+            if ray_first:
+                rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
             il += bench_imagefolder(a.source, a.size, a.limit, a.batch, workers=2, passes=1)
-        warm = float(np.median(rd[1:] or rd)) / float(np.median(il[1:] or il))
+            if not ray_first:
+                rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
+        warm = float(np.median(rd[1:])) / float(np.median(il[1:]))
         print(f"[data] decoding JPEGs, {a.limit} images, {a.size}px, {a.data_passes} passes each, "
               f"alternating: Ray Data Parquet->batches on {os.cpu_count()} CPUs "
               + " / ".join(f"{r:.0f}" for r in rd) + " img/s; ImageFolder+DataLoader(2 workers) "

@@ -361,6 +361,46 @@ def test_gpu_path_benchmark_runs_on_cpu_and_says_how_the_path_compares(tmp_path)
     assert set(PUBLISHED) == {"H200", "A100"}
 
 
+def test_feed_rounds_alternate_the_modes_and_pair_each_round(tmp_path, monkeypatch):
+    """benchmarks.train.bench_feed with 3 rounds: cached-streamed, streamed-cached,
+    cached-streamed; a run's figure is the median of its epochs after the first, a mode's the
+    median of its runs, and each round's ratio pairs the round's own two runs."""
+    import tempfile
+
+    import brainmri.data.datasets
+    import brainmri.data.pixels
+
+    t = load("train")
+    monkeypatch.setattr(brainmri.data.datasets, "resolve_dataset", lambda *a: ("version", "manifest"))
+    monkeypatch.setattr(brainmri.data.pixels, "ensure_pixels", lambda *a: None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # the later epochs of each run, in the order the runs should come
+    later = {"feed-0-1": 5.0, "feed-0-0": 5.5, "feed-1-0": 6.0, "feed-1-1": 6.0,
+             "feed-2-1": 7.0, "feed-2-0": 7.7}
+    calls = []
+
+    def history(lake, out, name, limit, limit_val, epochs, batch, cache, image_size):
+        calls.append(name)
+        assert cache is name.endswith("-1") and image_size == 64 and epochs == 3
+        e = later[name]  # the first epoch (decoding in both modes) must not count
+        return [{"epoch_seconds": 99.0, "train_feed_wait_seconds": 9.0}] + \
+            [{"epoch_seconds": e, "train_feed_wait_seconds": e / 10}] * 2
+
+    monkeypatch.setattr(t, "_history", history)
+    res = t.bench_feed("lake", 64, 16, 4, 3, 4, rounds=3)
+    assert calls == list(later)
+    assert res["round_ratios"] == pytest.approx([1.1, 1.0, 1.1])
+    assert res["cached"]["epoch_s"] == 6.0 and res["streamed"]["epoch_s"] == 6.0 and res["ratio"] == 1.0
+    assert res["streamed"]["wait_s"] == pytest.approx(0.6)
+
+
+def test_train_benchmark_needs_a_warm_pass_of_each_side(tmp_path):
+    """--only data with one pass would call the cold pass warm: refused in one line before Ray
+    starts."""
+    r = bench("train", "--only", "data", "--data-passes", "1", log=tmp_path / "t.log", timeout=120)
+    assert r.returncode == 2 and "--data-passes: at least 2" in r.output(), r.describe()
+
+
 @pytest.mark.slow  # its own Ray, a TorchTrainer run and five sections: minutes on 2 cores
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
     """benchmarks.train's feed (streamed vs cached, feed rate per CPU, CPUs per GPU), default
@@ -393,7 +433,7 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     per_epoch = out.split("[trainer]   per epoch, plain: ")[1].splitlines()[0]
     plain_rates, trainer_rates = per_epoch.split("; TorchTrainer: ")
     assert len(plain_rates.split()) == 4 and len(trainer_rates.split()) == 2
-    assert "[data] Ray Data" not in out and "[models] est." not in out
+    assert "[data] " not in out and "[models] est." not in out
     assert "[layout] " in out and "channels-last" in out
     assert "taught by an ensemble of 2 of it" in out and "of a step)" in out
 

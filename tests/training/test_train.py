@@ -472,13 +472,14 @@ def _evaluate_in_process(state, version, manifest) -> dict:
 
 @pytest.mark.parametrize("workers,batch,cache", [(2, 16, True), (3, 8, True), (3, 3, True), (3, 3, False)],
                          ids=["2w-val-under-one-batch", "3w-val-exactly-one-batch", "3w-uneven-remainders",
-                              "3w-uneven-remainders-pixel-feed"])
+                              "3w-pixel-feed-empty-ranks"])
 def test_more_workers_than_validation_batches(tiny_val_lake, ray_local, workers, batch, cache):
     """Ranks with no validation rows (or a partial batch) neither hang nor skew the metrics:
     every epoch's metrics equal a single-process evaluation of the same weights on the same
     rows. Two epochs: the second one comes from the workers' caches, empty ones included; with
     the cache off, from the pixel shards again (each rank reading the rows Ray Data dealt it,
-    data.pixels.PixelReader, a rank dealt none reading nothing)."""
+    data.pixels.PixelReader: validation comes a shard file at a time, so here one rank reads
+    all 8 rows and two read none)."""
     version, manifest = resolve_dataset(str(tiny_val_lake), "brain-tumor-mri")
     n_val = manifest["rows"]["val"]
     assert n_val == 8 and manifest["rows"]["train"] // workers >= batch
