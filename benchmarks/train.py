@@ -451,15 +451,17 @@ def main() -> None:
     init_ray(address="local")
     if "data" not in a.skip:
         rd, il = [], []
+        # the peer decodes as many scans as the feed's training rows (--limit 0: the whole split)
+        scans = a.limit or resolve_dataset(a.lake, TrainConfig(data=a.lake).dataset)[1]["rows"]["train"]
         for p in range(a.data_passes):  # alternating, so that a drifting machine slows both alike
             ray_first = p % 2 == 0  # and which goes first in turn (the cold passes: Ray's first)
             if ray_first:
                 rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
-            il += bench_imagefolder(a.source, a.size, a.limit, a.batch, workers=2, passes=1)
+            il += bench_imagefolder(a.source, a.size, scans, a.batch, workers=2, passes=1)
             if not ray_first:
                 rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
         warm = float(np.median(rd[1:])) / float(np.median(il[1:]))
-        print(f"[data] decoding JPEGs, {a.limit} images, {a.size}px, {a.data_passes} passes each, "
+        print(f"[data] decoding JPEGs, {scans} images, {a.size}px, {a.data_passes} passes each, "
               f"alternating: Ray Data Parquet->batches on {os.cpu_count()} CPUs "
               + " / ".join(f"{r:.0f}" for r in rd) + " img/s; ImageFolder+DataLoader(2 workers) "
               + " / ".join(f"{r:.0f}" for r in il) + f" img/s; ratio Ray/plain = {warm:.2f} warm (medians "
