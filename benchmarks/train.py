@@ -50,28 +50,29 @@ from brainmri.data.transforms import preprocess
 from brainmri.models.zoo import count_params, create_model, list_models
 
 
-def bench_ray_data(lake: str, size: int, limit: int, batch: int, passes: int = 3) -> list[float]:
-    """Images/s of each pass of the decoding feed (a cached run's first epoch), iterated here
-    as a worker iterates it; the first pass is cold (Ray Data's first execution in this
-    process, its tasks' first imports)."""
+def ray_data_pass(lake: str, size: int, limit: int, batch: int):
+    """(a function timing one pass of the decoding feed (a cached run's first epoch), iterated
+    here as a worker iterates it, in images/s; the training rows a pass reads). A process's
+    first pass is cold (Ray Data's first execution in it, its tasks' first imports)."""
     from brainmri.training.train import BlockBatches, build_datasets
 
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
     version, manifest = resolve_dataset(cfg.data, cfg.dataset)  # a store, dataset or version URI
-    rates = []
-    for _ in range(passes):
+
+    def one() -> float:
         ds = build_datasets(cfg, version, manifest)["train"]
         t0, n = time.time(), 0
         for b in BlockBatches(ds, size).iter_torch_batches(batch_size=batch):
             n += len(b["label"])
-        rates.append(n / (time.time() - t0))
-    return rates
+        return n / (time.time() - t0)
+
+    return one, limit or manifest["rows"]["train"]
 
 
-def bench_imagefolder(src: str, size: int, limit: int, batch: int, workers: int,
-                      passes: int = 3) -> list[float]:
-    """The peer: images/s of each pass of a torchvision ImageFolder + DataLoader (`workers`
-    processes, started each pass) over the same scans with the same preprocessing."""
+def imagefolder_pass(src: str, size: int, scans: int, batch: int, workers: int):
+    """The peer: a function timing one pass, in images/s, of a torchvision ImageFolder +
+    DataLoader (`workers` processes, started each pass) over `scans` of the same scans (a
+    random sample), with the same preprocessing."""
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import ImageFolder
 
@@ -80,15 +81,15 @@ def bench_imagefolder(src: str, size: int, limit: int, batch: int, workers: int,
             return torch.from_numpy(preprocess(f.read(), size))
 
     ds = ImageFolder(os.path.join(src, "Training"), loader=load)
-    idx = np.random.default_rng(0).permutation(len(ds))[:limit or None]  # 0: all
-    rates = []
-    for _ in range(passes):
-        dl = DataLoader(Subset(ds, idx.tolist()), batch_size=batch, num_workers=workers)
+    subset = Subset(ds, np.random.default_rng(0).permutation(len(ds))[:scans].tolist())
+
+    def one() -> float:
         t0, n = time.time(), 0
-        for _x, y in dl:
+        for _x, y in DataLoader(subset, batch_size=batch, num_workers=workers):
             n += len(y)
-        rates.append(n / (time.time() - t0))
-    return rates
+        return n / (time.time() - t0)
+
+    return one
 
 
 def bench_trainer(lake, model_name, size, batch, limit, epochs, threads, rounds) -> dict:
@@ -250,6 +251,15 @@ def one_core():
         pin(before)
 
 
+def enough(passes: int, min_s: float = 0.0):
+    """Pass numbers 0, 1, ...: at least `passes` of them, and more until `min_s` seconds have
+    gone since the first."""
+    start, p = time.perf_counter(), 0
+    while p < passes or time.perf_counter() - start < min_s:
+        yield p
+        p += 1
+
+
 def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None, min_s=0.0) -> list[dict]:
     """A feed dataset on one CPU, iterated as a training worker does (train.BlockBatches,
     its local shuffle when `shuffle`; `pixels`: the PixelReader of a pixel-shard feed), `passes`
@@ -265,9 +275,8 @@ def ray_feed(ds, batch, size, passes=3, shuffle=0, pixels=None, min_s=0.0) -> li
     # the limit is the resource allocator's to hold: the decoding feed turns it off (it would
     # run one task on any number of CPUs), so it is turned back on for this 1-CPU figure
     ds.context.op_resource_reservation_enabled = True
-    out, start = [], time.perf_counter()
-    while len(out) < passes or time.perf_counter() - start < min_s:
-        p = len(out)
+    out = []
+    for p in enough(passes, min_s):
         kw = dict(local_shuffle_buffer_size=shuffle, local_shuffle_seed=p) if shuffle else {}
         c0, t0, n, first = machine_cpu_s(), time.perf_counter(), 0, None
         for b in BlockBatches(ds, size, pixels).iter_torch_batches(batch_size=batch, **kw):
@@ -343,9 +352,9 @@ def bench_feed_rate(lake, size, limit, batch, passes=3, cpu_passes=10, cpu_s=2.0
         ours = codec == COMPRESSION
         paths, fs = (files, root.fs) if ours else (rewrite_shards(files, root.fs, codec, tmp),
                                                    pafs.LocalFileSystem())
-        plain, images, c0, start = [], 0, machine_cpu_s(), time.perf_counter()
+        plain, images, c0 = [], 0, machine_cpu_s()
         with one_core():
-            while len(plain) < cpu_passes or time.perf_counter() - start < cpu_s:
+            for _ in enough(cpu_passes, cpu_s):
                 t0 = time.perf_counter()
                 n = plain_read(paths, fs, size)
                 plain.append(n / (time.perf_counter() - t0))
@@ -450,16 +459,14 @@ def main() -> None:
     # a new local Ray (never one already running on this machine), as `brainmri train` starts it
     init_ray(address="local")
     if "data" not in a.skip:
-        rd, il = [], []
+        ray_pass, scans = ray_data_pass(a.lake, a.size, a.limit, a.batch)
         # the peer decodes as many scans as the feed's training rows (--limit 0: the whole split)
-        scans = a.limit or resolve_dataset(a.lake, TrainConfig(data=a.lake).dataset)[1]["rows"]["train"]
-        for p in range(a.data_passes):  # alternating, so that a drifting machine slows both alike
-            ray_first = p % 2 == 0  # and which goes first in turn (the cold passes: Ray's first)
-            if ray_first:
-                rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
-            il += bench_imagefolder(a.source, a.size, scans, a.batch, workers=2, passes=1)
-            if not ray_first:
-                rd += bench_ray_data(a.lake, a.size, a.limit, a.batch, passes=1)
+        plain_pass = imagefolder_pass(a.source, a.size, scans, a.batch, workers=2)
+        rd, il = [], []
+        for p in range(a.data_passes):  # alternating, so that a drifting machine slows both alike,
+            # and which goes first in turn (the cold passes: Ray's first)
+            for side in (ray_pass, plain_pass) if p % 2 == 0 else (plain_pass, ray_pass):
+                (rd if side is ray_pass else il).append(side())
         warm = float(np.median(rd[1:])) / float(np.median(il[1:]))
         print(f"[data] decoding JPEGs, {scans} images, {a.size}px, {a.data_passes} passes each, "
               f"alternating: Ray Data Parquet->batches on {os.cpu_count()} CPUs "
