@@ -36,13 +36,33 @@ def fit_square(img: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def percentiles_u8(img: np.ndarray, qs) -> list:
+    """np.percentile(img, qs) of a uint8 image (its default, linear method), bit for bit, read
+    from the image's histogram instead of a sort of all its pixels (0.05 against 0.13 ms at
+    160 px). The interpolation is numpy's own `_lerp`, both branches."""
+    cum = np.cumsum(np.bincount(img.ravel(), minlength=256))
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        pos = q / 100 * (n - 1)
+        k = int(np.floor(pos))
+        t = pos - k
+        # the value of the k-th smallest pixel (0-based) and of the next one
+        a = int(np.searchsorted(cum, k, side="right"))
+        b = int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
+        out.append(np.float64(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t))
+    return out
+
+
 def normalise_intensity(img: np.ndarray, lo_pct: float = LO_PCT, hi_pct: float = HI_PCT) -> np.ndarray:
-    """uint8 -> uint8 with the image's own [p0.5, p99.5] stretched to [0, 255]."""
-    lo, hi = np.percentile(img, (lo_pct, hi_pct))
+    """uint8 -> uint8 with the image's own [p0.5, p99.5] stretched to [0, 255]. A uint8 image
+    has 256 values: the stretch is computed once for each (the same float arithmetic as for
+    every pixel) and the image looked up in that table."""
+    lo, hi = percentiles_u8(img, (lo_pct, hi_pct))
     if hi - lo < 1:
         return img
-    x = (img.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(x, 0, 255).astype(np.uint8)
+    table = (np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo))
+    return np.take(np.clip(table, 0, 255).astype(np.uint8), img)
 
 
 def preprocess(data: bytes, size: int) -> np.ndarray:

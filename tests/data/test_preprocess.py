@@ -85,3 +85,32 @@ def test_the_rule_id_names_the_rules_output():
     assert h.hexdigest() == GOLDEN[key], (
         f"the preprocessing's output changed under the same id {PREPROCESS_ID!r}: give the rule a "
         f"new PREPROCESS_ID and record its digest {h.hexdigest()} here")
+
+
+def test_the_histogram_percentiles_and_table_stretch_are_numpys_bit_for_bit():
+    """normalise_intensity reads percentiles from a histogram and stretches through a 256-entry
+    table: both must give what np.percentile and the per-pixel float arithmetic give, on the
+    edges too (one pixel, one value, two values, percentiles at 0 and 100, either _lerp branch)."""
+    from brainmri.data.preprocess import normalise_intensity, percentiles_u8
+
+    def reference(img, lo_pct, hi_pct):
+        lo, hi = np.percentile(img, (lo_pct, hi_pct))
+        if hi - lo < 1:
+            return img
+        return np.clip((img.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+
+    rng = np.random.default_rng(3)
+    images = [np.zeros((1, 1), np.uint8), np.full((5, 7), 200, np.uint8),
+              np.array([[0, 255]], np.uint8), np.array([[10, 11, 11, 12]], np.uint8)]
+    for _ in range(3000):
+        h, w = rng.integers(1, 48, 2)
+        lo, hi = sorted(rng.integers(0, 256, 2))
+        images.append(rng.integers(lo, hi + 1, (h, w)).astype(np.uint8))
+    qs = [(0.5, 99.5), (0.0, 100.0), (25.0, 75.0)]
+    for i, img in enumerate(images):
+        for q in qs + [tuple(sorted(rng.uniform(0, 100, 2)))]:
+            got = percentiles_u8(img, q)
+            assert [type(v) for v in got] == [np.float64, np.float64]
+            assert np.array_equal(got, np.percentile(img, q)), (i, q)
+            out = normalise_intensity(img, *q)
+            assert out.dtype == np.uint8 and np.array_equal(out, reference(img, *q)), (i, q)
