@@ -5,7 +5,7 @@ epoch. Decoding the JPEGs again each epoch costs ~1.9 ms of CPU an image at 160 
 it the decode itself), a third of a 2-core node's epoch and the same CPUs the model needs.
 Pixel shards hold the output of `preprocess` (uint8 [S, S], the one preprocessing rule) as
 Parquet, built once per version, image size and rule by Ray Data tasks spread over the
-cluster (each preprocesses, writes and hashes its own file), so a streamed epoch only reads
+cluster (128 rows a decode task, then a task a file writes and hashes it), so a streamed epoch only reads
 and decompresses bytes: Ray Data deals each rank its rows (`read_pixels`), the rank reads
 them from the files (`PixelReader`) and views them as uint8 arrays in place (`from_pixels`).
 Random augmentation still happens per batch, on the worker.
@@ -39,7 +39,7 @@ import numpy as np
 
 from ..core.lock import Lease
 from ..core.storage import Location, StorageError, open_location
-from .datasets import manifest_hash, split_files, verify_shards
+from .datasets import manifest_hash, read_shards, split_files, verify_shards
 from .preprocess import PREPROCESS_ID, preprocess_batch
 
 PIXELS_MANIFEST = "pixels.json"
@@ -222,21 +222,22 @@ def decode_pixels(batch: dict, size: int):
     return pixel_table(x["x"], x["label"], size)
 
 
-def _write_part(batch: dict, folder: Location, split: str, size: int) -> dict:
-    """Ray Data map_batches function: preprocessed rows -> one Parquet file under `folder`
-    (atomic write), returned as its shard record."""
+def _write_part(table, folder: Location, split: str, size: int) -> dict:
+    """Ray Data map_batches function: a block of pixel rows (`pixel_table`'s) -> one Parquet
+    file under `folder` (atomic write), returned as its shard record."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    x = np.ascontiguousarray(batch["x"], np.uint8)
-    n = len(x)
+    n = table.num_rows
     if n == 0:
         return {"split": np.array([], dtype=object), "path": np.array([], dtype=object),
                 "rows": np.zeros(0, np.int64), "bytes": np.zeros(0, np.int64),
                 "sha256": np.array([], dtype=object)}
-    if x.shape != (n, size, size):
-        raise ValueError(f"preprocessed rows of shape {x.shape[1:]}, expected ({size}, {size})")
+    if table.schema.field("x").type != pa.binary(size * size):
+        raise ValueError(f"pixel rows of type {table.schema.field('x').type}, expected "
+                         f"fixed_size_binary[{size * size}] ({size} px)")
     buf = io.BytesIO()
-    pq.write_table(pixel_table(x, batch["label"], size), buf, compression=COMPRESSION, use_dictionary=False)
+    pq.write_table(table.select(["x", "label"]), buf, compression=COMPRESSION, use_dictionary=False)
     data = buf.getvalue()
     name = f"part-{uuid.uuid4().hex[:16]}.parquet"
     (folder / name).write_bytes(data)
@@ -250,8 +251,6 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
     """Preprocess `splits` of the version with Ray Data into pixel shards; pixels.json last.
     Every source row is accounted for: a split whose shards do not add up to the manifest's
     row count raises, and no pixels.json is written."""
-    import ray.data
-
     verify_shards(version, manifest, splits)  # the source, as every reader of it does (cached)
     root = pixels_root(version, size)
     attempt = time.strftime(ATTEMPT_TIME, time.gmtime()) + "-" + uuid.uuid4().hex[:8]
@@ -261,14 +260,19 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
         expected = manifest["rows"][split]
         if files:
             folder = root / attempt / split
-            # read_parquet, not read_shards: its sliver blocks bundle into full files of
-            # shard_rows (5 train files at 160 px); one task a source file left a remainder
-            # file after each (7), and every extra file is an extra block each streamed epoch
-            d = ray.data.read_parquet(files, filesystem=version.fs).select_columns(["image", "label"])
-            d = d.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=32, batch_format="numpy")
+            # read tasks of SHARD_TASK_ROWS rows with the decode fused into them, so every
+            # CPU of the cluster decodes (read_parquet made a task a source file, one of them
+            # 4025 of the 4385 train rows, which one CPU decoded while the other idled);
+            # then blocks of exactly shard_rows rows (the last fewer: `strict`, or each task's
+            # output would be cut on its own, a file a task), a file each
+            d = read_shards(version, manifest, split, ["image", "label"])
+            d = d.map_batches(decode_pixels, fn_kwargs={"size": size}, batch_size=None,
+                              batch_format="numpy")
+            d = d.repartition(target_num_rows_per_block=shard_rows(size), strict=True)
             d = d.map_batches(_write_part, fn_kwargs={"folder": folder, "split": split, "size": size},
-                              batch_size=shard_rows(size), batch_format="numpy")
-            # the manifest lists the shards in the source's order (reproducible; the feed
+                              batch_size=None, batch_format="pyarrow")
+            d.context.op_resource_reservation_enabled = False  # as in training.train's feed
+            # the manifest lists the files in the source's order (reproducible; the feed
             # itself reads them in whatever order Ray Data's tasks finish)
             d.context.execution_options.preserve_order = True
             recs = d.take_all()

@@ -60,7 +60,10 @@ def _feed(version, manifest, pixels, split):
 def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatch):
     """Several shard files a split (uneven last one), every row once, in the source order,
     bit-identical to the preprocessing rule; the manifest lands last and names every file."""
+    import brainmri.data.datasets as D
+
     monkeypatch.setattr(P, "SHARD_BYTES", 5 * SIZE * SIZE)  # 5 rows a file
+    monkeypatch.setattr(D, "SHARD_TASK_ROWS", 3)  # read (and decode) tasks of 3 rows
     version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
     pix = P.build_pixels(version, manifest, SIZE)
     root = P.pixels_root(version, SIZE)
@@ -68,9 +71,10 @@ def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatc
     for split in ("train", "val"):
         n = manifest["rows"][split]
         shards = [s for s in pix["shards"] if s["split"] == split]
-        # each task writes full files and maybe one remainder: uneven sizes, none over 5
-        assert sum(s["rows"] for s in shards) == n and len(shards) >= -(-n // 5)
-        assert all(1 <= s["rows"] <= 5 for s in shards)
+        # files of exactly 5 rows, the split's last fewer (the decode's blocks, one a read
+        # task of 128 rows and another a file's remainder, are cut and joined across tasks)
+        assert sum(s["rows"] for s in shards) == n and len(shards) == -(-n // 5)
+        assert [s["rows"] for s in shards[:-1]] == [5] * (len(shards) - 1) and 1 <= shards[-1]["rows"] <= 5
         x, y = _feed(version, manifest, (root, pix), split)
         ref_x, ref_y = _source(version, manifest, split)
         assert x.dtype == np.uint8 and x.shape == (n, SIZE, SIZE)
@@ -179,8 +183,8 @@ def test_a_build_that_loses_rows_records_nothing(lake, ray_local, tmp_path, monk
     shutil.rmtree(Path(version.path) / "pixels", ignore_errors=True)  # whatever other tests built
     real = P._write_part
 
-    def drops_one(batch, **kw):  # a writer that loses a row
-        return real({k: v[1:] for k, v in batch.items()}, **kw)
+    def drops_one(table, **kw):  # a writer that loses a row
+        return real(table.slice(1), **kw)
 
     monkeypatch.setattr(P, "_write_part", drops_one)
     with pytest.raises(StorageError, match="pixel shards of train hold .* rows, dataset .* has"):
