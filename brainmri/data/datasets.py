@@ -94,8 +94,8 @@ class RowRange:
     """A read task's function (read_known_files): rows [lo, hi) of a Parquet file of `rows`
     rows, as tables of at most `step` rows of `columns`. A class at module level rather than
     a closure: Ray Data pickles every read task at the start of every pass, and cloudpickle
-    copies a closure's code by value (about 2 ms a task, 20 ms of the driver before a 9-task
-    pass's first task) but names a module's class."""
+    copies a closure's code by value but names a module's class (storing a 1024-scan pass's 9
+    tasks: 21 ms of the driver with closures, 8 ms with this)."""
 
     root: Location
     path: str
@@ -110,9 +110,7 @@ class RowRange:
 
         lo, hi = self.lo, self.hi
         with self.root.fs.open_input_file(self.path) as src:
-            # pre_buffer: a row group's column chunks fetched as one coalesced read (on
-            # S3, one GET rather than one a column) on Arrow's I/O threads
-            f = pq.ParquetFile(src, pre_buffer=True)
+            f = pq.ParquetFile(src)  # pre_buffer (its default): a row group's columns in one read
             if f.metadata.num_rows != self.rows:
                 raise StorageError(f"{self.path} holds {f.metadata.num_rows} rows, its record {self.rows}")
             at = 0  # the first row of row group g

@@ -39,7 +39,14 @@ def fit_square(img: np.ndarray, size: int) -> np.ndarray:
 def percentiles_u8(img: np.ndarray, qs) -> list:
     """np.percentile(img, qs) of a uint8 image (its default, linear method), bit for bit, read
     from the image's histogram instead of a sort of all its pixels (0.05 against 0.13 ms at
-    160 px). The interpolation is numpy's own `_lerp`, both branches."""
+    160 px). The interpolation is numpy's own `_lerp`, both branches. ValueError for an empty
+    image or a percentile outside [0, 100] (numpy raises too), TypeError for another dtype."""
+    if img.dtype != np.uint8:
+        raise TypeError(f"percentiles_u8 takes a uint8 image, not {img.dtype}")
+    if img.size == 0:
+        raise ValueError("percentiles of an empty image")
+    if not all(0 <= q <= 100 for q in qs):
+        raise ValueError(f"percentiles must be within [0, 100], got {tuple(qs)}")
     cum = np.cumsum(np.bincount(img.ravel(), minlength=256))
     n = int(cum[-1])
     out = []

@@ -203,6 +203,20 @@ def test_reads_cut_at_a_limit_in_row_ranges_and_the_decode_fuses_into_them(versi
         tasks = -(-(limit or len(want)) // task_rows) if task_rows else 1
         assert ds.stats().count("tasks executed") == 1 and f"{tasks} tasks executed" in ds.stats()
 
+    # a read task's function is a module's class: pickled by name (Ray Data pickles every task
+    # at every pass; a closure's code went by value), and the copy reads the same rows
+    import ray.cloudpickle
+
+    from brainmri.data.datasets import RowRange
+
+    rr = RowRange(loc, (loc / records[0]["path"]).path, int(records[0]["rows"]), 2, 9, 4, ("label",))
+    blob = ray.cloudpickle.dumps(rr)
+    assert b"co_code" not in blob and b"brainmri.data.datasets" in blob and b"RowRange" in blob
+    copy = ray.cloudpickle.loads(blob)
+    assert [t.to_pylist() for t in copy()] == [t.to_pylist() for t in rr()]
+    assert [t.num_rows for t in rr()] == [4, 3]
+    assert [r["label"] for t in rr() for r in t.to_pylist()] == [r["label"] for r in want[2:9]]
+
     # an empty file is still read, so a record that says 0 rows of a file that holds some fails
     empty = [{**records[0], "rows": 0}]
     said = f"{records[0]['path']} holds {records[0]['rows']} rows, its record 0"

@@ -57,13 +57,16 @@ def _feed(version, manifest, pixels, split):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatch):
+@pytest.mark.parametrize("task_rows", [3, 12], ids=["tasks-under-a-file", "tasks-over-a-file"])
+def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatch, task_rows):
     """Several shard files a split (uneven last one), every row once, in the source order,
-    bit-identical to the preprocessing rule; the manifest lands last and names every file."""
+    bit-identical to the preprocessing rule; the manifest lands last and names every file.
+    Read (and decode) tasks of fewer rows than a file (joined across tasks) and of more
+    (cut within one)."""
     import brainmri.data.datasets as D
 
     monkeypatch.setattr(P, "SHARD_BYTES", 5 * SIZE * SIZE)  # 5 rows a file
-    monkeypatch.setattr(D, "SHARD_TASK_ROWS", 3)  # read (and decode) tasks of 3 rows
+    monkeypatch.setattr(D, "SHARD_TASK_ROWS", task_rows)
     version, manifest = resolve_dataset(str(lake), "brain-tumor-mri")
     pix = P.build_pixels(version, manifest, SIZE)
     root = P.pixels_root(version, SIZE)
@@ -71,8 +74,8 @@ def test_pixel_feed_is_the_decoding_feed_row_for_row(lake, ray_local, monkeypatc
     for split in ("train", "val"):
         n = manifest["rows"][split]
         shards = [s for s in pix["shards"] if s["split"] == split]
-        # files of exactly 5 rows, the split's last fewer (the decode's blocks, one a read
-        # task of 128 rows and another a file's remainder, are cut and joined across tasks)
+        # files of exactly 5 rows, the split's last fewer, whatever the decode tasks' blocks
+        # (a task's rows, a source file's remainder) are
         assert sum(s["rows"] for s in shards) == n and len(shards) == -(-n // 5)
         assert [s["rows"] for s in shards[:-1]] == [5] * (len(shards) - 1) and 1 <= shards[-1]["rows"] <= 5
         x, y = _feed(version, manifest, (root, pix), split)

@@ -114,3 +114,13 @@ def test_the_histogram_percentiles_and_table_stretch_are_numpys_bit_for_bit():
             assert np.array_equal(got, np.percentile(img, q)), (i, q)
             out = normalise_intensity(img, *q)
             assert out.dtype == np.uint8 and np.array_equal(out, reference(img, *q)), (i, q)
+
+    # what numpy refuses, and what the table cannot hold, is refused in one line
+    import pytest
+
+    with pytest.raises(TypeError, match="uint8"):
+        normalise_intensity(np.zeros((4, 4), np.uint16))
+    with pytest.raises(ValueError, match="empty"):
+        percentiles_u8(np.zeros((0, 3), np.uint8), (1.0, 99.0))
+    with pytest.raises(ValueError, match=r"within \[0, 100\]"):
+        percentiles_u8(np.zeros((2, 2), np.uint8), (-1.0, 50.0))
