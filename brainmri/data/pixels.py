@@ -5,8 +5,8 @@ epoch. Decoding the JPEGs again each epoch costs ~1.7-1.9 ms of CPU an image at 
 of it the decode itself), a third of a 2-core node's epoch and the same CPUs the model needs.
 Pixel shards hold the output of `preprocess` (uint8 [S, S], the one preprocessing rule) as
 Parquet, built once per version, image size and rule by Ray Data tasks spread over the
-cluster (128 rows a decode task, then a task a file writes and hashes it), so a streamed epoch only reads
-and decompresses bytes: Ray Data deals each rank its rows (`read_pixels`), the rank reads
+cluster (128 rows a decode task, then a task a file writes and hashes it), so a streamed
+epoch only reads and decompresses bytes: Ray Data deals each rank its rows (`read_pixels`), the rank reads
 them from the files (`PixelReader`) and views them as uint8 arrays in place (`from_pixels`).
 Random augmentation still happens per batch, on the worker.
 
@@ -222,6 +222,25 @@ def decode_pixels(batch: dict, size: int):
     return pixel_table(x["x"], x["label"], size)
 
 
+def decoded_split(version: Location, manifest: dict, split: str, size: int, limit: int = 0):
+    """The split's first `limit` rows (0: all) as a Ray Data dataset of pixel rows (`pixel_table`'s),
+    decoded with the one rule in the read tasks themselves: the decoding training feed's and
+    the pixel build's source."""
+    # only the two columns are read (the rest of a row is metadata neither uses); the limit is
+    # cut in the reads, and the decode maps a block at a time (batch_size None): Ray Data fuses
+    # a map into the read task only then (a map with a batch size may not follow a read that
+    # could change the number of rows), so the encoded bytes never cross the object store
+    d = read_shards(version, manifest, split, ["image", "label"], limit=limit)
+    d = d.map_batches(decode_pixels, fn_kwargs={"size": size}, batch_size=None, batch_format="numpy")
+    # Ray Data's resource allocator held the decode to one task on 2 free CPUs: as the feed's
+    # one operator, at reservation ratio 0.5 or 1.0 (454-547 img/s a warm pass of 1024 scans,
+    # 806-874 without: benchmarks/results/train-cpu-20261207-feed.txt), and in the build's
+    # three (builds of 12.3-13.5 s with it, 6.3-6.8 without: jpeg-path-20261207b.md). Ray's
+    # scheduler still runs no more tasks than there are free CPUs
+    d.context.op_resource_reservation_enabled = False
+    return d
+
+
 def _write_part(table, folder: Location, split: str, size: int) -> dict:
     """Ray Data map_batches function: a block of pixel rows (`pixel_table`'s) -> one Parquet
     file under `folder` (atomic write), returned as its shard record."""
@@ -265,15 +284,10 @@ def build_pixels(version: Location, manifest: dict, size: int, splits=("train", 
             # 4025 of the 4385 train rows, which one CPU decoded while the other idled);
             # then blocks of exactly shard_rows rows (the last fewer: `strict`, or each task's
             # output would be cut on its own, a file a task), a file each
-            d = read_shards(version, manifest, split, ["image", "label"])
-            d = d.map_batches(decode_pixels, fn_kwargs={"size": size}, batch_size=None,
-                              batch_format="numpy")
+            d = decoded_split(version, manifest, split, size)
             d = d.repartition(target_num_rows_per_block=shard_rows(size), strict=True)
             d = d.map_batches(_write_part, fn_kwargs={"folder": folder, "split": split, "size": size},
                               batch_size=None, batch_format="pyarrow")
-            # Ray Data's resource reservation split the 2 CPUs between the three operators and
-            # held the decode to one task: builds of 12.3-13.5 s with it, 6.3-6.8 without
-            d.context.op_resource_reservation_enabled = False
             # the manifest lists the files in the source's order (reproducible; the feed
             # itself reads them in whatever order Ray Data's tasks finish)
             d.context.execution_options.preserve_order = True

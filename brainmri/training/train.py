@@ -41,10 +41,10 @@ from ..core.cluster import init_ray
 from ..core.metrics import SELECTION_METRIC as METRIC
 from ..core.storage import Location, StorageError, check_name, open_location, worker_env
 from ..core.tracking import Tracking, failing, finish_run, run_callbacks, start_run
-from ..data.datasets import manifest_hash, read_shards, resolve_dataset, split_files, verify_shards
+from ..data.datasets import manifest_hash, resolve_dataset, split_files, verify_shards
 from ..data.pixels import (
     PixelReader,
-    decode_pixels,
+    decoded_split,
     ensure_pixels,
     from_pixels,
     load_pixels,
@@ -413,20 +413,7 @@ def build_datasets(cfg: TrainConfig, version, manifest, pixels=None) -> dict:
         else:
             if not split_files(version, manifest, split):
                 raise ConfigError(f"dataset {version.uri} has no {split} shards")
-            # only the two columns are read (the rest of a row is metadata the feed never uses);
-            # the limit is cut in the reads, so the decode below is fused into them
-            d = read_shards(version, manifest, split, ["image", "label"], limit=limit)
-            # a block at a time (batch_size None): Ray Data fuses the decode into the read task
-            # only then (a map with a batch size may not follow a read that could change the
-            # number of rows), so the encoded bytes never cross the object store
-            d = d.map_batches(decode_pixels, fn_kwargs={"size": cfg.image_size}, batch_size=None,
-                              batch_format="numpy")
-            # one operator (the read and its decode): nothing to share CPUs with, and Ray Data's
-            # resource allocator held it to one task on 2 free CPUs, at reservation ratio 0.5
-            # or 1.0 (454-547 img/s a warm pass of 1024 scans, 806-874 without the allocator:
-            # benchmarks/results/train-cpu-20261207-feed.txt); Ray's scheduler still runs no
-            # more tasks than there are free CPUs
-            d.context.op_resource_reservation_enabled = False
+            d = decoded_split(version, manifest, split, cfg.image_size, limit)
             d.context.target_max_block_size = FEED_BLOCK_BYTES
         ds[split] = d
     return ds
