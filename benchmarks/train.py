@@ -1,7 +1,8 @@
 """Training benchmarks on this machine; prints figures and ratios from one run.
 
 1. Data pipeline alone: Ray Data (Parquet -> decode/preprocess -> torch batches) vs a plain
-   torchvision ImageFolder + DataLoader over the JPEG folder, same preprocessing, images/s.
+   torchvision ImageFolder + DataLoader over the JPEG folder, same preprocessing, images/s
+   (passes alternating), and the CPU of the whole machine an image on each side.
 2. trainer: TorchTrainer with 1 worker vs the same loop without Ray (`build_recipe` +
    `engine.fit` on the same rows, preprocessed once, in memory as the worker's cache
    holds them), same model, batch, threads; each of --rounds Ray runs (default 9) between two
@@ -431,7 +432,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1024, help="images for the pipeline benchmarks")
     ap.add_argument("--feed-rounds", type=int, default=1,
                     help="feed: runs of each mode, cached and streamed alternating in order (default 1)")
-    ap.add_argument("--data-passes", type=int, default=5,
+    ap.add_argument("--data-passes", type=int, default=9,
                     help="data: passes of each side, at least 2 (the first is cold)")
     ap.add_argument("--model", default="brainnet", help="model for the Ray-vs-plain comparison")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per model in the model table")
@@ -462,18 +463,27 @@ def main() -> None:
         ray_pass, scans = ray_data_pass(a.lake, a.size, a.limit, a.batch)
         # the peer decodes as many scans as the feed's training rows (--limit 0: the whole split)
         plain_pass = imagefolder_pass(a.source, a.size, scans, a.batch, workers=2)
-        rd, il = [], []
+        rd, il, rc, ic = [], [], [], []  # img/s; CPU-ms of the whole machine an image
         for p in range(a.data_passes):  # alternating, so that a drifting machine slows both alike,
             # and which goes first in turn (the cold passes: Ray's first)
             for side in (ray_pass, plain_pass) if p % 2 == 0 else (plain_pass, ray_pass):
+                c0 = machine_cpu_s()
                 (rd if side is ray_pass else il).append(side())
+                (rc if side is ray_pass else ic).append((machine_cpu_s() - c0) / scans * 1e3)
         warm = float(np.median(rd[1:])) / float(np.median(il[1:]))
+        ray_ms, plain_ms = float(np.median(rc[1:])), float(np.median(ic[1:]))
         print(f"[data] decoding JPEGs, {scans} images, {a.size}px, {a.data_passes} passes each, "
               f"alternating: Ray Data Parquet->batches on {os.cpu_count()} CPUs "
               + " / ".join(f"{r:.0f}" for r in rd) + " img/s; ImageFolder+DataLoader(2 workers) "
               + " / ".join(f"{r:.0f}" for r in il) + f" img/s; ratio Ray/plain = {warm:.2f} warm (medians "
               f"of passes 2-{a.data_passes}; goal >= 1.0), {rd[0] / il[0]:.2f} cold (each side's first "
               "pass: Ray's includes starting its worker processes and Ray Data's actors)")
+        # the wall ratio of a ~1 s pass moves by +-5 % between runs; the CPU an image does not
+        # depend on which side ends its pass first (every process on the machine, Ray's daemons
+        # and the driver included), so it says whether a gap is work or waiting
+        ratio = f"{plain_ms / ray_ms:.2f}" if ray_ms > 0 else "n/a (passes shorter than a tick)"
+        print(f"[data]   CPU of the whole machine a warm image (medians): Ray {ray_ms:.2f} ms, "
+              f"ImageFolder+DataLoader {plain_ms:.2f} ms, ratio plain/Ray = {ratio}")
     if "trainer" not in a.skip:
         t = bench_trainer(a.lake, a.model, a.size, a.batch, a.limit, a.epochs, threads, a.rounds)
         print(f"[trainer] {a.model} {a.size}px batch {a.batch}, {a.limit or 'all'} images, {a.rounds} rounds "

@@ -403,12 +403,14 @@ def test_train_benchmark_needs_a_warm_pass_of_each_side(tmp_path):
 
 @pytest.mark.slow  # its own Ray, a TorchTrainer run and five sections: minutes on 2 cores
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
-    """benchmarks.train's feed (streamed vs cached, feed rate per CPU, CPUs per GPU), default
-    (`brainmri train`'s default vs a plain loop) and trainer (1-worker TorchTrainer vs the same
-    loop without Ray) sections on a few dozen scans."""
+    """benchmarks.train's data (decoding JPEGs: Ray Data vs ImageFolder + DataLoader), feed
+    (streamed vs cached, feed rate per CPU, CPUs per GPU), default (`brainmri train`'s default
+    vs a plain loop) and trainer (1-worker TorchTrainer vs the same loop without Ray) sections
+    on a few dozen scans."""
     src = real_subset(tmp_path / "src", per_class=10)
     ingest(str(src), str(tmp_path / "lake"), IngestConfig(val_fraction=0.2, test_fraction=0.1, workers=1))
-    args = ["--lake", str(tmp_path / "lake"), "--only", "feed", "default", "trainer", "layout", "distill",
+    args = ["--lake", str(tmp_path / "lake"), "--source", str(src), "--data-passes", "2",
+            "--only", "data", "feed", "default", "trainer", "layout", "distill",
             "--limit", "16", "--members", "2",
             "--limit-val", "4", "--batch", "4", "--epochs", "2", "--size", "64", "--rounds", "1"]
     out = bench("train", *args, log=tmp_path / "train.log", timeout=600).check().output()
@@ -433,7 +435,16 @@ def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path
     per_epoch = out.split("[trainer]   per epoch, plain: ")[1].splitlines()[0]
     plain_rates, trainer_rates = per_epoch.split("; TorchTrainer: ")
     assert len(plain_rates.split()) == 4 and len(trainer_rates.split()) == 2
-    assert "[data] " not in out and "[models] est." not in out
+    # data: 16 scans each side, passes alternating, the wall ratio and the whole machine's CPU
+    # an image (Ray's processes and the peer's workers alike)
+    data = next(line for line in out.splitlines() if line.startswith("[data] decoding JPEGs, 16 images"))
+    assert "2 passes each" in data and "ratio Ray/plain = " in data and " cold " in data
+    assert len(data.split("ImageFolder+DataLoader(2 workers) ")[1].split(" img/s")[0].split(" / ")) == 2
+    cpu = next(line for line in out.splitlines() if line.startswith("[data]   CPU of the whole machine"))
+    ray_ms, plain_ms = (float(cpu.split(k)[1].split(" ms")[0]) for k in ("Ray ", "ImageFolder+DataLoader "))
+    # a pass of 16 scans is a few of /proc/stat's 10 ms ticks: Ray's (planning, tasks) at least one
+    assert ray_ms > 0 and f"ratio plain/Ray = {plain_ms / ray_ms:.2f}" in cpu
+    assert "[models] est." not in out
     assert "[layout] " in out and "channels-last" in out
     assert "taught by an ensemble of 2 of it" in out and "of a step)" in out
 
