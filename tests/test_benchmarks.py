@@ -401,7 +401,7 @@ def test_train_benchmark_needs_a_warm_pass_of_each_side(tmp_path):
     assert r.returncode == 2 and "--data-passes: at least 2" in r.output(), r.describe()
 
 
-@pytest.mark.slow  # its own Ray, a TorchTrainer run and five sections: minutes on 2 cores
+@pytest.mark.slow  # its own Ray, a TorchTrainer run and six sections: minutes on 2 cores
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
     """benchmarks.train's data (decoding JPEGs: Ray Data vs ImageFolder + DataLoader), feed
     (streamed vs cached, feed rate per CPU, CPUs per GPU), default (`brainmri train`'s default
