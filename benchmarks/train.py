@@ -2,7 +2,8 @@
 
 1. Data pipeline alone: Ray Data (Parquet -> decode/preprocess -> torch batches) vs a plain
    torchvision ImageFolder + DataLoader over the JPEG folder, same preprocessing, images/s
-   (passes alternating), and the CPU of the whole machine an image on each side.
+   (passes alternating), and the CPU an image on each side (Ray: every process on the
+   machine; the peer: its own processes).
 2. trainer: TorchTrainer with 1 worker vs the same loop without Ray (`build_recipe` +
    `engine.fit` on the same rows, preprocessed once, in memory as the worker's cache
    holds them), same model, batch, threads; each of --rounds Ray runs (default 9) between two
@@ -228,6 +229,15 @@ def machine_cpu_s() -> float:
         ticks = [int(v) for v in f.readline().split()[1:]]
     busy = sum(ticks[:3]) + sum(ticks[5:7])  # user nice system irq softirq (not idle, iowait, steal)
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU-seconds of this process and of its children that have ended and been waited for
+    (a DataLoader's workers, once its iterator is done with them)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 @contextmanager
@@ -467,9 +477,14 @@ def main() -> None:
         for p in range(a.data_passes):  # alternating, so that a drifting machine slows both alike,
             # and which goes first in turn (the cold passes: Ray's first)
             for side in (ray_pass, plain_pass) if p % 2 == 0 else (plain_pass, ray_pass):
-                c0 = machine_cpu_s()
+                # Ray's CPU is every process on the machine (its workers, driver and daemons);
+                # the peer's is its own processes only (this one and the DataLoader workers it
+                # joins), or Ray's daemons, idling beside it in this process's cluster, would
+                # count against it too
+                cpu = machine_cpu_s if side is ray_pass else own_cpu_s
+                c0 = cpu()
                 (rd if side is ray_pass else il).append(side())
-                (rc if side is ray_pass else ic).append((machine_cpu_s() - c0) / scans * 1e3)
+                (rc if side is ray_pass else ic).append((cpu() - c0) / scans * 1e3)
         warm = float(np.median(rd[1:])) / float(np.median(il[1:]))
         ray_ms, plain_ms = float(np.median(rc[1:])), float(np.median(ic[1:]))
         print(f"[data] decoding JPEGs, {scans} images, {a.size}px, {a.data_passes} passes each, "
@@ -479,11 +494,10 @@ def main() -> None:
               f"of passes 2-{a.data_passes}; goal >= 1.0), {rd[0] / il[0]:.2f} cold (each side's first "
               "pass: Ray's includes starting its worker processes and Ray Data's actors)")
         # the wall ratio of a ~1 s pass moves by +-5 % between runs; the CPU an image does not
-        # depend on which side ends its pass first (every process on the machine, Ray's daemons
-        # and the driver included), so it says whether a gap is work or waiting
-        ratio = f"{plain_ms / ray_ms:.2f}" if ray_ms > 0 else "n/a (passes shorter than a tick)"
-        print(f"[data]   CPU of the whole machine a warm image (medians): Ray {ray_ms:.2f} ms, "
-              f"ImageFolder+DataLoader {plain_ms:.2f} ms, ratio plain/Ray = {ratio}")
+        # depend on which side ends its pass first, so it says whether a gap is work or waiting
+        ratio = f"{plain_ms / ray_ms:.3f}" if ray_ms > 0 else "n/a (passes shorter than a tick)"
+        print(f"[data]   CPU a warm image (medians): Ray (every process on the machine) {ray_ms:.3f} ms, "
+              f"ImageFolder+DataLoader (its own processes) {plain_ms:.3f} ms, ratio plain/Ray = {ratio}")
     if "trainer" not in a.skip:
         t = bench_trainer(a.lake, a.model, a.size, a.batch, a.limit, a.epochs, threads, a.rounds)
         print(f"[trainer] {a.model} {a.size}px batch {a.batch}, {a.limit or 'all'} images, {a.rounds} rounds "
