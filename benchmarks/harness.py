@@ -252,7 +252,14 @@ def publish_small_model(store: Path, cfg=None, model=None, dataset: dict | None 
     return publish_model(open_location(str(store)), cfg.model, ckpt, {}).uri
 
 
-# -- memory --------------------------------------------------------------------------------------
+# -- memory and CPU ------------------------------------------------------------------------------
+def own_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended and
+    been waited for (forked workers, a DataLoader's once its iterator is done with them)."""
+    a, b = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 class PeakRSS:
     """Peak resident set size of this process, sampled from /proc/self/statm.
 
@@ -276,14 +283,8 @@ class PeakRSS:
             self.peak = max(self.peak, self.sample())
             self._stop.wait(self.interval)
 
-    @staticmethod
-    def cpu() -> float:
-        """CPU seconds (user + system) of this process and its finished children."""
-        a, b = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
     def __enter__(self):
-        self.start_rss, self.start_cpu = self.sample(), self.cpu()
+        self.start_rss, self.start_cpu = self.sample(), own_cpu_s()
         self._t.start()
         return self
 
@@ -291,7 +292,7 @@ class PeakRSS:
         self._stop.set()
         self._t.join()
         self.peak = max(self.peak, self.sample())
-        self.cpu_seconds = self.cpu() - self.start_cpu
+        self.cpu_seconds = own_cpu_s() - self.start_cpu
 
 
 def descendants(pid: int) -> list[int]:

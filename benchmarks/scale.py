@@ -74,7 +74,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import REPO, PeakRSS, child_result, loopback_s3, print_result
+from benchmarks.harness import REPO, PeakRSS, child_result, loopback_s3, own_cpu_s, print_result
 from brainmri.config import CLASSES
 
 CORPUS_VERSION = 2  # bump when the generator changes: cached corpora of other versions are not reused
@@ -261,7 +261,7 @@ def instrument(hashes_out: str) -> tuple[dict, dict]:
             continue
 
         def wrapped(*a, _f=f, _phase=phase, _save=fn == "near_duplicate_pairs", **k):
-            t, c, skip0 = time.perf_counter(), PeakRSS.cpu(), excluded["s"]
+            t, c, skip0 = time.perf_counter(), own_cpu_s(), excluded["s"]
             try:
                 return _f(*a, **k)
             finally:
@@ -272,7 +272,7 @@ def instrument(hashes_out: str) -> tuple[dict, dict]:
                              **({} if mirror is None else {"phash_mirror": np.asarray(mirror)}))
                     excluded["s"] += time.perf_counter() - ts
                 phases[_phase] += time.perf_counter() - t - (excluded["s"] - skip0)
-                cpu[_phase] += PeakRSS.cpu() - c - (excluded["s"] - skip0)
+                cpu[_phase] += own_cpu_s() - c - (excluded["s"] - skip0)
         setattr(ing, fn, wrapped)
     return phases, cpu, excluded
 

@@ -44,7 +44,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from benchmarks.harness import REPO, data_root
+from benchmarks.harness import REPO, data_root, own_cpu_s
 from brainmri.config import RECIPE_SHAPES, TrainConfig
 from brainmri.core.cluster import init_ray
 from brainmri.data.datasets import resolve_dataset
@@ -229,15 +229,6 @@ def machine_cpu_s() -> float:
         ticks = [int(v) for v in f.readline().split()[1:]]
     busy = sum(ticks[:3]) + sum(ticks[5:7])  # user nice system irq softirq (not idle, iowait, steal)
     return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU-seconds of this process and of its children that have ended and been waited for
-    (a DataLoader's workers, once its iterator is done with them)."""
-    import resource
-
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 @contextmanager
@@ -473,18 +464,18 @@ def main() -> None:
         ray_pass, scans = ray_data_pass(a.lake, a.size, a.limit, a.batch)
         # the peer decodes as many scans as the feed's training rows (--limit 0: the whole split)
         plain_pass = imagefolder_pass(a.source, a.size, scans, a.batch, workers=2)
-        rd, il, rc, ic = [], [], [], []  # img/s; CPU-ms of the whole machine an image
+        # each side: (one pass, its CPU-seconds so far, img/s a pass, CPU-ms an image a pass).
+        # Ray's CPU is every process on the machine (its workers, driver and daemons); the
+        # peer's its own processes only (this one and the DataLoader workers it joins), or
+        # Ray's daemons, idling beside it in this process's cluster, would count against it too
+        rd, il, rc, ic = [], [], [], []
+        sides = [(ray_pass, machine_cpu_s, rd, rc), (plain_pass, own_cpu_s, il, ic)]
         for p in range(a.data_passes):  # alternating, so that a drifting machine slows both alike,
             # and which goes first in turn (the cold passes: Ray's first)
-            for side in (ray_pass, plain_pass) if p % 2 == 0 else (plain_pass, ray_pass):
-                # Ray's CPU is every process on the machine (its workers, driver and daemons);
-                # the peer's is its own processes only (this one and the DataLoader workers it
-                # joins), or Ray's daemons, idling beside it in this process's cluster, would
-                # count against it too
-                cpu = machine_cpu_s if side is ray_pass else own_cpu_s
+            for one, cpu, rates, cpu_ms in sides if p % 2 == 0 else sides[::-1]:
                 c0 = cpu()
-                (rd if side is ray_pass else il).append(side())
-                (rc if side is ray_pass else ic).append((cpu() - c0) / scans * 1e3)
+                rates.append(one())
+                cpu_ms.append((cpu() - c0) / scans * 1e3)
         warm = float(np.median(rd[1:])) / float(np.median(il[1:]))
         ray_ms, plain_ms = float(np.median(rc[1:])), float(np.median(ic[1:]))
         print(f"[data] decoding JPEGs, {scans} images, {a.size}px, {a.data_passes} passes each, "
