@@ -47,15 +47,16 @@ import torch
 from benchmarks.harness import REPO, data_root, own_cpu_s
 from brainmri.config import RECIPE_SHAPES, TrainConfig
 from brainmri.core.cluster import init_ray
-from brainmri.data.datasets import resolve_dataset
+from brainmri.data.datasets import resolve_dataset, split_column
 from brainmri.data.transforms import preprocess
 from brainmri.models.zoo import count_params, create_model, list_models
 
 
 def ray_data_pass(lake: str, size: int, limit: int, batch: int):
     """(a function timing one pass of the decoding feed (a cached run's first epoch), iterated
-    here as a worker iterates it, in images/s; the training rows a pass reads). A process's
-    first pass is cold (Ray Data's first execution in it, its tasks' first imports)."""
+    here as a worker iterates it, in images/s; the source paths of the training rows a pass
+    reads, in its order). A process's first pass is cold (Ray Data's first execution in it,
+    its tasks' first imports)."""
     from brainmri.training.train import BlockBatches, build_datasets
 
     cfg = TrainConfig(data=lake, image_size=size, limit_train=limit, limit_val=1)
@@ -68,13 +69,17 @@ def ray_data_pass(lake: str, size: int, limit: int, batch: int):
             n += len(b["label"])
         return n / (time.time() - t0)
 
-    return one, limit or manifest["rows"]["train"]
+    paths = split_column(version, manifest, "train", "path", limit)
+    if paths is None:
+        raise SystemExit(f"--lake {lake}: its shards have no 'path' column (an older ingest); ingest again")
+    return one, [str(p) for p in paths]
 
 
-def imagefolder_pass(src: str, size: int, scans: int, batch: int, workers: int):
+def imagefolder_pass(src: str, size: int, paths: list[str], batch: int, workers: int):
     """The peer: a function timing one pass, in images/s, of a torchvision ImageFolder +
-    DataLoader (`workers` processes, started each pass) over `scans` of the same scans (a
-    random sample), with the same preprocessing."""
+    DataLoader (`workers` processes, started each pass) over the same files as the Ray side
+    (`paths`, relative to `src`, in its order), with the same preprocessing. The same files,
+    not a sample of the folder: decoding costs differ from scan to scan (their sizes differ)."""
     from torch.utils.data import DataLoader, Subset
     from torchvision.datasets import ImageFolder
 
@@ -83,7 +88,12 @@ def imagefolder_pass(src: str, size: int, scans: int, batch: int, workers: int):
             return torch.from_numpy(preprocess(f.read(), size))
 
     ds = ImageFolder(os.path.join(src, "Training"), loader=load)
-    subset = Subset(ds, np.random.default_rng(0).permutation(len(ds))[:scans].tolist())
+    where = {os.path.relpath(p, src): i for i, (p, _) in enumerate(ds.samples)}
+    missing = [p for p in paths if p not in where]
+    if missing:
+        raise SystemExit(f"--source {src}: {len(missing)} of the lake's training files are not in it "
+                         f"(e.g. {missing[0]}); pass the folder the lake was ingested from")
+    subset = Subset(ds, [where[p] for p in paths])
 
     def one() -> float:
         t0, n = time.time(), 0
@@ -461,9 +471,9 @@ def main() -> None:
     # a new local Ray (never one already running on this machine), as `brainmri train` starts it
     init_ray(address="local")
     if "data" not in a.skip:
-        ray_pass, scans = ray_data_pass(a.lake, a.size, a.limit, a.batch)
-        # the peer decodes as many scans as the feed's training rows (--limit 0: the whole split)
-        plain_pass = imagefolder_pass(a.source, a.size, scans, a.batch, workers=2)
+        ray_pass, paths = ray_data_pass(a.lake, a.size, a.limit, a.batch)
+        # the peer decodes the files of the feed's training rows (--limit 0: the whole split)
+        plain_pass, scans = imagefolder_pass(a.source, a.size, paths, a.batch, workers=2), len(paths)
         # each side: (one pass, its CPU-seconds so far, img/s a pass, CPU-ms an image a pass).
         # Ray's CPU is every process on the machine (its workers, driver and daemons); the
         # peer's its own processes only (this one and the DataLoader workers it joins), or

@@ -402,6 +402,30 @@ def test_train_benchmark_needs_a_warm_pass_of_each_side(tmp_path):
 
 
 @pytest.mark.slow  # its own Ray, a TorchTrainer run and six sections: minutes on 2 cores
+def test_train_benchmark_peer_decodes_the_feeds_files_and_refuses_a_source_without_them(tmp_path):
+    """The data section's peer (ImageFolder + DataLoader) reads exactly the files of the Ray
+    side's training rows, in their order, not a sample of the folder; a --source that lacks
+    one of them is refused in one line."""
+    t = load("train")
+    src = real_subset(tmp_path / "src", per_class=3)
+    files = sorted(str(p.relative_to(src)) for p in src.rglob("*.jpg"))
+    chosen = [files[5], files[0], files[9]]
+    seen = []
+    real_open = open
+
+    def spy(path, *a, **kw):  # the loader opens each file it decodes (DataLoader workers: 0)
+        seen.append(os.path.relpath(path, src))
+        return real_open(path, *a, **kw)
+
+    one = t.imagefolder_pass(str(src), 32, chosen, batch=2, workers=0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("builtins.open", spy)
+        assert one() > 0
+    assert seen == chosen
+    with pytest.raises(SystemExit, match=r"1 of the lake's training files are not in it \(e.g. Training/x.jpg\)"):
+        t.imagefolder_pass(str(src), 32, chosen + ["Training/x.jpg"], batch=2, workers=0)
+
+
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
     """benchmarks.train's data (decoding JPEGs: Ray Data vs ImageFolder + DataLoader), feed
     (streamed vs cached, feed rate per CPU, CPUs per GPU), default (`brainmri train`'s default
