@@ -144,7 +144,11 @@ def test_serve_answers_through_the_head_from_replicas_on_the_worker_hosts(jobs, 
 
 # two trials of one 1-CPU worker: on the tier's three 1-CPU hosts they run at once on two of
 # them, the third left to Ray Data (ops.tune.concurrency); tiny, as the pipeline's train job
-TUNE_SPACE = {"base": {"epochs": 2, "image_size": 64, "batch_size": 8, "warmup_epochs": 0.5, "patience": 0},
+# 8 epochs, none cut by ASHA (grace = epochs), so that the trials overlap however slowly a host
+# starts its worker. With 2, in one suite run (every host shares the machine's 2 cores), the
+# second trial's worker group was placed 15 s after the first's (GCS log) and its worker took
+# 29 s to start (the first's 17 s): it began 12 s after the first trial's 2 epochs had ended
+TUNE_SPACE = {"base": {"epochs": 8, "image_size": 64, "batch_size": 8, "warmup_epochs": 0.5, "patience": 0},
               "space": {"model": {"brainnet": {"model_args.width": [8]}}, "lr": [1e-3, 3e-3]}}
 
 
@@ -159,7 +163,7 @@ def test_tune_runs_two_trials_at_once_on_two_worker_hosts(jobs, lake, cluster):
     out = f"s3://{cluster.bucket}/tuned"
     cluster.submit(["jobs/tune.py", "--data", lake.uri, "--out", out, "--space",
                     f"s3://{cluster.bucket}/spaces/tiny.yaml", "--name", "two", "--num-samples", "2",
-                    "--max-concurrent", "2", "--grace-period", "2", "--no-evaluate"],
+                    "--max-concurrent", "2", "--grace-period", "8", "--no-evaluate"],
                    cluster.work / "tune.log", timeout=600).check()
     with cluster.as_client():
         runs = open_location(out) / "tune" / "two" / "runs"
