@@ -473,7 +473,8 @@ def main() -> None:
     if "data" not in a.skip:
         ray_pass, paths = ray_data_pass(a.lake, a.size, a.limit, a.batch)
         # the peer decodes the files of the feed's training rows (--limit 0: the whole split)
-        plain_pass, scans = imagefolder_pass(a.source, a.size, paths, a.batch, workers=2), len(paths)
+        plain_pass = imagefolder_pass(a.source, a.size, paths, a.batch, workers=2)
+        scans = len(paths)
         # each side: (one pass, its CPU-seconds so far, img/s a pass, CPU-ms an image a pass).
         # Ray's CPU is every process on the machine (its workers, driver and daemons); the
         # peer's its own processes only (this one and the DataLoader workers it joins), or

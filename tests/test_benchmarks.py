@@ -401,7 +401,6 @@ def test_train_benchmark_needs_a_warm_pass_of_each_side(tmp_path):
     assert r.returncode == 2 and "--data-passes: at least 2" in r.output(), r.describe()
 
 
-@pytest.mark.slow  # its own Ray, a TorchTrainer run and six sections: minutes on 2 cores
 def test_train_benchmark_peer_decodes_the_feeds_files_and_refuses_a_source_without_them(tmp_path):
     """The data section's peer (ImageFolder + DataLoader) reads exactly the files of the Ray
     side's training rows, in their order, not a sample of the folder; a --source that lacks
@@ -422,10 +421,12 @@ def test_train_benchmark_peer_decodes_the_feeds_files_and_refuses_a_source_witho
         m.setattr("builtins.open", spy)
         assert one() > 0
     assert seen == chosen
-    with pytest.raises(SystemExit, match=r"1 of the lake's training files are not in it \(e.g. Training/x.jpg\)"):
+    refused = r"1 of the lake's training files are not in it \(e.g. Training/x.jpg\)"
+    with pytest.raises(SystemExit, match=refused):
         t.imagefolder_pass(str(src), 32, chosen + ["Training/x.jpg"], batch=2, workers=0)
 
 
+@pytest.mark.slow  # its own Ray, a TorchTrainer run and six sections: minutes on 2 cores
 def test_train_benchmark_feed_default_and_trainer_sections_at_tiny_size(tmp_path):
     """benchmarks.train's data (decoding JPEGs: Ray Data vs ImageFolder + DataLoader), feed
     (streamed vs cached, feed rate per CPU, CPUs per GPU), default (`brainmri train`'s default
